@@ -1,0 +1,149 @@
+"""A client of bluegreen's D-Bus API, for the HTTP API and bluegreenctl."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from bluegreen.dbusapi import BUS_NAME, INTERFACE, OBJECT_PATH
+
+T = TypeVar("T")
+
+STEP_SIGNAL = "DeploymentStep"
+FINISHED_SIGNAL = "DeploymentFinished"
+
+
+class ApiError(Exception):
+    """The daemon (or the bus) refused a call; ``name`` is the D-Bus error name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+        super().__init__(message)
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def plain(value: Any) -> Any:
+    """D-Bus values with their Variants unwrapped, fit for JSON."""
+    if isinstance(value, Variant):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def deployment(raw: dict[str, Any]) -> dict[str, Any]:
+    """A deployment as returned over D-Bus, reshaped for people and JSON."""
+    data: dict[str, Any] = plain(raw)
+    data["steps"] = [{"step": s, "started": a, "finished": b or None} for s, a, b in data["steps"]]
+    data["finished_at"] = data["finished_at"] or None
+    data["duration"] = (data["finished_at"] - data["started_at"]) if data["finished_at"] else None
+    return data
+
+
+class Client:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls) -> Client:
+        return cls(await MessageBus(bus_type=BusType.SYSTEM).connect())
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def _call(self, member: str, signature: str = "", body: list[Any] | None = None,
+                    interface: str = INTERFACE) -> list[Any]:
+        reply = await self.bus.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
+                                            interface=interface, member=member,
+                                            signature=signature, body=body or []))
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            if reply.error_name == "org.freedesktop.DBus.Error.ServiceUnknown":
+                text = "bluegreen is not running (start it with: systemctl start bluegreen)"
+            raise ApiError(reply.error_name or "", str(text))
+        return list(reply.body)
+
+    async def deploy(self, ref: str = "", trigger: str = "dbus") -> str:
+        (deployment_id,) = await self._call("DeployWithOptions", "sa{sv}",
+                                            [ref, {"trigger": Variant("s", trigger)}])
+        return str(deployment_id)
+
+    async def status(self) -> dict[str, Any]:
+        (props,) = await self._call("GetAll", "s", [INTERFACE],
+                                    interface="org.freedesktop.DBus.Properties")
+        return dict(plain(props))
+
+    async def deployment(self, deployment_id: str) -> dict[str, Any]:
+        (raw,) = await self._call("GetDeployment", "s", [deployment_id])
+        return deployment(raw)
+
+    async def deployments(self, limit: int = 20) -> list[dict[str, Any]]:
+        (raw,) = await self._call("ListDeployments", "u", [limit])
+        return [deployment(item) for item in raw]
+
+    async def instances(self) -> list[dict[str, Any]]:
+        (raw,) = await self._call("ListInstances")
+        return [{"port": port, "state": state, "release": release} for port, state, release in raw]
+
+    async def follow(self, start: Callable[[], Awaitable[str]],
+                     on_step: Callable[[str, str, int], None] = lambda step, release, port: None,
+                     ) -> dict[str, Any]:
+        """Call ``start`` (which returns a deployment id), report each step of that deployment
+        as it happens, and return its record once it has finished.
+
+        The signal match is in place before ``start`` runs, so no step is missed.
+        """
+        events: asyncio.Queue[tuple[str, list[Any]]] = asyncio.Queue()
+
+        def handler(message: Message) -> bool:
+            if message.message_type == MessageType.SIGNAL and message.interface == INTERFACE:
+                events.put_nowait((message.member or "", list(message.body)))
+            return False
+
+        self.bus.add_message_handler(handler)
+        await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=[f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}'"]))
+        try:
+            deployment_id = await start()
+            while True:
+                try:
+                    member, body = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    record = await self.deployment(deployment_id)
+                    if record["state"] != "running":
+                        return record  # it ended before we started listening
+                    continue
+                if not body or body[0] != deployment_id:
+                    continue
+                if member == STEP_SIGNAL:
+                    on_step(body[1], body[2], body[3])
+                elif member == FINISHED_SIGNAL:
+                    return await self.deployment(deployment_id)
+        finally:
+            self.bus.remove_message_handler(handler)
+
+
+def call(function: Callable[[Client], Awaitable[T]]) -> T:
+    """Run one async client call from synchronous code, on a connection of its own."""
+
+    async def once() -> T:
+        client = await Client.connect()
+        try:
+            return await function(client)
+        finally:
+            client.close()
+
+    return asyncio.run(once())

@@ -1,0 +1,360 @@
+"""The configuration: /etc/bluegreen/bluegreen.toml, overridden by a few environment variables.
+
+Every key, its type, default and meaning lives in ``KEYS`` below; the shipped
+``bluegreen.toml`` and the manual document the same table.  Loading is strict: an unknown key or
+a bad value raises :class:`ConfigError` naming the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/bluegreen/bluegreen.toml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, key and reason."""
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    url: str = ""
+    branch: str = "main"
+    poll_interval: float = 10.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    wsgi: str = "app:app"
+    health_path: str = "/health"
+    workers: int = 2
+    worker_class: str = "sync"
+    team: str = ""
+
+
+@dataclass(frozen=True)
+class PortsConfig:
+    public: int = 5000
+    range: PortRange = PortRange(8000, 8999)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 5001)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval: float = 1.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    deadline: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    repository: RepositoryConfig = RepositoryConfig()
+    app: AppConfig = AppConfig()
+    ports: PortsConfig = PortsConfig()
+    api: ApiConfig = ApiConfig()
+    health: HealthConfig = HealthConfig()
+    drain_timeout: float = 30.0
+    source: str = "built-in defaults"
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return load_mapping(json.loads(text), source="JSON")
+
+
+# --- value parsers: each takes the raw TOML value and returns the typed value or raises ValueError
+
+
+def _number(minimum: float, maximum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number of seconds, got {type(value).__name__}")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum:g} and {maximum:g}, got {value}")
+        return float(value)
+
+    return parse
+
+
+def _integer(minimum: int, maximum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {type(value).__name__}")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _string(pattern: str, what: str, empty_ok: bool = False) -> Callable[[Any], str]:
+    compiled = re.compile(pattern)
+
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+        if value == "" and empty_ok:
+            return value
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return parse
+
+
+def _repository_url(value: Any) -> str:
+    url = _string(r"\S*", "a git URL", empty_ok=True)(value)
+    if url.startswith("-"):
+        raise ValueError(f"{url!r} is not a git URL (it starts with '-')")
+    if "\n" in url or "\0" in url:
+        raise ValueError("a git URL cannot contain control characters")
+    return url
+
+
+def parse_port_range(value: Any) -> PortRange:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like '8000-8999', got {type(value).__name__}")
+    match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a range like '8000-8999'")
+    first, last = int(match[1]), int(match[2])
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"{value!r} must lie within 1024-65535 with the first port not above the last")
+    if last - first < 1:
+        raise ValueError(f"{value!r} must hold at least two ports (old and new instance)")
+    return PortRange(first, last)
+
+
+def parse_listen_address(value: Any) -> ListenAddress:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like '127.0.0.1:5001', got {type(value).__name__}")
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9A-Za-z.-]+):(\d{1,5})", value)
+    if not match:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return ListenAddress(host, port)
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str | None
+    name: str
+    parse: Callable[[Any], Any]
+    doc: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+
+KEYS: tuple[Key, ...] = (
+    Key("repository", "url", _repository_url,
+        "Git URL of the application's repository (https, ssh, file or a local path). "
+        "Empty: nothing is deployed until it is set."),
+    Key("repository", "branch", _string(r"[A-Za-z0-9._/][A-Za-z0-9._/-]*", "a branch name"),
+        "Branch whose head is deployed when no ref is given."),
+    Key("repository", "poll_interval", _number(1, 86400),
+        "Seconds between two looks at the remote branch."),
+    Key("app", "wsgi", _string(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*", "MODULE:CALLABLE"),
+        "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release."),
+    Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
+        "Path probed on each instance; any 2xx answer is healthy."),
+    Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),
+    Key("app", "worker_class", _string(r"sync|gthread", "'sync' or 'gthread'"),
+        "gunicorn worker class: sync (one request per worker) or gthread (keep-alive)."),
+    Key("app", "team", _string(r"[A-Za-z0-9_-]*", "letters, digits, '-' or '_'"),
+        "Team identifier, exported to the app as TEAM_NUMBER and substituted for {team} "
+        "in repository.url."),
+    Key("ports", "public", _integer(1, 65535), "Port the forwarder listens on for clients."),
+    Key("ports", "range", parse_port_range, "Ports instances are started on, FIRST-LAST."),
+    Key("api", "listen", parse_listen_address, "Address of the HTTP API socket, HOST:PORT."),
+    Key("health", "interval", _number(0.05, 3600), "Seconds between two health checks."),
+    Key("health", "timeout", _number(0.05, 600), "Seconds one health check may take."),
+    Key("health", "healthy_threshold", _integer(1, 100),
+        "Consecutive passes that make a new instance healthy."),
+    Key("health", "unhealthy_threshold", _integer(1, 100),
+        "Consecutive failures that make the serving instance unhealthy (and trigger recovery)."),
+    Key("health", "deadline", _number(1, 3600),
+        "Seconds a new instance has to become healthy before the deploy fails."),
+    Key(None, "drain_timeout", _number(0, 600),
+        "Seconds the old release gets to finish its in-flight requests after the switch."),
+)
+
+_SECTIONS = {key.section for key in KEYS if key.section}
+
+
+def _line_of(text: str, section: str | None, name: str) -> int | None:
+    """Best-effort line number of a key, for error messages (tomllib reports none for values)."""
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?", stripped)
+        if header:
+            current = header[1]
+            continue
+        if current == section and re.match(rf"{re.escape(name)}\s*=", stripped):
+            return number
+    return None
+
+
+def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config:
+    """Build a Config from parsed TOML, rejecting unknown keys and bad values."""
+
+    def error(section: str | None, name: str, reason: str) -> ConfigError:
+        dotted = f"{section}.{name}" if section else name
+        line = _line_of(text, section, name) if text else None
+        where = f"{source}:{line}" if line else source
+        return ConfigError(f"{where}: {dotted}: {reason}")
+
+    known = {(key.section, key.name): key for key in KEYS}
+    values: dict[tuple[str | None, str], Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            if name not in _SECTIONS:
+                raise error(None, name, f"unknown section [{name}]")
+            for sub, subvalue in value.items():
+                key = known.get((name, sub))
+                if key is None:
+                    raise error(name, sub, "unknown key")
+                values[(name, sub)] = subvalue
+        else:
+            key = known.get((None, name))
+            if key is None:
+                raise error(None, name, "unknown key" if name not in _SECTIONS
+                            else f"[{name}] must be a table")
+            values[(None, name)] = value
+
+    parsed: dict[tuple[str | None, str], Any] = {}
+    for where, value in values.items():
+        try:
+            parsed[where] = known[where].parse(value)
+        except ValueError as exc:
+            raise error(where[0], where[1], str(exc)) from None
+
+    def section(cls: Any, name: str) -> Any:
+        return cls(**{key: value for (sec, key), value in parsed.items() if sec == name})
+
+    config = Config(
+        repository=section(RepositoryConfig, "repository"),
+        app=section(AppConfig, "app"),
+        ports=section(PortsConfig, "ports"),
+        api=section(ApiConfig, "api"),
+        health=section(HealthConfig, "health"),
+        source=source,
+        **{key: value for (sec, key), value in parsed.items() if sec is None},
+    )
+    if config.ports.public in config.ports.range:
+        raise error("ports", "public", f"{config.ports.public} lies inside ports.range {config.ports.range}")
+    if config.health.timeout > config.health.deadline:
+        raise error("health", "timeout", "must not exceed health.deadline")
+    return config
+
+
+ENVIRONMENT = {
+    "TEAM_REPO_URL": ("repository", "url"),
+    "CODE_REFRESH_INTERVAL": ("repository", "poll_interval"),
+    "TEAM_NUMBER": ("app", "team"),
+}
+
+
+def _environment_value(variable: str, raw: str) -> Any:
+    if variable == "CODE_REFRESH_INTERVAL":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"${variable}: {raw!r} is not a number of seconds") from None
+    return raw
+
+
+def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (a missing file means all defaults), then apply the environment."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: {exc}") from None
+
+    for variable, (section, name) in ENVIRONMENT.items():
+        raw = environ.get(variable)
+        if raw is None or raw == "":
+            continue
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            break  # reported by load_mapping below
+        table[name] = _environment_value(variable, raw)
+
+    config = load_mapping(data, source=str(path), text=text)
+    if config.app.team and "{team}" in config.repository.url:
+        url = config.repository.url.replace("{team}", config.app.team)
+        config = dataclasses.replace(config, repository=dataclasses.replace(config.repository, url=url))
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as a TOML-shaped dict of plain values (the inverse of load_mapping)."""
+    result: dict[str, Any] = {}
+    for key in KEYS:
+        holder: Any = getattr(config, key.section) if key.section else config
+        value = getattr(holder, key.name)
+        if isinstance(value, (PortRange, ListenAddress)):
+            value = str(value)
+        if key.section:
+            result.setdefault(key.section, {})[key.name] = value
+        else:
+            result[key.name] = value
+    return result

@@ -1,0 +1,114 @@
+"""bluegreen.service: the controller daemon (``python3 -m bluegreen.daemon``).
+
+Start-up: read the config (refuse to start on a bad one), connect to the system bus, export
+the API and take the bus name, reconcile with systemd, then tell systemd READY=1. The
+watchdog is fed from the event loop, so a stuck loop gets the daemon restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dbus_next import BusType
+from dbus_next.aio import MessageBus
+from dbus_next.constants import RequestNameReply
+from systemd import daemon as sd
+
+from bluegreen import config as configuration
+from bluegreen import log as logsetup
+from bluegreen.controller import Controller, Paths
+from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, ManagerInterface
+from bluegreen.systemd import Systemd
+
+log = logging.getLogger("bluegreen")
+
+
+def notify(*lines: str) -> None:
+    if os.environ.get("NOTIFY_SOCKET"):
+        sd.notify("\n".join(lines))
+
+
+async def feed_watchdog() -> None:
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 1_000_000 / 3)
+
+
+async def serve(config: configuration.Config, paths: Paths) -> int:
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    systemd = Systemd(bus)
+    await systemd.subscribe()
+    controller = Controller(config, systemd, paths,
+                            notify_status=lambda text: notify(f"STATUS={text}"))
+    bus.export(OBJECT_PATH, ManagerInterface(controller))
+    reply = await bus.request_name(BUS_NAME)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        log.error("cannot own the bus name %s (%s): is another bluegreen running?", BUS_NAME,
+                  reply.name)
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watchdog = asyncio.create_task(feed_watchdog(), name="watchdog")
+    disconnected = asyncio.create_task(bus.wait_for_disconnect(), name="bus")
+
+    await controller.start()
+    notify("READY=1")
+    log.info("bluegreen is ready: public port %d, repository %s", config.ports.public,
+             config.repository.url or "(none configured)")
+
+    stopping = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait({stopping, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    notify("STOPPING=1", "STATUS=Stopping")
+    await controller.stop()
+    watchdog.cancel()
+    if disconnected in done:
+        log.error("lost the connection to the system bus")
+        return 1
+    bus.disconnect()
+    log.info("bluegreen stopped; the serving release keeps running")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bluegreen", description="The bluegreen controller (run by bluegreen.service).")
+    parser.add_argument("--config", type=Path, default=configuration.DEFAULT_PATH,
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--state-directory", type=Path,
+                        default=Path(os.environ.get("STATE_DIRECTORY", "/var/lib/bluegreen")),
+                        help="where releases and records live (default: $STATE_DIRECTORY)")
+    parser.add_argument("--runtime-directory", type=Path,
+                        default=Path(os.environ.get("RUNTIME_DIRECTORY", "/run/bluegreen")),
+                        help="where instance settings live (default: $RUNTIME_DIRECTORY)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="only validate the configuration and print it")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+    logsetup.setup(verbose=args.verbose)
+    try:
+        config = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        notify(f"STATUS=Bad configuration: {exc}")
+        return 78  # EX_CONFIG
+    if args.check_config:
+        print(config.to_json())
+        return 0
+    paths = Paths(state=args.state_directory, runtime=args.runtime_directory)
+    return asyncio.run(serve(config, paths))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

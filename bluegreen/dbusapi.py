@@ -1,0 +1,215 @@
+"""The D-Bus API: org.bluegreen1.Manager at /org/bluegreen1 on the system bus.
+
+Root and the bluegreen group may deploy; everyone may read (see org.bluegreen1.conf).
+Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentStep signal.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dbus_next import DBusError, Variant
+from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from bluegreen import instances
+from bluegreen.controller import Busy, Controller, NotConfigured
+from bluegreen.history import Deployment, Step, Trigger
+from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
+
+BUS_NAME = "org.bluegreen1"
+OBJECT_PATH = "/org/bluegreen1"
+INTERFACE = "org.bluegreen1.Manager"
+
+
+class Error:
+    BUSY = "org.bluegreen1.Error.Busy"
+    INVALID_REF = "org.bluegreen1.Error.InvalidRef"
+    UNKNOWN_REF = "org.bluegreen1.Error.UnknownRef"
+    REPOSITORY = "org.bluegreen1.Error.Repository"
+    NOT_CONFIGURED = "org.bluegreen1.Error.NotConfigured"
+    NO_SUCH_DEPLOYMENT = "org.bluegreen1.Error.NoSuchDeployment"
+    INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+_CLIENT_TRIGGERS = {Trigger.DBUS, Trigger.HTTP, Trigger.CLI}
+
+
+def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
+    return {
+        "id": Variant("s", str(d.id)),
+        "ref": Variant("s", d.ref),
+        "trigger": Variant("s", d.trigger),
+        "state": Variant("s", d.state),
+        "commit": Variant("s", d.commit),
+        "subject": Variant("s", d.subject),
+        "author": Variant("s", d.author),
+        "port": Variant("q", d.port),
+        "previous_port": Variant("q", d.previous_port),
+        "previous_release": Variant("s", d.previous_release),
+        "started_at": Variant("d", d.started_at),
+        "finished_at": Variant("d", d.finished_at or 0.0),
+        "failed_step": Variant("s", d.failed_step),
+        "reason": Variant("s", d.reason),
+        "steps": Variant("a(sdd)", [[s.step, s.started, s.finished or 0.0] for s in d.steps]),
+    }
+
+
+def public_url(url: str) -> str:
+    """The repository URL without credentials, fit to show anyone."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^@/]*@", r"\1", url)
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, controller: Controller) -> None:
+        super().__init__(INTERFACE)
+        self.controller = controller
+        self._last: dict[str, Any] = {}
+        controller.observers.append(self)
+
+    # --- observer of the controller --------------------------------------------------------
+
+    def step(self, deployment: Deployment, step: Step, port: int) -> None:
+        self.DeploymentStep(str(deployment.id), str(step), deployment.commit, port)
+        self.changed()
+
+    def finished(self, deployment: Deployment) -> None:
+        self.DeploymentFinished(str(deployment.id), deployment.state, deployment.failed_step,
+                                deployment.reason)
+
+    def changed(self) -> None:
+        current = self._properties()
+        diff = {name: value for name, value in current.items() if self._last.get(name) != value}
+        self._last = current
+        if diff:
+            self.emit_properties_changed(diff)
+
+    def _properties(self) -> dict[str, Any]:
+        c = self.controller
+        healthy, reason = c.health()
+        current = c.current
+        last = c.last_deployment()
+        return {
+            "State": c.state,
+            "ActiveRelease": c.serving.release if c.serving else "",
+            "ActivePort": c.serving.port if c.serving else 0,
+            "PublicPort": c.config.ports.public,
+            "CurrentDeployment": str(current.id) if current else "",
+            "LastDeployment": str(last.id) if last else "",
+            "Healthy": healthy,
+            "HealthReason": reason,
+        }
+
+    # --- methods ---------------------------------------------------------------------------
+
+    async def _deploy(self, ref: str, trigger: Trigger) -> str:
+        try:
+            deployment = await self.controller.request_deploy(ref, trigger)
+        except Busy as exc:
+            raise DBusError(Error.BUSY, str(exc)) from None
+        except InvalidRef as exc:
+            raise DBusError(Error.INVALID_REF, str(exc)) from None
+        except UnknownRef as exc:
+            raise DBusError(Error.UNKNOWN_REF, str(exc)) from None
+        except NotConfigured as exc:
+            raise DBusError(Error.NOT_CONFIGURED, str(exc)) from None
+        except RepositoryError as exc:
+            raise DBusError(Error.REPOSITORY, str(exc)) from None
+        return str(deployment.id)
+
+    @method()
+    async def Deploy(self, ref: "s") -> "s":
+        """Deploy ``ref`` (a branch, tag or commit; empty: the branch head); return its id."""
+        return await self._deploy(ref, Trigger.DBUS)
+
+    @method()
+    async def DeployWithOptions(self, ref: "s", options: "a{sv}") -> "s":
+        """Deploy with options: ``trigger`` (s) is one of dbus, http, cli."""
+        trigger = Trigger.DBUS
+        for key, value in options.items():
+            if key != "trigger" or value.signature != "s" or value.value not in _CLIENT_TRIGGERS:
+                raise DBusError(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
+            trigger = Trigger(value.value)
+        return await self._deploy(ref, trigger)
+
+    @method()
+    def GetDeployment(self, deployment_id: "s") -> "a{sv}":
+        if not deployment_id.isdigit():
+            raise DBusError(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id!r}")
+        try:
+            return deployment_to_variant(self.controller.history.get(int(deployment_id)))
+        except KeyError:
+            raise DBusError(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id}") from None
+
+    @method()
+    def ListDeployments(self, limit: "u") -> "aa{sv}":
+        """The most recent deployments, newest first (limit 0: 20)."""
+        limit = min(limit or 20, 1000)
+        return [deployment_to_variant(d) for d in self.controller.history.recent(limit)]
+
+    @method()
+    async def ListInstances(self) -> "a(qss)":
+        """Every loaded app instance: port, systemd state, release."""
+        c = self.controller
+        result = []
+        for status in await c.systemd.list_units(instances.PATTERN):
+            port = instances.port_of(status.name)
+            if port is None:
+                continue
+            release = instances.read_env(c.paths.runtime, port).get("BLUEGREEN_RELEASE", "")
+            result.append([port, status.active_state, release])
+        return sorted(result)
+
+    # --- properties ------------------------------------------------------------------------
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        """idle, deploying, serving or unhealthy."""
+        return str(self.controller.state)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveRelease(self) -> "s":
+        return str(self._properties()["ActiveRelease"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActivePort(self) -> "q":
+        return int(self._properties()["ActivePort"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PublicPort(self) -> "q":
+        return self.controller.config.ports.public
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CurrentDeployment(self) -> "s":
+        return str(self._properties()["CurrentDeployment"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastDeployment(self) -> "s":
+        return str(self._properties()["LastDeployment"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Healthy(self) -> "b":
+        return self.controller.health()[0]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HealthReason(self) -> "s":
+        return self.controller.health()[1]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Repository(self) -> "s":
+        return public_url(self.controller.config.repository.url)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Branch(self) -> "s":
+        return self.controller.config.repository.branch
+
+    # --- signals ---------------------------------------------------------------------------
+
+    @signal()
+    def DeploymentStep(self, deployment_id: "s", step: "s", release: "s", port: "q") -> "sssq":
+        return [deployment_id, step, release, port]
+
+    @signal()
+    def DeploymentFinished(self, deployment_id: "s", state: "s", failed_step: "s",
+                           reason: "s") -> "ssss":
+        return [deployment_id, state, failed_step, reason]

@@ -1,0 +1,85 @@
+"""The forwarder: bluegreen-forward@PORT.service carries the public port to instance PORT.
+
+Retargeting never closes the public port: the new forwarder starts listening beside the old
+one (SO_REUSEPORT), then the old one is stopped with a drain (see forwardhook.py). That needs
+net.ipv4.tcp_migrate_req=1, or the kernel resets the connections queued on the old listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from bluegreen.files import atomic_write, environment_file
+from bluegreen.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+PATTERN = "bluegreen-forward@*.service"
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+_NAME = re.compile(r"bluegreen-forward@(\d{1,5})\.service")
+
+
+class ForwarderError(Exception):
+    pass
+
+
+def unit(port: int) -> str:
+    return f"bluegreen-forward@{port}.service"
+
+
+def port_of(name: str) -> int | None:
+    match = _NAME.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+def ensure_migrate_req(path: Path = MIGRATE_REQ) -> bool:
+    """Make sure net.ipv4.tcp_migrate_req is 1; return True if it had to be set.
+
+    Raises ForwarderError when it is 0 and cannot be set: switching would then reset the
+    connections waiting on the old listener, so bluegreen refuses to switch at all.
+    """
+    try:
+        if path.read_text().strip() == "1":
+            return False
+    except FileNotFoundError:
+        raise ForwarderError(
+            f"{path} does not exist: this kernel (before 5.14) cannot move queued connections "
+            "between listeners, so a switch would reset them") from None
+    try:
+        path.write_text("1\n")
+    except OSError as exc:
+        raise ForwarderError(
+            f"net.ipv4.tcp_migrate_req is 0 and setting it failed ({exc.strerror}); "
+            "set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1, or a file in /etc/sysctl.d)") from None
+    return True
+
+
+def write_env(run_dir: Path, public_port: int, drain_timeout: float) -> None:
+    atomic_write(run_dir / "forwarder.env", environment_file({
+        "BLUEGREEN_PUBLIC_PORT": str(public_port),
+        "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
+    }))
+
+
+async def start(systemd: Systemd, port: int) -> None:
+    """Start the forwarder to ``port``; returns once it listens on the public port."""
+    await systemd.reset_failed(unit(port))
+    await systemd.start_unit(unit(port))
+
+
+async def drain_stop(systemd: Systemd, port: int) -> None:
+    """Stop the forwarder to ``port`` after the requests it carries have finished."""
+    await systemd.stop_unit(unit(port))
+    await systemd.reset_failed(unit(port))
+
+
+async def targets(systemd: Systemd) -> list[int]:
+    """Target ports of the forwarders that run (normally one; two during a switch)."""
+    ports = []
+    for status in await systemd.list_units(PATTERN):
+        port = port_of(status.name)
+        if port is not None and status.is_running:
+            ports.append(port)
+    return sorted(ports)

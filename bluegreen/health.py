@@ -1,0 +1,135 @@
+"""HTTP health checks: proving a new instance ready, and watching the serving one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bluegreen.config import HealthConfig
+
+log = logging.getLogger(__name__)
+
+
+class NotHealthy(Exception):
+    """An instance did not become healthy; the message says what the last check saw."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: bool
+    reason: str
+    status: int = 0
+    elapsed: float = 0.0
+
+
+async def probe(port: int, path: str, timeout: float, host: str = "127.0.0.1") -> Probe:
+    """One GET of http://host:port/path; healthy means a 2xx status line within timeout."""
+    started = time.monotonic()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                         "User-Agent: bluegreen-health\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            line = await reader.readline()
+    except TimeoutError:
+        return Probe(False, f"no answer within {timeout:g} s", elapsed=time.monotonic() - started)
+    except OSError as exc:
+        return Probe(False, exc.strerror or str(exc), elapsed=time.monotonic() - started)
+    finally:
+        if writer is not None:
+            writer.close()
+    elapsed = time.monotonic() - started
+    parts = line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return Probe(False, f"not an HTTP answer: {line[:60]!r}", elapsed=elapsed)
+    status = int(parts[1])
+    if 200 <= status < 300:
+        return Probe(True, f"HTTP {status}", status, elapsed)
+    return Probe(False, f"HTTP {status} from {path}", status, elapsed)
+
+
+async def wait_healthy(
+    port: int,
+    path: str,
+    settings: HealthConfig,
+    unit_failure: Callable[[], Awaitable[str | None]],
+) -> int:
+    """Probe until ``healthy_threshold`` consecutive passes; return the number of probes.
+
+    ``unit_failure`` is asked before each probe and returns why the instance's unit is no
+    longer running (or None): a crashed instance fails at once, not at the deadline.
+    Raises NotHealthy at ``settings.deadline``.
+    """
+    deadline = time.monotonic() + settings.deadline
+    passes = probes = 0
+    last = "no check ran"
+    while True:
+        failure = await unit_failure()
+        if failure:
+            raise NotHealthy(f"the instance stopped: {failure}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NotHealthy(f"not healthy within {settings.deadline:g} s; last check: {last}")
+        result = await probe(port, path, min(settings.timeout, remaining))
+        probes += 1
+        last = result.reason
+        passes = passes + 1 if result.ok else 0
+        if passes >= settings.healthy_threshold:
+            return probes
+        await asyncio.sleep(min(settings.interval, max(0.0, deadline - time.monotonic())))
+
+
+class Monitor:
+    """Watches the serving instance; reports a change of health to ``on_change``.
+
+    ``on_change(healthy, reason)`` is called when the instance fails ``unhealthy_threshold``
+    checks in a row, and again when it passes after that.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        settings: HealthConfig,
+        target: Callable[[], int | None],
+        on_change: Callable[[bool, str], Awaitable[None]],
+    ) -> None:
+        self.path = path
+        self.settings = settings
+        self.target = target
+        self.on_change = on_change
+        self.healthy = True
+        self.reason = ""
+        self.failures = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            port = self.target()
+            if port is None:
+                self.failures = 0
+                continue
+            result = await probe(port, self.path, self.settings.timeout)
+            if port != self.target():
+                continue  # switched while probing: the result says nothing about the new one
+            await self.record(result)
+
+    async def record(self, result: Probe) -> None:
+        if result.ok:
+            self.failures = 0
+            if not self.healthy:
+                self.healthy, self.reason = True, result.reason
+                await self.on_change(True, result.reason)
+            return
+        self.failures += 1
+        self.reason = result.reason
+        if self.healthy and self.failures >= self.settings.unhealthy_threshold:
+            self.healthy = False
+            await self.on_change(False, f"{self.failures} failed checks in a row: {result.reason}")
+
+    def reset(self) -> None:
+        self.healthy, self.reason, self.failures = True, "", 0

@@ -1,0 +1,214 @@
+"""Deployment records, kept in SQLite under the state directory.
+
+Every change is one transaction, so a crash or a full disk leaves the previous content intact.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class State(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class Trigger(StrEnum):
+    STARTUP = "startup"
+    REFRESHER = "refresher"
+    HTTP = "http"
+    DBUS = "dbus"
+    CLI = "cli"
+    ROLLBACK = "rollback"
+    RECOVERY = "recovery"
+
+
+class Step(StrEnum):
+    """The steps of a deploy, in order."""
+
+    RESOLVE = "resolve"
+    MATERIALIZE = "materialize"
+    START = "start"
+    HEALTH = "health"
+    SWITCH = "switch"
+    DRAIN = "drain"
+    STOP_OLD = "stop-old"
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    step: str
+    started: float
+    finished: float | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: int
+    ref: str
+    trigger: str
+    state: str
+    started_at: float
+    commit: str = ""
+    subject: str = ""
+    author: str = ""
+    port: int = 0
+    previous_port: int = 0
+    previous_release: str = ""
+    finished_at: float | None = None
+    failed_step: str = ""
+    reason: str = ""
+    steps: tuple[StepTiming, ...] = field(default_factory=tuple)
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    def step_time(self, step: Step) -> StepTiming | None:
+        for timing in self.steps:
+            if timing.step == step:
+                return timing
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["steps"] = [asdict(s) for s in self.steps]
+        data["duration"] = self.duration
+        return data
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ref TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    commit_sha TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT '',
+    author TEXT NOT NULL DEFAULT '',
+    port INTEGER NOT NULL DEFAULT 0,
+    previous_port INTEGER NOT NULL DEFAULT 0,
+    previous_release TEXT NOT NULL DEFAULT '',
+    finished_at REAL,
+    failed_step TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    steps TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state);
+"""
+
+_COLUMNS = ("id, ref, trigger, state, started_at, commit_sha, subject, author, port, "
+            "previous_port, previous_release, finished_at, failed_step, reason, steps")
+
+
+def _row(row: tuple[Any, ...]) -> Deployment:
+    (id_, ref, trigger, state, started_at, commit, subject, author, port, previous_port,
+     previous_release, finished_at, failed_step, reason, steps) = row
+    return Deployment(
+        id=id_, ref=ref, trigger=trigger, state=state, started_at=started_at, commit=commit,
+        subject=subject, author=author, port=port, previous_port=previous_port,
+        previous_release=previous_release, finished_at=finished_at, failed_step=failed_step,
+        reason=reason, steps=tuple(StepTiming(**s) for s in json.loads(steps)),
+    )
+
+
+class History:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def begin(self, ref: str, trigger: Trigger, *, commit: str = "", subject: str = "",
+              author: str = "", previous_port: int = 0, previous_release: str = "",
+              now: float | None = None) -> Deployment:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO deployments (ref, trigger, state, started_at, commit_sha, subject, "
+                "author, previous_port, previous_release) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ref, str(trigger), str(State.RUNNING), now, commit, subject, author,
+                 previous_port, previous_release))
+            assert cursor.lastrowid is not None
+            new_id = cursor.lastrowid
+        return self.get(new_id)
+
+    def get(self, deployment_id: int) -> Deployment:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE id = ?",
+                              (deployment_id,)).fetchone()
+        if row is None:
+            raise KeyError(deployment_id)
+        return _row(row)
+
+    def save(self, deployment: Deployment) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deployments SET state = ?, commit_sha = ?, subject = ?, author = ?, "
+                "port = ?, previous_port = ?, previous_release = ?, finished_at = ?, "
+                "failed_step = ?, reason = ?, steps = ? WHERE id = ?",
+                (deployment.state, deployment.commit, deployment.subject, deployment.author,
+                 deployment.port, deployment.previous_port, deployment.previous_release,
+                 deployment.finished_at, deployment.failed_step, deployment.reason,
+                 json.dumps([asdict(s) for s in deployment.steps]), deployment.id))
+
+    def recent(self, limit: int = 20) -> list[Deployment]:
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM deployments ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [_row(row) for row in rows]
+
+    def last_succeeded(self) -> Deployment | None:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE state = ? "
+                              "ORDER BY id DESC LIMIT 1", (str(State.SUCCEEDED),)).fetchone()
+        return _row(row) if row else None
+
+    def mark_interrupted(self, reason: str, now: float | None = None) -> list[Deployment]:
+        """Close the records of deployments a dead controller left running."""
+        now = time.time() if now is None else now
+        running = [_row(r) for r in self.db.execute(
+            f"SELECT {_COLUMNS} FROM deployments WHERE state = ?", (str(State.RUNNING),))]
+        for deployment in running:
+            self.save(replace(deployment, state=State.INTERRUPTED, finished_at=now,
+                              reason=reason))
+        return running
+
+
+def with_step(deployment: Deployment, step: Step, now: float | None = None) -> Deployment:
+    """The record with ``step`` begun (and the step before it finished)."""
+    now = time.time() if now is None else now
+    steps = [replace(s, finished=now) if s.finished is None else s for s in deployment.steps]
+    steps.append(StepTiming(str(step), now))
+    return replace(deployment, steps=tuple(steps))
+
+
+def finished(deployment: Deployment, state: State, *, failed_step: str = "", reason: str = "",
+             now: float | None = None) -> Deployment:
+    now = time.time() if now is None else now
+    steps = tuple(replace(s, finished=now) if s.finished is None else s for s in deployment.steps)
+    return replace(deployment, state=state, finished_at=now, failed_step=failed_step,
+                   reason=reason, steps=steps)

@@ -1,0 +1,160 @@
+"""The HTTP API (bluegreen-api.service): Flask, a thin client of the D-Bus API.
+
+Every answer is JSON; errors are ``{"error": NAME, "message": TEXT}`` with a 4xx or 5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from bluegreen import client
+from bluegreen.client import ApiError, Client
+
+MAX_BODY = 64 * 1024
+
+app = Flask("bluegreen")
+app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+# D-Bus error (short name) -> HTTP status
+_STATUS = {
+    "Busy": 409,
+    "InvalidRef": 400,
+    "UnknownRef": 422,
+    "NotConfigured": 409,
+    "NoSuchDeployment": 404,
+    "Repository": 502,
+    "AccessDenied": 403,
+    "ServiceUnknown": 503,
+    "NoReply": 504,
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.message = message
+        self.status = status
+        super().__init__(message)
+
+
+def reply(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data, indent=2, sort_keys=True) + "\n", status=status,
+                    mimetype="application/json")
+
+
+def error(name: str, message: str, status: int) -> Response:
+    return reply({"error": name, "message": message}, status)
+
+
+@app.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Response:
+    return error(exc.short_name, exc.message, _STATUS.get(exc.short_name, 500))
+
+
+@app.errorhandler(BadRequest)
+def _bad_request(exc: BadRequest) -> Response:
+    return error("BadRequest", exc.message, exc.status)
+
+
+@app.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    return error(type(exc).__name__, exc.description or exc.name, exc.code or 500)
+
+
+def _summary(status: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": status["State"],
+        "release": status["ActiveRelease"] or None,
+        "port": status["ActivePort"] or None,
+        "public_port": status["PublicPort"],
+        "healthy": status["Healthy"],
+        "health": status["HealthReason"],
+        "repository": status["Repository"],
+        "branch": status["Branch"],
+    }
+
+
+@app.get("/")
+def index() -> Response:
+    status = client.call(Client.status)
+    summary = _summary(status)
+    summary["service"] = "bluegreen"
+    summary["endpoints"] = ["GET /health", "GET /status", "POST /deploy", "GET /history",
+                            "GET /deployments/ID"]
+    return reply(summary)
+
+
+@app.get("/health")
+def health() -> Response:
+    try:
+        status = client.call(Client.status)
+    except ApiError as exc:
+        return reply({"healthy": False, "reason": exc.message}, 503)
+    healthy = bool(status["Healthy"])
+    return reply({"healthy": healthy, "reason": status["HealthReason"]}, 200 if healthy else 503)
+
+
+@app.get("/status")
+def status() -> Response:
+    async def gather(c: Client) -> dict[str, Any]:
+        status = await c.status()
+        result = _summary(status)
+        result["forwarder_target"] = status["ActivePort"] or None
+        result["instances"] = await c.instances()
+        current, last = status["CurrentDeployment"], status["LastDeployment"]
+        result["current_deployment"] = await c.deployment(current) if current else None
+        result["last_deployment"] = await c.deployment(last) if last else None
+        return result
+
+    return reply(client.call(gather))
+
+
+def _deploy_request() -> str:
+    """The ref asked for in the body of POST /deploy ("" when none)."""
+    if (request.content_length or 0) > MAX_BODY:
+        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
+    body = request.get_data(cache=True)
+    if not body.strip():
+        return ""
+    if request.mimetype != "application/json":
+        raise BadRequest("the body must be JSON (Content-Type: application/json)", 415)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object like {\"ref\": \"main\"}")
+    unknown = sorted(set(data) - {"ref"})
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"ref\" is accepted")
+    ref = data.get("ref", "")
+    if ref is None:
+        return ""
+    if not isinstance(ref, str):
+        raise BadRequest(f"\"ref\" must be a string, not {type(ref).__name__}")
+    return ref
+
+
+@app.post("/deploy")
+def deploy() -> Response:
+    ref = _deploy_request()
+    deployment_id = client.call(lambda c: c.deploy(ref, trigger="http"))
+    response = reply({"id": deployment_id, "status": f"/deployments/{deployment_id}"}, 202)
+    response.headers["Location"] = f"/deployments/{deployment_id}"
+    return response
+
+
+@app.get("/deployments/<deployment_id>")
+def deployment(deployment_id: str) -> Response:
+    return reply(client.call(lambda c: c.deployment(deployment_id)))
+
+
+@app.get("/history")
+def history() -> Response:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise BadRequest("limit must be an integer from 1 to 1000")
+    return reply(client.call(lambda c: c.deployments(int(raw))))

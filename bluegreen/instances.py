@@ -1,0 +1,103 @@
+"""App instances: bluegreen-app@PORT.service units and the settings file each one reads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bluegreen.files import atomic_write, environment_file
+from bluegreen.systemd import Systemd
+
+PATTERN = "bluegreen-app@*.service"
+_NAME = re.compile(r"bluegreen-app@(\d{1,5})\.service")
+
+
+def unit(port: int) -> str:
+    return f"bluegreen-app@{port}.service"
+
+
+def port_of(name: str) -> int | None:
+    match = _NAME.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    port: int
+    release: str
+    release_dir: Path
+    wsgi: str
+    workers: int
+    worker_class: str
+    deployment_id: str
+    team: str = ""
+
+    def environment(self) -> dict[str, str]:
+        values = {
+            "BLUEGREEN_RELEASE": self.release,
+            "BLUEGREEN_RELEASE_DIR": str(self.release_dir),
+            "BLUEGREEN_WSGI": self.wsgi,
+            "BLUEGREEN_WORKERS": str(self.workers),
+            "BLUEGREEN_WORKER_CLASS": self.worker_class,
+            "BLUEGREEN_DEPLOYMENT_ID": self.deployment_id,
+            "BLUEGREEN_PORT": str(self.port),
+        }
+        if self.team:
+            values["TEAM_NUMBER"] = self.team
+        return values
+
+
+def env_path(run_dir: Path, port: int) -> Path:
+    return run_dir / "instances" / f"{port}.env"
+
+
+def write_env(run_dir: Path, spec: InstanceSpec) -> None:
+    atomic_write(env_path(run_dir, spec.port), environment_file(spec.environment()))
+
+
+def read_env(run_dir: Path, port: int) -> dict[str, str]:
+    """The settings an instance was started with ({} if its file is gone)."""
+    try:
+        text = env_path(run_dir, port).read_text()
+    except FileNotFoundError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        values[name] = value
+    return values
+
+
+def remove_env(run_dir: Path, port: int) -> None:
+    env_path(run_dir, port).unlink(missing_ok=True)
+
+
+async def start(systemd: Systemd, port: int) -> None:
+    await systemd.reset_failed(unit(port))
+    await systemd.start_unit(unit(port))
+
+
+async def stop(systemd: Systemd, port: int) -> None:
+    await systemd.stop_unit(unit(port))
+    await systemd.reset_failed(unit(port))
+
+
+async def failure(systemd: Systemd, port: int) -> str | None:
+    """Why the instance is not (or no longer) running, or None while it runs."""
+    status = await systemd.status(unit(port))
+    if status.active_state in ("active", "reloading") or (
+            status.active_state == "activating" and status.sub_state == "start"):
+        return None
+    return f"{unit(port)} {status.describe_failure()}"
+
+
+async def running_ports(systemd: Systemd) -> list[int]:
+    ports = []
+    for status in await systemd.list_units(PATTERN):
+        port = port_of(status.name)
+        if port is not None and status.is_running:
+            ports.append(port)
+    return sorted(ports)

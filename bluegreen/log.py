@@ -1,0 +1,67 @@
+"""Logging to the journal with structured fields, or to stderr outside systemd.
+
+Key events carry a fixed MESSAGE_ID, so ``journalctl MESSAGE_ID=<id>`` lists, say, every
+failed deployment; per-event fields (DEPLOYMENT_ID, RELEASE, PORT, UNIT, STEP) ride on
+``extra=`` and show with ``journalctl -o verbose``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+
+class MessageId(StrEnum):
+    DEPLOY_STARTED = "d47ccfad8db24f448805ccc68191458d"
+    DEPLOY_SWITCHED = "68b66fb6f2df4de8a09ccf56e3ca7151"
+    DEPLOY_SUCCEEDED = "9b3407d108cf4880873df5ed97344d48"
+    DEPLOY_FAILED = "72b4c63db33b4be3bc6283440fb8d152"
+    UNHEALTHY = "3008c1750dd249f19639579daf10675d"
+    RECOVERY = "5d764f25244f4a429dcbbb4f9bc3702a"
+    RECONCILED = "f6446fd1ce9949a3ad22290df2d31da5"
+
+
+log = logging.getLogger("bluegreen")
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """The ``extra=`` of a log call: upper-case journal fields, None values left out."""
+    return {key.upper(): str(value) for key, value in values.items() if value is not None}
+
+
+class _FieldsFormatter(logging.Formatter):
+    """For stderr: the message followed by its journal fields as key=value."""
+
+    _standard = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = {k: v for k, v in record.__dict__.items()
+                 if k not in self._standard and k.isupper() and k != "MESSAGE_ID"}
+        if extra:
+            text += " " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
+        return text
+
+
+def setup(verbose: bool = False, sender_function: Callable[..., Any] | None = None) -> None:
+    """Log to the journal when stderr goes there (or a sender is injected), else to stderr."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    if sender_function is not None or os.environ.get("JOURNAL_STREAM"):
+        from systemd.journal import JournalHandler
+
+        kwargs: dict[str, Any] = {"SYSLOG_IDENTIFIER": "bluegreen"}
+        if sender_function is not None:
+            kwargs["sender_function"] = sender_function
+        handler = JournalHandler(**kwargs)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_FieldsFormatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,235 @@
+"""Everything bluegreen knows about systemd's D-Bus API, in one place.
+
+Jobs are tracked the race-free way: the ``JobRemoved`` handler is installed (and the manager
+subscribed) before any ``StartUnit``/``StopUnit`` call, and results of jobs that finish before
+their method reply is read are kept until the caller asks for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SERVICE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+
+class JobMode(StrEnum):
+    REPLACE = "replace"
+    FAIL = "fail"
+
+
+class JobResult(StrEnum):
+    DONE = "done"
+    CANCELED = "canceled"
+    TIMEOUT = "timeout"
+    FAILED = "failed"
+    DEPENDENCY = "dependency"
+    SKIPPED = "skipped"
+
+
+class ActiveState(StrEnum):
+    ACTIVE = "active"
+    RELOADING = "reloading"
+    INACTIVE = "inactive"
+    FAILED = "failed"
+    ACTIVATING = "activating"
+    DEACTIVATING = "deactivating"
+    MAINTENANCE = "maintenance"
+    REFRESHING = "refreshing"
+
+
+class SystemdError(Exception):
+    """A call to systemd failed; the message says which unit and why."""
+
+
+class NoSuchUnit(SystemdError):
+    pass
+
+
+class AccessDenied(SystemdError):
+    pass
+
+
+class JobFailed(SystemdError):
+    def __init__(self, unit: str, verb: str, result: str, detail: str = "") -> None:
+        self.unit = unit
+        self.result = result
+        self.detail = detail
+        text = f"{verb} of {unit} ended with job result '{result}'"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    name: str
+    load_state: str
+    active_state: str
+    sub_state: str
+    result: str = ""
+    main_pid: int = 0
+    exec_main_status: int = 0
+    exec_main_code: int = 0
+    control_group: str = ""
+    active_enter_timestamp: int = 0
+
+    @property
+    def is_running(self) -> bool:
+        return self.active_state in (ActiveState.ACTIVE, ActiveState.RELOADING, ActiveState.ACTIVATING)
+
+    def describe_failure(self) -> str:
+        """Why the unit is not running, in systemd's words (e.g. "exit-code, status 4")."""
+        if self.result and self.result != "success":
+            if self.result == "exit-code":
+                return f"exited with status {self.exec_main_status}"
+            if self.result == "signal":
+                return f"killed by signal {self.exec_main_status}"
+            return self.result
+        return f"{self.active_state} ({self.sub_state})"
+
+
+_ERRORS: dict[str, type[SystemdError]] = {
+    "org.freedesktop.systemd1.NoSuchUnit": NoSuchUnit,
+    "org.freedesktop.DBus.Error.AccessDenied": AccessDenied,
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": AccessDenied,
+}
+
+
+class Systemd:
+    """A client of the service manager on an already connected system bus."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._waiting: dict[str, asyncio.Future[str]] = {}
+        # Jobs that finished before anyone waited for them (their reply was still in flight).
+        self._finished: OrderedDict[str, str] = OrderedDict()
+        self._subscribed = False
+
+    async def subscribe(self) -> None:
+        """Install the JobRemoved handler and subscribe; call once before any job."""
+        if self._subscribed:
+            return
+        self.bus.add_message_handler(self._on_message)
+        await self._call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+            [f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',interface='{MANAGER}',"
+             "member='JobRemoved'"],
+        )
+        await self._manager("Subscribe")
+        self._subscribed = True
+
+    def _on_message(self, message: Message) -> bool:
+        if (message.message_type == MessageType.SIGNAL and message.interface == MANAGER
+                and message.member == "JobRemoved"):
+            _id, job, _unit, result = message.body
+            future = self._waiting.pop(job, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(result)
+            else:
+                self._finished[job] = result
+                while len(self._finished) > 256:
+                    self._finished.popitem(last=False)
+        return False
+
+    async def _call(self, destination: str, path: str, interface: str, member: str,
+                    signature: str = "", body: list[Any] | None = None) -> list[Any]:
+        reply = await self.bus.call(Message(
+            destination=destination, path=path, interface=interface, member=member,
+            signature=signature, body=body or [],
+        ))
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            raise _ERRORS.get(reply.error_name or "", SystemdError)(f"{member}: {text}")
+        return list(reply.body)
+
+    async def _manager(self, member: str, signature: str = "", *args: Any) -> list[Any]:
+        return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, list(args))
+
+    async def _run_job(self, verb: str, unit: str, mode: JobMode, timeout: float) -> str:
+        if not self._subscribed:
+            await self.subscribe()
+        (job,) = await self._manager(verb, "ss", unit, mode.value)
+        result = self._finished.pop(job, None)
+        if result is not None:
+            return result
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting[job] = future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise SystemdError(f"{verb} of {unit}: no result from systemd within {timeout:g} s") from None
+        finally:
+            self._waiting.pop(job, None)
+
+    async def start_unit(self, unit: str, *, timeout: float = 120.0,
+                         mode: JobMode = JobMode.REPLACE) -> None:
+        """Start a unit and wait for its job; raise JobFailed with the unit's own reason."""
+        result = await self._run_job("StartUnit", unit, mode, timeout)
+        if result != JobResult.DONE:
+            status = await self.status(unit)
+            raise JobFailed(unit, "start", result, status.describe_failure())
+
+    async def stop_unit(self, unit: str, *, timeout: float = 900.0,
+                        mode: JobMode = JobMode.REPLACE) -> None:
+        """Stop a unit and wait until it is down; a unit that is not loaded is already stopped."""
+        try:
+            result = await self._run_job("StopUnit", unit, mode, timeout)
+        except NoSuchUnit:
+            return
+        if result != JobResult.DONE:
+            raise JobFailed(unit, "stop", result)
+
+    async def reset_failed(self, unit: str) -> None:
+        with contextlib.suppress(SystemdError):  # not failed, or not loaded: nothing to reset
+            await self._manager("ResetFailedUnit", "s", unit)
+
+    async def status(self, unit: str) -> UnitStatus:
+        (path,) = await self._manager("LoadUnit", "s", unit)
+        (props,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [UNIT])
+        service: dict[str, Variant] = {}
+        if unit.endswith(".service"):
+            (service,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [SERVICE])
+
+        def value(table: dict[str, Variant], key: str, default: Any) -> Any:
+            return table[key].value if key in table else default
+
+        return UnitStatus(
+            name=unit,
+            load_state=value(props, "LoadState", ""),
+            active_state=value(props, "ActiveState", ""),
+            sub_state=value(props, "SubState", ""),
+            result=value(service, "Result", ""),
+            main_pid=value(service, "MainPID", 0),
+            exec_main_status=value(service, "ExecMainStatus", 0),
+            exec_main_code=value(service, "ExecMainCode", 0),
+            control_group=value(service, "ControlGroup", ""),
+            active_enter_timestamp=value(props, "ActiveEnterTimestamp", 0),
+        )
+
+    async def list_units(self, *patterns: str) -> list[UnitStatus]:
+        """Loaded units matching the glob patterns, whatever their state."""
+        (units,) = await self._manager("ListUnitsByPatterns", "asas", [], list(patterns))
+        return [UnitStatus(name=u[0], load_state=u[2], active_state=u[3], sub_state=u[4])
+                for u in units]
+
+
+async def connect_system_bus() -> MessageBus:
+    from dbus_next import BusType
+
+    return await MessageBus(bus_type=BusType.SYSTEM).connect()

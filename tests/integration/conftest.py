@@ -1,0 +1,47 @@
+"""Integration tests: each module gets its own freshly booted systemd container."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import App, configure
+from tests.sandbox import Sandbox
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome: Any = yield
+    if outcome.get_result().failed:
+        module = getattr(item, "module", None)
+        if module is not None:
+            module.__dict__["_failed"] = True
+
+
+@pytest.fixture(scope="module")
+def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests boot a container and need root (run scripts/test)")
+    with Sandbox() as sandbox:
+        yield sandbox
+        if request.module.__dict__.get("_failed"):
+            print("\n--- journal of the sandbox (bluegreen units) ---")
+            print(sandbox.journal("-u", "bluegreen*", "-n", "300"))
+
+
+@pytest.fixture(scope="module")
+def config_extra() -> str:
+    """TOML appended to the test module's bluegreen.toml (override in a module)."""
+    return ""
+
+
+@pytest.fixture(scope="module")
+def app(box: Sandbox, config_extra: str) -> App:
+    """The sample app in a local git repository, configured as bluegreen's repository."""
+    application = App(box)
+    application.create()
+    configure(box, config_extra)
+    return application

@@ -1,0 +1,185 @@
+"""Driving bluegreen inside a sandbox: the app repository, the APIs, load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.sandbox import ROOT, Sandbox
+
+REPO = "/srv/app.git"
+WORK = "/srv/work"
+MANAGER = ("org.bluegreen1", "/org/bluegreen1", "org.bluegreen1.Manager")
+GIT_IDENTITY = ["-c", "user.name=Test Author", "-c", "user.email=author@example.com"]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *GIT_IDENTITY, *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+class App:
+    """The sample app's repository inside the sandbox: a work tree and the bare remote."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.work = box.path(WORK)
+        self.bare = box.path(REPO)
+        self.version = 1
+
+    def create(self) -> str:
+        shutil.copytree(ROOT / "examples/app", self.work)
+        git(self.work, "init", "-q", "-b", "main")
+        git(self.work, "add", ".")
+        git(self.work, "commit", "-q", "-m", "First release")
+        subprocess.run(["git", "clone", "-q", "--bare", str(self.work), str(self.bare)], check=True)
+        return git(self.work, "rev-parse", "HEAD")
+
+    def commit(self, message: str, files: dict[str, str] | None = None) -> str:
+        """Commit (a new VERSION unless files are given) and push; return the sha."""
+        if files is None:
+            self.version += 1
+            files = {"VERSION": f"{self.version}\n"}
+        for name, text in files.items():
+            (self.work / name).write_text(text)
+        git(self.work, "add", ".")
+        git(self.work, "commit", "-q", "-m", message)
+        git(self.work, "push", "-q", str(self.bare), "main")
+        return git(self.work, "rev-parse", "HEAD")
+
+    def head(self) -> str:
+        return git(self.bare, "rev-parse", "main")
+
+    def revert_to(self, sha: str, message: str) -> str:
+        git(self.work, "checkout", "-q", sha, "--", ".")
+        git(self.work, "commit", "-q", "--allow-empty", "-m", message)
+        git(self.work, "push", "-q", str(self.bare), "main")
+        return git(self.work, "rev-parse", "HEAD")
+
+
+def configure(box: Sandbox, extra: str = "") -> None:
+    box.write("/etc/bluegreen/bluegreen.toml", f'[repository]\nurl = "{REPO}"\n{extra}')
+
+
+# --- D-Bus, through busctl inside the container ------------------------------------------
+
+def busctl(box: Sandbox, *args: str, check: bool = True,
+           user: str | None = None) -> subprocess.CompletedProcess[str]:
+    return box.run("busctl", "--system", "--json=short", *args, check=check, user=user)
+
+
+def unwrap(value: Any) -> Any:
+    """busctl's JSON ({"type": ..., "data": ...}) to plain values."""
+    if isinstance(value, dict) and set(value) == {"type", "data"}:
+        return unwrap(value["data"])
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+def call(box: Sandbox, member: str, signature: str = "", *args: str) -> Any:
+    out = busctl(box, "call", *MANAGER, member, *([signature, *args] if signature else [])).stdout
+    data = unwrap(json.loads(out))
+    return data[0] if len(data) == 1 else data
+
+
+def properties(box: Sandbox) -> dict[str, Any]:
+    out = busctl(box, "call", MANAGER[0], MANAGER[1], "org.freedesktop.DBus.Properties",
+                 "GetAll", "s", MANAGER[2]).stdout
+    result: dict[str, Any] = unwrap(json.loads(out))[0]
+    return result
+
+
+def deployment(box: Sandbox, deployment_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = call(box, "GetDeployment", "s", deployment_id)
+    return result
+
+
+def wait_deployment(box: Sandbox, deployment_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = deployment(box, deployment_id)
+        if record["state"] != "running":
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"deployment {deployment_id} still running after {timeout} s")
+
+
+def wait_serving(box: Sandbox, timeout: float = 60) -> dict[str, Any]:
+    """Wait until bluegreen serves a release and no deployment runs."""
+    deadline = time.monotonic() + timeout
+    props: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        result = busctl(box, "call", MANAGER[0], MANAGER[1], "org.freedesktop.DBus.Properties",
+                        "GetAll", "s", MANAGER[2], check=False)
+        if result.returncode == 0:
+            props = unwrap(json.loads(result.stdout))[0]
+            if props["State"] == "serving":
+                return props
+        time.sleep(0.1)
+    raise AssertionError(f"bluegreen not serving after {timeout} s: {props}\n"
+                         f"{box.journal('-u', 'bluegreen*', '-n', '60')}")
+
+
+# --- HTTP, from inside the container's network namespace ---------------------------------
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http(box: Sandbox, method: str, path: str, body: str | bytes | None = None,
+         content_type: str | None = "application/json", port: int = 5001) -> Response:
+    argv = ["curl", "-s", "-S", "-X", method, "-o", "-", "-w", "\n%{http_code}",
+            f"http://127.0.0.1:{port}{path}", "--max-time", "30"]
+    if body is not None:
+        argv += ["--data-binary", "@-"]
+        if content_type:
+            argv += ["-H", f"Content-Type: {content_type}"]
+    result = subprocess.run(["nsenter", "-t", str(box.leader), "-n", *argv],
+                            input=body.encode() if isinstance(body, str) else body,
+                            capture_output=True, check=True, timeout=60)
+    text, _, status = result.stdout.decode().rpartition("\n")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = text
+    return Response(int(status), parsed)
+
+
+def public(box: Sandbox, path: str = "/") -> dict[str, Any]:
+    response = http(box, "GET", path, port=5000)
+    assert response.status == 200, response
+    result: dict[str, Any] = response.body
+    return result
+
+
+class Load:
+    """tests/loadgen.py running against the public port while the block runs."""
+
+    def __init__(self, box: Sandbox, *args: str) -> None:
+        self.box = box
+        self.args = args
+        self.report: dict[str, Any] = {}
+
+    def __enter__(self) -> Load:
+        self.process = self.box.popen_net(
+            ["/usr/bin/python3", str(ROOT / "tests/loadgen.py"), *self.args])
+        time.sleep(1.0)
+        assert self.process.poll() is None, "the load generator died at start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.5)
+        self.process.send_signal(2)
+        out, _ = self.process.communicate(timeout=60)
+        self.report = json.loads(out)

@@ -1,0 +1,246 @@
+"""A throwaway systemd container over the host's root, for integration tests and the demo.
+
+The container is an overlay of / whose writes go to a tmpfs, booted by systemd-nspawn with a
+private network namespace (only loopback: its port 5000 clashes with nothing). bluegreen is
+installed into it before boot, the way a package would put it there. Everything is torn down
+on exit, whatever happened inside.
+
+    with Sandbox() as box:
+        box.run("systemctl", "start", "bluegreen")
+        box.net("curl", "-s", "http://127.0.0.1:5000/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "bluegreen-sandbox-"
+
+# Host units that would only slow the container's boot down.
+MASKED = ("postgresql.service", "postgresql@.service", "getty@.service", "console-getty.service",
+          "cron.service", "ssh.service", "systemd-timesyncd.service", "apt-daily.timer",
+          "apt-daily-upgrade.timer", "man-db.timer", "e2scrub_all.timer", "fstrim.timer",
+          "logrotate.timer", "exim4.service", "nginx.service", "redis-server.service",
+          "memcached.service", "docker.service", "containerd.service", "packagekit.service")
+
+
+class SandboxError(Exception):
+    pass
+
+
+def _python_site() -> str:
+    version = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    return f"/usr/local/lib/python{version}/dist-packages"
+
+
+def install_tree(root: Path, source: Path = ROOT) -> None:
+    """Install bluegreen from the source tree into a root file system, as a package would."""
+
+    def put(relative: str, target: str, mode: int = 0o644) -> None:
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / relative, destination)
+        destination.chmod(mode)
+
+    site = root / _python_site().lstrip("/") / "bluegreen"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(source / "bluegreen", site,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for unit in sorted((source / "units").iterdir()):
+        put(f"units/{unit.name}", f"/usr/local/lib/systemd/system/{unit.name}")
+    put("data/org.bluegreen1.conf", "/usr/share/dbus-1/system.d/org.bluegreen1.conf")
+    put("data/bluegreen.sysusers", "/usr/local/lib/sysusers.d/bluegreen.conf")
+    put("data/bluegreen.sysctl", "/usr/local/lib/sysctl.d/50-bluegreen.conf")
+    put("data/bluegreen.toml", "/etc/bluegreen/bluegreen.toml")
+    put("scripts/bluegreenctl", "/usr/local/bin/bluegreenctl", 0o755)
+    put("data/bluegreen-generator", "/usr/local/lib/systemd/system-generators/bluegreen-generator",
+        0o755)
+
+
+class Sandbox:
+    def __init__(self, install: bool = True, keep_noise: bool = False) -> None:
+        self.name = "bg-" + uuid.uuid4().hex[:8]
+        self.install = install
+        self.keep_noise = keep_noise
+        self.base: Path | None = None
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.boot_seconds = 0.0
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        assert self.base is not None
+        return self.base / "root"
+
+    def __enter__(self) -> Sandbox:
+        try:
+            self.boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def boot(self) -> None:
+        cleanup_stale()
+        self.base = Path(tempfile.mkdtemp(prefix=PREFIX))
+        _check(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(self.base)])
+        for sub in ("upper", "work", "root"):
+            (self.base / sub).mkdir()
+        _check(["mount", "-t", "overlay", "overlay", "-o",
+                f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work", str(self.root)])
+        if not self.keep_noise:
+            for unit in MASKED:
+                link = self.root / "etc/systemd/system" / unit
+                link.unlink(missing_ok=True)
+                link.symlink_to("/dev/null")
+        if self.install:
+            install_tree(self.root)
+        started = time.monotonic()
+        with open(self.base / "console.log", "wb") as console:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "--quiet", "--directory", str(self.root), "--register=no",
+                 "--keep-unit", "--machine", self.name, "--private-network", "--console=passive",
+                 "--link-journal=no", "--boot"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        (self.base / "nspawn.pid").write_text(f"{self.nspawn.pid}\n")
+        self.leader = self._wait_leader()
+        deadline = time.monotonic() + 60
+        while not (Path(f"/proc/{self.leader}/root/run/systemd/private")).exists():
+            if time.monotonic() > deadline:
+                raise SandboxError("the container's systemd never opened its API socket")
+            time.sleep(0.02)
+        state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=90)
+        self.boot_seconds = time.monotonic() - started
+        if state.stdout.strip() not in ("running", "degraded"):
+            raise SandboxError(f"container did not boot: {state.stdout.strip()}\n{self.console()}")
+
+    def _wait_leader(self) -> int:
+        assert self.nspawn is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise SandboxError(f"systemd-nspawn exited: {self.console()}")
+            found = subprocess.run(["pgrep", "-P", str(self.nspawn.pid), "-x", "systemd"],
+                                   capture_output=True, text=True).stdout.split()
+            if found:
+                return int(found[0])
+            time.sleep(0.02)
+        raise SandboxError("the container's init never started")
+
+    def console(self) -> str:
+        if self.base is None:
+            return ""
+        with contextlib.suppress(OSError):
+            return (self.base / "console.log").read_text(errors="replace")[-4000:]
+        return ""
+
+    def close(self) -> None:
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)
+            try:
+                self.nspawn.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.nspawn.pid, signal.SIGKILL)
+                self.nspawn.wait()
+        self.nspawn = None
+        if self.base is not None:
+            _unmount(self.base)
+            self.base = None
+
+    # --- doing things inside ---------------------------------------------------------------
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 120,
+            input: str | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the container (all of its namespaces)."""
+        prefix = ["nsenter", "-t", str(self.leader), "-a"]
+        if user:
+            gid = self._exec(prefix + ["id", "-g", user], True, 30, None).stdout.strip()
+            prefix += ["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", "--"]
+        return self._exec(prefix + list(argv), check, timeout, input)
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.run("/bin/sh", "-c", script, check=check, timeout=timeout)
+
+    def net(self, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a host program inside the container's network namespace only."""
+        return self._exec(["nsenter", "-t", str(self.leader), "-n", *argv], check, timeout, None)
+
+    def popen_net(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+        """Start a host program inside the container's network namespace, stdout piped."""
+        return subprocess.Popen(["nsenter", "-t", str(self.leader), "-n", *argv], text=True,
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    def _exec(self, argv: list[str], check: bool, timeout: float,
+              input: str | None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise SandboxError(f"{shlex.join(argv)} exited {result.returncode}\n"
+                               f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
+        return result
+
+    def path(self, inside: str) -> Path:
+        """The host path of a file inside the container."""
+        return self.root / inside.lstrip("/")
+
+    def write(self, inside: str, text: str, mode: int = 0o644) -> None:
+        target = self.path(inside)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+
+    def journal(self, *args: str) -> str:
+        return self.run("journalctl", "--no-pager", *args, check=False).stdout
+
+
+def _check(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SandboxError(f"{shlex.join(argv)}: {result.stderr.strip()}")
+
+
+def _unmount(base: Path) -> None:
+    for target in (base / "root", base):
+        if os.path.ismount(target):
+            subprocess.run(["umount", "--lazy", str(target)], capture_output=True)
+    with contextlib.suppress(OSError):
+        base.rmdir()
+
+
+def cleanup_stale() -> None:
+    """Unmount sandboxes whose container is gone (left by a run that was killed)."""
+    for base in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            pid = int((base / "nspawn.pid").read_text())
+        except (OSError, ValueError):
+            if time.time() - base.stat().st_mtime < 120:
+                continue  # another sandbox still booting
+            pid = 0
+        if pid and Path(f"/proc/{pid}").exists():
+            continue
+        _unmount(base)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("the sandbox needs root (mount, systemd-nspawn)")
