@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ async def probe(port: int, path: str, timeout: float, host: str = "127.0.0.1") -
     except TimeoutError:
         return Probe(False, f"no answer within {timeout:g} s", elapsed=time.monotonic() - started)
     except OSError as exc:
-        return Probe(False, exc.strerror or str(exc), elapsed=time.monotonic() - started)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return Probe(False, reason, elapsed=time.monotonic() - started)
     finally:
         if writer is not None:
             writer.close()

@@ -79,7 +79,7 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
 
 @app.get("/")
 def index() -> Response:
-    status = client.call(Client.status)
+    status = client.call(lambda c: c.status())
     summary = _summary(status)
     summary["service"] = "bluegreen"
     summary["endpoints"] = ["GET /health", "GET /status", "POST /deploy", "GET /history",
@@ -90,7 +90,7 @@ def index() -> Response:
 @app.get("/health")
 def health() -> Response:
     try:
-        status = client.call(Client.status)
+        status = client.call(lambda c: c.status())
     except ApiError as exc:
         return reply({"healthy": False, "reason": exc.message}, 503)
     healthy = bool(status["Healthy"])

@@ -16,7 +16,6 @@ import itertools
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -135,7 +134,6 @@ def main() -> int:
                 for i in range(args.slow)]
     for thread in threads:
         thread.start()
-    print("started", flush=True, file=sys.stderr)
     while not stop.wait(0.2):
         pass
     for thread in threads:

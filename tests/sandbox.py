@@ -174,7 +174,7 @@ class Sandbox:
         """Run a command inside the container (all of its namespaces)."""
         prefix = ["nsenter", "-t", str(self.leader), "-a"]
         if user:
-            gid = self._exec(prefix + ["id", "-g", user], True, 30, None).stdout.strip()
+            gid = self._exec([*prefix, "id", "-g", user], True, 30, None).stdout.strip()
             prefix += ["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", "--"]
         return self._exec(prefix + list(argv), check, timeout, input)
 

@@ -12,7 +12,7 @@ from tests.integration.helpers import App, configure
 from tests.sandbox import Sandbox
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # type: ignore[untyped-decorator]
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome: Any = yield
     if outcome.get_result().failed:

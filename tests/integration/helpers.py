@@ -63,7 +63,7 @@ class App:
 
 
 def configure(box: Sandbox, extra: str = "") -> None:
-    box.write("/etc/bluegreen/bluegreen.toml", f'[repository]\nurl = "{REPO}"\n{extra}')
+    box.write("/etc/bluegreen/bluegreen.toml", f'{extra}\n[repository]\nurl = "{REPO}"\n')
 
 
 # --- D-Bus, through busctl inside the container ------------------------------------------

@@ -1,0 +1,61 @@
+"""No request is lost during a deploy: load and slow requests through ten consecutive deploys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import App, Load, call, public, wait_deployment, wait_serving
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+DEPLOYS = 10
+SLOW_SECONDS = 3.0
+
+
+@pytest.fixture(scope="module")
+def config_extra() -> str:
+    # Four workers: the two slow-request threads must not starve the fast ones.
+    return "[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+
+
+def step_time(record: dict[str, Any], name: str) -> float:
+    for step, started, _finished in record["steps"]:
+        if step == name:
+            return float(started)
+    raise AssertionError(f"deployment {record['id']} has no step {name}: {record['steps']}")
+
+
+def test_deploys_under_load_fail_no_request(box: Sandbox, app: App) -> None:
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    records = []
+    with Load(box, "--fast", "4", "--slow", "2", "--slow-seconds", str(SLOW_SECONDS)) as load:
+        for number in range(DEPLOYS):
+            sha = app.commit(f"Release {number + 2}")
+            record = wait_deployment(box, call(box, "Deploy", "s", ""))
+            assert record["state"] == "succeeded", record
+            assert record["commit"] == sha
+            records.append(record)
+    report = load.report
+    slow = report["slow"]
+    print(f"\n{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
+          f"{report['failed']} failed, {len(slow)} slow requests, "
+          f"longest gap between successes {report['longest_gap'] * 1000:.1f} ms, "
+          f"deploys took {min(r['finished_at'] - r['started_at'] for r in records):.2f}-"
+          f"{max(r['finished_at'] - r['started_at'] for r in records):.2f} s")
+
+    assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+    assert report["requests"] > 1000
+    assert all(s["outcome"] == "ok" for s in slow), [s for s in slow if s["outcome"] != "ok"]
+    # Every switch happened with a slow request in flight, and that request completed with 200.
+    for record in records:
+        switch = step_time(record, "drain")  # the old forwarder closes its listener here
+        spanning = [s for s in slow if s["start"] < switch < s["end"]]
+        assert spanning, f"no slow request was in flight at the switch of deployment {record['id']}"
+        assert all(s["outcome"] == "ok" for s in spanning)
+    # Clients saw every release, and the last one serves.
+    assert len(report["versions"]) == DEPLOYS + 1, report["versions"]
+    assert public(box)["version"] == str(app.version)

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bluegreen import config
+from bluegreen.config import Config, ConfigError, ListenAddress, PortRange
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bluegreen.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
+    loaded = config.load(tmp_path / "absent.toml", environ={})
+    assert loaded.repository.branch == "main"
+    assert loaded.repository.poll_interval == 10
+    assert loaded.app.wsgi == "app:app"
+    assert loaded.app.health_path == "/health"
+    assert loaded.ports.public == 5000
+    assert loaded.ports.range == PortRange(8000, 8999)
+    assert loaded.api.listen == ListenAddress("127.0.0.1", 5001)
+    assert loaded.drain_timeout == 30
+
+
+def test_every_documented_key_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+drain_timeout = 12
+[repository]
+url = "https://example.com/app.git"
+branch = "production"
+poll_interval = 30
+[app]
+wsgi = "service.wsgi:application"
+health_path = "/healthz"
+workers = 3
+worker_class = "gthread"
+team = "7"
+[ports]
+public = 8080
+range = "9000-9100"
+[api]
+listen = "[::1]:6001"
+[health]
+interval = 0.5
+timeout = 1
+healthy_threshold = 3
+unhealthy_threshold = 4
+deadline = 20
+""")
+    loaded = config.load(path, environ={})
+    assert loaded.drain_timeout == 12
+    assert loaded.repository.url == "https://example.com/app.git"
+    assert loaded.repository.branch == "production"
+    assert loaded.app.workers == 3 and loaded.app.worker_class == "gthread"
+    assert loaded.ports.public == 8080 and loaded.ports.range == PortRange(9000, 9100)
+    assert loaded.api.listen == ListenAddress("::1", 6001)
+    assert not ListenAddress("0.0.0.0", 1).is_loopback and loaded.api.listen.is_loopback
+    assert loaded.health.healthy_threshold == 3 and loaded.health.deadline == 20
+
+
+def test_the_shipped_config_file_is_valid_and_matches_the_defaults() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "data" / "bluegreen.toml"
+    loaded = config.load(shipped, environ={})
+    assert config.to_dict(loaded) == config.to_dict(Config())
+    text = shipped.read_text()
+    for key in config.KEYS:
+        assert f"#{key.name} = " in text, f"{key.dotted} is not documented in bluegreen.toml"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[repository]\nurl = \"x\"\nbranchh = \"main\"\n", ":3: repository.branchh: unknown key"),
+    ("[nonsense]\nx = 1\n", "nonsense: unknown section"),
+    ("[app]\nworkers = 0\n", ":2: app.workers: must be between 1 and 64"),
+    ("[app]\nworkers = \"two\"\n", "app.workers: expected an integer, got str"),
+    ("[ports]\nrange = \"9000-8000\"\n", "ports.range"),
+    ("[ports]\npublic = 8500\n", "ports.public: 8500 lies inside ports.range"),
+    ("[api]\nlisten = \"nowhere\"\n", "api.listen: 'nowhere' is not HOST:PORT"),
+    ("[health]\ninterval = true\n", "health.interval: expected a number"),
+    ("[repository]\nurl = \"--upload-pack=evil\"\n", "repository.url"),
+    ("drain_timeout = 601\n", "drain_timeout: must be between 0 and 600"),
+    ("[app\n", "bluegreen.toml: "),
+    ("repository = 5\n", "[repository] must be a table"),
+])
+def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        config.load(path, environ={})
+    assert str(error.value).startswith(str(path))
+    assert message in str(error.value)
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[repository]\nurl = "https://example.com/{team}.git"\npoll_interval = 60\n')
+    loaded = config.load(path, environ={"CODE_REFRESH_INTERVAL": "5", "TEAM_NUMBER": "42"})
+    assert loaded.repository.poll_interval == 5
+    assert loaded.app.team == "42"
+    assert loaded.repository.url == "https://example.com/42.git"
+    loaded = config.load(path, environ={"TEAM_REPO_URL": "/srv/other.git"})
+    assert loaded.repository.url == "/srv/other.git"
+
+
+def test_a_bad_environment_value_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CODE_REFRESH_INTERVAL"):
+        config.load(tmp_path / "absent.toml", environ={"CODE_REFRESH_INTERVAL": "often"})
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    path = write(tmp_path, '[ports]\nrange = "8100-8200"\n[api]\nlisten = "[::1]:7000"\n')
+    loaded = config.load(path, environ={})
+    again = Config.from_json(loaded.to_json())
+    assert config.to_dict(again) == config.to_dict(loaded)
+
+
+@given(st.text(max_size=30))
+def test_port_range_parser_accepts_or_explains(text: str) -> None:
+    try:
+        parsed = config.parse_port_range(text)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert 1024 <= parsed.first < parsed.last <= 65535
+        assert config.parse_port_range(str(parsed)) == parsed
+
+
+@given(st.integers(1024, 65534), st.integers(1, 1000))
+def test_valid_port_ranges_round_trip(first: int, width: int) -> None:
+    last = min(first + width, 65535)
+    parsed = config.parse_port_range(f"{first}-{last}")
+    assert (parsed.first, parsed.last, len(parsed)) == (first, last, last - first + 1)
+
+
+@given(st.text(max_size=40))
+def test_listen_address_parser_accepts_or_explains(text: str) -> None:
+    try:
+        parsed = config.parse_listen_address(text)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert config.parse_listen_address(str(parsed)) == parsed
+
+
+def test_the_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key in config.KEYS:
+        assert f"| `{key.dotted}` |" in readme, f"{key.dotted} is missing from the README"

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bluegreen.config import HealthConfig
+from bluegreen.health import Monitor, NotHealthy, Probe, probe, wait_healthy
+
+
+class Server:
+    """A real HTTP server on loopback whose answers the test scripts."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.flapping = False
+        self.served = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with server.lock:
+                    server.served += 1
+                    if server.flapping:
+                        status = 200 if server.served % 2 else 500
+                    else:
+                        status = server.statuses.pop(0) if server.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture()
+def server() -> Iterator[Server]:
+    instance = Server()
+    yield instance
+    instance.httpd.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+FAST = HealthConfig(interval=0.01, timeout=0.5, healthy_threshold=3, deadline=2)
+
+
+async def running() -> None:
+    return None
+
+
+def test_probe_reports_status_and_errors(server: Server) -> None:
+    server.statuses = [200, 503]
+    assert asyncio.run(probe(server.port, "/health", 1)).ok
+    failed = asyncio.run(probe(server.port, "/health", 1))
+    assert not failed.ok and failed.reason == "HTTP 503 from /health"
+    refused = asyncio.run(probe(free_port(), "/health", 1))
+    assert not refused.ok and refused.reason == "Connection refused"
+
+
+def test_probe_times_out_on_a_silent_server() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        result = asyncio.run(probe(silent.getsockname()[1], "/", 0.2))
+    assert not result.ok and "no answer within 0.2 s" in result.reason
+
+
+def test_healthy_needs_consecutive_passes(server: Server) -> None:
+    server.statuses = [200, 200, 500, 200, 200, 200]
+    assert asyncio.run(wait_healthy(server.port, "/", FAST, running)) == 6
+
+
+def test_flapping_never_becomes_healthy(server: Server) -> None:
+    server.flapping = True
+    with pytest.raises(NotHealthy, match="not healthy within 2 s; last check: HTTP"):
+        asyncio.run(wait_healthy(server.port, "/", FAST, running))
+    assert server.served > 10
+
+
+def test_a_dead_unit_fails_at_once(server: Server) -> None:
+    async def dead() -> str:
+        return "bluegreen-app@1.service exited with status 4"
+
+    with pytest.raises(NotHealthy, match="exited with status 4"):
+        asyncio.run(wait_healthy(server.port, "/", FAST, dead))
+
+
+def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
+    changes: list[tuple[bool, str]] = []
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append((healthy, reason))
+
+    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: 8000, on_change)
+
+    async def feed() -> None:
+        for ok in (False, False, True, False, False, False, False, True):
+            await monitor.record(Probe(ok, "HTTP 200" if ok else "HTTP 500 from /health"))
+
+    asyncio.run(feed())
+    assert changes == [(False, "3 failed checks in a row: HTTP 500 from /health"), (True, "HTTP 200")]
+    assert monitor.healthy

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bluegreen.history import History, State, Step, Trigger, finished, with_step
+
+
+def test_a_deployment_is_recorded_step_by_step(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    record = history.begin("main", Trigger.HTTP, commit="a" * 40, subject="s", author="me",
+                           previous_port=8001, now=100.0)
+    assert record.state == State.RUNNING and record.id == 1
+    record = with_step(record, Step.MATERIALIZE, now=101.0)
+    record = with_step(record, Step.START, now=102.5)
+    history.save(record)
+    record = finished(record, State.FAILED, failed_step=Step.START, reason="boom", now=104.0)
+    history.save(record)
+    again = History(tmp_path / "db.sqlite").get(1)
+    assert again.state == State.FAILED and again.reason == "boom" and again.failed_step == "start"
+    assert [(s.step, s.started, s.finished) for s in again.steps] == [
+        ("materialize", 101.0, 102.5), ("start", 102.5, 104.0)]
+    assert again.duration == 4.0
+    assert again.to_dict()["steps"][0]["step"] == "materialize"
+
+
+def test_recent_last_succeeded_and_interrupted(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    first = history.begin("main", Trigger.DBUS, commit="1" * 40)
+    history.save(finished(first, State.SUCCEEDED))
+    second = history.begin("main", Trigger.CLI, commit="2" * 40)
+    history.save(finished(second, State.FAILED, reason="x"))
+    third = history.begin("main", Trigger.REFRESHER, commit="3" * 40)
+    assert [d.id for d in history.recent(2)] == [third.id, second.id]
+    last = history.last_succeeded()
+    assert last is not None and last.commit == "1" * 40
+    interrupted = history.mark_interrupted("controller died")
+    assert [d.id for d in interrupted] == [third.id]
+    assert history.get(third.id).state == State.INTERRUPTED
+    assert history.mark_interrupted("again") == []
+
+
+def test_a_failed_write_leaves_the_previous_record_intact(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    record = history.begin("main", Trigger.DBUS, commit="1" * 40)
+    with pytest.raises(RuntimeError), history._transaction() as db:
+        db.execute("UPDATE deployments SET state = 'succeeded' WHERE id = ?", (record.id,))
+        raise RuntimeError("disk full, say")
+    assert history.get(record.id).state == State.RUNNING
+
+
+def test_unknown_ids_raise_key_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        History(tmp_path / "db.sqlite").get(42)

@@ -1,0 +1,100 @@
+"""The HTTP layer's own logic: body validation and error mapping (D-Bus replaced by a stub)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from bluegreen import client, httpapi
+from bluegreen.client import ApiError
+
+
+class StubClient:
+    def __init__(self) -> None:
+        self.deployed: list[tuple[str, str]] = []
+        self.error: ApiError | None = None
+
+    async def deploy(self, ref: str = "", trigger: str = "dbus") -> str:
+        if self.error:
+            raise self.error
+        self.deployed.append((ref, trigger))
+        return "12"
+
+    async def status(self) -> dict[str, Any]:
+        return {"State": "serving", "ActiveRelease": "a" * 40, "ActivePort": 8123, "PublicPort": 5000,
+                "Healthy": False, "HealthReason": "the serving release is unhealthy: HTTP 500",
+                "Repository": "https://example.com/app.git", "Branch": "main",
+                "CurrentDeployment": "", "LastDeployment": ""}
+
+
+@pytest.fixture()
+def stub(monkeypatch: pytest.MonkeyPatch) -> StubClient:
+    instance = StubClient()
+
+    def call(function: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+        return asyncio.run(function(instance))
+
+    monkeypatch.setattr(client, "call", call)
+    return instance
+
+
+@pytest.fixture()
+def web() -> Iterator[FlaskClient]:
+    with httpapi.app.test_client() as test_client:
+        yield test_client
+
+
+def test_deploy_with_and_without_a_body(stub: StubClient, web: FlaskClient) -> None:
+    assert web.post("/deploy").status_code == 202
+    response = web.post("/deploy", json={"ref": "v2"})
+    assert response.status_code == 202
+    assert response.json == {"id": "12", "status": "/deployments/12"}
+    assert response.headers["Location"] == "/deployments/12"
+    assert stub.deployed == [("", "http"), ("v2", "http")]
+
+
+@pytest.mark.parametrize(("kwargs", "status", "text"), [
+    ({"data": "{", "content_type": "application/json"}, 400, "malformed JSON"),
+    ({"json": {"ref": ["x"]}}, 400, "must be a string"),
+    ({"json": {"branch": "x"}}, 400, "unknown field(s): branch"),
+    ({"json": 7}, 400, "JSON object"),
+    ({"data": "ref=x", "content_type": "text/plain"}, 415, "must be JSON"),
+    ({"data": "x" * (httpapi.MAX_BODY + 1), "content_type": "application/json"}, 413, "larger"),
+])
+def test_malformed_deploy_requests(stub: StubClient, web: FlaskClient, kwargs: dict[str, Any],
+                                   status: int, text: str) -> None:
+    response = web.post("/deploy", **kwargs)
+    assert response.status_code == status
+    assert response.json is not None and text in response.json["message"]
+    assert stub.deployed == []
+
+
+@pytest.mark.parametrize(("name", "status"), [
+    ("org.bluegreen1.Error.Busy", 409), ("org.bluegreen1.Error.InvalidRef", 400),
+    ("org.bluegreen1.Error.UnknownRef", 422), ("org.freedesktop.DBus.Error.AccessDenied", 403),
+    ("org.freedesktop.DBus.Error.ServiceUnknown", 503), ("org.example.Weird", 500),
+])
+def test_daemon_errors_map_to_http_statuses(stub: StubClient, web: FlaskClient, name: str,
+                                            status: int) -> None:
+    stub.error = ApiError(name, "the daemon says no")
+    response = web.post("/deploy", json={"ref": "main"})
+    assert response.status_code == status
+    assert response.json == {"error": name.rsplit(".", 1)[-1], "message": "the daemon says no"}
+
+
+def test_health_is_503_with_the_reason_when_unhealthy(stub: StubClient, web: FlaskClient) -> None:
+    response = web.get("/health")
+    assert response.status_code == 503
+    assert response.json == {"healthy": False, "reason": "the serving release is unhealthy: HTTP 500"}
+
+
+def test_history_limit_is_validated(stub: StubClient, web: FlaskClient) -> None:
+    assert web.get("/history?limit=0").status_code == 400
+    assert web.get("/history?limit=abc").status_code == 400
+    missing = web.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.json is not None and missing.json["error"] == "NotFound"

@@ -1,0 +1,63 @@
+"""Job tracking: a JobRemoved that arrives before the StartUnit reply is not lost."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from dbus_next import Message
+
+from bluegreen.systemd import JobFailed, Systemd, UnitStatus
+
+
+def job_removed(job: str, result: str) -> Message:
+    return Message.new_signal("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
+                              "JobRemoved", "uoss", [1, job, "x.service", result])
+
+
+class Bus:
+    """Answers StartUnit with a job path, delivering JobRemoved before or after the reply."""
+
+    def __init__(self, early: bool, result: str = "done") -> None:
+        self.early = early
+        self.result = result
+        self.handlers: list[Any] = []
+
+    def add_message_handler(self, handler: Any) -> None:
+        self.handlers.append(handler)
+
+    async def call(self, message: Message) -> Message:
+        job = "/org/freedesktop/systemd1/job/7"
+        message.serial = 1  # as if sent
+        if message.member == "StartUnit":
+            if self.early:
+                for handler in self.handlers:
+                    handler(job_removed(job, self.result))
+            else:
+                asyncio.get_running_loop().call_later(
+                    0.01, lambda: [h(job_removed(job, self.result)) for h in self.handlers])
+            return Message.new_method_return(message, "o", [job])
+        return Message.new_method_return(message)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_start_unit_sees_its_job_finish(early: bool) -> None:
+    systemd = Systemd(Bus(early))  # type: ignore[arg-type]
+    systemd._subscribed = True
+    systemd.bus.add_message_handler(systemd._on_message)
+    asyncio.run(systemd.start_unit("x.service", timeout=1))
+
+
+def test_a_failed_job_names_the_unit_and_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    systemd = Systemd(Bus(early=True, result="failed"))  # type: ignore[arg-type]
+    systemd._subscribed = True
+    systemd.bus.add_message_handler(systemd._on_message)
+
+    async def status(unit: str) -> UnitStatus:
+        return UnitStatus(unit, "loaded", "failed", "failed", result="exit-code", exec_main_status=4)
+
+    monkeypatch.setattr(systemd, "status", status)
+    with pytest.raises(JobFailed, match=r"start of x\.service ended with job result 'failed': "
+                                        r"exited with status 4"):
+        asyncio.run(systemd.start_unit("x.service", timeout=1))
