@@ -286,3 +286,20 @@ def test_cli_shows_each_step_and_fails_with_the_reason(box: Sandbox, app: App) -
     status = box.run("bluegreenctl", "status")
     assert "serving" in status.stdout
 
+
+
+def test_api_listen_moves_the_api_socket(box: Sandbox, app: App) -> None:
+    config = box.path("/etc/bluegreen/bluegreen.toml")
+    original = config.read_text()
+    try:
+        config.write_text(original + '[api]\nlisten = "127.0.0.1:5002"\n')
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "restart", "bluegreen-api.socket")
+        assert http(box, "GET", "/health", port=5002).status == 200
+        listening = box.run("systemctl", "show", "-P", "Listen", "bluegreen-api.socket").stdout
+        assert listening.strip() == "127.0.0.1:5002 (Stream)"
+    finally:
+        config.write_text(original)
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "restart", "bluegreen-api.socket")
+    assert http(box, "GET", "/health").status == 200
