@@ -65,7 +65,7 @@ async def wait_healthy(
 
     ``unit_failure`` is asked before each probe and returns why the instance's unit is no
     longer running (or None): a crashed instance fails at once, not at the deadline.
-    Raises NotHealthy at ``settings.deadline``.
+    Raises NotHealthy at ``settings.deadline`` (a probe begun before it gets its full timeout).
     """
     deadline = time.monotonic() + settings.deadline
     passes = probes = 0
@@ -77,7 +77,7 @@ async def wait_healthy(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise NotHealthy(f"not healthy within {settings.deadline:g} s; last check: {last}")
-        result = await probe(port, path, min(settings.timeout, remaining))
+        result = await probe(port, path, settings.timeout)
         probes += 1
         last = result.reason
         passes = passes + 1 if result.ok else 0
