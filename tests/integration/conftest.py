@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.helpers import App, configure
-from tests.sandbox import Sandbox
+from tests.sandbox import Sandbox, build_deb
 
 
 @pytest.hookimpl(hookwrapper=True)  # type: ignore[untyped-decorator]
@@ -21,11 +22,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
             module.__dict__["_failed"] = True
 
 
-@pytest.fixture(scope="module")
-def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    """The package, built once per test run from this tree (scripts/build-deb, with lintian)."""
     if os.geteuid() != 0:
         pytest.fail("integration tests boot a container and need root (run scripts/test)")
-    with Sandbox() as sandbox:
+    return build_deb()
+
+
+@pytest.fixture(scope="module")
+def box(request: pytest.FixtureRequest, deb: Path) -> Iterator[Sandbox]:
+    """A freshly booted container with the package installed by apt-get."""
+    with Sandbox(deb=deb) as sandbox:
         yield sandbox
         if request.module.__dict__.get("_failed"):
             print("\n--- journal of the sandbox (bluegreen units) ---")

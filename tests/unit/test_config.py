@@ -149,3 +149,16 @@ def test_the_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for key in config.KEYS:
         assert f"| `{key.dotted}` |" in readme, f"{key.dotted} is missing from the README"
+
+
+def test_the_package_version_is_the_python_version() -> None:
+    import bluegreen
+
+    changelog = (Path(__file__).resolve().parents[2] / "packaging/debian/changelog").read_text()
+    assert changelog.startswith(f"bluegreen ({bluegreen.__version__})")
+
+
+def test_the_manual_documents_every_key() -> None:
+    manual = (Path(__file__).resolve().parents[2] / "man/bluegreen.toml.5").read_text()
+    for key in config.KEYS:
+        assert f"\\fB{key.name}\\fR = " in manual, f"{key.dotted} is missing from bluegreen.toml(5)"
