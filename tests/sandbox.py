@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "bluegreen-sandbox-"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Host units that would only slow the container's boot down.
 MASKED = ("postgresql.service", "postgresql@.service", "getty@.service", "console-getty.service",
@@ -185,11 +186,17 @@ class Sandbox:
     def run(self, *argv: str, check: bool = True, timeout: float = 120,
             input: str | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (all of its namespaces)."""
-        prefix = ["nsenter", "-t", str(self.leader), "-a"]
+        prefix = self.enter()
         if user:
             gid = self._exec([*prefix, "id", "-g", user], True, 30, None).stdout.strip()
             prefix += ["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", "--"]
         return self._exec(prefix + list(argv), check, timeout, input)
+
+    def enter(self) -> list[str]:
+        """The argv prefix that runs a command inside, with the environment a unit or a root
+        shell there would have (not the caller's: its PATH may point at another Python)."""
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={SYSTEM_PATH}",
+                "LANG=C.UTF-8", f"TERM={os.environ.get('TERM', 'dumb')}", "HOME=/root"]
 
     def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self.run("/bin/sh", "-c", script, check=check, timeout=timeout)
