@@ -79,6 +79,16 @@ class Client:
                                             [ref, {"trigger": Variant("s", trigger)}])
         return str(deployment_id)
 
+    async def rollback(self, target: str = "") -> str:
+        (deployment_id,) = await self._call("Rollback", "s", [target])
+        return str(deployment_id)
+
+    async def refresh(self) -> None:
+        await self._call("Refresh")
+
+    async def notify_push(self, payload: bytes, signature: str) -> None:
+        await self._call("NotifyPush", "ays", [payload, signature])
+
     async def status(self) -> dict[str, Any]:
         (props,) = await self._call("GetAll", "s", [INTERFACE],
                                     interface="org.freedesktop.DBus.Properties")

@@ -57,6 +57,15 @@ class RepositoryConfig:
     url: str = ""
     branch: str = "main"
     poll_interval: float = 10.0
+    watch: bool = True
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    build_command: str = ""
+    check_command: str = ""
+    timeout: float = 600.0
+    keep: int = 5
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,10 @@ class Config:
     ports: PortsConfig = PortsConfig()
     api: ApiConfig = ApiConfig()
     health: HealthConfig = HealthConfig()
+    release: ReleaseConfig = ReleaseConfig()
     drain_timeout: float = 30.0
+    post_switch_watch: float = 10.0
+    history_limit: int = 1000
     source: str = "built-in defaults"
 
     def to_json(self) -> str:
@@ -144,6 +156,20 @@ def _string(pattern: str, what: str, empty_ok: bool = False) -> Callable[[Any], 
         return value
 
     return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _command(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a shell command as a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise ValueError("a command cannot contain NUL")
+    return value
 
 
 def _repository_url(value: Any) -> str:
@@ -202,6 +228,8 @@ KEYS: tuple[Key, ...] = (
         "Branch whose head is deployed when no ref is given."),
     Key("repository", "poll_interval", _number(1, 86400),
         "Seconds between two looks at the remote branch."),
+    Key("repository", "watch", _boolean,
+        "Deploy each new commit of the branch by itself; false: deploy only when asked."),
     Key("app", "wsgi", _string(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*", "MODULE:CALLABLE"),
         "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release."),
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
@@ -223,8 +251,21 @@ KEYS: tuple[Key, ...] = (
         "Consecutive failures that make the serving instance unhealthy (and trigger recovery)."),
     Key("health", "deadline", _number(1, 3600),
         "Seconds a new instance has to become healthy before the deploy fails."),
+    Key("release", "build_command", _command,
+        "Shell command run in a new release's directory before it is verified (empty: none)."),
+    Key("release", "check_command", _command,
+        "Shell command that must succeed in a new release's directory (empty: none)."),
+    Key("release", "timeout", _number(1, 7200),
+        "Seconds the build and check commands may take, each."),
+    Key("release", "keep", _integer(1, 1000),
+        "Releases kept on disk, besides the serving one and the rollback target."),
     Key(None, "drain_timeout", _number(0, 600),
         "Seconds the old release gets to finish its in-flight requests after the switch."),
+    Key(None, "post_switch_watch", _number(0, 3600),
+        "Seconds the new release is watched after the switch, the old one kept ready; "
+        "if it turns unhealthy then, traffic goes back to the old one (0: no watch)."),
+    Key(None, "history_limit", _integer(10, 1000000),
+        "Deployment records kept; older ones are deleted."),
 )
 
 _SECTIONS = {key.section for key in KEYS if key.section}
@@ -287,6 +328,7 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
         ports=section(PortsConfig, "ports"),
         api=section(ApiConfig, "api"),
         health=section(HealthConfig, "health"),
+        release=section(ReleaseConfig, "release"),
         source=source,
         **{key: value for (sec, key), value in parsed.items() if sec is None},
     )

@@ -1,30 +1,47 @@
 """The controller: owns what serves, the deployment in progress and the records.
 
-Every entry point (D-Bus, and through it HTTP and the CLI) asks this object; it alone starts
-deployments, so at most one runs. At start-up it reconciles its records with the units that
-systemd actually runs.
+Every entry point (D-Bus, and through it HTTP and the CLI; the refresher; the health monitor)
+asks this object; it alone starts deployments, so at most one runs. At start-up it reconciles
+its records with the units that systemd actually runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from bluegreen import forwarder, health, instances
+from bluegreen import forwarder, health, instances, refresher
 from bluegreen.config import Config
+from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Serving
-from bluegreen.history import Deployment, History, State, Step, Trigger, finished, with_step
+from bluegreen.history import (
+    Deployment,
+    History,
+    State,
+    Step,
+    StepTiming,
+    Trigger,
+    finished,
+    with_step,
+)
 from bluegreen.log import MessageId, fields
+from bluegreen.reconcile import reconcile
 from bluegreen.releases import Releases
-from bluegreen.repository import Commit, Repository, RepositoryError, validate_ref
+from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
+
+SEEN_HEAD = "refresher.seen_head"
 
 
 class Busy(Exception):
@@ -32,6 +49,14 @@ class Busy(Exception):
 
 
 class NotConfigured(Exception):
+    pass
+
+
+class NoRollbackTarget(Exception):
+    """The rollback target names no deployment or release on disk."""
+
+
+class BadSignature(Exception):
     pass
 
 
@@ -59,14 +84,30 @@ class Paths:
         return self.state / "releases"
 
 
+_STEP_TEXT = {
+    Step.MATERIALIZE: "materializing release {commit}",
+    Step.VERIFY: "verifying release {commit}",
+    Step.START: "starting {instance}",
+    Step.HEALTH: "checking {health} on port {port}",
+    Step.SWITCH: "switching port {public} to port {port}",
+    Step.DRAIN: "draining the old forwarder and instance on port {port}",
+    Step.WATCH: "watching the new release on port {port}",
+    Step.ROLLBACK: "switching port {public} back to the old instance on port {port}",
+    Step.STOP_OLD: "stopping the old instance {instance}",
+}
+
+
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
-                 notify_status: Callable[[str], None] = lambda text: None) -> None:
+                 notify_status: Callable[[str], None] = lambda text: None,
+                 secrets: Secrets | None = None) -> None:
         self.config = config
         self.systemd = systemd
         self.paths = paths
+        self.secrets = secrets or Secrets()
         self.history = History(paths.database)
-        self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror)
+        self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
+                                     self.secrets)
         self.releases = Releases(paths.releases)
         self.deployer = Deployer(config, systemd, self.repository, self.releases, paths.runtime,
                                  self._on_step)
@@ -78,7 +119,11 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self.monitor = health.Monitor(config.app.health_path, config.health,
                                       self._monitor_target, self._on_health_change)
-        self._monitor_task: asyncio.Task[None] | None = None
+        self.refresher = refresher.Refresher(
+            self.repository, config.repository.poll_interval, self._refresher_deploy,
+            lambda: self.history.get_setting(SEEN_HEAD),
+            lambda head: self.history.set_setting(SEEN_HEAD, head))
+        self._tasks: list[asyncio.Task[None]] = []
 
     # --- what entry points ask -------------------------------------------------------------
 
@@ -111,6 +156,52 @@ class Controller:
         Busy while another deployment runs, NotConfigured without a repository.
         """
         validate_ref(ref)
+        self._claim(ref or self.config.repository.branch)
+        try:
+            started = time.time()
+            commit = await self.repository.resolve(ref)
+            deployment = self._begin(ref, trigger, commit, started)
+            if ref in ("", self.config.repository.branch):
+                self.history.set_setting(SEEN_HEAD, commit.sha)  # the refresher need not
+        finally:
+            self._preparing = None
+        self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
+        return deployment
+
+    async def request_rollback(self, target: str) -> Deployment:
+        """Deploy an earlier release: the previous good one, a deployment id or a commit.
+
+        Only releases still on disk qualify: a rollback needs no fetch and no build.
+        """
+        if self.current is not None or self._preparing is not None:
+            self._claim(target)  # raises Busy, naming the running deployment
+        sha = self._rollback_commit(target)
+        return await self.request_deploy(sha, Trigger.ROLLBACK)
+
+    def _rollback_commit(self, target: str) -> str:
+        serving = self.serving.release if self.serving else ""
+        if target == "":
+            previous = self.history.rollback_target(serving)
+            if previous is None or not self.releases.exists(previous.commit):
+                raise NoRollbackTarget("no earlier good release is on disk to roll back to")
+            return previous.commit
+        if re.fullmatch(r"[0-9a-f]{7,40}", target):
+            matches = [sha for sha in self.releases.on_disk() if sha.startswith(target)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise NoRollbackTarget(f"{target!r} names several releases; give more digits")
+        if target.isdigit():
+            try:
+                record = self.history.get(int(target))
+            except KeyError:
+                raise NoRollbackTarget(f"no deployment {target}") from None
+            if not record.commit or not self.releases.exists(record.commit):
+                raise NoRollbackTarget(f"the release of deployment {target} is no longer on disk")
+            return record.commit
+        raise NoRollbackTarget(f"{target!r} is neither a deployment id nor a release on disk")
+
+    def _claim(self, what: str) -> None:
         if self.current is not None:
             raise Busy(f"deployment {self.current.id} ({self.current.commit[:12]}) is running")
         if self._preparing is not None:
@@ -118,23 +209,18 @@ class Controller:
         if not self.config.repository.url:
             raise NotConfigured("no repository configured: set repository.url in "
                                 f"{self.config.source} or TEAM_REPO_URL")
-        self._preparing = ref or self.config.repository.branch
+        self._preparing = what
         self._changed()
-        try:
-            commit = await self.repository.resolve(ref)
-            deployment = self._begin(ref, trigger, commit)
-        finally:
-            self._preparing = None
-        self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
-        return deployment
 
-    def _begin(self, ref: str, trigger: Trigger, commit: Commit) -> Deployment:
+    def _begin(self, ref: str, trigger: Trigger, commit: Commit, started: float) -> Deployment:
         serving = self.serving
         deployment = self.history.begin(
             ref or self.config.repository.branch, trigger, commit=commit.sha,
             subject=commit.subject, author=commit.author,
             previous_port=serving.port if serving else 0,
-            previous_release=serving.release if serving else "")
+            previous_release=serving.release if serving else "", now=started)
+        deployment = replace(deployment, steps=(StepTiming(str(Step.RESOLVE), started, time.time()),))
+        self.history.save(deployment)
         self.current = deployment
         log.info("deployment %d started: %s %s (%s) by %s", deployment.id, commit.short,
                  commit.subject, deployment.ref, trigger,
@@ -155,9 +241,11 @@ class Controller:
                      extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
                                   release=record.commit, port=record.port))
         except DeployFailed as exc:
-            record = finished(self.history.get(deployment.id), State.FAILED,
+            record = finished(self.history.get(deployment.id), exc.state,
                               failed_step=exc.step, reason=exc.reason)
-            log.error("deployment %d failed at %s: %s", record.id, exc.step, exc.reason,
+            log.error("deployment %d %s at %s: %s", record.id,
+                      "rolled back" if exc.state == State.ROLLED_BACK else "failed", exc.step,
+                      exc.reason,
                       extra=fields(message_id=MessageId.DEPLOY_FAILED, deployment_id=record.id,
                                    release=record.commit, port=record.port or None,
                                    step=exc.step))
@@ -171,6 +259,8 @@ class Controller:
             record = finished(self.history.get(deployment.id), State.FAILED,
                               reason=f"internal error: {exc!r}")
         self._finish(record)
+        if record.state == State.SUCCEEDED:
+            self._retain()
 
     def _finish(self, record: Deployment) -> None:
         self.history.save(record)
@@ -180,19 +270,27 @@ class Controller:
             observer.finished(record)
         self._changed()
 
+    def _retain(self) -> None:
+        """Keep release.keep releases (plus the serving one and the rollback target) and
+        history_limit records."""
+        serving = self.serving.release if self.serving else ""
+        target = self.history.rollback_target(serving)
+        protected = {serving} | ({target.commit} if target else set())
+        for sha in self.releases.prune(self.history.succeeded_commits(), self.config.release.keep,
+                                       protected):
+            log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
+                     extra=fields(release=sha))
+        self.history.prune(self.config.history_limit)
+
     async def _on_step(self, deployment: Deployment, step: Step, port: int) -> Deployment:
         record = with_step(deployment, step)
         self.history.save(record)
         self.current = record
-        what = {
-            Step.MATERIALIZE: f"materializing release {record.commit[:12]}",
-            Step.START: f"starting {instances.unit(port)}",
-            Step.HEALTH: f"checking {self.config.app.health_path} on port {port}",
-            Step.SWITCH: f"switching port {self.config.ports.public} to port {port}",
-            Step.DRAIN: f"draining the old forwarder and instance on port {port}",
-            Step.STOP_OLD: f"stopping the old instance {instances.unit(port)}",
-        }.get(step, str(step))
-        unit = forwarder.unit(port) if step in (Step.SWITCH, Step.DRAIN) else instances.unit(port)
+        what = _STEP_TEXT.get(step, str(step)).format(
+            commit=record.commit[:12], instance=instances.unit(port), port=port,
+            health=self.config.app.health_path, public=self.config.ports.public)
+        unit = forwarder.unit(port) if step in (Step.SWITCH, Step.DRAIN, Step.ROLLBACK) \
+            else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,
                  extra=fields(deployment_id=record.id, release=record.commit, step=step,
                               port=port or None, unit=unit if port else None))
@@ -200,10 +298,6 @@ class Controller:
         for observer in self.observers:
             observer.step(record, step, port)
         return record
-
-    async def wait_idle(self) -> None:
-        while self._task is not None:
-            await asyncio.wait({self._task})
 
     def _changed(self) -> None:
         if self.current is None and self._preparing is None:
@@ -214,6 +308,32 @@ class Controller:
                 self.notify_status("Idle: no release serves")
         for observer in self.observers:
             observer.changed()
+
+    # --- the refresher and the push webhook ------------------------------------------------
+
+    async def _refresher_deploy(self, head: str) -> None:
+        if self.serving is not None and self.serving.release == head:
+            return
+        try:
+            await self.request_deploy(head, Trigger.REFRESHER)
+        except Busy:
+            raise refresher.Busy() from None
+        except (UnknownRef, NotConfigured) as exc:
+            log.error("the refresher cannot deploy %s: %s", head[:12], exc)
+
+    def refresh(self) -> None:
+        """Look at the remote now instead of at the next poll."""
+        self.refresher.wake()
+
+    def push_notification(self, payload: bytes, signature: str) -> None:
+        """A push webhook: check its HMAC-SHA256 signature (X-Hub-Signature-256), then refresh."""
+        secret = self.secrets.webhook_secret
+        if not secret:
+            raise BadSignature("no webhook secret is configured (credential webhook-secret)")
+        expected = "sha256=" + hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
+            raise BadSignature("the signature does not match the webhook secret")
+        self.refresh()
 
     # --- health monitoring and recovery ----------------------------------------------------
 
@@ -247,7 +367,7 @@ class Controller:
     # --- start-up and shutdown -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Reconcile with systemd, then make sure something serves."""
+        """Reconcile with systemd, then make sure something serves, then watch the remote."""
         forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
         try:
             if forwarder.ensure_migrate_req():
@@ -255,10 +375,12 @@ class Controller:
         except forwarder.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
         self.releases.remove_incomplete()
-        await self.reconcile()
-        self._monitor_task = asyncio.create_task(self.monitor.run(), name="health-monitor")
+        self.serving = await reconcile(self.systemd, self.paths.runtime, self.history)
+        self._tasks.append(asyncio.create_task(self.monitor.run(), name="health-monitor"))
         if self.serving is None and self.config.repository.url:
             await self._startup_deploy()
+        if self.config.repository.url and self.config.repository.watch:
+            self._tasks.append(asyncio.create_task(self.refresher.run(), name="refresher"))
         self._changed()
 
     async def _startup_deploy(self) -> None:
@@ -269,41 +391,9 @@ class Controller:
         except (RepositoryError, Busy, NotConfigured) as exc:
             log.error("nothing serves and no deployment could start: %s", exc)
 
-    async def reconcile(self) -> None:
-        """Adopt what systemd runs: one forwarder and its instance serve, the rest is stopped."""
-        for record in self.history.mark_interrupted("the controller stopped during this deployment"):
-            log.warning("deployment %d was interrupted (controller stopped at step %s)", record.id,
-                        record.steps[-1].step if record.steps else "resolve",
-                        extra=fields(deployment_id=record.id, release=record.commit))
-        targets = await forwarder.targets(self.systemd)
-        running = await instances.running_ports(self.systemd)
-
-        def deployment_of(port: int) -> int:
-            value = instances.read_env(self.paths.runtime, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
-            return int(value) if value.isdigit() else 0
-
-        live = [port for port in targets if port in running]
-        keep = max(live, key=deployment_of) if live else None
-        for port in targets:
-            if port != keep:
-                log.warning("stopping stale forwarder to port %d", port,
-                            extra=fields(unit=forwarder.unit(port), port=port))
-                await forwarder.drain_stop(self.systemd, port)
-        for port in running:
-            if port != keep:
-                log.warning("stopping orphaned instance on port %d", port,
-                            extra=fields(unit=instances.unit(port), port=port))
-                await instances.stop(self.systemd, port)
-                instances.remove_env(self.paths.runtime, port)
-        if keep is not None:
-            release = instances.read_env(self.paths.runtime, keep).get("BLUEGREEN_RELEASE", "")
-            self.serving = Serving(keep, release)
-            log.info("adopted release %s serving on port %d", release[:12], keep,
-                     extra=fields(message_id=MessageId.RECONCILED, release=release, port=keep))
-
     async def stop(self) -> None:
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,7 @@ from systemd import daemon as sd
 from bluegreen import config as configuration
 from bluegreen import log as logsetup
 from bluegreen.controller import Controller, Paths
+from bluegreen.credentials import Secrets
 from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, ManagerInterface
 from bluegreen.systemd import Systemd
 
@@ -48,7 +49,8 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
     systemd = Systemd(bus)
     await systemd.subscribe()
     controller = Controller(config, systemd, paths,
-                            notify_status=lambda text: notify(f"STATUS={text}"))
+                            notify_status=lambda text: notify(f"STATUS={text}"),
+                            secrets=Secrets.load())
     bus.export(OBJECT_PATH, ManagerInterface(controller))
     reply = await bus.request_name(BUS_NAME)
     if reply != RequestNameReply.PRIMARY_OWNER:

@@ -13,7 +13,7 @@ from dbus_next import DBusError, Variant
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from bluegreen import instances
-from bluegreen.controller import Busy, Controller, NotConfigured
+from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
 
@@ -29,6 +29,8 @@ class Error:
     REPOSITORY = "org.bluegreen1.Error.Repository"
     NOT_CONFIGURED = "org.bluegreen1.Error.NotConfigured"
     NO_SUCH_DEPLOYMENT = "org.bluegreen1.Error.NoSuchDeployment"
+    NO_ROLLBACK_TARGET = "org.bluegreen1.Error.NoRollbackTarget"
+    BAD_SIGNATURE = "org.bluegreen1.Error.BadSignature"
     INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
@@ -102,9 +104,14 @@ class ManagerInterface(ServiceInterface):
 
     # --- methods ---------------------------------------------------------------------------
 
-    async def _deploy(self, ref: str, trigger: Trigger) -> str:
+    async def _deploy(self, ref: str, trigger: Trigger, rollback: bool = False) -> str:
         try:
-            deployment = await self.controller.request_deploy(ref, trigger)
+            if rollback:
+                deployment = await self.controller.request_rollback(ref)
+            else:
+                deployment = await self.controller.request_deploy(ref, trigger)
+        except NoRollbackTarget as exc:
+            raise DBusError(Error.NO_ROLLBACK_TARGET, str(exc)) from None
         except Busy as exc:
             raise DBusError(Error.BUSY, str(exc)) from None
         except InvalidRef as exc:
@@ -131,6 +138,25 @@ class ManagerInterface(ServiceInterface):
                 raise DBusError(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
             trigger = Trigger(value.value)
         return await self._deploy(ref, trigger)
+
+    @method()
+    async def Rollback(self, target: "s") -> "s":
+        """Deploy an earlier release still on disk: ``target`` is empty (the previous good
+        release), a deployment id or a commit; return the new deployment's id."""
+        return await self._deploy(target, Trigger.ROLLBACK, rollback=True)
+
+    @method()
+    def Refresh(self):
+        """Look at the remote branch now."""
+        self.controller.refresh()
+
+    @method()
+    def NotifyPush(self, payload: "ay", signature: "s"):
+        """A push webhook's body and its X-Hub-Signature-256 header; a valid one refreshes."""
+        try:
+            self.controller.push_notification(bytes(payload), signature)
+        except BadSignature as exc:
+            raise DBusError(Error.BAD_SIGNATURE, str(exc)) from None
 
     @method()
     def GetDeployment(self, deployment_id: "s") -> "a{sv}":
@@ -202,6 +228,16 @@ class ManagerInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Branch(self) -> "s":
         return self.controller.config.repository.branch
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Watching(self) -> "b":
+        """Whether new commits of the branch are deployed by themselves."""
+        return bool(self.controller.config.repository.url and self.controller.config.repository.watch)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RemoteError(self) -> "s":
+        """Why the remote could not be read at the last poll ("" when it could)."""
+        return self.controller.refresher.last_error
 
     # --- signals ---------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """The deploy flow: one commit from the repository to serving on the public port.
 
-    materialize the release -> pick a free port -> start bluegreen-app@PORT -> health-check it
-    -> start the forwarder to PORT and drain-stop the old forwarder -> wait for the old
-    instance's connections to end -> stop the old instance
+    materialize the release -> verify it (build, import, check) -> start bluegreen-app@PORT
+    on a free port -> health-check it -> switch: start the forwarder to PORT -> drain: stop the
+    old forwarder, wait for the old instance's connections to end -> watch the new release
+    (the old instance still runs) -> stop the old instance
 
-Until the switch, any failure stops the new instance and the old release keeps serving. After
-the switch the new release serves; trouble stopping the old one is logged and left to the
+Until the switch, a failure stops the new instance and the old release never stops serving.
+If the new release turns unhealthy while watched, traffic goes back to the old instance,
+which is still warm. Trouble stopping the old instance is logged and left to the
 controller's reconciliation.
 """
 
@@ -28,6 +30,7 @@ from bluegreen.releases import Releases
 from bluegreen.repository import Repository, RepositoryError
 from bluegreen.run import CommandError
 from bluegreen.systemd import Systemd, SystemdError
+from bluegreen.verify import Verifier, VerifyFailed
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,12 @@ class Serving:
 
 
 class DeployFailed(Exception):
-    def __init__(self, step: Step, reason: str) -> None:
+    """The deployment did not switch, or switched back; the old release serves."""
+
+    def __init__(self, step: Step, reason: str, state: State = State.FAILED) -> None:
         self.step = step
         self.reason = reason
+        self.state = state
         super().__init__(f"{step}: {reason}")
 
 
@@ -52,7 +58,7 @@ class DeployFailed(Exception):
 StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
 
 _STEP_ERRORS = (SystemdError, health.NotHealthy, ports.NoFreePort, RepositoryError, CommandError,
-                ForwarderError, OSError)
+                ForwarderError, VerifyFailed, OSError)
 
 
 @dataclass
@@ -67,15 +73,25 @@ class Deployer:
     async def deploy(self, deployment: Deployment, serving: Serving | None) -> Deployment:
         """Run ``deployment`` (its commit already resolved); return the finished record.
 
-        Raises DeployFailed, with the old release still serving, if a step before the switch
-        fails; the new instance is stopped by then.
+        Raises DeployFailed, with the old release serving, if a step fails before the switch
+        or the new release fails its watch after it.
         """
         record = deployment
         step = Step.MATERIALIZE
         new_port: int | None = None
+        staging: Path | None = None
         try:
             record = await self.report(record, step, 0)
-            release_dir = await self.releases.materialize(self.repository, record.commit)
+            release_dir = self.releases.path(record.commit)
+            if not self.releases.exists(record.commit):
+                staging = await self.releases.stage(self.repository, record.commit)
+
+            step = Step.VERIFY
+            record = await self.report(record, step, 0)
+            if staging is not None:
+                await self.verifier().verify(staging)
+                release_dir = self.releases.publish(staging, record.commit)
+                staging = None
 
             step = Step.START
             new_port = ports.pick(self.config.ports.range, await self.ports_in_use())
@@ -93,50 +109,101 @@ class Deployer:
             forwarder.ensure_migrate_req()
             await forwarder.start(self.systemd, new_port)
         except _STEP_ERRORS as exc:
-            if new_port is not None:
-                await self.discard(new_port)
-            raise DeployFailed(step, _reason(exc)) from None
+            await self.abandon(new_port, staging)
+            raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
         except asyncio.CancelledError:
-            if new_port is not None:
-                await asyncio.shield(self.discard(new_port))
+            await asyncio.shield(self.abandon(new_port, staging))
             raise
 
         log.info("switched port %d to %s on port %d", self.config.ports.public, record.commit[:12],
                  new_port, extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
                                         deployment_id=record.id, release=record.commit,
                                         port=new_port, unit=forwarder.unit(new_port)))
-        if serving is not None and serving.port != new_port:
-            record = await self.retire(record, serving.port)
+        if serving is None or serving.port == new_port:
+            return replace(record, state=State.SUCCEEDED)
+
+        record = await self.drain(record, serving.port)
+        if self.config.post_switch_watch > 0:
+            record = await self.report(record, Step.WATCH, new_port)
+            trouble = await self.watch(new_port, serving.port)
+            if trouble:
+                record = await self.report(record, Step.ROLLBACK, serving.port)
+                await self.switch_back(serving.port, new_port)
+                raise DeployFailed(Step.WATCH, f"unhealthy after the switch ({trouble}); traffic "
+                                   f"went back to {serving.release[:12]} on port {serving.port}",
+                                   State.ROLLED_BACK)
+        record = await self.stop_old(record, serving.port)
         return replace(record, state=State.SUCCEEDED)
 
-    async def retire(self, record: Deployment, old_port: int) -> Deployment:
-        """Drain and stop what served before the switch; problems are noted, not raised."""
-        deadline = time.monotonic() + self.config.drain_timeout
+    async def drain(self, record: Deployment, old_port: int) -> Deployment:
+        """Stop the old forwarder once its requests are done; wait for the old instance's."""
         record = await self.report(record, Step.DRAIN, old_port)
+        deadline = time.monotonic() + self.config.drain_timeout
         try:
             await forwarder.drain_stop(self.systemd, old_port)
-            left = await wait_until_idle(old_port, deadline)
-            if left:
-                log.warning("%d connections to the old instance on port %d still open after "
-                            "drain_timeout (%g s); stopping it anyway", left, old_port,
-                            self.config.drain_timeout,
-                            extra=fields(deployment_id=record.id, port=old_port))
-            record = await self.report(record, Step.STOP_OLD, old_port)
+        except SystemdError as exc:
+            log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
+                      extra=fields(deployment_id=record.id, port=old_port))
+        left = await wait_until_idle(old_port, deadline)
+        if left:
+            log.warning("%d connections to the old instance on port %d still open after "
+                        "drain_timeout (%g s)", left, old_port, self.config.drain_timeout,
+                        extra=fields(deployment_id=record.id, port=old_port))
+        return record
+
+    async def watch(self, new_port: int, old_port: int) -> str | None:
+        """Check the new release for post_switch_watch seconds; return why it is unhealthy."""
+        settings = self.config.health
+        deadline = time.monotonic() + self.config.post_switch_watch
+        failures = 0
+        while time.monotonic() < deadline:
+            if await instances.failure(self.systemd, old_port):
+                return None  # nothing to go back to: keep the new release
+            failure = await instances.failure(self.systemd, new_port)
+            if failure:
+                return failure
+            result = await health.probe(new_port, self.config.app.health_path, settings.timeout)
+            failures = 0 if result.ok else failures + 1
+            if failures >= settings.unhealthy_threshold:
+                return f"{failures} failed checks in a row: {result.reason}"
+            await asyncio.sleep(settings.interval)
+        return None
+
+    async def switch_back(self, old_port: int, new_port: int) -> None:
+        """Point the public port at the old instance again and retire the new one."""
+        await forwarder.start(self.systemd, old_port)
+        try:
+            await forwarder.drain_stop(self.systemd, new_port)
+        finally:
+            await self.abandon(new_port, None)
+
+    async def stop_old(self, record: Deployment, old_port: int) -> Deployment:
+        record = await self.report(record, Step.STOP_OLD, old_port)
+        try:
             await instances.stop(self.systemd, old_port)
             instances.remove_env(self.run_dir, old_port)
         except SystemdError as exc:
-            log.error("could not retire the instance on port %d: %s", old_port, exc,
+            log.error("could not stop the old instance on port %d: %s", old_port, exc,
                       extra=fields(deployment_id=record.id, port=old_port))
-            record = replace(record, reason=f"old instance on port {old_port} not retired: {exc}")
+            record = replace(record, reason=f"old instance on port {old_port} not stopped: {exc}")
         return record
 
-    async def discard(self, port: int) -> None:
-        """Stop an instance that never received traffic."""
+    async def abandon(self, port: int | None, staging: Path | None) -> None:
+        """Stop an instance that is not to serve, and drop an unfinished release."""
+        if staging is not None:
+            self.releases.discard(staging)
+        if port is None:
+            return
         try:
             await instances.stop(self.systemd, port)
         except SystemdError as exc:
             log.error("could not stop the new instance on port %d: %s", port, exc)
         instances.remove_env(self.run_dir, port)
+
+    def verifier(self) -> Verifier:
+        release = self.config.release
+        return Verifier(self.config.app.wsgi, release.build_command, release.check_command,
+                        release.timeout)
 
     async def ports_in_use(self) -> set[int]:
         """Ports of every loaded instance or forwarder unit, whatever its state."""

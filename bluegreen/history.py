@@ -20,6 +20,7 @@ class State(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
     INTERRUPTED = "interrupted"
 
 
@@ -38,10 +39,13 @@ class Step(StrEnum):
 
     RESOLVE = "resolve"
     MATERIALIZE = "materialize"
+    VERIFY = "verify"
     START = "start"
     HEALTH = "health"
     SWITCH = "switch"
     DRAIN = "drain"
+    WATCH = "watch"
+    ROLLBACK = "rollback"
     STOP_OLD = "stop-old"
 
 
@@ -106,6 +110,10 @@ CREATE TABLE IF NOT EXISTS deployments (
     steps TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _COLUMNS = ("id, ref, trigger, state, started_at, commit_sha, subject, author, port, "
@@ -186,6 +194,41 @@ class History:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE state = ? "
                               "ORDER BY id DESC LIMIT 1", (str(State.SUCCEEDED),)).fetchone()
         return _row(row) if row else None
+
+    def succeeded_commits(self, limit: int = 1000) -> list[str]:
+        """Commits of successful deployments, most recently deployed first."""
+        rows = self.db.execute(
+            "SELECT commit_sha FROM deployments WHERE state = ? GROUP BY commit_sha "
+            "ORDER BY MAX(id) DESC LIMIT ?", (str(State.SUCCEEDED), limit)).fetchall()
+        return [row[0] for row in rows]
+
+    def rollback_target(self, serving: str) -> Deployment | None:
+        """The newest successful deployment of a release other than the serving one."""
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE state = ? AND commit_sha != ? "
+                              "ORDER BY id DESC LIMIT 1", (str(State.SUCCEEDED), serving)).fetchone()
+        return _row(row) if row else None
+
+    def latest_of(self, commit: str) -> Deployment | None:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE commit_sha = ? "
+                              "ORDER BY id DESC LIMIT 1", (commit,)).fetchone()
+        return _row(row) if row else None
+
+    def prune(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` records (never a running one); return how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM deployments WHERE state != ? AND id <= "
+                "(SELECT MAX(id) FROM deployments) - ?", (str(State.RUNNING), keep))
+            return cursor.rowcount
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
     def mark_interrupted(self, reason: str, now: float | None = None) -> list[Deployment]:
         """Close the records of deployments a dead controller left running."""

@@ -15,9 +15,10 @@ from bluegreen import client
 from bluegreen.client import ApiError, Client
 
 MAX_BODY = 64 * 1024
+MAX_HOOK_BODY = 5 * 1024 * 1024  # push payloads list the commits pushed
 
 app = Flask("bluegreen")
-app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY
 
 # D-Bus error (short name) -> HTTP status
 _STATUS = {
@@ -26,6 +27,8 @@ _STATUS = {
     "UnknownRef": 422,
     "NotConfigured": 409,
     "NoSuchDeployment": 404,
+    "NoRollbackTarget": 404,
+    "BadSignature": 401,
     "Repository": 502,
     "AccessDenied": 403,
     "ServiceUnknown": 503,
@@ -112,8 +115,8 @@ def status() -> Response:
     return reply(client.call(gather))
 
 
-def _deploy_request() -> str:
-    """The ref asked for in the body of POST /deploy ("" when none)."""
+def _json_request(field: str) -> str:
+    """The one string field a POST body may hold ("" when there is no body)."""
     if (request.content_length or 0) > MAX_BODY:
         raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
     body = request.get_data(cache=True)
@@ -126,25 +129,46 @@ def _deploy_request() -> str:
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object like {\"ref\": \"main\"}")
-    unknown = sorted(set(data) - {"ref"})
+        raise BadRequest(f"the body must be a JSON object like {{\"{field}\": \"...\"}}")
+    unknown = sorted(set(data) - {field})
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"ref\" is accepted")
-    ref = data.get("ref", "")
-    if ref is None:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"{field}\" is accepted")
+    value = data.get(field, "")
+    if value is None:
         return ""
-    if not isinstance(ref, str):
-        raise BadRequest(f"\"ref\" must be a string, not {type(ref).__name__}")
-    return ref
+    if not isinstance(value, str):
+        raise BadRequest(f"\"{field}\" must be a string, not {type(value).__name__}")
+    return value
+
+
+def _accepted(deployment_id: str) -> Response:
+    response = reply({"id": deployment_id, "status": f"/deployments/{deployment_id}"}, 202)
+    response.headers["Location"] = f"/deployments/{deployment_id}"
+    return response
 
 
 @app.post("/deploy")
 def deploy() -> Response:
-    ref = _deploy_request()
-    deployment_id = client.call(lambda c: c.deploy(ref, trigger="http"))
-    response = reply({"id": deployment_id, "status": f"/deployments/{deployment_id}"}, 202)
-    response.headers["Location"] = f"/deployments/{deployment_id}"
-    return response
+    ref = _json_request("ref")
+    return _accepted(client.call(lambda c: c.deploy(ref, trigger="http")))
+
+
+@app.post("/rollback")
+def rollback() -> Response:
+    """Roll back to the previous good release, or to {"target": DEPLOYMENT_ID or COMMIT}."""
+    target = _json_request("target")
+    return _accepted(client.call(lambda c: c.rollback(target)))
+
+
+@app.post("/hooks/push")
+def push_hook() -> Response:
+    """A push webhook (GitHub's format): signed with the shared secret, it triggers a poll."""
+    signature = request.headers.get("X-Hub-Signature-256", "")
+    if not signature:
+        raise BadRequest("the X-Hub-Signature-256 header is missing", 401)
+    payload = request.get_data(cache=False)
+    client.call(lambda c: c.notify_push(payload, signature))
+    return reply({"refreshing": True}, 202)
 
 
 @app.get("/deployments/<deployment_id>")

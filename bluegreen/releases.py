@@ -1,10 +1,15 @@
-"""Releases on disk: one directory per commit under /var/lib/bluegreen/releases."""
+"""Releases on disk: one verified directory per commit under /var/lib/bluegreen/releases.
+
+A release is exported into a staging directory (its name starts with a dot), verified there,
+and renamed into place: a directory named after a commit is always complete and verified.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from bluegreen.files import fsync_directory
@@ -21,26 +26,35 @@ class Releases:
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_dir()
 
-    async def materialize(self, repository: Repository, sha: str) -> Path:
-        """The release directory of ``sha``, exported from the repository if not yet on disk.
+    def on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-        The tree is written to a temporary directory that is renamed into place when
-        complete, so a release directory is never half-written.
-        """
-        final = self.path(sha)
-        if final.is_dir():
-            return final
+    async def stage(self, repository: Repository, sha: str) -> Path:
+        """Export ``sha`` into a new staging directory and return it."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}.", dir=self.root))
         try:
             os.chmod(staging, 0o755)
             await repository.export(sha, staging)
-            os.rename(staging, final)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.discard(staging)
             raise
+        return staging
+
+    def publish(self, staging: Path, sha: str) -> Path:
+        """Rename a verified staging directory into place."""
+        final = self.path(sha)
+        if final.is_dir():  # verified meanwhile by another deployment of the same commit
+            self.discard(staging)
+            return final
+        os.rename(staging, final)
         fsync_directory(self.root)
         return final
+
+    def discard(self, directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
 
     def remove_incomplete(self) -> None:
         """Drop staging directories left by a controller that died while exporting."""
@@ -52,3 +66,23 @@ class Releases:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+    def prune(self, newest_first: Sequence[str], keep: int, protected: Collection[str]) -> list[str]:
+        """Delete releases beyond the ``keep`` most recently deployed ones; never ``protected``.
+
+        ``newest_first`` orders commits by their last deployment; releases it does not know
+        count as older than all of them. Returns the commits deleted.
+        """
+        present = set(self.on_disk())
+        ranked = [sha for sha in dict.fromkeys(newest_first) if sha in present]
+        ranked += sorted(present - set(ranked), key=lambda sha: -self.path(sha).stat().st_mtime)
+        kept = set(ranked[:keep]) | set(protected)
+        deleted = []
+        for sha in ranked:
+            if sha in kept:
+                continue
+            doomed = self.root / f".deleting.{sha}"
+            os.rename(self.path(sha), doomed)  # gone from view at once, then removed
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(sha)
+        return deleted

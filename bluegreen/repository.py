@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bluegreen.credentials import Secrets
 from bluegreen.run import CommandError, run
 
 _REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}")
@@ -62,17 +63,36 @@ class Commit:
 
 
 class Repository:
-    def __init__(self, url: str, branch: str, mirror: Path) -> None:
+    def __init__(self, url: str, branch: str, mirror: Path, secrets: Secrets | None = None) -> None:
         self.url = url
         self.branch = branch
         self.mirror = mirror
+        self.secrets = secrets or Secrets()
 
-    async def _git(self, *args: str, timeout: float = 300.0) -> str:
+    @property
+    def public_url(self) -> str:
+        return self.secrets.redact(self.url)
+
+    async def _git(self, *args: str, timeout: float = 300.0, remote: bool = False) -> str:
+        """Run git on the mirror; ``remote`` calls get the credentials (in git's environment)."""
         argv = ["git", "-c", "protocol.ext.allow=never", f"--git-dir={self.mirror}", *args]
+        env = {**_GIT_ENV, **(self.secrets.git_environment(self.url) if remote else {})}
         try:
-            return (await run(argv, env=_GIT_ENV, timeout=timeout)).stdout
+            return (await run(argv, env=env, timeout=timeout)).stdout
         except CommandError as exc:
-            raise RepositoryError(f"git {args[0]}: {exc.reason}") from None
+            raise RepositoryError(self.secrets.redact(f"git {args[0]}: {exc.reason}")) from None
+
+    async def remote_head(self) -> str | None:
+        """The commit the remote branch points at (one round trip, no fetch), or None."""
+        if not self.url:
+            raise RepositoryError("no repository configured (repository.url / TEAM_REPO_URL)")
+        out = await self._git("ls-remote", "--end-of-options", self.url, f"refs/heads/{self.branch}",
+                              timeout=60, remote=True)
+        for line in out.splitlines():
+            sha, _, name = line.partition("\t")
+            if name == f"refs/heads/{self.branch}" and _HEX.fullmatch(sha):
+                return sha
+        return None
 
     async def fetch(self) -> None:
         """Bring the mirror up to date with the remote's branches and tags."""
@@ -83,7 +103,8 @@ class Repository:
             await self._git("init", "--quiet", "--bare")
         await self._git("fetch", "--quiet", "--prune", "--force", "--no-write-fetch-head",
                         "--end-of-options", self.url,
-                        "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
+                        "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
+                        remote=True)
 
     async def _rev_parse(self, name: str) -> str | None:
         argv = ["git", f"--git-dir={self.mirror}", "rev-parse", "--verify", "--quiet",
@@ -108,8 +129,11 @@ class Repository:
             if sha:
                 return await self.commit(sha)
         if not ref:
-            raise UnknownRef(f"branch {self.branch!r} does not exist in {self.url}")
-        raise UnknownRef(f"{ref!r} is no branch, tag or commit of {self.url}")
+            raise UnknownRef(f"branch {self.branch!r} does not exist in {self.public_url}")
+        raise UnknownRef(f"{ref!r} is no branch, tag or commit of {self.public_url}")
+
+    async def has_commit(self, sha: str) -> bool:
+        return (self.mirror / "HEAD").exists() and await self._rev_parse(sha) is not None
 
     async def commit(self, sha: str) -> Commit:
         out = await self._git("log", "-1", "--format=%H%x00%s%x00%an <%ae>%x00%ct",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -52,9 +60,17 @@ async def run(
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     check: bool = True,
+    user: tuple[int, int] | None = None,
 ) -> Completed:
-    """Run argv to completion; raise CommandError on a non-zero exit (if check) or a timeout."""
+    """Run argv to completion; raise CommandError on a non-zero exit (if check) or a timeout.
+
+    ``user`` (uid, gid) runs the command as that user, without supplementary groups. On a
+    timeout the command's whole process group is killed.
+    """
     log.debug("running %s", shlex.join(argv))
+    identity: dict[str, Any] = {}
+    if user is not None:
+        identity = {"user": user[0], "group": user[1], "extra_groups": []}
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -64,18 +80,19 @@ async def run(
             cwd=cwd,
             env=minimal_env(env),
             start_new_session=True,
+            **identity,
         )
     except OSError as exc:
         raise CommandError(argv, f"cannot execute: {exc.strerror}") from None
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
-        process.kill()
+        _kill_group(process)
         await process.wait()
         raise CommandError(argv, f"timed out after {timeout:g} s") from None
     except asyncio.CancelledError:
         if process.returncode is None:
-            process.kill()
+            _kill_group(process)
             await process.wait()
         raise
     result = Completed(

@@ -62,8 +62,10 @@ class App:
         return git(self.work, "rev-parse", "HEAD")
 
 
-def configure(box: Sandbox, extra: str = "") -> None:
-    box.write("/etc/bluegreen/bluegreen.toml", f'{extra}\n[repository]\nurl = "{REPO}"\n')
+def configure(box: Sandbox, extra: str = "", repository: str = "watch = false\n") -> None:
+    """Write bluegreen.toml: top-level keys and other tables in ``extra``, more [repository]
+    keys in ``repository`` (by default the refresher is off: the test deploys by itself)."""
+    box.write("/etc/bluegreen/bluegreen.toml", f'{extra}\n[repository]\nurl = "{REPO}"\n{repository}')
 
 
 # --- D-Bus, through busctl inside the container ------------------------------------------
@@ -110,6 +112,19 @@ def wait_deployment(box: Sandbox, deployment_id: str, timeout: float = 120) -> d
             return record
         time.sleep(0.1)
     raise AssertionError(f"deployment {deployment_id} still running after {timeout} s")
+
+
+def wait_for_commit(box: Sandbox, sha: str, timeout: float = 60) -> dict[str, Any]:
+    """Wait for a deployment of ``sha`` (started by anyone) to finish; return its record."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in call(box, "ListDeployments", "u", "5"):
+            if record["commit"] == sha and record["state"] != "running":
+                result: dict[str, Any] = record
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"no finished deployment of {sha[:12]} after {timeout} s:\n"
+                         f"{box.journal('-u', 'bluegreen.service', '-n', '30')}")
 
 
 def wait_serving(box: Sandbox, timeout: float = 60) -> dict[str, Any]:

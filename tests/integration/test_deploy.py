@@ -45,7 +45,7 @@ def health():
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return "[health]\ninterval = 0.2\ndeadline = 10\n"
+    return "post_switch_watch = 1\n[health]\ninterval = 0.2\ndeadline = 10\n"
 
 
 def unit_state(box: Sandbox, unit: str) -> str:
@@ -92,7 +92,7 @@ def test_deploy_over_dbus_switches_and_stops_the_old_unit(box: Sandbox, app: App
     assert record["commit"] == sha
     assert record["trigger"] == "dbus"
     assert [step[0] for step in record["steps"]] == [
-        "materialize", "start", "health", "switch", "drain", "stop-old"]
+        "resolve", "materialize", "verify", "start", "health", "switch", "drain", "watch", "stop-old"]
     after = properties(box)
     assert after["ActiveRelease"] == sha
     assert after["ActivePort"] == record["port"] != before["ActivePort"]
@@ -169,9 +169,9 @@ def test_a_release_that_fails_to_import_never_receives_traffic(box: Sandbox, app
     broken = app.commit("Break the import", {"app.py": BROKEN_IMPORT + (app.work / "app.py").read_text()})
     record = wait_deployment(box, call(box, "Deploy", "s", broken))
     assert record["state"] == "failed"
-    assert record["failed_step"] == "health"
-    assert "exited with status" in record["reason"], record["reason"]
-    assert unit_state(box, f"bluegreen-app@{record['port']}.service") in ("inactive", "failed")
+    assert record["failed_step"] == "verify"
+    assert "No module named 'this_module_does_not_exist'" in record["reason"], record["reason"]
+    assert record["port"] == 0  # no instance was ever started
     after = properties(box)
     assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
     assert public(box)["version"] == version
@@ -243,7 +243,7 @@ def test_the_journal_tells_the_story_with_structured_fields(box: Sandbox, app: A
     assert succeeded["RELEASE"] == props["ActiveRelease"]
     assert succeeded["PORT"] == str(props["ActivePort"])
     steps = [e["STEP"] for e in entries if "STEP" in e and e.get("MESSAGE_ID") is None]
-    assert steps[:4] == ["materialize", "start", "health", "switch"]
+    assert steps[:5] == ["materialize", "verify", "start", "health", "switch"]
     assert any(e.get("UNIT") == f"bluegreen-app@{props['ActivePort']}.service" for e in entries)
 
 
@@ -277,7 +277,7 @@ def test_cli_shows_each_step_and_fails_with_the_reason(box: Sandbox, app: App) -
     app.commit("Release via the CLI")
     result = box.run("bluegreenctl", "deploy", check=False)
     assert result.returncode == 0, result.stderr
-    for step in ("materialize", "start", "health", "switch", "drain", "stop-old"):
+    for step in ("materialize", "verify", "start", "health", "switch", "drain", "watch", "stop-old"):
         assert step in result.stdout, result.stdout
     assert "succeeded" in result.stdout
     bad = box.run("bluegreenctl", "deploy", "no-such-ref", check=False)

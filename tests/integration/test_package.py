@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import App, Load, call, public, wait_deployment, wait_serving
+from tests.integration.helpers import App, Load, public, wait_for_commit, wait_serving
 from tests.sandbox import ROOT, Sandbox, build_deb
 
 pytestmark = pytest.mark.integration
@@ -109,10 +109,12 @@ def test_upgrade_under_load_keeps_the_serving_instance(box: Sandbox, app: App, n
     assert main_pid(box, f"bluegreen-forward@{port}.service") == forwarder
     assert main_pid(box, "bluegreen.service") != controller
     assert (after["ActivePort"], after["ActiveRelease"]) == (port, before["ActiveRelease"])
-    # The restarted controller manages the instance it adopted: the next deploy retires it.
-    app.commit("First release after the upgrade")
-    record = wait_deployment(box, call(box, "Deploy", "s", ""))
+    # The restarted controller manages the instance it adopted: the next deploy (the refresher
+    # picks up the push) retires it.
+    sha = app.commit("First release after the upgrade")
+    record = wait_for_commit(box, sha, timeout=40)
     assert record["state"] == "succeeded", record
+    assert record["trigger"] == "refresher"
     assert record["previous_port"] == port
     assert box.run("systemctl", "is-active", f"bluegreen-app@{port}.service", check=False
                    ).stdout.strip() == "inactive"

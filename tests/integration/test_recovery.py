@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return ("drain_timeout = 5\n[app]\nworkers = 4\n"
+    return ("drain_timeout = 5\npost_switch_watch = 1\n[app]\nworkers = 4\n"
             "[health]\ninterval = 0.2\ntimeout = 0.5\nunhealthy_threshold = 3\n")
 
 

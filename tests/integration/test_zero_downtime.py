@@ -18,7 +18,7 @@ SLOW_SECONDS = 3.0
 @pytest.fixture(scope="module")
 def config_extra() -> str:
     # Four workers: the two slow-request threads must not starve the fast ones.
-    return "[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+    return "post_switch_watch = 1\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
 
 
 def step_time(record: dict[str, Any], name: str) -> float:

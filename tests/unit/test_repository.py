@@ -86,8 +86,10 @@ def test_materialize_writes_the_tree_once_and_completely(origin: Path, tmp_path:
     repository = Repository(str(origin), "main", tmp_path / "mirror.git")
     releases = Releases(tmp_path / "releases")
     sha = asyncio.run(repository.resolve("v1")).sha
-    path = asyncio.run(releases.materialize(repository, sha))
-    assert path == tmp_path / "releases" / sha
+    staging = asyncio.run(releases.stage(repository, sha))
+    assert staging.name.startswith(".") and not releases.exists(sha)
+    path = releases.publish(staging, sha)
+    assert path == tmp_path / "releases" / sha and not staging.exists()
     assert (path / "app.py").read_text() == "app = None\n"
     assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == [sha]
     (tmp_path / "releases" / ".abc.partial").mkdir()

@@ -1,0 +1,65 @@
+"""bluegreenctl: a thin client of the daemon's D-Bus API, one module per verb.
+
+Exit status: 0 success, 1 the deployment or call failed, 2 bad usage or argument,
+4 no such deployment, 5 another deployment is running, 6 bluegreen is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from bluegreen.cli import deploy, history, logs, rollback, show, status
+from bluegreen.cli.common import EXIT_NOT_RUNNING, exit_status_for
+from bluegreen.client import ApiError, Client
+
+VERBS = (status, deploy, rollback, history, show, logs)
+
+EPILOG = """\
+exit status:
+  0  success
+  1  the deployment failed (the old release serves), or the call failed
+  2  bad usage, or a ref or target that names nothing
+  4  no such deployment
+  5  another deployment is running
+  6  bluegreen is not running
+
+See bluegreenctl(1), bluegreen(8) and bluegreen.toml(5)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="bluegreenctl", description="Control bluegreen, the blue-green deployment service.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    verbs = top.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    for verb in VERBS:
+        sub = verbs.add_parser(verb.NAME, parents=[common], help=verb.HELP, description=verb.HELP)
+        verb.arguments(sub)
+        sub.set_defaults(handler=verb.run)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    async def run() -> int:
+        try:
+            client = await Client.connect()
+        except OSError as exc:
+            print(f"bluegreenctl: cannot reach the system bus: {exc}", file=sys.stderr)
+            return EXIT_NOT_RUNNING
+        try:
+            return int(await args.handler(client, args))
+        except ApiError as exc:
+            print(f"bluegreenctl: {exc.message}", file=sys.stderr)
+            return exit_status_for(exc)
+        finally:
+            client.close()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,26 @@
+"""bluegreenctl rollback [TARGET]: go back to an earlier release, blue-green."""
+
+from __future__ import annotations
+
+import argparse
+
+from bluegreen.cli.common import follow
+from bluegreen.client import Client
+
+NAME = "rollback"
+HELP = "deploy the previous good release (or TARGET), showing each step"
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", default="",
+                        help="a deployment id or a commit still on disk (default: the previous "
+                             "good release)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="print the deployment id and return at once")
+
+
+async def run(client: Client, args: argparse.Namespace) -> int:
+    if args.no_wait:
+        print(await client.rollback(args.target))
+        return 0
+    return await follow(client, lambda: client.rollback(args.target), args.json)

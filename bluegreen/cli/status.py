@@ -1,0 +1,43 @@
+"""bluegreenctl status: what serves, and how healthy it is."""
+
+from __future__ import annotations
+
+import argparse
+
+from bluegreen.cli.common import print_json, timestamp
+from bluegreen.client import Client
+
+NAME = "status"
+HELP = "what serves, and how healthy it is"
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+async def run(client: Client, args: argparse.Namespace) -> int:
+    status = await client.status()
+    if args.json:
+        status["Instances"] = await client.instances()
+        print_json(status)
+        return 0
+    release = status["ActiveRelease"]
+    serving = f"{release[:12]} on port {status['ActivePort']} via port {status['PublicPort']}" \
+        if release else "(nothing)"
+    health = "healthy" if status["Healthy"] else "unhealthy"
+    watching = f"watching {status['Branch']}" if status["Watching"] else "manual deploys only"
+    print(f"State:       {status['State']}")
+    print(f"Serving:     {serving}")
+    print(f"Health:      {health}: {status['HealthReason']}")
+    print(f"Repository:  {status['Repository'] or '(not configured)'} ({watching})")
+    if status["RemoteError"]:
+        print(f"Remote:      {status['RemoteError']}")
+    if status["CurrentDeployment"]:
+        print(f"Deploying:   deployment {status['CurrentDeployment']}")
+    if status["LastDeployment"]:
+        last = await client.deployment(status["LastDeployment"])
+        print(f"Last:        deployment {last['id']} {last['state']} at {timestamp(last['finished_at'])}"
+              f" ({last['commit'][:12]} {last['subject']})")
+    for instance in await client.instances():
+        print(f"Instance:    port {instance['port']} {instance['state']} {instance['release'][:12]}")
+    return 0

@@ -1,0 +1,52 @@
+"""Reconciliation: after a start (a crash, an upgrade, a reboot), adopt what systemd runs.
+
+Exactly one forwarder and its instance may serve: the forwarder whose instance runs and was
+started by the newest deployment. Every other forwarder is drain-stopped, every other instance
+stopped, and deployments a dead controller left running are recorded as interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bluegreen import forwarder, instances
+from bluegreen.deploy import Serving
+from bluegreen.history import History
+from bluegreen.log import MessageId, fields
+from bluegreen.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+
+async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Serving | None:
+    for record in history.mark_interrupted("the controller stopped during this deployment"):
+        log.warning("deployment %d was interrupted (the controller stopped at step %s)", record.id,
+                    record.steps[-1].step if record.steps else "resolve",
+                    extra=fields(deployment_id=record.id, release=record.commit))
+    targets = await forwarder.targets(systemd)
+    running = await instances.running_ports(systemd)
+
+    def deployment_of(port: int) -> int:
+        value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
+        return int(value) if value.isdigit() else 0
+
+    live = [port for port in targets if port in running]
+    keep = max(live, key=deployment_of) if live else None
+    for port in targets:
+        if port != keep:
+            log.warning("stopping the stale forwarder to port %d", port,
+                        extra=fields(unit=forwarder.unit(port), port=port))
+            await forwarder.drain_stop(systemd, port)
+    for port in running:
+        if port != keep:
+            log.warning("stopping the orphaned instance on port %d", port,
+                        extra=fields(unit=instances.unit(port), port=port))
+            await instances.stop(systemd, port)
+            instances.remove_env(run_dir, port)
+    if keep is None:
+        return None
+    release = instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", "")
+    log.info("adopted release %s serving on port %d", release[:12], keep,
+             extra=fields(message_id=MessageId.RECONCILED, release=release, port=keep))
+    return Serving(keep, release)
