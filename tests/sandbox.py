@@ -205,10 +205,11 @@ class Sandbox:
         """Run a host program inside the container's network namespace only."""
         return self._exec(["nsenter", "-t", str(self.leader), "-n", *argv], check, timeout, None)
 
-    def popen_net(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+    def popen_net(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """Start a host program inside the container's network namespace, stdout piped."""
         return subprocess.Popen(["nsenter", "-t", str(self.leader), "-n", *argv], text=True,
-                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
 
     def _exec(self, argv: list[str], check: bool, timeout: float,
               input: str | None) -> subprocess.CompletedProcess[str]:
@@ -219,8 +220,13 @@ class Sandbox:
                                f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
         return result
 
+    def exists(self, inside: str) -> bool:
+        """Whether a path exists inside (also under /run, /proc and /tmp, which the root file
+        system seen by ``path`` does not hold)."""
+        return self.run("test", "-e", inside, check=False).returncode == 0
+
     def path(self, inside: str) -> Path:
-        """The host path of a file inside the container."""
+        """The host path of a file in the container's root file system (not /run, /proc, /tmp)."""
         return self.root / inside.lstrip("/")
 
     def write(self, inside: str, text: str, mode: int = 0o644) -> None:

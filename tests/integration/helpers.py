@@ -88,6 +88,8 @@ def unwrap(value: Any) -> Any:
 
 def call(box: Sandbox, member: str, signature: str = "", *args: str) -> Any:
     out = busctl(box, "call", *MANAGER, member, *([signature, *args] if signature else [])).stdout
+    if not out.strip():
+        return None  # a method without a reply value
     data = unwrap(json.loads(out))
     return data[0] if len(data) == 1 else data
 

@@ -100,7 +100,8 @@ def test_deploy_over_dbus_switches_and_stops_the_old_unit(box: Sandbox, app: App
     old = before["ActivePort"]
     assert unit_state(box, f"bluegreen-app@{old}.service") == "inactive"
     assert unit_state(box, f"bluegreen-forward@{old}.service") == "inactive"
-    assert not box.path(f"/run/bluegreen/instances/{old}.env").exists()
+    assert not box.exists(f"/run/bluegreen/instances/{old}.env")
+    assert box.exists(f"/run/bluegreen/instances/{after['ActivePort']}.env")
 
 
 def test_deploy_over_http(box: Sandbox, app: App) -> None:
@@ -285,6 +286,32 @@ def test_cli_shows_each_step_and_fails_with_the_reason(box: Sandbox, app: App) -
     assert "no branch, tag or commit" in bad.stderr
     status = box.run("bluegreenctl", "status")
     assert "serving" in status.stdout
+
+
+def test_cli_verbs_json_and_exit_statuses(box: Sandbox, app: App) -> None:
+    props = wait_serving(box)
+    last = props["LastDeployment"]
+    shown = json.loads(box.run("bluegreenctl", "show", last, "--json").stdout)
+    assert shown["id"] == last and shown["steps"][0]["step"] == "resolve"
+    history = json.loads(box.run("bluegreenctl", "history", "-n", "2", "--json").stdout)
+    assert history[0]["id"] == last and len(history) == 2
+    status = json.loads(box.run("bluegreenctl", "status", "--json").stdout)
+    assert status["ActiveRelease"] == props["ActiveRelease"]
+    logs = box.run("bluegreenctl", "logs", last).stdout
+    assert f"deployment {last} succeeded" in logs and "Booting worker" in logs
+    entries = json.loads(box.run("bluegreenctl", "logs", last, "--json").stdout)
+    assert any(e["step"] == "switch" for e in entries)
+    assert box.run("bluegreenctl", "show", "999999", check=False).returncode == 4
+    assert box.run("bluegreenctl", "rollback", "999999", check=False).returncode == 2
+    assert box.run("bluegreenctl", "frobnicate", check=False).returncode == 2
+    app.commit("Release to collide with")
+    first = box.run("bluegreenctl", "deploy", "--no-wait").stdout.strip()
+    busy = box.run("bluegreenctl", "deploy", check=False)
+    assert busy.returncode == 5, busy.stderr
+    assert f"deployment {first}" in busy.stderr
+    assert wait_deployment(box, first)["state"] == "succeeded"
+    assert "bluegreenctl" in box.run("bash", "-c", "source /usr/share/bash-completion/completions/"
+                                     "bluegreenctl && complete -p bluegreenctl").stdout
 
 
 

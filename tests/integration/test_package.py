@@ -135,5 +135,5 @@ def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App
     assert left == []
     for directory in ("/var/lib/bluegreen", "/etc/bluegreen", "/run/bluegreen",
                       "/usr/lib/python3/dist-packages/bluegreen"):
-        assert not box.path(directory).exists(), directory
+        assert not box.exists(directory), directory
     assert box.run("dpkg-query", "-W", "bluegreen", check=False).returncode != 0

@@ -1,0 +1,153 @@
+"""Rollback by hand (CLI, HTTP) and by itself after the switch, under load; retention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.helpers import (
+    App,
+    Load,
+    call,
+    configure,
+    deployment,
+    http,
+    properties,
+    public,
+    wait_deployment,
+    wait_serving,
+)
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+KEEP = 2
+
+# Healthy long enough to pass the health step and the switch, then its health check fails
+# (while "/" goes on answering): only the post-switch watch can catch it.
+SOURS_AFTER_START = '''import os, time
+from flask import Flask, jsonify
+
+app = Flask(__name__)
+STARTED = time.monotonic()
+VERSION = open(os.path.join(os.path.dirname(__file__), "VERSION")).read().strip()
+
+
+@app.get("/")
+def index():
+    return jsonify(version=VERSION, release=os.environ.get("BLUEGREEN_RELEASE"))
+
+
+@app.get("/slow")
+def slow():
+    time.sleep(3)
+    return jsonify(version=VERSION)
+
+
+@app.get("/health")
+def health():
+    if time.monotonic() - STARTED > 2.5:
+        return "sour", 500
+    return "fine"
+'''
+
+
+@pytest.fixture(scope="module")
+def app(box: Sandbox) -> App:
+    application = App(box)
+    application.create()
+    configure(box, "post_switch_watch = 5\n[app]\nworkers = 4\n"
+                   f"[health]\ninterval = 0.2\nunhealthy_threshold = 3\n[release]\nkeep = {KEEP}\n")
+    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
+    wait_serving(box)
+    return application
+
+
+def deploy(box: Sandbox, app: App, message: str) -> dict[str, object]:
+    app.commit(message)
+    record = wait_deployment(box, call(box, "Deploy", "s", ""))
+    assert record["state"] == "succeeded", record
+    return record
+
+
+def test_cli_rollback_under_load(box: Sandbox, app: App) -> None:
+    first = wait_serving(box)["ActiveRelease"]
+    second = deploy(box, app, "Second")
+    with Load(box, "--fast", "4", "--slow", "2") as load:
+        result = box.run("bluegreenctl", "rollback", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "switch" in result.stdout and "succeeded" in result.stdout
+    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+    assert all(s["outcome"] == "ok" for s in load.report["slow"])
+    props = properties(box)
+    assert props["ActiveRelease"] == first != second["commit"]
+    record = deployment(box, props["LastDeployment"])
+    assert record["trigger"] == "rollback"
+
+
+def test_http_rollback_to_a_deployment_under_load(box: Sandbox, app: App) -> None:
+    target = deploy(box, app, "Third")
+    deploy(box, app, "Fourth")
+    with Load(box, "--fast", "4", "--slow", "2") as load:
+        response = http(box, "POST", "/rollback", json.dumps({"target": target["id"]}))
+        assert response.status == 202, response
+        record = wait_deployment(box, response.body["id"])
+    assert record["state"] == "succeeded", record
+    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+    assert properties(box)["ActiveRelease"] == target["commit"]
+    assert public(box)["release"] == target["commit"]
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    pytest.param('{"target": "999999"}', 404, id="no-such-deployment"),
+    pytest.param('{"target": "abcdef0"}', 404, id="not-on-disk"),
+    pytest.param('{"target": "../../etc"}', 404, id="path"),
+    pytest.param('{"target": 5}', 400, id="wrong-type"),
+])
+def test_bad_rollback_targets_change_nothing(box: Sandbox, app: App, body: str, status: int) -> None:
+    before = wait_serving(box)
+    response = http(box, "POST", "/rollback", body)
+    assert response.status == status, response
+    assert response.body["message"]
+    after = properties(box)
+    assert (after["LastDeployment"], after["ActiveRelease"]) == (before["LastDeployment"],
+                                                                 before["ActiveRelease"])
+
+
+def test_a_release_that_sours_after_the_switch_is_rolled_back(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    original = (app.work / "app.py").read_text()
+    sour = app.commit("Sours after the switch", {"app.py": SOURS_AFTER_START})
+    with Load(box, "--fast", "4", "--slow", "1") as load:
+        record = wait_deployment(box, call(box, "Deploy", "s", sour))
+    assert record["state"] == "rolled-back", record
+    assert record["failed_step"] == "watch"
+    assert "HTTP 500" in record["reason"] and before["ActiveRelease"][:12] in record["reason"]
+    steps = [s[0] for s in record["steps"]]
+    assert steps[-3:] == ["drain", "watch", "rollback"]
+    rollback_started = record["steps"][-1][1]
+    assert record["finished_at"] - rollback_started < 5  # traffic went back within seconds
+    after = properties(box)
+    assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+    assert public(box)["release"] == before["ActiveRelease"]
+    assert box.run("systemctl", "is-active", f"bluegreen-app@{record['port']}.service",
+                   check=False).stdout.strip() == "inactive"
+    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+    app.commit("Back to the healthy app", {"app.py": original})
+
+
+def test_retention_keeps_the_newest_releases_and_the_rollback_target(box: Sandbox, app: App) -> None:
+    for number in range(3):
+        deploy(box, app, f"Retention {number}")
+    serving = properties(box)["ActiveRelease"]
+    on_disk = sorted(p.name for p in box.path("/var/lib/bluegreen/releases").iterdir())
+    succeeded = []
+    for record in call(box, "ListDeployments", "u", "100"):
+        if record["state"] == "succeeded" and record["commit"] not in succeeded:
+            succeeded.append(record["commit"])
+    assert serving in on_disk
+    assert sorted(on_disk) == sorted(succeeded[:KEEP]), (on_disk, succeeded)
+    assert len(succeeded) > KEEP  # some were deleted
+    for sha in succeeded[KEEP:]:
+        assert sha not in on_disk
