@@ -89,6 +89,10 @@ class Client:
     async def notify_push(self, payload: bytes, signature: str) -> None:
         await self._call("NotifyPush", "ays", [payload, signature])
 
+    async def metrics(self) -> str:
+        (text,) = await self._call("GetMetrics")
+        return str(text)
+
     async def status(self) -> dict[str, Any]:
         (props,) = await self._call("GetAll", "s", [INTERFACE],
                                     interface="org.freedesktop.DBus.Properties")

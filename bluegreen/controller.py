@@ -34,6 +34,7 @@ from bluegreen.history import (
     with_step,
 )
 from bluegreen.log import MessageId, fields
+from bluegreen.metrics import Metrics
 from bluegreen.reconcile import reconcile
 from bluegreen.releases import Releases
 from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
@@ -124,6 +125,9 @@ class Controller:
             lambda: self.history.get_setting(SEEN_HEAD),
             lambda head: self.history.set_setting(SEEN_HEAD, head))
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = Metrics()
+        last = self.history.last_succeeded()
+        self.metrics.last_success = (last.finished_at or 0.0) if last else 0.0
 
     # --- what entry points ask -------------------------------------------------------------
 
@@ -262,7 +266,14 @@ class Controller:
         if record.state == State.SUCCEEDED:
             self._retain()
 
+    def render_metrics(self) -> str:
+        self.metrics.health_check_failures = self.monitor.failures_total
+        serving = self.serving
+        return self.metrics.render(serving.release if serving else "", serving.port if serving else 0,
+                                   self.health()[0])
+
     def _finish(self, record: Deployment) -> None:
+        self.metrics.deployment_finished(record)
         self.history.save(record)
         self.current = None
         self._task = None

@@ -174,6 +174,11 @@ class ManagerInterface(ServiceInterface):
         return [deployment_to_variant(d) for d in self.controller.history.recent(limit)]
 
     @method()
+    def GetMetrics(self) -> "s":
+        """The controller's counters in the Prometheus text format."""
+        return self.controller.render_metrics()
+
+    @method()
     async def ListInstances(self) -> "a(qss)":
         """Every loaded app instance: port, systemd state, release."""
         c = self.controller

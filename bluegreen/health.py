@@ -107,6 +107,7 @@ class Monitor:
         self.healthy = True
         self.reason = ""
         self.failures = 0
+        self.failures_total = 0
 
     async def run(self) -> None:
         while True:
@@ -128,6 +129,7 @@ class Monitor:
                 await self.on_change(True, result.reason)
             return
         self.failures += 1
+        self.failures_total += 1
         self.reason = result.reason
         if self.healthy and self.failures >= self.settings.unhealthy_threshold:
             self.healthy = False

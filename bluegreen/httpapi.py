@@ -85,7 +85,8 @@ def index() -> Response:
     status = client.call(lambda c: c.status())
     summary = _summary(status)
     summary["service"] = "bluegreen"
-    summary["endpoints"] = ["GET /health", "GET /status", "POST /deploy", "GET /history",
+    summary["endpoints"] = ["GET /health", "GET /status", "GET /metrics", "POST /deploy",
+                            "POST /rollback", "POST /hooks/push", "GET /history",
                             "GET /deployments/ID"]
     return reply(summary)
 
@@ -174,6 +175,13 @@ def push_hook() -> Response:
 @app.get("/deployments/<deployment_id>")
 def deployment(deployment_id: str) -> Response:
     return reply(client.call(lambda c: c.deployment(deployment_id)))
+
+
+@app.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format."""
+    text = client.call(lambda c: c.metrics())
+    return Response(text, mimetype="text/plain", content_type="text/plain; version=0.0.4")
 
 
 @app.get("/history")

@@ -40,4 +40,18 @@ async def run(client: Client, args: argparse.Namespace) -> int:
               f" ({last['commit'][:12]} {last['subject']})")
     for instance in await client.instances():
         print(f"Instance:    port {instance['port']} {instance['state']} {instance['release'][:12]}")
+    totals = counts(await client.metrics())
+    if totals:
+        print("Since start: " + ", ".join(f"{count} {state}" for state, count in sorted(totals.items())))
     return 0
+
+
+def counts(metrics: str) -> dict[str, int]:
+    """Deployments by result, summed over triggers, from the Prometheus text."""
+    totals: dict[str, int] = {}
+    for line in metrics.splitlines():
+        if line.startswith("bluegreen_deployments_total{"):
+            labels, _, value = line.partition("} ")
+            state = labels.split('result="', 1)[1].split('"', 1)[0]
+            totals[state] = totals.get(state, 0) + int(float(value))
+    return totals
