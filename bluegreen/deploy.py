@@ -107,7 +107,7 @@ class Deployer:
             step = Step.SWITCH
             record = await self.report(record, step, new_port)
             forwarder.ensure_migrate_req()
-            await forwarder.start(self.systemd, new_port)
+            await forwarder.start(self.systemd, new_port, self.config.ports.public)
         except _STEP_ERRORS as exc:
             await self.abandon(new_port, staging)
             raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
@@ -171,7 +171,7 @@ class Deployer:
 
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""
-        await forwarder.start(self.systemd, old_port)
+        await forwarder.start(self.systemd, old_port, self.config.ports.public)
         try:
             await forwarder.drain_stop(self.systemd, new_port)
         finally:

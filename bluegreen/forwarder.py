@@ -7,10 +7,13 @@ net.ipv4.tcp_migrate_req=1, or the kernel resets the connections queued on the o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
+from bluegreen import netstat
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -63,10 +66,28 @@ def write_env(run_dir: Path, public_port: int, drain_timeout: float) -> None:
     }))
 
 
-async def start(systemd: Systemd, port: int) -> None:
-    """Start the forwarder to ``port``; returns once it listens on the public port."""
+async def start(systemd: Systemd, port: int, public_port: int, timeout: float = 10.0) -> None:
+    """Start the forwarder to ``port``; return once it listens on the public port.
+
+    Forwarders share one (dynamic) user, so the new listener is told from the old one by its
+    socket: it is the one that was not there before the start.
+    """
+    before = {s.inode for s in netstat.listeners(public_port)}
     await systemd.reset_failed(unit(port))
     await systemd.start_unit(unit(port))
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while not {s.inode for s in netstat.listeners(public_port)} - before:
+        polls += 1
+        if polls % 20 == 0:
+            status = await systemd.status(unit(port))
+            if not status.is_running:
+                raise ForwarderError(f"{unit(port)} {status.describe_failure()} before listening "
+                                     f"on port {public_port}")
+        if time.monotonic() > deadline:
+            raise ForwarderError(f"{unit(port)} does not listen on port {public_port} "
+                                 f"after {timeout:g} s")
+        await asyncio.sleep(0.002)
 
 
 async def drain_stop(systemd: Systemd, port: int) -> None:

@@ -1,8 +1,5 @@
-"""Start and stop hooks of bluegreen-forward@.service (runs inside the forwarder's unit).
+"""The stop hook of bluegreen-forward@.service (runs inside the forwarder's unit).
 
-``ready MAINPID PORT``
-    ExecStartPost=: return once socat (MAINPID) listens on PORT, so the unit's start job
-    completes only when the new forwarder really takes connections.
 ``drain MAINPID TIMEOUT``
     ExecStop=: SIGTERM to socat's listening process only. Its listener closes and the kernel
     moves the connections still queued on it to the other forwarder (net.ipv4.tcp_migrate_req=1),
@@ -20,23 +17,9 @@ import signal
 import sys
 import time
 
-from bluegreen import cgroup, netstat
+from bluegreen import cgroup
 
 POLL = 0.02
-
-
-def wait_listening(main_pid: int, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        inodes = netstat.socket_inodes([main_pid])
-        if any(s.inode in inodes for s in netstat.listeners(port)):
-            return True
-        try:
-            os.kill(main_pid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(POLL)
-    return False
 
 
 def drain(main_pid: int, timeout: float) -> int:
@@ -54,8 +37,8 @@ def drain(main_pid: int, timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: python3 -m bluegreen.forwardhook ready MAINPID PORT | drain MAINPID TIMEOUT"
-    if len(argv) != 3 or argv[0] not in ("ready", "drain"):
+    usage = "usage: python3 -m bluegreen.forwardhook drain MAINPID TIMEOUT"
+    if len(argv) != 3 or argv[0] != "drain":
         print(usage, file=sys.stderr)
         return 2
     try:
@@ -63,11 +46,6 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(usage, file=sys.stderr)
         return 2
-    if argv[0] == "ready":
-        if wait_listening(main_pid, int(number), timeout=10):
-            return 0
-        print(f"socat (pid {main_pid}) is not listening on port {int(number)}", file=sys.stderr)
-        return 1
     started = time.monotonic()
     left = drain(main_pid, number)
     took = time.monotonic() - started
