@@ -1,7 +1,9 @@
-"""TCP sockets of this network namespace, read from /proc/net/tcp{,6}.
+"""TCP sockets of this network namespace, asked of the kernel over NETLINK_SOCK_DIAG.
 
-Used to pick a free port, to see that a forwarder listens, to count the connections an old
-instance still serves, and to prove that a port's listener belongs to the unit we started.
+The kernel filters by state and port (inet_diag bytecode), so a question costs the same with
+twenty thousand TIME_WAIT sockets around as with none; /proc/net/tcp would list them all.
+Used to pick a free port, to see that a new forwarder listens, and to count the connections
+an old instance still serves.
 """
 
 from __future__ import annotations
@@ -9,12 +11,26 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
 
-PROC_NET = Path("/proc/self/net")
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE = 2
+INET_DIAG_BC_S_LE = 3
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_REQUEST = struct.Struct("=BBBBI48s")  # inet_diag_req_v2: family, protocol, ext, pad, states, id
+_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")  # inet_diag_msg
+_RTATTR = struct.Struct("=HH")
+_OP = struct.Struct("=BBH")
 
 
 class TcpState(IntEnum):
@@ -32,6 +48,11 @@ class TcpState(IntEnum):
     NEW_SYN_RECV = 12
 
 
+ALL_STATES = sum(1 << state for state in TcpState)
+# Connections a server still holds: accepted, or half-closed and finishing.
+SERVED_STATES = ALL_STATES & ~(1 << TcpState.LISTEN | 1 << TcpState.TIME_WAIT | 1 << TcpState.CLOSE)
+
+
 @dataclass(frozen=True)
 class TcpSocket:
     local_address: str
@@ -40,60 +61,79 @@ class TcpSocket:
     remote_port: int
     state: TcpState
     rx_queue: int  # for a listener: connections waiting in its accept queue
+    uid: int
     inode: int
 
 
-def _address(hex_address: str) -> str:
-    raw = bytes.fromhex(hex_address)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # /proc prints IPv6 addresses as four host-order 32-bit words
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-    return socket.inet_ntop(socket.AF_INET6, words)
+def _port_filter(port: int) -> bytes:
+    """inet_diag bytecode for "local port == port" (>= port and <= port)."""
+    length = 4 * _OP.size
+    return b"".join((
+        _OP.pack(INET_DIAG_BC_S_GE, _OP.size * 2, length + 4), _OP.pack(0, 0, port),
+        _OP.pack(INET_DIAG_BC_S_LE, _OP.size * 2, length - _OP.size * 2 + 4), _OP.pack(0, 0, port),
+    ))
 
 
-def parse(text: str) -> Iterator[TcpSocket]:
-    """Parse the contents of /proc/net/tcp or /proc/net/tcp6."""
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 10:
-            continue
-        local, remote = parts[1].split(":"), parts[2].split(":")
+def _request(family: int, states: int, port: int | None, sequence: int) -> bytes:
+    body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, states, b"\0" * 48)
+    if port is not None:
+        bytecode = _port_filter(port)
+        body += _RTATTR.pack(_RTATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                          NLM_F_REQUEST | NLM_F_DUMP, sequence, 0) + body
+
+
+def _address(family: int, raw: bytes) -> str:
+    return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+
+
+def _dump(family: int, states: int, port: int | None) -> Iterator[TcpSocket]:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(_request(family, states, port, 1), (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                    if code == 0:
+                        return
+                    raise OSError(-code, os.strerror(-code))
+                (fam, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
+                 _expires, rqueue, _wqueue, uid, inode) = _MESSAGE.unpack_from(data, offset + _NLMSGHDR.size)
+                yield TcpSocket(_address(fam, src), int.from_bytes(sport, "big"), _address(fam, dst),
+                                int.from_bytes(dport, "big"), TcpState(state), rqueue, uid, inode)
+                offset += (length + 3) & ~3
+            if not data:
+                return
+
+
+def sockets(states: int = ALL_STATES, port: int | None = None) -> list[TcpSocket]:
+    """TCP sockets (IPv4 and IPv6) in ``states`` (a bit mask), on local ``port`` if given."""
+    found: list[TcpSocket] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            state = TcpState(int(parts[3], 16))
-        except ValueError:
-            continue
-        _tx, rx = parts[4].split(":")
-        yield TcpSocket(
-            local_address=_address(local[0]), local_port=int(local[1], 16),
-            remote_address=_address(remote[0]), remote_port=int(remote[1], 16),
-            state=state, rx_queue=int(rx, 16), inode=int(parts[9]),
-        )
-
-
-def sockets(proc_net: Path = PROC_NET) -> list[TcpSocket]:
-    result: list[TcpSocket] = []
-    for name in ("tcp", "tcp6"):
-        try:
-            result.extend(parse((proc_net / name).read_text()))
-        except FileNotFoundError:
-            continue
-    return result
+            found.extend(_dump(family, states, port))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EAFNOSUPPORT):  # no IPv6 in this kernel
+                raise
+    return found
 
 
 def listeners(port: int, table: Iterable[TcpSocket] | None = None) -> list[TcpSocket]:
-    table = sockets() if table is None else table
+    if table is None:
+        return sockets(1 << TcpState.LISTEN, port)
     return [s for s in table if s.local_port == port and s.state == TcpState.LISTEN]
-
-
-_GONE = (TcpState.LISTEN, TcpState.TIME_WAIT, TcpState.CLOSE)
 
 
 def served_connections(port: int, table: Iterable[TcpSocket] | None = None) -> int:
     """Connections a server on ``port`` still holds: accepted or waiting to be accepted."""
-    table = list(sockets() if table is None else table)
-    open_ones = sum(1 for s in table if s.local_port == port and s.state not in _GONE)
-    return open_ones
+    if table is None:
+        return len(sockets(SERVED_STATES, port))
+    return sum(1 for s in table if s.local_port == port and (1 << s.state) & SERVED_STATES)
 
 
 def bindable(port: int, host: str = "127.0.0.1") -> bool:
@@ -107,22 +147,3 @@ def bindable(port: int, host: str = "127.0.0.1") -> bool:
                 return False
             raise
     return True
-
-
-def socket_inodes(pids: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
-    """Inodes of the sockets the given processes hold open."""
-    inodes: set[int] = set()
-    for pid in pids:
-        fd_dir = proc / str(pid) / "fd"
-        try:
-            names = os.listdir(fd_dir)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        for name in names:
-            try:
-                target = os.readlink(fd_dir / name)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
