@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ DEFAULT_PATH = Path("/etc/bluegreen/bluegreen.toml")
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, key and reason."""
+
+
+class Forwarder(StrEnum):
+    """What carries the public port to the serving instance (see forwarder.py)."""
+
+    SOCAT = "socat"
+    PROXY = "proxy"
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     health: HealthConfig = HealthConfig()
     release: ReleaseConfig = ReleaseConfig()
+    forwarder: Forwarder = Forwarder.SOCAT
     drain_timeout: float = 30.0
     post_switch_watch: float = 10.0
     history_limit: int = 1000
@@ -154,6 +163,16 @@ def _string(pattern: str, what: str, empty_ok: bool = False) -> Callable[[Any], 
         if not compiled.fullmatch(value):
             raise ValueError(f"{value!r} is not {what}")
         return value
+
+    return parse
+
+
+def _choice(kind: type[StrEnum]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        names = [member.value for member in kind]
+        if not isinstance(value, str) or value not in names:
+            raise ValueError(f"{value!r} is not one of {', '.join(repr(n) for n in names)}")
+        return kind(value)
 
     return parse
 
@@ -259,6 +278,9 @@ KEYS: tuple[Key, ...] = (
         "Seconds the build and check commands may take, each."),
     Key("release", "keep", _integer(1, 1000),
         "Releases kept on disk, besides the serving one and the rollback target."),
+    Key(None, "forwarder", _choice(Forwarder),
+        "What carries the public port to the instance: \"socat\" (a process per connection) or "
+        "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections)."),
     Key(None, "drain_timeout", _number(0, 600),
         "Seconds the old release gets to finish its in-flight requests after the switch."),
     Key(None, "post_switch_watch", _number(0, 3600),

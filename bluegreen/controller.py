@@ -300,8 +300,8 @@ class Controller:
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,
             health=self.config.app.health_path, public=self.config.ports.public)
-        unit = forwarder.unit(port) if step in (Step.SWITCH, Step.DRAIN, Step.ROLLBACK) \
-            else instances.unit(port)
+        unit = forwarder.unit(port, self.config.forwarder) \
+            if step in (Step.SWITCH, Step.DRAIN, Step.ROLLBACK) else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,
                  extra=fields(deployment_id=record.id, release=record.commit, step=step,
                               port=port or None, unit=unit if port else None))

@@ -107,7 +107,8 @@ class Deployer:
             step = Step.SWITCH
             record = await self.report(record, step, new_port)
             forwarder.ensure_migrate_req()
-            await forwarder.start(self.systemd, new_port, self.config.ports.public)
+            await forwarder.start(self.systemd, new_port, self.config.ports.public,
+                                  self.config.forwarder)
         except _STEP_ERRORS as exc:
             await self.abandon(new_port, staging)
             raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
@@ -118,7 +119,8 @@ class Deployer:
         log.info("switched port %d to %s on port %d", self.config.ports.public, record.commit[:12],
                  new_port, extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
                                         deployment_id=record.id, release=record.commit,
-                                        port=new_port, unit=forwarder.unit(new_port)))
+                                        port=new_port,
+                                        unit=forwarder.unit(new_port, self.config.forwarder)))
         if serving is None or serving.port == new_port:
             return replace(record, state=State.SUCCEEDED)
 
@@ -171,7 +173,7 @@ class Deployer:
 
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""
-        await forwarder.start(self.systemd, old_port, self.config.ports.public)
+        await forwarder.start(self.systemd, old_port, self.config.ports.public, self.config.forwarder)
         try:
             await forwarder.drain_stop(self.systemd, new_port)
         finally:
@@ -208,7 +210,7 @@ class Deployer:
     async def ports_in_use(self) -> set[int]:
         """Ports of every loaded instance or forwarder unit, whatever its state."""
         taken = set()
-        for status in await self.systemd.list_units(instances.PATTERN, forwarder.PATTERN):
+        for status in await self.systemd.list_units(instances.PATTERN, *forwarder.PATTERNS):
             port = instances.port_of(status.name) or forwarder.port_of(status.name)
             if port is not None:
                 taken.add(port)

@@ -1,4 +1,5 @@
-"""The forwarder: bluegreen-forward@PORT.service carries the public port to instance PORT.
+"""The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
+(socat, the default) or bluegreen-proxy@PORT.service (the built-in one, see proxy.py).
 
 Retargeting never closes the public port: the new forwarder starts listening beside the old
 one (SO_REUSEPORT), then the old one is stopped with a drain (see forwardhook.py). That needs
@@ -14,22 +15,26 @@ import time
 from pathlib import Path
 
 from bluegreen import netstat
+from bluegreen.config import Forwarder
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
 
-PATTERN = "bluegreen-forward@*.service"
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
-_NAME = re.compile(r"bluegreen-forward@(\d{1,5})\.service")
+
+
+_TEMPLATE = {Forwarder.SOCAT: "bluegreen-forward@{}.service", Forwarder.PROXY: "bluegreen-proxy@{}.service"}
+PATTERNS = tuple(template.format("*") for template in _TEMPLATE.values())
+_NAME = re.compile(r"bluegreen-(?:forward|proxy)@(\d{1,5})\.service")
 
 
 class ForwarderError(Exception):
     pass
 
 
-def unit(port: int) -> str:
-    return f"bluegreen-forward@{port}.service"
+def unit(port: int, kind: Forwarder = Forwarder.SOCAT) -> str:
+    return _TEMPLATE[kind].format(port)
 
 
 def port_of(name: str) -> int | None:
@@ -66,40 +71,43 @@ def write_env(run_dir: Path, public_port: int, drain_timeout: float) -> None:
     }))
 
 
-async def start(systemd: Systemd, port: int, public_port: int, timeout: float = 10.0) -> None:
+async def start(systemd: Systemd, port: int, public_port: int, kind: Forwarder = Forwarder.SOCAT,
+                timeout: float = 10.0) -> None:
     """Start the forwarder to ``port``; return once it listens on the public port.
 
     Forwarders share one (dynamic) user, so the new listener is told from the old one by its
     socket: it is the one that was not there before the start.
     """
+    name = unit(port, kind)
     before = {s.inode for s in netstat.listeners(public_port)}
-    await systemd.reset_failed(unit(port))
-    await systemd.start_unit(unit(port))
+    await systemd.reset_failed(name)
+    await systemd.start_unit(name)
     deadline = time.monotonic() + timeout
     polls = 0
     while not {s.inode for s in netstat.listeners(public_port)} - before:
         polls += 1
         if polls % 20 == 0:
-            status = await systemd.status(unit(port))
+            status = await systemd.status(name)
             if not status.is_running:
-                raise ForwarderError(f"{unit(port)} {status.describe_failure()} before listening "
+                raise ForwarderError(f"{name} {status.describe_failure()} before listening "
                                      f"on port {public_port}")
         if time.monotonic() > deadline:
-            raise ForwarderError(f"{unit(port)} does not listen on port {public_port} "
+            raise ForwarderError(f"{name} does not listen on port {public_port} "
                                  f"after {timeout:g} s")
         await asyncio.sleep(0.002)
 
 
 async def drain_stop(systemd: Systemd, port: int) -> None:
-    """Stop the forwarder to ``port`` after the requests it carries have finished."""
-    await systemd.stop_unit(unit(port))
-    await systemd.reset_failed(unit(port))
+    """Stop the forwarder to ``port`` (of either kind) after the requests it carries finish."""
+    for kind in Forwarder:
+        await systemd.stop_unit(unit(port, kind))
+        await systemd.reset_failed(unit(port, kind))
 
 
 async def targets(systemd: Systemd) -> list[int]:
     """Target ports of the forwarders that run (normally one; two during a switch)."""
     ports = []
-    for status in await systemd.list_units(PATTERN):
+    for status in await systemd.list_units(*PATTERNS):
         port = port_of(status.name)
         if port is not None and status.is_running:
             ports.append(port)

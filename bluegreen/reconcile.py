@@ -35,8 +35,7 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
     keep = max(live, key=deployment_of) if live else None
     for port in targets:
         if port != keep:
-            log.warning("stopping the stale forwarder to port %d", port,
-                        extra=fields(unit=forwarder.unit(port), port=port))
+            log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
             await forwarder.drain_stop(systemd, port)
     for port in running:
         if port != keep:

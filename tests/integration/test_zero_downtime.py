@@ -30,7 +30,10 @@ def step_time(record: dict[str, Any], name: str) -> float:
 
 def test_deploys_under_load_fail_no_request(box: Sandbox, app: App) -> None:
     box.run("systemctl", "start", "bluegreen.service")
-    wait_serving(box)
+    port = wait_serving(box)["ActivePort"]
+    kind = "proxy" if 'forwarder = "proxy"' in box.path("/etc/bluegreen/bluegreen.toml").read_text() \
+        else "forward"
+    assert box.run("systemctl", "is-active", f"bluegreen-{kind}@{port}.service").stdout.strip() == "active"
     records = []
     with Load(box, "--fast", "4", "--slow", "2", "--slow-seconds", str(SLOW_SECONDS)) as load:
         for number in range(DEPLOYS):
