@@ -26,6 +26,7 @@ from bluegreen.deploy import Deployer, DeployFailed, Serving
 from bluegreen.history import (
     Deployment,
     History,
+    HistoryError,
     State,
     Step,
     StepTiming,
@@ -123,7 +124,7 @@ class Controller:
         self.refresher = refresher.Refresher(
             self.repository, config.repository.poll_interval, self._refresher_deploy,
             lambda: self.history.get_setting(SEEN_HEAD),
-            lambda head: self.history.set_setting(SEEN_HEAD, head))
+            self._see_head)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
         last = self.history.last_succeeded()
@@ -166,7 +167,7 @@ class Controller:
             commit = await self.repository.resolve(ref)
             deployment = self._begin(ref, trigger, commit, started)
             if ref in ("", self.config.repository.branch):
-                self.history.set_setting(SEEN_HEAD, commit.sha)  # the refresher need not
+                self._see_head(commit.sha)  # the refresher need not deploy it again
         finally:
             self._preparing = None
         self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
@@ -224,7 +225,7 @@ class Controller:
             previous_port=serving.port if serving else 0,
             previous_release=serving.release if serving else "", now=started)
         deployment = replace(deployment, steps=(StepTiming(str(Step.RESOLVE), started, time.time()),))
-        self.history.save(deployment)
+        self._record(deployment)
         self.current = deployment
         log.info("deployment %d started: %s %s (%s) by %s", deployment.id, commit.short,
                  commit.subject, deployment.ref, trigger,
@@ -245,7 +246,7 @@ class Controller:
                      extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
                                   release=record.commit, port=record.port))
         except DeployFailed as exc:
-            record = finished(self.history.get(deployment.id), exc.state,
+            record = finished(self.current or deployment, exc.state,
                               failed_step=exc.step, reason=exc.reason)
             log.error("deployment %d %s at %s: %s", record.id,
                       "rolled back" if exc.state == State.ROLLED_BACK else "failed", exc.step,
@@ -254,13 +255,13 @@ class Controller:
                                    release=record.commit, port=record.port or None,
                                    step=exc.step))
         except asyncio.CancelledError:
-            record = finished(self.history.get(deployment.id), State.INTERRUPTED,
+            record = finished(self.current or deployment, State.INTERRUPTED,
                               reason="the controller was stopped")
             self._finish(record)
             raise
         except Exception as exc:  # a bug: record it, keep the daemon alive
             log.exception("deployment %d crashed", deployment.id)
-            record = finished(self.history.get(deployment.id), State.FAILED,
+            record = finished(self.current or deployment, State.FAILED,
                               reason=f"internal error: {exc!r}")
         self._finish(record)
         if record.state == State.SUCCEEDED:
@@ -272,9 +273,23 @@ class Controller:
         return self.metrics.render(serving.release if serving else "", serving.port if serving else 0,
                                    self.health()[0])
 
+    def _record(self, record: Deployment) -> None:
+        """Save a record; if the disk refuses, say so and go on (what serves is unaffected)."""
+        try:
+            self.history.save(record)
+        except HistoryError as exc:
+            log.error("%s; deployment %d goes on unrecorded", exc, record.id,
+                      extra=fields(deployment_id=record.id))
+
+    def _see_head(self, head: str) -> None:
+        try:
+            self.history.set_setting(SEEN_HEAD, head)
+        except HistoryError as exc:
+            log.error("%s; the refresher may deploy %s again", exc, head[:12])
+
     def _finish(self, record: Deployment) -> None:
         self.metrics.deployment_finished(record)
-        self.history.save(record)
+        self._record(record)
         self.current = None
         self._task = None
         for observer in self.observers:
@@ -291,11 +306,14 @@ class Controller:
                                        protected):
             log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
                      extra=fields(release=sha))
-        self.history.prune(self.config.history_limit)
+        try:
+            self.history.prune(self.config.history_limit)
+        except HistoryError as exc:
+            log.error("%s; old records stay for now", exc)
 
     async def _on_step(self, deployment: Deployment, step: Step, port: int) -> Deployment:
         record = with_step(deployment, step)
-        self.history.save(record)
+        self._record(record)
         self.current = record
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,

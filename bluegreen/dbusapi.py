@@ -14,7 +14,7 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from bluegreen import instances
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
-from bluegreen.history import Deployment, Step, Trigger
+from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
 
 BUS_NAME = "org.bluegreen1"
@@ -31,6 +31,7 @@ class Error:
     NO_SUCH_DEPLOYMENT = "org.bluegreen1.Error.NoSuchDeployment"
     NO_ROLLBACK_TARGET = "org.bluegreen1.Error.NoRollbackTarget"
     BAD_SIGNATURE = "org.bluegreen1.Error.BadSignature"
+    RECORDS = "org.bluegreen1.Error.Records"
     INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
@@ -122,6 +123,8 @@ class ManagerInterface(ServiceInterface):
             raise DBusError(Error.NOT_CONFIGURED, str(exc)) from None
         except RepositoryError as exc:
             raise DBusError(Error.REPOSITORY, str(exc)) from None
+        except HistoryError as exc:
+            raise DBusError(Error.RECORDS, str(exc)) from None
         return str(deployment.id)
 
     @method()

@@ -57,6 +57,8 @@ class DeployFailed(Exception):
 # step noted (and saved).
 StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
 
+PORT_ATTEMPTS = 3
+
 _STEP_ERRORS = (SystemdError, health.NotHealthy, ports.NoFreePort, RepositoryError, CommandError,
                 ForwarderError, VerifyFailed, OSError)
 
@@ -94,10 +96,8 @@ class Deployer:
                 staging = None
 
             step = Step.START
-            new_port = ports.pick(self.config.ports.range, await self.ports_in_use())
-            record = await self.report(replace(record, port=new_port), step, new_port)
-            instances.write_env(self.run_dir, self.instance_spec(record, release_dir))
-            await instances.start(self.systemd, new_port)
+            record = await self.start_instance(record, release_dir)
+            new_port = record.port
 
             step = Step.HEALTH
             record = await self.report(record, step, new_port)
@@ -106,6 +106,9 @@ class Deployer:
 
             step = Step.SWITCH
             record = await self.report(record, step, new_port)
+            stranger = await instances.foreign_listener(self.systemd, new_port)
+            if stranger:  # never route traffic to a process bluegreen did not start
+                raise ForwarderError(stranger)
             forwarder.ensure_migrate_req()
             await forwarder.start(self.systemd, new_port, self.config.ports.public,
                                   self.config.forwarder)
@@ -136,6 +139,30 @@ class Deployer:
                                    State.ROLLED_BACK)
         record = await self.stop_old(record, serving.port)
         return replace(record, state=State.SUCCEEDED)
+
+    async def start_instance(self, record: Deployment, release_dir: Path) -> Deployment:
+        """Start bluegreen-app@PORT on a free port; the record returned carries the port.
+
+        Should another program bind the port between our look and gunicorn's bind, the
+        instance fails to start: it is stopped and another port is tried.
+        """
+        avoid: set[int] = set()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = ports.pick(self.config.ports.range, await self.ports_in_use() | avoid)
+            record = await self.report(replace(record, port=port), Step.START, port)
+            instances.write_env(self.run_dir, self.instance_spec(record, release_dir))
+            try:
+                await instances.start(self.systemd, port)
+                return record
+            except SystemdError:
+                taken = bool(netstat.listeners(port))
+                await self.abandon(port, None)
+                if attempt == PORT_ATTEMPTS or not taken:
+                    raise
+            log.warning("port %d was taken by another program; trying another port", port,
+                        extra=fields(deployment_id=record.id, port=port))
+            avoid.add(port)
+        raise AssertionError("unreachable")
 
     async def drain(self, record: Deployment, old_port: int) -> Deployment:
         """Stop the old forwarder once its requests are done; wait for the old instance's."""

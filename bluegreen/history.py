@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 
+class HistoryError(Exception):
+    """The records could not be written (a full disk, say); nothing was half-written."""
+
+
 class State(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -138,6 +142,7 @@ class History:
         self.db = sqlite3.connect(path, isolation_level=None, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA journal_size_limit=1048576")  # the WAL shrinks back after checkpoints
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -145,13 +150,20 @@ class History:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One transaction; a failed write (sqlite3.Error) becomes HistoryError."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise HistoryError(f"cannot write the deployment records ({self.path}): {exc}") from None
         try:
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise HistoryError(f"cannot write the deployment records ({self.path}): {exc}") from None
             raise
-        self.db.execute("COMMIT")
 
     def begin(self, ref: str, trigger: Trigger, *, commit: str = "", subject: str = "",
               author: str = "", previous_port: int = 0, previous_release: str = "",

@@ -5,13 +5,15 @@ Every answer is JSON; errors are ``{"error": NAME, "message": TEXT}`` with a 4xx
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from bluegreen import client
+from bluegreen import client, credentials
+from bluegreen import config as configuration
 from bluegreen.client import ApiError, Client
 
 MAX_BODY = 64 * 1024
@@ -30,10 +32,25 @@ _STATUS = {
     "NoRollbackTarget": 404,
     "BadSignature": 401,
     "Repository": 502,
+    "Records": 507,
     "AccessDenied": 403,
     "ServiceUnknown": 503,
     "NoReply": 504,
 }
+
+
+API_TOKEN = ("api-token", "BLUEGREEN_API_TOKEN")
+
+
+def _listens_beyond_loopback() -> bool:
+    """From api.listen; a configuration that cannot be read counts as beyond (fail closed)."""
+    try:
+        return not configuration.load().api.listen.is_loopback
+    except configuration.ConfigError:
+        return True
+
+
+BEYOND_LOOPBACK = _listens_beyond_loopback()
 
 
 class BadRequest(Exception):
@@ -50,6 +67,23 @@ def reply(data: Any, status: int = 200) -> Response:
 
 def error(name: str, message: str, status: int) -> Response:
     return reply({"error": name, "message": message}, status)
+
+
+@app.before_request
+def _require_token() -> Response | None:
+    """Beyond loopback, changing anything takes the API token (webhooks carry a signature)."""
+    if request.method in ("GET", "HEAD") or request.path == "/hooks/push" or not BEYOND_LOOPBACK:
+        return None
+    token = credentials.read(API_TOKEN)
+    if not token:
+        return error("Forbidden", "the API listens beyond loopback and no api-token credential is "
+                     "configured: changes are refused", 403)
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        response = error("Unauthorized", "an Authorization: Bearer token is required", 401)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="bluegreen"'
+        return response
+    return None
 
 
 @app.errorhandler(ApiError)

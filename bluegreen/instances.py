@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bluegreen import netstat
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -92,6 +93,19 @@ async def failure(systemd: Systemd, port: int) -> str | None:
             status.active_state == "activating" and status.sub_state == "start"):
         return None
     return f"{unit(port)} {status.describe_failure()}"
+
+
+async def foreign_listener(systemd: Systemd, port: int) -> str | None:
+    """Why 127.0.0.1:port is not served by the instance's own processes (None if it is)."""
+    status = await systemd.status(unit(port))
+    listening = netstat.listeners(port)
+    if not listening:
+        return f"nothing listens on port {port}"
+    strangers = [s for s in listening if status.uid < 0 or s.uid != status.uid]
+    if strangers:
+        return (f"port {port} is also held by a process bluegreen did not start "
+                f"(uid {strangers[0].uid}, not {unit(port)}'s {status.uid})")
+    return None
 
 
 async def running_ports(systemd: Systemd) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bluegreen import forwarder, instances
 from bluegreen.deploy import Serving
-from bluegreen.history import History
+from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
 from bluegreen.systemd import Systemd
 
@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Serving | None:
-    for record in history.mark_interrupted("the controller stopped during this deployment"):
+    try:
+        interrupted = history.mark_interrupted("the controller stopped during this deployment")
+    except HistoryError as exc:
+        log.error("%s; interrupted deployments stay marked running for now", exc)
+        interrupted = []
+    for record in interrupted:
         log.warning("deployment %d was interrupted (the controller stopped at step %s)", record.id,
                     record.steps[-1].step if record.steps else "resolve",
                     extra=fields(deployment_id=record.id, release=record.commit))

@@ -86,6 +86,7 @@ class UnitStatus:
     exec_main_code: int = 0
     control_group: str = ""
     active_enter_timestamp: int = 0
+    uid: int = -1  # the user its processes run as (dynamic users included); -1: unknown
 
     @property
     def is_running(self) -> bool:
@@ -220,6 +221,7 @@ class Systemd:
             exec_main_code=value(service, "ExecMainCode", 0),
             control_group=value(service, "ControlGroup", ""),
             active_enter_timestamp=value(props, "ActiveEnterTimestamp", 0),
+            uid=_uid(value(service, "UID", 0xFFFFFFFF)),
         )
 
     async def list_units(self, *patterns: str) -> list[UnitStatus]:
@@ -227,6 +229,10 @@ class Systemd:
         (units,) = await self._manager("ListUnitsByPatterns", "asas", [], list(patterns))
         return [UnitStatus(name=u[0], load_state=u[2], active_state=u[3], sub_state=u[4])
                 for u in units]
+
+
+def _uid(value: int) -> int:
+    return -1 if value == 0xFFFFFFFF else value
 
 
 async def connect_system_bus() -> MessageBus:

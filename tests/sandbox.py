@@ -120,8 +120,22 @@ class Sandbox:
                 link.symlink_to("/dev/null")
         if self.source:
             install_tree(self.root)
+        self._start()
+        if self.deb is not None:
+            self.install_deb(self.deb)
+
+    def power_cycle(self) -> None:
+        """Cut the power: kill the container's init (and with it every process inside), then
+        boot again on the same file system. /run and /tmp start empty, /var keeps its state."""
+        assert self.nspawn is not None
+        os.kill(self.leader, signal.SIGKILL)
+        self.nspawn.wait(timeout=60)
+        self._start()
+
+    def _start(self) -> None:
+        assert self.base is not None
         started = time.monotonic()
-        with open(self.base / "console.log", "wb") as console:
+        with open(self.base / "console.log", "ab") as console:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "--directory", str(self.root), "--register=no",
                  "--keep-unit", "--machine", self.name, "--private-network", "--console=passive",
@@ -139,8 +153,6 @@ class Sandbox:
         self.boot_seconds = time.monotonic() - started
         if state.stdout.strip() not in ("running", "degraded"):
             raise SandboxError(f"container did not boot: {state.stdout.strip()}\n{self.console()}")
-        if self.deb is not None:
-            self.install_deb(self.deb)
 
     def install_deb(self, deb: Path) -> subprocess.CompletedProcess[str]:
         """apt-get install the package; the container's network has nothing to download from,
