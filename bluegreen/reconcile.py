@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from bluegreen import forwarder, instances
+from bluegreen.config import Forwarder
 from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
@@ -38,6 +39,12 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
 
     live = [port for port in targets if port in running]
     keep = max(live, key=deployment_of) if live else None
+    if keep is not None:
+        # A controller that died during a switch may leave the kept forwarder still starting:
+        # let it finish (joining its start job) before the others stop listening.
+        for status in await systemd.list_units(*(forwarder.unit(keep, kind) for kind in Forwarder)):
+            if status.active_state == "activating":
+                await systemd.start_unit(status.name)
     for port in targets:
         if port != keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))

@@ -12,7 +12,6 @@ from tests.integration.helpers import (
     Load,
     call,
     deployment,
-    properties,
     public,
     wait_deployment,
     wait_serving,
@@ -24,8 +23,19 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return ("drain_timeout = 5\npost_switch_watch = 1\n[app]\nworkers = 4\n"
+    return ("drain_timeout = 5\npost_switch_watch = 3\n[app]\nworkers = 4\n"
             "[health]\ninterval = 0.2\ntimeout = 0.5\nunhealthy_threshold = 3\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_starts(box: Sandbox) -> None:
+    """Starting an instance or a forwarder takes a second longer here, so that a test can kill
+    the controller while systemd still runs the start job."""
+    box.write("/etc/systemd/system/bluegreen-app@.service.d/slow.conf",
+              "[Service]\nExecStartPre=/bin/sleep 1\n")
+    box.write("/etc/systemd/system/bluegreen-forward@.service.d/slow.conf",
+              "[Service]\nExecStartPre=/bin/sleep 1\n")
+    box.run("systemctl", "daemon-reload")
 
 
 def active_units(box: Sandbox, pattern: str) -> list[str]:
@@ -92,36 +102,31 @@ def test_an_unhealthy_instance_is_replaced(box: Sandbox, app: App) -> None:
     assert "failed checks in a row" in wait_journal(box, MessageId.UNHEALTHY)
 
 
-def test_controller_killed_during_health_checks(box: Sandbox, app: App) -> None:
+STEPS = ("start", "health", "switch", "drain", "watch")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_controller_killed_at_each_step(box: Sandbox, app: App, step: str) -> None:
+    """SIGKILL at a step: systemd restarts the controller, which reconciles; no request fails."""
     before = wait_serving(box)
-    slow_start = "import time\ntime.sleep(4)\n" + (app.work / "app.py").read_text()
-    app.commit("Slow to start", {"app.py": slow_start})
-    with Load(box, "--fast", "3", "--slow", "1") as load:
+    sha = app.commit(f"Killed at {step}")
+    with Load(box, "--fast", "3", "--slow", "2", "--slow-seconds", "4") as load:
         deployment_id = call(box, "Deploy", "s", "")
-        wait_step(box, deployment_id, "health")
+        wait_step(box, deployment_id, step)
         new_port = deployment(box, deployment_id)["port"]
         kill_controller(box)
-        assert_one_release_serves(box, before["ActiveRelease"])
-    assert load.report["failed"] == 0, load.report["failures_by_kind"]
-    record = deployment(box, deployment_id)
-    assert record["state"] == "interrupted", record
-    inactive = box.run("systemctl", "is-active", f"bluegreen-app@{new_port}.service", check=False)
-    assert inactive.stdout.strip() in ("inactive", "failed")
+        props = wait_serving(box, timeout=90)
+        expected = before["ActiveRelease"] if step in ("start", "health") else sha
+        assert_one_release_serves(box, expected)
+        assert public(box)["release"] == expected
+    assert load.report["failed"] == 0, (load.report["failures_by_kind"], load.report["failures"][:5])
+    assert all(s["outcome"] == "ok" for s in load.report["slow"]), load.report["slow"]
+    assert deployment(box, deployment_id)["state"] == "interrupted"
+    if step in ("start", "health"):
+        inactive = box.run("systemctl", "is-active", f"bluegreen-app@{new_port}.service", check=False)
+        assert inactive.stdout.strip() in ("inactive", "failed")
+    else:
+        assert props["ActivePort"] == new_port
     # No lock is left behind: the next deploy runs.
     again = wait_deployment(box, call(box, "Deploy", "s", ""))
     assert again["state"] == "succeeded", again
-    assert_one_release_serves(box, again["commit"])
-
-
-def test_controller_killed_during_the_drain(box: Sandbox, app: App) -> None:
-    wait_serving(box)
-    sha = app.commit("Release killed mid-drain")
-    with Load(box, "--fast", "3", "--slow", "2", "--slow-seconds", "4") as load:
-        deployment_id = call(box, "Deploy", "s", "")
-        wait_step(box, deployment_id, "drain")
-        kill_controller(box)
-        assert_one_release_serves(box, sha)
-    assert load.report["failed"] == 0, load.report["failures_by_kind"]
-    assert all(s["outcome"] == "ok" for s in load.report["slow"]), load.report["slow"]
-    assert deployment(box, deployment_id)["state"] == "interrupted"
-    assert properties(box)["State"] == "serving"
