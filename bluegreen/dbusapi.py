@@ -153,8 +153,10 @@ class ManagerInterface(ServiceInterface):
         """Look at the remote branch now."""
         self.controller.refresh()
 
+    # Methods that raise DBusError are async: see daemon._quiet_replied_errors.
+
     @method()
-    def NotifyPush(self, payload: "ay", signature: "s"):
+    async def NotifyPush(self, payload: "ay", signature: "s"):
         """A push webhook's body and its X-Hub-Signature-256 header; a valid one refreshes."""
         try:
             self.controller.push_notification(bytes(payload), signature)
@@ -162,7 +164,7 @@ class ManagerInterface(ServiceInterface):
             raise DBusError(Error.BAD_SIGNATURE, str(exc)) from None
 
     @method()
-    def GetDeployment(self, deployment_id: "s") -> "a{sv}":
+    async def GetDeployment(self, deployment_id: "s") -> "a{sv}":
         if not deployment_id.isdigit():
             raise DBusError(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id!r}")
         try:

@@ -49,8 +49,10 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
 
 
 def _last_line(text: str) -> str:
+    """The end of a command's complaint: its last three lines (git, say, gives the cause
+    before the summary: "...: No space left on device; fatal: unpack-objects failed")."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    return "; ".join(lines[-3:])[-400:]
 
 
 async def run(

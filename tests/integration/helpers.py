@@ -65,7 +65,8 @@ class App:
 def configure(box: Sandbox, extra: str = "", repository: str = "watch = false\n") -> None:
     """Write bluegreen.toml: top-level keys and other tables in ``extra``, more [repository]
     keys in ``repository`` (by default the refresher is off: the test deploys by itself)."""
-    box.write("/etc/bluegreen/bluegreen.toml", f'{extra}\n[repository]\nurl = "{REPO}"\n{repository}')
+    url = "" if "url =" in repository else f'url = "{REPO}"\n'
+    box.write("/etc/bluegreen/bluegreen.toml", f"{extra}\n[repository]\n{url}{repository}")
 
 
 # --- D-Bus, through busctl inside the container ------------------------------------------
@@ -92,6 +93,40 @@ def call(box: Sandbox, member: str, signature: str = "", *args: str) -> Any:
         return None  # a method without a reply value
     data = unwrap(json.loads(out))
     return data[0] if len(data) == 1 else data
+
+
+DBUS_CALL = """\
+import asyncio, json, sys
+from dbus_next import BusType, Message, Variant
+from dbus_next.aio import MessageBus
+
+def value(v):
+    if isinstance(v, dict) and "variant" in v:
+        return Variant(v["variant"][0], v["variant"][1])
+    return v
+
+async def main():
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    member, signature, body = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    body = [bytes(b) if s == "ay" else ({k: value(v) for k, v in b.items()} if isinstance(b, dict) else b)
+            for s, b in zip([signature] if len(body) == 1 else sys.argv[4:] or [signature], body)]
+    reply = await bus.call(Message(destination="org.bluegreen1", path="/org/bluegreen1",
+                                   interface="org.bluegreen1.Manager", member=member,
+                                   signature=signature, body=body))
+    print(json.dumps({"error": reply.error_name or "", "message": str(reply.body[0]) if reply.body else ""}))
+
+asyncio.run(main())
+"""
+
+
+def dbus_error(box: Sandbox, member: str, signature: str, body: list[Any],
+               types: list[str] | None = None) -> dict[str, str]:
+    """Call a method with exact D-Bus types (busctl would read some arguments as its options)
+    and return the error name and message ("" when it succeeded). ``types`` gives the signature
+    of each argument when there are several; a dict may hold {"variant": [sig, value]}."""
+    out = box.run("python3", "-c", DBUS_CALL, member, signature, json.dumps(body), *(types or [])).stdout
+    result: dict[str, str] = json.loads(out)
+    return result
 
 
 def properties(box: Sandbox) -> dict[str, Any]:
@@ -164,7 +199,9 @@ def http(box: Sandbox, method: str, path: str, body: str | bytes | None = None,
             argv += ["-H", f"Content-Type: {content_type}"]
     result = subprocess.run(["nsenter", "-t", str(box.leader), "-n", *argv],
                             input=body.encode() if isinstance(body, str) else body,
-                            capture_output=True, check=True, timeout=60)
+                            capture_output=True, timeout=60)
+    if result.returncode != 0:  # no HTTP answer at all (refused, reset, timed out)
+        return Response(0, result.stderr.decode().strip())
     text, _, status = result.stdout.decode().rpartition("\n")
     try:
         parsed: Any = json.loads(text)

@@ -1,0 +1,197 @@
+"""Bad input and unwelcome callers: each gets a clear refusal, and nothing changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.helpers import (
+    REPO,
+    App,
+    Load,
+    busctl,
+    configure,
+    dbus_error,
+    deployment,
+    http,
+    properties,
+    wait_deployment,
+    wait_serving,
+)
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+MANAGER = ("org.bluegreen1", "/org/bluegreen1", "org.bluegreen1.Manager")
+CONFIG = "/etc/bluegreen/bluegreen.toml"
+EXTRA = "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+
+
+@pytest.fixture(scope="module")
+def app(box: Sandbox) -> App:
+    application = App(box)
+    application.create()
+    configure(box, EXTRA)
+    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
+    wait_serving(box)
+    return application
+
+
+def controller_pid(box: Sandbox) -> str:
+    return box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
+
+
+@pytest.mark.parametrize(("member", "signature", "body", "types", "error"), [
+    pytest.param("Deploy", "i", [5], None, "org.freedesktop.DBus.Error.UnknownMethod", id="wrong-type"),
+    pytest.param("Deploy", "s", ["--upload-pack=touch /tmp/pwned"], None, "org.bluegreen1.Error.InvalidRef",
+                 id="option-ref"),
+    pytest.param("Deploy", "s", ["../../etc/passwd"], None, "org.bluegreen1.Error.InvalidRef", id="path-ref"),
+    pytest.param("Deploy", "s", ["no-such-branch"], None, "org.bluegreen1.Error.UnknownRef",
+                 id="unknown-ref"),
+    pytest.param("Rollback", "s", ["999999"], None, "org.bluegreen1.Error.NoRollbackTarget",
+                 id="unknown-target"),
+    pytest.param("GetDeployment", "s", ["../1"], None, "org.bluegreen1.Error.NoSuchDeployment",
+                 id="bad-id"),
+    pytest.param("DeployWithOptions", "sa{sv}", ["", {"trigger": {"variant": ["s", "refresher"]}}],
+                 ["s", "a{sv}"], "org.freedesktop.DBus.Error.InvalidArgs", id="forged-trigger"),
+    pytest.param("NotifyPush", "ays", [[1, 2], "sha256=00"], ["ay", "s"], "org.bluegreen1.Error.BadSignature",
+                 id="bad-signature"),
+])
+def test_bad_dbus_calls_get_errors_and_change_nothing(box: Sandbox, app: App, member: str, signature: str,
+                                                      body: list[object], types: list[str] | None,
+                                                      error: str) -> None:
+    before, pid = wait_serving(box), controller_pid(box)
+    result = dbus_error(box, member, signature, body, types)
+    assert result["error"] == error, result
+    assert result["message"]
+    after = properties(box)
+    assert (after["LastDeployment"], after["ActiveRelease"]) == (before["LastDeployment"],
+                                                                 before["ActiveRelease"])
+    assert controller_pid(box) == pid  # the daemon keeps running
+
+
+@pytest.mark.parametrize("member", ["Deploy", "Rollback", "Refresh"])
+def test_unprivileged_callers_may_not_change_anything(box: Sandbox, app: App, member: str) -> None:
+    args = [member] if member == "Refresh" else [member, "s", ""]
+    result = busctl(box, "call", *MANAGER, *args, check=False, user="nobody")
+    assert result.returncode != 0
+    assert "Access denied" in result.stderr or "AccessDenied" in result.stderr, result.stderr
+    state = busctl(box, "get-property", *MANAGER, "State", user="nobody")
+    assert "serving" in state.stdout
+
+
+def test_concurrent_triggers_from_http_dbus_and_cli_run_one(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    app.commit("Everyone wants to deploy this")
+    script = ("for i in 1 2 3; do curl -s -o /dev/null -w 'http %{http_code}\\n' -X POST "
+              "http://127.0.0.1:5001/deploy & "
+              "busctl --system call org.bluegreen1 /org/bluegreen1 org.bluegreen1.Manager Deploy s '' "
+              "2>&1 | sed 's/^/dbus /' & "
+              "bluegreenctl deploy --no-wait 2>&1 | sed 's/^/cli /' & done; wait")
+    lines = [line for line in box.sh(script).stdout.splitlines() if line.strip()]
+    accepted = [line for line in lines if line == "http 202" or line.startswith('dbus s "')
+                or (line.startswith("cli ") and line[4:].strip().isdigit())]
+    refused = [line for line in lines if line == "http 409" or "is running" in line
+               or "being prepared" in line]
+    assert len(accepted) == 1 and len(refused) == 8, lines
+    current = properties(box)["CurrentDeployment"] or properties(box)["LastDeployment"]
+    assert all(f"deployment {current}" in line or "being prepared" in line
+               for line in refused if line != "http 409"), lines
+    record = wait_deployment(box, current)
+    assert record["state"] == "succeeded"
+    records = [d for d in json.loads(box.run("bluegreenctl", "history", "--json").stdout)
+               if int(d["id"]) > int(before["LastDeployment"])]
+    assert [d["id"] for d in records] == [current]  # the history holds exactly one new record
+
+
+def test_a_broken_config_refuses_to_start_and_never_stops_serving(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    good = box.path(CONFIG).read_text()
+    with Load(box, "--fast", "3", "--slow", "1") as load:
+        try:
+            box.path(CONFIG).write_text(good + '[api]\nlisten = "everywhere"\n')
+            result = box.run("systemctl", "restart", "bluegreen.service", check=False)
+            assert result.returncode != 0
+            time.sleep(2)
+            journal = box.journal("-u", "bluegreen.service", "-n", "20", "-o", "cat")
+            line_no = len(good.splitlines()) + 2
+            assert f"{CONFIG}:{line_no}: api.listen: 'everywhere' is not HOST:PORT" in journal, journal
+            status = box.run("systemctl", "show", "-P", "ExecMainStatus", "bluegreen.service").stdout
+            assert status.strip() == "78"
+            assert box.run("systemctl", "is-active", f"bluegreen-app@{before['ActivePort']}.service"
+                           ).stdout.strip() == "active"
+        finally:
+            box.path(CONFIG).write_text(good)
+        box.run("systemctl", "restart", "bluegreen.service")
+        after = wait_serving(box)
+    assert load.report["failed"] == 0
+    assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+
+
+@pytest.fixture()
+def garbage_remote(box: Sandbox, app: App) -> Iterator[None]:
+    """The repository URL points at a server that answers anything but git."""
+    site = box.path("/srv/garbage/app.git/info")
+    site.mkdir(parents=True)
+    (site / "refs").write_text("<html>this is not a git repository</html>\n")
+    server = box.popen_net(["/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1",
+                            "--directory", str(box.path("/srv/garbage")), "7099"])
+    configure(box, EXTRA, repository='url = "http://127.0.0.1:7099/app.git"\npoll_interval = 1\n')
+    box.run("systemctl", "restart", "bluegreen.service")
+    yield
+    server.terminate()
+    server.wait()
+    configure(box, EXTRA)
+    box.run("systemctl", "restart", "bluegreen.service")
+    assert REPO in box.path(CONFIG).read_text()
+
+
+def test_a_remote_answering_garbage_backs_off_and_serving_goes_on(box: Sandbox, app: App,
+                                                                  garbage_remote: None) -> None:
+    before = wait_serving(box)
+    with Load(box, "--fast", "2", "--slow", "0"):
+        time.sleep(8)
+    props = properties(box)
+    assert "git ls-remote" in props["RemoteError"], props
+    attempts = [line for line in box.journal("-u", "bluegreen.service", "-o", "cat", "--grep",
+                                             "cannot read").splitlines() if "(attempt" in line]
+    assert 2 <= len(attempts) <= 4  # 1 s, 2 s, 4 s: backing off, not hammering
+    assert (props["ActiveRelease"], props["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+    assert http(box, "GET", "/", port=5000).status == 200
+
+
+def test_beyond_loopback_changes_need_the_api_token(box: Sandbox, app: App) -> None:
+    config = box.path(CONFIG)
+    good = config.read_text()
+    token = "api-token-" + "x" * 24
+    box.write("/etc/bluegreen/api-token", token + "\n", mode=0o600)
+    try:
+        config.write_text(good + '[api]\nlisten = "0.0.0.0:5002"\n')
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "restart", "bluegreen-api.socket")
+        box.run("systemctl", "stop", "bluegreen-api.service")
+        assert http(box, "GET", "/status", port=5002).status == 200
+        denied = http(box, "POST", "/deploy", "{}", port=5002)
+        assert denied.status == 401 and "Bearer" in denied.body["message"]
+        wrong = _post_with_token(box, "wrong")
+        assert wrong == "401"
+        assert _post_with_token(box, token) == "202"
+        wait_deployment(box, properties(box)["CurrentDeployment"] or properties(box)["LastDeployment"])
+        assert deployment(box, properties(box)["LastDeployment"])["trigger"] == "http"
+    finally:
+        config.write_text(good)
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "stop", "bluegreen-api.service")
+        box.run("systemctl", "restart", "bluegreen-api.socket")
+    assert http(box, "POST", "/deploy", "{}").status in (202, 409)  # loopback: no token needed
+
+
+def _post_with_token(box: Sandbox, token: str) -> str:
+    return subprocess.run(
+        ["nsenter", "-t", str(box.leader), "-n", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+         "-X", "POST", "-H", f"Authorization: Bearer {token}", "http://127.0.0.1:5002/deploy"],
+        capture_output=True, text=True, check=True).stdout

@@ -1,0 +1,133 @@
+"""Faults around the app: killed forwarders and instances, a stranger on a port, power loss."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.helpers import (
+    App,
+    Load,
+    call,
+    configure,
+    deployment,
+    http,
+    properties,
+    public,
+    wait_deployment,
+    wait_serving,
+)
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+# Three ports: the serving instance, the next one, and one for a stranger.
+RANGE = "8000-8002"
+GRAB_FLAG = "/etc/bluegreen-test-grab-next-port"
+GRAB = f"""[Service]
+ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
+    systemd-run --unit=stranger-%i /usr/bin/python3 -m http.server --bind 127.0.0.1 %i; sleep 1; fi'
+"""
+
+
+@pytest.fixture(scope="module")
+def app(box: Sandbox) -> App:
+    application = App(box)
+    application.create()
+    configure(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
+                   f'[ports]\nrange = "{RANGE}"\n[health]\ninterval = 0.2\ntimeout = 0.5\n')
+    box.write("/etc/systemd/system/bluegreen-app@.service.d/grab.conf", GRAB)
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    return application
+
+
+def wait_back(box: Sandbox, since: float, timeout: float = 30) -> float:
+    """Seconds from ``since`` until port 5000 answers again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http(box, "GET", "/", port=5000).status == 200:
+            return time.time() - since
+        time.sleep(0.02)
+    raise AssertionError("port 5000 did not answer again")
+
+
+@pytest.mark.parametrize("kind", ["forward", "app"])
+def test_a_killed_forwarder_or_instance_comes_back(box: Sandbox, app: App, kind: str) -> None:
+    props = wait_serving(box)
+    unit = f"bluegreen-{kind}@{props['ActivePort']}.service"
+    with Load(box, "--fast", "3", "--slow", "0") as load:
+        time.sleep(1)
+        killed = time.time()
+        box.run("systemctl", "kill", "--signal=SIGKILL", unit)
+        time.sleep(0.05)
+        back = wait_back(box, killed)
+        time.sleep(1)
+    report = load.report
+    print(f"\n{unit} killed: port 5000 answered again after {back:.2f} s; "
+          f"{report['failed']} of {report['requests']} requests failed {report['failures_by_kind']}, "
+          f"longest gap between successes {report['longest_gap']:.2f} s")
+    assert back < 10
+    wait_serving(box, timeout=60)
+    assert public(box)["release"] == props["ActiveRelease"]
+    for failure in report["failures"]:
+        assert killed - 0.1 <= failure["start"] <= killed + back + 1, failure
+
+
+def test_a_port_held_by_a_stranger_is_never_used(box: Sandbox, app: App) -> None:
+    props = wait_serving(box)
+    free = [port for port in range(8000, 8003) if port != props["ActivePort"]]
+    stranger = free[0]
+    box.run("systemd-run", "--unit=stranger", "/usr/bin/python3", "-m", "http.server", "--bind",
+            "127.0.0.1", str(stranger))
+    try:
+        time.sleep(1)
+        app.commit("Beside a stranger")
+        record = wait_deployment(box, call(box, "Deploy", "s", ""))
+        assert record["state"] == "succeeded", record
+        assert record["port"] == free[1]
+        assert "GET" not in box.journal("-u", "stranger.service", "-o", "cat")
+    finally:
+        box.run("systemctl", "stop", "stranger.service", check=False)
+
+
+def test_a_port_grabbed_before_gunicorn_binds_it_is_given_up(box: Sandbox, app: App) -> None:
+    wait_serving(box)
+    box.write(GRAB_FLAG, "")
+    app.commit("Its first port is stolen")
+    with Load(box, "--fast", "2", "--slow", "1") as load:
+        record = wait_deployment(box, call(box, "Deploy", "s", ""))
+    assert record["state"] == "succeeded", record
+    strangers = box.run("systemctl", "list-units", "--plain", "--no-legend", "stranger-*").stdout.split()
+    assert strangers, "the drop-in did not grab a port"
+    grabbed = int(strangers[0].split("-")[1].split(".")[0])
+    try:
+        assert record["port"] != grabbed
+        assert "was taken by another program" in box.journal("-u", "bluegreen.service", "-o", "cat")
+        assert "GET" not in box.journal("-u", strangers[0], "-o", "cat")
+        assert load.report["failed"] == 0
+    finally:
+        box.run("systemctl", "stop", strangers[0], check=False)
+
+
+def test_after_a_power_loss_mid_deploy_the_last_good_release_serves(box: Sandbox, app: App) -> None:
+    good = wait_serving(box)["ActiveRelease"]
+    app.commit("Interrupted by a power loss")
+    deploying = call(box, "Deploy", "s", "")
+    deadline = time.monotonic() + 30
+    while deployment(box, deploying)["steps"][-1][0] not in ("start", "health"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    box.power_cycle()
+    props = wait_serving(box, timeout=90)
+    assert props["ActiveRelease"] == good
+    assert public(box)["release"] == good
+    assert deployment(box, deploying)["state"] == "interrupted"
+    last = deployment(box, props["LastDeployment"])
+    assert (last["trigger"], last["state"], last["commit"]) == ("startup", "succeeded", good)
+    running = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
+                      "bluegreen-app@*", "bluegreen-forward@*").stdout.split("\n")
+    assert len([line for line in running if line.strip()]) == 2
+    assert properties(box)["Healthy"]
