@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bluegreen import client, httpapi
 from bluegreen.client import ApiError
@@ -23,6 +26,10 @@ class StubClient:
             raise self.error
         self.deployed.append((ref, trigger))
         return "12"
+
+    async def rollback(self, target: str = "") -> str:
+        self.deployed.append((target, "rollback"))
+        return "13"
 
     async def status(self) -> dict[str, Any]:
         return {"State": "serving", "ActiveRelease": "a" * 40, "ActivePort": 8123, "PublicPort": 5000,
@@ -98,3 +105,48 @@ def test_history_limit_is_validated(stub: StubClient, web: FlaskClient) -> None:
     missing = web.get("/nowhere")
     assert missing.status_code == 404
     assert missing.json is not None and missing.json["error"] == "NotFound"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children,
+                                                                       max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=json_values | st.dictionaries(st.sampled_from(["ref", "target", "x"]), json_values, max_size=2))
+def test_any_json_body_gets_an_answer_never_a_crash(body: object) -> None:
+    with stubbed() as web:
+        for path in ("/deploy", "/rollback"):
+            response = web.post(path, json=body)
+            assert response.status_code in (202, 400), (path, body, response.json)
+            assert response.json is not None
+            if response.status_code == 400:
+                assert response.json["error"] == "BadRequest" and response.json["message"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_any_bytes_as_a_body_get_an_answer(raw: bytes) -> None:
+    with stubbed() as web:
+        response = web.post("/deploy", data=raw, content_type="application/json")
+    assert response.status_code in (202, 400), response.status_code
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[FlaskClient]:
+    """A test client whose D-Bus calls reach a StubClient (hypothesis runs many examples in one
+    test, which a function-scoped fixture would not reset)."""
+    instance = StubClient()
+
+    def call(function: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+        return asyncio.run(function(instance))
+
+    original = client.call
+    client.call = call  # type: ignore[assignment]
+    try:
+        with httpapi.app.test_client() as web:
+            yield web
+    finally:
+        client.call = original
