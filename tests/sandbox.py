@@ -156,9 +156,15 @@ class Sandbox:
 
     def install_deb(self, deb: Path) -> subprocess.CompletedProcess[str]:
         """apt-get install the package; the container's network has nothing to download from,
-        so every dependency must already be installed on the host."""
+        so every dependency must already be installed on the host.
+
+        The .deb is copied in first: the host path may lie where the container sees something
+        else (its /tmp, say, is a tmpfs of its own)."""
+        inside = f"/var/cache/bluegreen-sandbox/{deb.name}"
+        self.path(inside).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(deb, self.path(inside))
         return self.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
-                        str(deb.resolve()), timeout=300)
+                        inside, timeout=300)
 
     def _wait_leader(self) -> int:
         assert self.nspawn is not None
