@@ -6,7 +6,6 @@ Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentSt
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from dbus_next import DBusError, Variant
@@ -35,6 +34,10 @@ class Error:
     INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
+# Properties announced with PropertiesChanged when the controller reports a change.
+_CHANGING = ("State", "ActiveRelease", "ActivePort", "PublicPort", "CurrentDeployment",
+             "LastDeployment", "Healthy", "HealthReason")
+
 _CLIENT_TRIGGERS = {Trigger.DBUS, Trigger.HTTP, Trigger.CLI}
 
 
@@ -56,11 +59,6 @@ def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
         "reason": Variant("s", d.reason),
         "steps": Variant("a(sdd)", [[s.step, s.started, s.finished or 0.0] for s in d.steps]),
     }
-
-
-def public_url(url: str) -> str:
-    """The repository URL without credentials, fit to show anyone."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^@/]*@", r"\1", url)
 
 
 class ManagerInterface(ServiceInterface):
@@ -88,20 +86,8 @@ class ManagerInterface(ServiceInterface):
             self.emit_properties_changed(diff)
 
     def _properties(self) -> dict[str, Any]:
-        c = self.controller
-        healthy, reason = c.health()
-        current = c.current
-        last = c.last_deployment()
-        return {
-            "State": c.state,
-            "ActiveRelease": c.serving.release if c.serving else "",
-            "ActivePort": c.serving.port if c.serving else 0,
-            "PublicPort": c.config.ports.public,
-            "CurrentDeployment": str(current.id) if current else "",
-            "LastDeployment": str(last.id) if last else "",
-            "Healthy": healthy,
-            "HealthReason": reason,
-        }
+        """The properties that change, as their getters give them."""
+        return {name: getattr(self, name) for name in _CHANGING}
 
     # --- methods ---------------------------------------------------------------------------
 
@@ -205,11 +191,13 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def ActiveRelease(self) -> "s":
-        return str(self._properties()["ActiveRelease"])
+        serving = self.controller.serving
+        return serving.release if serving else ""
 
     @dbus_property(access=PropertyAccess.READ)
     def ActivePort(self) -> "q":
-        return int(self._properties()["ActivePort"])
+        serving = self.controller.serving
+        return serving.port if serving else 0
 
     @dbus_property(access=PropertyAccess.READ)
     def PublicPort(self) -> "q":
@@ -217,11 +205,13 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def CurrentDeployment(self) -> "s":
-        return str(self._properties()["CurrentDeployment"])
+        current = self.controller.current
+        return str(current.id) if current else ""
 
     @dbus_property(access=PropertyAccess.READ)
     def LastDeployment(self) -> "s":
-        return str(self._properties()["LastDeployment"])
+        last = self.controller.last_deployment()
+        return str(last.id) if last else ""
 
     @dbus_property(access=PropertyAccess.READ)
     def Healthy(self) -> "b":
@@ -233,7 +223,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Repository(self) -> "s":
-        return public_url(self.controller.config.repository.url)
+        return self.controller.repository.public_url
 
     @dbus_property(access=PropertyAccess.READ)
     def Branch(self) -> "s":

@@ -103,12 +103,3 @@ async def drain_stop(systemd: Systemd, port: int) -> None:
         await systemd.stop_unit(unit(port, kind))
         await systemd.reset_failed(unit(port, kind))
 
-
-async def targets(systemd: Systemd) -> list[int]:
-    """Target ports of the forwarders that run (normally one; two during a switch)."""
-    ports = []
-    for status in await systemd.list_units(*PATTERNS):
-        port = port_of(status.name)
-        if port is not None and status.is_running:
-            ports.append(port)
-    return sorted(ports)

@@ -220,11 +220,6 @@ class History:
                               "ORDER BY id DESC LIMIT 1", (str(State.SUCCEEDED), serving)).fetchone()
         return _row(row) if row else None
 
-    def latest_of(self, commit: str) -> Deployment | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE commit_sha = ? "
-                              "ORDER BY id DESC LIMIT 1", (commit,)).fetchone()
-        return _row(row) if row else None
-
     def prune(self, keep: int) -> int:
         """Delete all but the newest ``keep`` records (never a running one); return how many."""
         with self._transaction() as db:

@@ -107,11 +107,3 @@ async def foreign_listener(systemd: Systemd, port: int) -> str | None:
                 f"(uid {strangers[0].uid}, not {unit(port)}'s {status.uid})")
     return None
 
-
-async def running_ports(systemd: Systemd) -> list[int]:
-    ports = []
-    for status in await systemd.list_units(PATTERN):
-        port = port_of(status.name)
-        if port is not None and status.is_running:
-            ports.append(port)
-    return sorted(ports)

@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -123,17 +123,13 @@ def sockets(states: int = ALL_STATES, port: int | None = None) -> list[TcpSocket
     return found
 
 
-def listeners(port: int, table: Iterable[TcpSocket] | None = None) -> list[TcpSocket]:
-    if table is None:
-        return sockets(1 << TcpState.LISTEN, port)
-    return [s for s in table if s.local_port == port and s.state == TcpState.LISTEN]
+def listeners(port: int) -> list[TcpSocket]:
+    return sockets(1 << TcpState.LISTEN, port)
 
 
-def served_connections(port: int, table: Iterable[TcpSocket] | None = None) -> int:
+def served_connections(port: int) -> int:
     """Connections a server on ``port`` still holds: accepted or waiting to be accepted."""
-    if table is None:
-        return len(sockets(SERVED_STATES, port))
-    return sum(1 for s in table if s.local_port == port and (1 << s.state) & SERVED_STATES)
+    return len(sockets(SERVED_STATES, port))
 
 
 def bindable(port: int, host: str = "127.0.0.1") -> bool:

@@ -8,6 +8,7 @@ stopped, and deployments a dead controller left running are recorded as interrup
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bluegreen import forwarder, instances
@@ -20,6 +21,14 @@ from bluegreen.systemd import Systemd
 log = logging.getLogger(__name__)
 
 
+async def running_ports(systemd: Systemd, patterns: Sequence[str],
+                        port_of: Callable[[str], int | None]) -> list[int]:
+    """The ports named by the running units that match ``patterns``."""
+    ports = [port_of(status.name) for status in await systemd.list_units(*patterns)
+             if status.is_running]
+    return sorted(port for port in ports if port is not None)
+
+
 async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Serving | None:
     try:
         interrupted = history.mark_interrupted("the controller stopped during this deployment")
@@ -30,8 +39,9 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
         log.warning("deployment %d was interrupted (the controller stopped at step %s)", record.id,
                     record.steps[-1].step if record.steps else "resolve",
                     extra=fields(deployment_id=record.id, release=record.commit))
-    targets = await forwarder.targets(systemd)
-    running = await instances.running_ports(systemd)
+    # Forwarders that run: normally one, two when the controller died during a switch.
+    targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
+    running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")

@@ -48,7 +48,7 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _last_line(text: str) -> str:
+def _tail(text: str) -> str:
     """The end of a command's complaint: its last three lines (git, say, gives the cause
     before the summary: "...: No space left on device; fatal: unpack-objects failed")."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -103,6 +103,6 @@ async def run(
         err.decode("utf-8", "replace"),
     )
     if check and result.returncode != 0:
-        detail = _last_line(result.stderr) or _last_line(result.stdout) or "no output"
+        detail = _tail(result.stderr) or _tail(result.stdout) or "no output"
         raise CommandError(argv, f"exit status {result.returncode}: {detail}", result.stderr)
     return result

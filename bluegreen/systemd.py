@@ -234,8 +234,3 @@ class Systemd:
 def _uid(value: int) -> int:
     return -1 if value == 0xFFFFFFFF else value
 
-
-async def connect_system_bus() -> MessageBus:
-    from dbus_next import BusType
-
-    return await MessageBus(bus_type=BusType.SYSTEM).connect()
