@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,46 @@ class App:
         git(self.work, "commit", "-q", "--allow-empty", "-m", message)
         git(self.work, "push", "-q", str(self.bare), "main")
         return git(self.work, "rev-parse", "HEAD")
+
+
+# A stand-in for the sample app whose health check a test writes: append "HEALTH = ..."
+# (a callable returning a Flask answer; STARTED is when the app was imported).
+SCRIPTED_APP = '''import os, time
+from flask import Flask, jsonify
+
+app = Flask(__name__)
+STARTED = time.monotonic()
+
+
+@app.get("/")
+def index():
+    return jsonify(version="scripted", release=os.environ.get("BLUEGREEN_RELEASE"))
+
+
+@app.get("/slow")
+def slow():
+    time.sleep(3)
+    return jsonify(version="scripted")
+
+
+@app.get("/health")
+def health():
+    return HEALTH()
+'''
+
+
+def serving_app(box: Sandbox, extra: str = "", repository: str = "watch = false\n",
+                prepare: Callable[[], object] | None = None) -> App:
+    """The sample app's repository, bluegreen configured for it (see configure), ``prepare``
+    run, bluegreen started, and the first release serving."""
+    application = App(box)
+    application.create()
+    configure(box, extra, repository)
+    if prepare is not None:
+        prepare()
+    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
+    wait_serving(box)
+    return application
 
 
 def configure(box: Sandbox, extra: str = "", repository: str = "watch = false\n") -> None:

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     deployment,
     http,
     properties,
+    serving_app,
     wait_deployment,
     wait_serving,
 )
@@ -33,12 +34,7 @@ EXTRA = "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, EXTRA)
-    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
-    wait_serving(box)
-    return application
+    return serving_app(box, EXTRA)
 
 
 def controller_pid(box: Sandbox) -> str:

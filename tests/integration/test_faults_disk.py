@@ -10,9 +10,9 @@ from tests.integration.helpers import (
     Load,
     busctl,
     call,
-    configure,
     properties,
     public,
+    serving_app,
     wait_deployment,
     wait_serving,
 )
@@ -25,15 +25,13 @@ STATE = "/var/lib/bluegreen"
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
-                   '[release]\nbuild_command = "test ! -e FILL || head -c 100000000 /dev/zero > filler"\n')
-    box.run("mkdir", "-p", STATE)
-    box.run("mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", STATE)
-    box.run("systemctl", "start", "bluegreen.service")
-    wait_serving(box)
-    return application
+    def small_state_directory() -> None:
+        box.run("mkdir", "-p", STATE)
+        box.run("mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", STATE)
+
+    fill = "test ! -e FILL || head -c 100000000 /dev/zero > filler"
+    return serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+                       f'[release]\nbuild_command = "{fill}"\n', prepare=small_state_directory)
 
 
 def integrity(box: Sandbox) -> str:

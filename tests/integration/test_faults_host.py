@@ -10,11 +10,11 @@ from tests.integration.helpers import (
     App,
     Load,
     call,
-    configure,
     deployment,
     http,
     properties,
     public,
+    serving_app,
     wait_deployment,
     wait_serving,
 )
@@ -33,15 +33,13 @@ ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
-                   f'[ports]\nrange = "{RANGE}"\n[health]\ninterval = 0.2\ntimeout = 0.5\n')
-    box.write("/etc/systemd/system/bluegreen-app@.service.d/grab.conf", GRAB)
-    box.run("systemctl", "daemon-reload")
-    box.run("systemctl", "start", "bluegreen.service")
-    wait_serving(box)
-    return application
+    def grabbing_drop_in() -> None:
+        box.write("/etc/systemd/system/bluegreen-app@.service.d/grab.conf", GRAB)
+        box.run("systemctl", "daemon-reload")
+
+    return serving_app(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
+                       f'[ports]\nrange = "{RANGE}"\n[health]\ninterval = 0.2\ntimeout = 0.5\n',
+                       prepare=grabbing_drop_in)
 
 
 def wait_back(box: Sandbox, since: float, timeout: float = 30) -> float:

@@ -10,12 +10,13 @@ import time
 import pytest
 
 from tests.integration.helpers import (
+    SCRIPTED_APP,
     App,
     Load,
-    configure,
     deployment,
     properties,
     public,
+    serving_app,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -24,55 +25,27 @@ pytestmark = pytest.mark.integration
 
 DEADLINE = 5
 
-APP = '''import os, time
-from flask import Flask, jsonify
-
-app = Flask(__name__)
-STARTED = time.monotonic()
-
-
-@app.get("/")
-def index():
-    return jsonify(version="faulty", release=os.environ.get("BLUEGREEN_RELEASE"))
-
-
-@app.get("/slow")
-def slow():
-    time.sleep(3)
-    return jsonify(version="faulty")
-
-
-@app.get("/health")
-def health():
-    return HEALTH()
-'''
-
 CASES = {
-    "import": ("import no_such_module\n" + APP + "HEALTH = lambda: 'ok'\n", "verify",
+    "import": ("import no_such_module\n" + SCRIPTED_APP + "HEALTH = lambda: 'ok'\n", "verify",
                "No module named 'no_such_module'"),
-    "http-500": (APP + "HEALTH = lambda: ('broken', 500)\n", "health", "HTTP 500"),
+    "http-500": (SCRIPTED_APP + "HEALTH = lambda: ('broken', 500)\n", "health", "HTTP 500"),
     # Imports fine when verified, hangs in the instance (where BLUEGREEN_PORT is set).
     "never-starts": ("import os, time\nif os.environ.get('BLUEGREEN_PORT'):\n    time.sleep(3600)\n"
-                     + APP + "HEALTH = lambda: 'ok'\n", "health",
+                     + SCRIPTED_APP + "HEALTH = lambda: 'ok'\n", "health",
                      f"not healthy within {DEADLINE} s; last check: no answer"),
-    "healthy-too-late": (APP + "HEALTH = lambda: 'ok' if time.monotonic() - STARTED > 15 "
+    "healthy-too-late": (SCRIPTED_APP + "HEALTH = lambda: 'ok' if time.monotonic() - STARTED > 15 "
                          "else ('warming up', 503)\n", "health", f"not healthy within {DEADLINE} s"),
     # Passing 0.3 s of every second (in every worker alike): probes 0.2 s apart never see
     # healthy_threshold (3) passes in a row.
-    "flapping": (APP + "HEALTH = lambda: 'ok' if time.time() % 1 < 0.3 else ('flap', 500)\n",
+    "flapping": (SCRIPTED_APP + "HEALTH = lambda: 'ok' if time.time() % 1 < 0.3 else ('flap', 500)\n",
                  "health", f"not healthy within {DEADLINE} s"),
 }
 
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, "post_switch_watch = 3\n[app]\nworkers = 4\n"
-                   f"[health]\ninterval = 0.2\ntimeout = 1\nhealthy_threshold = 3\ndeadline = {DEADLINE}\n")
-    box.run("systemctl", "start", "bluegreen.service")
-    wait_serving(box)
-    return application
+    return serving_app(box, "post_switch_watch = 3\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+                       f"timeout = 1\nhealthy_threshold = 3\ndeadline = {DEADLINE}\n")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -90,7 +63,9 @@ def test_a_faulty_release_never_receives_traffic(box: Sandbox, app: App, case: s
     record = deployment(box, properties(box)["LastDeployment"])
     assert (record["state"], record["failed_step"]) == ("failed", step)
     assert reason in record["reason"]
-    if record["port"]:
+    if step == "verify":
+        assert record["port"] == 0  # refused before any unit started
+    else:
         state = box.run("systemctl", "is-active", f"bluegreen-app@{record['port']}.service", check=False)
         assert state.stdout.strip() in ("inactive", "failed")
     after = properties(box)

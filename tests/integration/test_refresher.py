@@ -10,9 +10,9 @@ import pytest
 from tests.integration.helpers import (
     App,
     call,
-    configure,
     http,
     properties,
+    serving_app,
     wait_for_commit,
     wait_serving,
 )
@@ -26,14 +26,9 @@ BUILD_FAILS = "echo building; echo 'compiler says no' >&2; exit 3"
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, "post_switch_watch = 1\n[health]\ninterval = 0.2\n"
-                   '[release]\nbuild_command = "test ! -e BUILD_FAILS || sh BUILD_FAILS"\n',
-              repository=f"poll_interval = {POLL:g}\n")
-    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
-    wait_serving(box)
-    return application
+    return serving_app(box, "post_switch_watch = 1\n[health]\ninterval = 0.2\n"
+                       '[release]\nbuild_command = "test ! -e BUILD_FAILS || sh BUILD_FAILS"\n',
+                       repository=f"poll_interval = {POLL:g}\n")
 
 
 def units_started_since(box: Sandbox, since: float) -> list[str]:

@@ -7,14 +7,15 @@ import json
 import pytest
 
 from tests.integration.helpers import (
+    SCRIPTED_APP,
     App,
     Load,
     call,
-    configure,
     deployment,
     http,
     properties,
     public,
+    serving_app,
     wait_deployment,
     wait_serving,
 )
@@ -26,42 +27,14 @@ KEEP = 2
 
 # Healthy long enough to pass the health step and the switch, then its health check fails
 # (while "/" goes on answering): only the post-switch watch can catch it.
-SOURS_AFTER_START = '''import os, time
-from flask import Flask, jsonify
-
-app = Flask(__name__)
-STARTED = time.monotonic()
-VERSION = open(os.path.join(os.path.dirname(__file__), "VERSION")).read().strip()
-
-
-@app.get("/")
-def index():
-    return jsonify(version=VERSION, release=os.environ.get("BLUEGREEN_RELEASE"))
-
-
-@app.get("/slow")
-def slow():
-    time.sleep(3)
-    return jsonify(version=VERSION)
-
-
-@app.get("/health")
-def health():
-    if time.monotonic() - STARTED > 2.5:
-        return "sour", 500
-    return "fine"
-'''
+SOURS_AFTER_START = SCRIPTED_APP + (
+    "HEALTH = lambda: 'fine' if time.monotonic() - STARTED <= 2.5 else ('sour', 500)\n")
 
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    application = App(box)
-    application.create()
-    configure(box, "post_switch_watch = 5\n[app]\nworkers = 4\n"
-                   f"[health]\ninterval = 0.2\nunhealthy_threshold = 3\n[release]\nkeep = {KEEP}\n")
-    box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
-    wait_serving(box)
-    return application
+    return serving_app(box, "post_switch_watch = 5\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+                       f"unhealthy_threshold = 3\n[release]\nkeep = {KEEP}\n")
 
 
 def deploy(box: Sandbox, app: App, message: str) -> dict[str, object]:
