@@ -110,6 +110,11 @@ class Client:
         (raw,) = await self._call("ListInstances")
         return [{"port": port, "state": state, "release": release} for port, state, release in raw]
 
+    async def workers(self) -> list[dict[str, Any]]:
+        (raw,) = await self._call("ListWorkers")
+        return [{"port": port, "name": name, "state": state, "release": release}
+                for port, name, state, release in raw]
+
     async def follow(self, start: Callable[[], Awaitable[str]],
                      on_step: Callable[[str, str, int], None] = lambda step, release, port: None,
                      ) -> dict[str, Any]:

@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PATH = Path("/etc/bluegreen/bluegreen.toml")
+# The app's own data, kept across releases (StateDirectory=bluegreen/data of its units).
+DATA_DIR = Path("/var/lib/bluegreen/data")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, key and reason."""
+
+
+class Network(StrEnum):
+    """What the app's processes may reach (see the app unit's IPAddressDeny=)."""
+
+    ANY = "any"
+    LOOPBACK = "loopback"
 
 
 class Forwarder(StrEnum):
@@ -72,6 +81,7 @@ class RepositoryConfig:
 class ReleaseConfig:
     build_command: str = ""
     check_command: str = ""
+    migrate_command: str = ""
     timeout: float = 600.0
     keep: int = 5
 
@@ -83,6 +93,9 @@ class AppConfig:
     workers: int = 2
     worker_class: str = "sync"
     team: str = ""
+    health_host: str = "localhost"
+    network: Network = Network.ANY
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class Config:
     drain_timeout: float = 30.0
     post_switch_watch: float = 10.0
     history_limit: int = 1000
+    processes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source: str = "built-in defaults"
 
     def to_json(self) -> str:
@@ -200,6 +214,72 @@ def _repository_url(value: Any) -> str:
     return url
 
 
+class TableError(ValueError):
+    """A bad entry of a table of names (``[app.environment]``, ``[processes]``)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        super().__init__(reason)
+
+
+ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set by bluegreen or by systemd for every process of the app: a setting must not hide them.
+RESERVED_ENVIRONMENT = frozenset({
+    "PATH", "VIRTUAL_ENV", "CREDENTIALS_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM",
+    "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "MAINPID", "NOTIFY_SOCKET", "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+})
+
+
+def environment_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an environment variable of the app (None if it can)."""
+    if not ENVIRONMENT_NAME.fullmatch(name):
+        return "not a valid environment variable name (letters, digits, '_'; not a digit first)"
+    if name.startswith("BLUEGREEN_") or name in RESERVED_ENVIRONMENT:
+        return f"{name} is set by bluegreen or systemd and cannot be overridden"
+    return None
+
+
+def _environment_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of NAME = \"value\", got {type(value).__name__}")
+    result = {}
+    for name, setting in value.items():
+        problem = environment_name_problem(name)
+        if problem:
+            raise TableError(name, problem)
+        if not isinstance(setting, str):
+            raise TableError(name, f"expected a string (quote it: {name} = \"{setting}\"), "
+                             f"got {type(setting).__name__}")
+        if "\n" in setting or "\0" in setting:
+            raise TableError(name, "a value cannot contain a newline or NUL")
+        result[name] = setting
+    return result
+
+
+PROCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+# "web" is the instance bluegreen runs itself, "release" the release phase (migrate_command).
+RESERVED_PROCESSES = frozenset({"web", "release"})
+
+
+def _process_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of NAME = \"command\", got {type(value).__name__}")
+    result = {}
+    for name, command in value.items():
+        if not PROCESS_NAME.fullmatch(name):
+            raise TableError(name, "not a process name (letters, digits, '-', '_'; at most 32)")
+        if name in RESERVED_PROCESSES:
+            raise TableError(name, f"{name!r} is not a worker: use "
+                             + ("app.wsgi" if name == "web" else "release.migrate_command"))
+        if not isinstance(command, str):
+            raise TableError(name, f"expected a shell command as a string, got {type(command).__name__}")
+        if "\n" in command or "\0" in command:
+            raise TableError(name, "a command cannot contain a newline or NUL")
+        result[name] = command
+    return result
+
+
 def parse_port_range(value: Any) -> PortRange:
     if not isinstance(value, str):
         raise ValueError(f"expected a string like '8000-8999', got {type(value).__name__}")
@@ -259,6 +339,15 @@ KEYS: tuple[Key, ...] = (
     Key("app", "team", _string(r"[A-Za-z0-9_-]*", "letters, digits, '-' or '_'"),
         "Team identifier, exported to the app as TEAM_NUMBER and substituted for {team} "
         "in repository.url."),
+    Key("app", "health_host", _string(r"[A-Za-z0-9.:\[\]-]+", "a host name"),
+        "Host header of the health checks (apps that check Host, as Django's ALLOWED_HOSTS "
+        "does, must accept it)."),
+    Key("app", "network", _choice(Network),
+        "What the app's processes may reach: \"any\" (its database, DNS, APIs) or "
+        "\"loopback\" (this host only)."),
+    Key("app", "environment", _environment_table,
+        "Table of NAME = \"value\" settings for every process of the app (instances, the "
+        "release phase, workers); {data_dir} is replaced by the data directory."),
     Key("ports", "public", _integer(1, 65535), "Port the forwarder listens on for clients."),
     Key("ports", "range", parse_port_range, "Ports instances are started on, FIRST-LAST."),
     Key("api", "listen", parse_listen_address, "Address of the HTTP API socket, HOST:PORT."),
@@ -274,8 +363,12 @@ KEYS: tuple[Key, ...] = (
         "Shell command run in a new release's directory before it is verified (empty: none)."),
     Key("release", "check_command", _command,
         "Shell command that must succeed in a new release's directory (empty: none)."),
+    Key("release", "migrate_command", _command,
+        "Shell command run once per deploy before the new release starts, as the app's user "
+        "with its environment (e.g. \"flask db upgrade\"). Empty: the Procfile's release: line."),
     Key("release", "timeout", _number(1, 7200),
-        "Seconds the build and check commands may take, each."),
+        "Seconds the dependency install and the build, check and migrate commands may take, "
+        "each."),
     Key("release", "keep", _integer(1, 1000),
         "Releases kept on disk, besides the serving one and the rollback target."),
     Key(None, "forwarder", _choice(Forwarder),
@@ -288,7 +381,13 @@ KEYS: tuple[Key, ...] = (
         "if it turns unhealthy then, traffic goes back to the old one (0: no watch)."),
     Key(None, "history_limit", _integer(10, 1000000),
         "Deployment records kept; older ones are deleted."),
+    Key(None, "processes", _process_table,
+        "Table of NAME = \"command\": the app's workers, added to (or replacing) the "
+        "Procfile's process types; \"\" removes one."),
 )
+
+# Keys whose value is a table of the user's own names, not a section of known keys.
+_TABLES = {(key.section, key.name) for key in KEYS if key.parse in (_environment_table, _process_table)}
 
 _SECTIONS = {key.section for key in KEYS if key.section}
 
@@ -319,7 +418,9 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     known = {(key.section, key.name): key for key in KEYS}
     values: dict[tuple[str | None, str], Any] = {}
     for name, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and (None, name) in _TABLES:
+            values[(None, name)] = value
+        elif isinstance(value, dict):
             if name not in _SECTIONS:
                 raise error(None, name, f"unknown section [{name}]")
             for sub, subvalue in value.items():
@@ -338,6 +439,13 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     for where, value in values.items():
         try:
             parsed[where] = known[where].parse(value)
+        except TableError as exc:
+            table = ".".join(part for part in where if part)
+            line = _line_of(text, table, exc.name) if text else None
+            if line is None and text:
+                line = _line_of(text, where[0], where[1])
+            place = f"{source}:{line}" if line else source
+            raise ConfigError(f"{place}: {table}.{exc.name}: {exc}") from None
         except ValueError as exc:
             raise error(where[0], where[1], str(exc)) from None
 
@@ -403,6 +511,10 @@ def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) ->
         table[name] = _environment_value(variable, raw)
 
     config = load_mapping(data, source=str(path), text=text)
+    if "{data_dir}" in "".join(config.app.environment.values()):
+        environment = {name: value.replace("{data_dir}", str(DATA_DIR))
+                       for name, value in config.app.environment.items()}
+        config = dataclasses.replace(config, app=dataclasses.replace(config.app, environment=environment))
     if config.app.team and "{team}" in config.repository.url:
         url = config.repository.url.replace("{team}", config.app.team)
         config = dataclasses.replace(config, repository=dataclasses.replace(config.repository, url=url))

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from bluegreen import forwarder, health, instances, refresher
+from bluegreen import forwarder, health, instances, procfile, refresher, workers
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Serving
+from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.history import (
     Deployment,
     History,
@@ -85,16 +86,22 @@ class Paths:
     def releases(self) -> Path:
         return self.state / "releases"
 
+    @property
+    def environments(self) -> Path:
+        return self.state / "environments"
+
 
 _STEP_TEXT = {
     Step.MATERIALIZE: "materializing release {commit}",
     Step.VERIFY: "verifying release {commit}",
+    Step.MIGRATE: "running the release phase of {commit}",
     Step.START: "starting {instance}",
     Step.HEALTH: "checking {health} on port {port}",
     Step.SWITCH: "switching port {public} to port {port}",
     Step.DRAIN: "draining the old forwarder and instance on port {port}",
     Step.WATCH: "watching the new release on port {port}",
     Step.ROLLBACK: "switching port {public} back to the old instance on port {port}",
+    Step.WORKERS: "starting the workers of {commit}, stopping the old ones",
     Step.STOP_OLD: "stopping the old instance {instance}",
 }
 
@@ -111,8 +118,9 @@ class Controller:
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
                                      self.secrets)
         self.releases = Releases(paths.releases)
-        self.deployer = Deployer(config, systemd, self.repository, self.releases, paths.runtime,
-                                 self._on_step)
+        self.environments = Environments(paths.environments)
+        self.deployer = Deployer(config, systemd, self.repository, self.releases,
+                                 self.environments, paths.runtime, self._on_step)
         self.observers: list[Observer] = []
         self.notify_status = notify_status
         self.serving: Serving | None = None
@@ -120,7 +128,8 @@ class Controller:
         self._preparing: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.monitor = health.Monitor(config.app.health_path, config.health,
-                                      self._monitor_target, self._on_health_change)
+                                      self._monitor_target, self._on_health_change,
+                                      config.app.health_host)
         self.refresher = refresher.Refresher(
             self.repository, config.repository.poll_interval, self._refresher_deploy,
             lambda: self.history.get_setting(SEEN_HEAD),
@@ -306,6 +315,16 @@ class Controller:
                                        protected):
             log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
                      extra=fields(release=sha))
+        in_use = set()
+        for sha in self.releases.on_disk():
+            try:
+                wanted = dependencies(self.releases.path(sha))
+            except DependencyError:
+                continue
+            if wanted is not None:
+                in_use.add(wanted.digest)
+        for key in self.environments.prune(in_use):
+            log.info("deleted environment %s: no release on disk uses it", key)
         try:
             self.history.prune(self.config.history_limit)
         except HistoryError as exc:
@@ -405,12 +424,38 @@ class Controller:
             log.error("%s; deployments will fail at the switch", exc)
         self.releases.remove_incomplete()
         self.serving = await reconcile(self.systemd, self.paths.runtime, self.history)
+        if self.serving is not None:
+            await self._adopt_workers(self.serving)
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="health-monitor"))
         if self.serving is None and self.config.repository.url:
             await self._startup_deploy()
         if self.config.repository.url and self.config.repository.watch:
             self._tasks.append(asyncio.create_task(self.refresher.run(), name="refresher"))
         self._changed()
+
+    async def _adopt_workers(self, serving: Serving) -> None:
+        """Start the serving release's workers that do not run (a controller that died between
+        the switch and the workers step left them unstarted)."""
+        env = instances.read_env(self.paths.runtime, serving.port)
+        release_dir = env.get("BLUEGREEN_RELEASE_DIR", "")
+        if not release_dir:
+            return
+        for name in ("BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS", "BLUEGREEN_PORT"):
+            env.pop(name, None)
+        try:
+            wanted = procfile.processes(Path(release_dir), self.config.release.migrate_command,
+                                        self.config.processes).workers
+        except procfile.ProcfileError as exc:
+            log.error("workers of %s not adopted: %s", serving.release[:12], exc)
+            return
+        running = {w.name for w in await workers.listing(self.systemd, self.paths.runtime)
+                   if w.port == serving.port and w.state.startswith(("active", "activating"))}
+        missing = {name: command for name, command in wanted.items() if name not in running}
+        if missing:
+            log.warning("starting the workers %s of the serving release %s", ", ".join(missing),
+                        serving.release[:12])
+            await workers.start(self.systemd, self.paths.runtime, serving.port, missing, env,
+                                self.config.app.network)
 
     async def _startup_deploy(self) -> None:
         last = self.history.last_succeeded()

@@ -54,7 +54,8 @@ def _quiet_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, An
 
 
 async def serve(config: configuration.Config, paths: Paths) -> int:
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    # File descriptors ride on the bus: release commands' output comes back over a pipe.
+    bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     systemd = Systemd(bus)
     await systemd.subscribe()
     controller = Controller(config, systemd, paths,

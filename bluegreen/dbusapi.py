@@ -11,7 +11,7 @@ from typing import Any
 from dbus_next import DBusError, Variant
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from bluegreen import instances
+from bluegreen import instances, workers
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
@@ -181,6 +181,13 @@ class ManagerInterface(ServiceInterface):
             release = instances.read_env(c.paths.runtime, port).get("BLUEGREEN_RELEASE", "")
             result.append([port, status.active_state, release])
         return sorted(result)
+
+    @method()
+    async def ListWorkers(self) -> "a(qsss)":
+        """Every loaded worker unit: its release's port, process type, systemd state, release."""
+        c = self.controller
+        return [[w.port, w.name, w.state, w.release]
+                for w in await workers.listing(c.systemd, c.paths.runtime)]
 
     # --- properties ------------------------------------------------------------------------
 

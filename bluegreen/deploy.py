@@ -1,9 +1,10 @@
 """The deploy flow: one commit from the repository to serving on the public port.
 
-    materialize the release -> verify it (build, import, check) -> start bluegreen-app@PORT
-    on a free port -> health-check it -> switch: start the forwarder to PORT -> drain: stop the
-    old forwarder, wait for the old instance's connections to end -> watch the new release
-    (the old instance still runs) -> stop the old instance
+    materialize the release -> verify it (its Python environment, build, import, check) ->
+    migrate: the release phase -> start bluegreen-app@PORT on a free port -> health-check it ->
+    switch: start the forwarder to PORT -> drain: stop the old forwarder, wait for the old
+    instance's connections to end -> watch the new release (the old instance still runs) ->
+    workers: start the new release's, stop the old one's -> stop the old instance
 
 Until the switch, a failure stops the new instance and the old release never stops serving.
 If the new release turns unhealthy while watched, traffic goes back to the old instance,
@@ -20,12 +21,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bluegreen import forwarder, health, instances, netstat, ports
+from bluegreen import appenv, forwarder, health, instances, netstat, ports, procfile, transient, workers
 from bluegreen.config import Config
+from bluegreen.environments import Environments
 from bluegreen.forwarder import ForwarderError
-from bluegreen.history import Deployment, State, Step
+from bluegreen.history import Deployment, State, Step, Trigger
 from bluegreen.instances import InstanceSpec
 from bluegreen.log import MessageId, fields
+from bluegreen.procfile import Processes, ProcfileError
 from bluegreen.releases import Releases
 from bluegreen.repository import Repository, RepositoryError
 from bluegreen.run import CommandError
@@ -60,7 +63,7 @@ StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
 PORT_ATTEMPTS = 3
 
 _STEP_ERRORS = (SystemdError, health.NotHealthy, ports.NoFreePort, RepositoryError, CommandError,
-                ForwarderError, VerifyFailed, OSError)
+                ForwarderError, VerifyFailed, transient.CommandFailed, ProcfileError, OSError)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Deployer:
     systemd: Systemd
     repository: Repository
     releases: Releases
+    environments: Environments
     run_dir: Path
     report: StepReporter
 
@@ -90,19 +94,34 @@ class Deployer:
 
             step = Step.VERIFY
             record = await self.report(record, step, 0)
+            verifier = self.verifier(record)
+            environment_dir = await verifier.environment(staging or release_dir)
             if staging is not None:
-                await self.verifier().verify(staging)
+                await verifier.verify(staging, self.app_environment(record, staging, environment_dir))
                 release_dir = self.releases.publish(staging, record.commit)
                 staging = None
+            env = self.app_environment(record, release_dir, environment_dir)
+            processes = procfile.processes(release_dir, self.config.release.migrate_command,
+                                           self.config.processes)
+
+            # An older release cannot "upgrade" to a schema it has never heard of: rollbacks
+            # run no release phase.
+            if processes.release and record.trigger != Trigger.ROLLBACK:
+                step = Step.MIGRATE
+                record = await self.report(record, step, 0)
+                await transient.run(self.systemd, appenv.command(
+                    self.config, "the release phase", "migrate",
+                    ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
 
             step = Step.START
-            record = await self.start_instance(record, release_dir)
+            record = await self.start_instance(record, env)
             new_port = record.port
 
             step = Step.HEALTH
             record = await self.report(record, step, new_port)
             await health.wait_healthy(new_port, self.config.app.health_path, self.config.health,
-                                      lambda: instances.failure(self.systemd, new_port))
+                                      lambda: instances.failure(self.systemd, new_port),
+                                      self.config.app.health_host)
 
             step = Step.SWITCH
             record = await self.report(record, step, new_port)
@@ -125,6 +144,7 @@ class Deployer:
                                         port=new_port,
                                         unit=forwarder.unit(new_port, self.config.forwarder)))
         if serving is None or serving.port == new_port:
+            record = await self.swap_workers(record, processes, env)
             return replace(record, state=State.SUCCEEDED)
 
         record = await self.drain(record, serving.port)
@@ -137,10 +157,11 @@ class Deployer:
                 raise DeployFailed(Step.WATCH, f"unhealthy after the switch ({trouble}); traffic "
                                    f"went back to {serving.release[:12]} on port {serving.port}",
                                    State.ROLLED_BACK)
+        record = await self.swap_workers(record, processes, env)
         record = await self.stop_old(record, serving.port)
         return replace(record, state=State.SUCCEEDED)
 
-    async def start_instance(self, record: Deployment, release_dir: Path) -> Deployment:
+    async def start_instance(self, record: Deployment, env: dict[str, str]) -> Deployment:
         """Start bluegreen-app@PORT on a free port; the record returned carries the port.
 
         Should another program bind the port between our look and gunicorn's bind, the
@@ -150,8 +171,10 @@ class Deployer:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = ports.pick(self.config.ports.range, await self.ports_in_use() | avoid)
             record = await self.report(replace(record, port=port), Step.START, port)
-            instances.write_env(self.run_dir, self.instance_spec(record, release_dir))
+            instances.write_env(self.run_dir, self.instance_spec(port, env))
             try:
+                await self.systemd.set_properties(instances.unit(port),
+                                                  transient.network_properties(self.config.app.network))
                 await instances.start(self.systemd, port)
                 return record
             except SystemdError:
@@ -191,7 +214,8 @@ class Deployer:
             failure = await instances.failure(self.systemd, new_port)
             if failure:
                 return failure
-            result = await health.probe(new_port, self.config.app.health_path, settings.timeout)
+            result = await health.probe(new_port, self.config.app.health_path, settings.timeout,
+                                        self.config.app.health_host)
             failures = 0 if result.ok else failures + 1
             if failures >= settings.unhealthy_threshold:
                 return f"{failures} failed checks in a row: {result.reason}"
@@ -205,6 +229,25 @@ class Deployer:
             await forwarder.drain_stop(self.systemd, new_port)
         finally:
             await self.abandon(new_port, None)
+
+    async def swap_workers(self, record: Deployment, processes: Processes,
+                           env: dict[str, str]) -> Deployment:
+        """Start the serving release's workers, then stop the old release's (gracefully).
+
+        A worker that does not start is logged and noted in the record; the web release,
+        healthy, stays.
+        """
+        assert record.port
+        if not processes.workers and not await workers.listing(self.systemd, self.run_dir):
+            return record
+        record = await self.report(record, Step.WORKERS, record.port)
+        problems = await workers.start(self.systemd, self.run_dir, record.port, processes.workers,
+                                       env, self.config.app.network)
+        await workers.stop(self.systemd, self.run_dir, keep=record.port)
+        if problems:
+            text = "; ".join(f"worker {name}: {why}" for name, why in problems.items())
+            record = replace(record, reason=self.repository.secrets.redact(text))
+        return record
 
     async def stop_old(self, record: Deployment, old_port: int) -> Deployment:
         record = await self.report(record, Step.STOP_OLD, old_port)
@@ -229,10 +272,12 @@ class Deployer:
             log.error("could not stop the new instance on port %d: %s", port, exc)
         instances.remove_env(self.run_dir, port)
 
-    def verifier(self) -> Verifier:
-        release = self.config.release
-        return Verifier(self.config.app.wsgi, release.build_command, release.check_command,
-                        release.timeout)
+    def verifier(self, record: Deployment) -> Verifier:
+        return Verifier(self.systemd, self.config, self.environments, record.id)
+
+    def app_environment(self, record: Deployment, release_dir: Path,
+                        environment_dir: Path | None) -> dict[str, str]:
+        return appenv.environment(self.config, record.commit, release_dir, environment_dir, record.id)
 
     async def ports_in_use(self) -> set[int]:
         """Ports of every loaded instance or forwarder unit, whatever its state."""
@@ -243,12 +288,10 @@ class Deployer:
                 taken.add(port)
         return taken
 
-    def instance_spec(self, record: Deployment, release_dir: Path) -> InstanceSpec:
-        assert record.port
+    def instance_spec(self, port: int, env: dict[str, str]) -> InstanceSpec:
         app = self.config.app
-        return InstanceSpec(port=record.port, release=record.commit, release_dir=release_dir,
-                            wsgi=app.wsgi, workers=app.workers, worker_class=app.worker_class,
-                            deployment_id=str(record.id), team=app.team)
+        return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
+                            worker_class=app.worker_class, app_environment=env)
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

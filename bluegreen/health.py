@@ -26,14 +26,16 @@ class Probe:
     elapsed: float = 0.0
 
 
-async def probe(port: int, path: str, timeout: float, host: str = "127.0.0.1") -> Probe:
-    """One GET of http://host:port/path; healthy means a 2xx status line within timeout."""
+async def probe(port: int, path: str, timeout: float, host: str = "localhost") -> Probe:
+    """One GET of http://127.0.0.1:port/path with ``Host: host`` (apps that check the Host
+    header, as Django's ALLOWED_HOSTS does, refuse an address); healthy means a 2xx status
+    line within timeout."""
     started = time.monotonic()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
                          "User-Agent: bluegreen-health\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
             line = await reader.readline()
@@ -60,6 +62,7 @@ async def wait_healthy(
     path: str,
     settings: HealthConfig,
     unit_failure: Callable[[], Awaitable[str | None]],
+    host: str = "localhost",
 ) -> int:
     """Probe until ``healthy_threshold`` consecutive passes; return the number of probes.
 
@@ -77,7 +80,7 @@ async def wait_healthy(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise NotHealthy(f"not healthy within {settings.deadline:g} s; last check: {last}")
-        result = await probe(port, path, settings.timeout)
+        result = await probe(port, path, settings.timeout, host)
         probes += 1
         last = result.reason
         passes = passes + 1 if result.ok else 0
@@ -99,8 +102,10 @@ class Monitor:
         settings: HealthConfig,
         target: Callable[[], int | None],
         on_change: Callable[[bool, str], Awaitable[None]],
+        host: str = "localhost",
     ) -> None:
         self.path = path
+        self.host = host
         self.settings = settings
         self.target = target
         self.on_change = on_change
@@ -116,7 +121,7 @@ class Monitor:
             if port is None:
                 self.failures = 0
                 continue
-            result = await probe(port, self.path, self.settings.timeout)
+            result = await probe(port, self.path, self.settings.timeout, self.host)
             if port != self.target():
                 continue  # switched while probing: the result says nothing about the new one
             await self.record(result)

@@ -44,12 +44,14 @@ class Step(StrEnum):
     RESOLVE = "resolve"
     MATERIALIZE = "materialize"
     VERIFY = "verify"
+    MIGRATE = "migrate"
     START = "start"
     HEALTH = "health"
     SWITCH = "switch"
     DRAIN = "drain"
     WATCH = "watch"
     ROLLBACK = "rollback"
+    WORKERS = "workers"
     STOP_OLD = "stop-old"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,27 +27,23 @@ def port_of(name: str) -> int | None:
 @dataclass(frozen=True)
 class InstanceSpec:
     port: int
-    release: str
-    release_dir: Path
     wsgi: str
     workers: int
     worker_class: str
-    deployment_id: str
-    team: str = ""
+    app_environment: Mapping[str, str]  # appenv.environment(): the release's, for every process
+
+    @property
+    def release(self) -> str:
+        return self.app_environment.get("BLUEGREEN_RELEASE", "")
 
     def environment(self) -> dict[str, str]:
-        values = {
-            "BLUEGREEN_RELEASE": self.release,
-            "BLUEGREEN_RELEASE_DIR": str(self.release_dir),
+        return {
+            **self.app_environment,
             "BLUEGREEN_WSGI": self.wsgi,
             "BLUEGREEN_WORKERS": str(self.workers),
             "BLUEGREEN_WORKER_CLASS": self.worker_class,
-            "BLUEGREEN_DEPLOYMENT_ID": self.deployment_id,
             "BLUEGREEN_PORT": str(self.port),
         }
-        if self.team:
-            values["TEAM_NUMBER"] = self.team
-        return values
 
 
 def env_path(run_dir: Path, port: int) -> Path:
@@ -54,7 +51,8 @@ def env_path(run_dir: Path, port: int) -> Path:
 
 
 def write_env(run_dir: Path, spec: InstanceSpec) -> None:
-    atomic_write(env_path(run_dir, spec.port), environment_file(spec.environment()))
+    # Only systemd reads it (as root): the app's settings are nobody else's business.
+    atomic_write(env_path(run_dir, spec.port), environment_file(spec.environment()), mode=0o600)
 
 
 def read_env(run_dir: Path, port: int) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Exactly one forwarder and its instance may serve: the forwarder whose instance runs and was
 started by the newest deployment. Every other forwarder is drain-stopped, every other instance
-stopped, and deployments a dead controller left running are recorded as interrupted.
+and the workers of every other release stopped, and deployments a dead controller left running
+are recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bluegreen import forwarder, instances
+from bluegreen import forwarder, instances, workers
 from bluegreen.config import Forwarder
 from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
@@ -65,6 +66,7 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
                         extra=fields(unit=instances.unit(port), port=port))
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
+    await workers.stop(systemd, run_dir, keep=keep)
     if keep is None:
         return None
     release = instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", "")

@@ -11,7 +11,6 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +61,13 @@ async def run(
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     check: bool = True,
-    user: tuple[int, int] | None = None,
 ) -> Completed:
     """Run argv to completion; raise CommandError on a non-zero exit (if check) or a timeout.
 
-    ``user`` (uid, gid) runs the command as that user, without supplementary groups. On a
-    timeout the command's whole process group is killed.
+    On a timeout the command's whole process group is killed. (A release's own commands run
+    in transient units instead: see transient.py.)
     """
     log.debug("running %s", shlex.join(argv))
-    identity: dict[str, Any] = {}
-    if user is not None:
-        identity = {"user": user[0], "group": user[1], "extra_groups": []}
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -82,7 +77,6 @@ async def run(
             cwd=cwd,
             env=minimal_env(env),
             start_new_session=True,
-            **identity,
         )
     except OSError as exc:
         raise CommandError(argv, f"cannot execute: {exc.strerror}") from None

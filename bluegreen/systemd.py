@@ -148,10 +148,11 @@ class Systemd:
         return False
 
     async def _call(self, destination: str, path: str, interface: str, member: str,
-                    signature: str = "", body: list[Any] | None = None) -> list[Any]:
+                    signature: str = "", body: list[Any] | None = None,
+                    unix_fds: list[int] | None = None) -> list[Any]:
         reply = await self.bus.call(Message(
             destination=destination, path=path, interface=interface, member=member,
-            signature=signature, body=body or [],
+            signature=signature, body=body or [], unix_fds=unix_fds or [],
         ))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
@@ -166,6 +167,9 @@ class Systemd:
         if not self._subscribed:
             await self.subscribe()
         (job,) = await self._manager(verb, "ss", unit, mode.value)
+        return await self._job_result(job, verb, unit, timeout)
+
+    async def _job_result(self, job: str, verb: str, unit: str, timeout: float) -> str:
         result = self._finished.pop(job, None)
         if result is not None:
             return result
@@ -195,6 +199,35 @@ class Systemd:
             return
         if result != JobResult.DONE:
             raise JobFailed(unit, "stop", result)
+
+    async def run_transient(self, unit: str, properties: list[tuple[str, Variant]], *,
+                            unix_fds: list[int] | None = None, timeout: float = 900.0) -> None:
+        """Start a transient unit (a Type=oneshot service) and wait until its command is done.
+
+        Raises JobFailed with the unit's own reason if the command failed or timed out. ``h``
+        properties hold indexes into ``unix_fds``. A failed unit is reset, so nothing is left.
+        """
+        if not self._subscribed:
+            await self.subscribe()
+        (job,) = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartTransientUnit",
+                                  "ssa(sv)a(sa(sv))",
+                                  [unit, JobMode.FAIL.value, [list(p) for p in properties], []],
+                                  unix_fds)
+        try:
+            result = await self._job_result(job, "StartTransientUnit", unit, timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(SystemdError):
+                await asyncio.shield(self.stop_unit(unit, timeout=60))
+            raise
+        if result != JobResult.DONE:
+            status = await self.status(unit)
+            await self.reset_failed(unit)
+            raise JobFailed(unit, "run", result, status.describe_failure())
+
+    async def set_properties(self, unit: str, properties: list[tuple[str, Variant]]) -> None:
+        """Change properties of a (loaded) unit until the next reboot, as systemctl
+        set-property --runtime does; they apply from its next start."""
+        await self._manager("SetUnitProperties", "sba(sv)", unit, True, [list(p) for p in properties])
 
     async def reset_failed(self, unit: str) -> None:
         with contextlib.suppress(SystemdError):  # not failed, or not loaded: nothing to reset

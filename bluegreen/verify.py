@@ -1,22 +1,37 @@
-"""Verifying a release before any unit starts it.
+"""Verifying a release before any unit serves it, each command in a transient unit of its own
+(see transient.py) within ``release.timeout``:
 
-In the release's directory, as the unprivileged user ``bluegreen-build`` and each within
-``release.timeout``: the ``release.build_command`` (the directory belongs to that user while it
-runs), then an import of the WSGI application in a throwaway Python, then the
-``release.check_command``. Afterwards the directory belongs to root again, so nothing the
-release runs later can change it.
+1. its Python environment: found by the key of its dependency files, or built (a venv, then
+   ``pip install``) as the user ``bluegreen-build``, which may write only there and in pip's
+   cache;
+2. ``release.build_command``, as ``bluegreen-build``, in the release's directory, which
+   belongs to that user for the time of the command and to root again afterwards;
+3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
+   directory and network), since that is how an instance will import it moments later;
+4. ``release.check_command``, as ``bluegreen-build``, with the release read-only.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import pwd
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen.run import CommandError, run
+from bluegreen import appenv, transient
+from bluegreen.config import Config, Network
+from bluegreen.environments import PIP_CACHE, SYSTEM_PYTHON, DependencyError, Environments, dependencies
+from bluegreen.files import give_tree
+from bluegreen.log import fields
+from bluegreen.systemd import Systemd
+from bluegreen.transient import Command, CommandFailed
+
+log = logging.getLogger(__name__)
 
 BUILD_USER = "bluegreen-build"
+PIP_CACHE_DIR = "/var/cache/" + PIP_CACHE
 
 # Imports MODULE and resolves CALLABLE (gunicorn's "module:attr" or "module:factory()").
 IMPORT_CHECK = """\
@@ -33,59 +48,95 @@ if not callable(target):
     sys.exit(f"{sys.argv[1]} is not callable")
 """
 
+# $1: the environment's directory; the rest: what pip installs.
+_BUILD_ENVIRONMENT = ('env="$1"; shift; '
+                      f'{SYSTEM_PYTHON} -m venv --system-site-packages "$env" && '
+                      'exec "$env/bin/python3" -m pip install --disable-pip-version-check --no-input '
+                      '--progress-bar off "$@"')
+
 
 class VerifyFailed(Exception):
     """The release failed a check; the message says which and why."""
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give the tree to uid:gid; its directories stay writable and searchable by their owner
-    (so that root, without CAP_DAC_OVERRIDE, can still delete what a build left)."""
-    os.chown(root, uid, gid)
-    for directory, subdirs, files in os.walk(root):
-        for name in subdirs:
-            path = os.path.join(directory, name)
-            os.lchown(path, uid, gid)
-            if not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode | 0o700)
-        for name in files:
-            os.lchown(os.path.join(directory, name), uid, gid)
+def build_identity(user: str = BUILD_USER) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise VerifyFailed(f"the user {user} does not exist (it comes with the package; "
+                           "systemd-sysusers creates it)") from None
+    return entry.pw_uid, entry.pw_gid
 
 
 @dataclass(frozen=True)
 class Verifier:
-    wsgi: str
-    build_command: str = ""
-    check_command: str = ""
-    timeout: float = 600.0
-    user: str = BUILD_USER
+    systemd: Systemd
+    config: Config
+    environments: Environments
+    deployment_id: int
 
-    def _identity(self) -> tuple[int, int]:
+    async def _run(self, command: Command) -> None:
         try:
-            entry = pwd.getpwnam(self.user)
-        except KeyError:
-            raise VerifyFailed(f"the user {self.user} does not exist (it comes with the package; "
-                               "systemd-sysusers creates it)") from None
-        return entry.pw_uid, entry.pw_gid
+            await transient.run(self.systemd, command, self.deployment_id)
+        except CommandFailed as exc:
+            raise VerifyFailed(exc.reason) from None
 
-    async def _run(self, what: str, argv: list[str], directory: Path, identity: tuple[int, int]) -> None:
-        env = {"HOME": str(directory), "PYTHONDONTWRITEBYTECODE": "1", "BLUEGREEN_WSGI": self.wsgi}
+    async def environment(self, release_dir: Path) -> Path | None:
+        """The release's Python environment, built unless one with its dependencies exists;
+        None when the release declares no dependencies (it runs on Debian's packages)."""
         try:
-            await run(argv, cwd=directory, env=env, timeout=self.timeout, user=identity)
-        except CommandError as exc:
-            raise VerifyFailed(f"{what} failed: {exc.reason}") from None
+            wanted = dependencies(release_dir)
+        except DependencyError as exc:
+            raise VerifyFailed(f"dependencies: {exc}") from None
+        if wanted is None:
+            return None
+        key = wanted.digest
+        directory = self.environments.path(key)
+        if self.environments.ready(key):
+            log.info("environment %s has the dependencies already", key,
+                     extra=fields(deployment_id=self.deployment_id))
+            return directory
+        started = time.monotonic()
+        self.environments.prepare(key, build_identity())
+        what = wanted.requirements or "[project] dependencies"
+        try:
+            await self._run(Command(
+                what=f"installing the dependencies of {what}", kind="build",
+                argv=["/bin/sh", "-c", _BUILD_ENVIRONMENT, "sh", str(directory),
+                      *wanted.pip_arguments()],
+                directory=release_dir, user=BUILD_USER, timeout=self.config.release.timeout,
+                environment={"HOME": str(directory), "PIP_CACHE_DIR": PIP_CACHE_DIR},
+                writable=[directory], cache_directories=[PIP_CACHE], network=Network.ANY))
+        except BaseException:
+            self.environments.discard(key)
+            raise
+        self.environments.complete(key, wanted)
+        log.info("built environment %s in %.1f s", key, time.monotonic() - started,
+                 extra=fields(deployment_id=self.deployment_id))
+        return directory
 
-    async def verify(self, directory: Path) -> None:
-        identity = self._identity()
-        if self.build_command:
-            _chown_tree(directory, *identity)
+    async def verify(self, directory: Path, env: Mapping[str, str]) -> None:
+        """Build and check the release in ``directory``; ``env`` is the app's environment."""
+        release = self.config.release
+        tools = {name: env[name] for name in ("PATH", "VIRTUAL_ENV") if name in env}
+        build_env = {**tools, "HOME": str(directory), "BLUEGREEN_WSGI": self.config.app.wsgi}
+        if release.build_command:
+            give_tree(directory, *build_identity())
             try:
-                await self._run("release.build_command", ["/bin/sh", "-c", self.build_command],
-                                directory, identity)
+                await self._run(Command(
+                    what="release.build_command", kind="build",
+                    argv=["/bin/sh", "-c", release.build_command], directory=directory,
+                    user=BUILD_USER, timeout=release.timeout, environment=build_env,
+                    writable=[directory], network=Network.ANY))
             finally:
-                _chown_tree(directory, 0, 0)
-        await self._run(f"importing {self.wsgi}", ["/usr/bin/python3", "-c", IMPORT_CHECK, self.wsgi],
-                        directory, identity)
-        if self.check_command:
-            await self._run("release.check_command", ["/bin/sh", "-c", self.check_command],
-                            directory, identity)
+                give_tree(directory, 0, 0)
+        wsgi = self.config.app.wsgi
+        await self._run(appenv.command(
+            self.config, f"importing {wsgi}", "check",
+            [env["BLUEGREEN_PYTHON"], "-c", IMPORT_CHECK, wsgi], directory, env))
+        if release.check_command:
+            await self._run(Command(
+                what="release.check_command", kind="check",
+                argv=["/bin/sh", "-c", release.check_command], directory=directory,
+                user=BUILD_USER, timeout=release.timeout, environment=build_env,
+                network=Network.ANY))

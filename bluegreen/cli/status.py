@@ -19,6 +19,7 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     status = await client.status()
     if args.json:
         status["Instances"] = await client.instances()
+        status["Workers"] = await client.workers()
         print_json(status)
         return 0
     release = status["ActiveRelease"]
@@ -40,6 +41,9 @@ async def run(client: Client, args: argparse.Namespace) -> int:
               f" ({last['commit'][:12]} {last['subject']})")
     for instance in await client.instances():
         print(f"Instance:    port {instance['port']} {instance['state']} {instance['release'][:12]}")
+    for worker in await client.workers():
+        print(f"Worker:      {worker['name']} (port {worker['port']}) {worker['state']} "
+              f"{worker['release'][:12]}")
     totals = counts(await client.metrics())
     if totals:
         print("Since start: " + ", ".join(f"{count} {state}" for state, count in sorted(totals.items())))

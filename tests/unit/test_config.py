@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bluegreen import config
+from bluegreen import config as config_module
 from bluegreen.config import Config, ConfigError, ListenAddress, PortRange
 
 
@@ -70,7 +71,8 @@ def test_the_shipped_config_file_is_valid_and_matches_the_defaults() -> None:
     assert config.to_dict(loaded) == config.to_dict(Config())
     text = shipped.read_text()
     for key in config.KEYS:
-        assert f"#{key.name} = " in text, f"{key.dotted} is not documented in bluegreen.toml"
+        documented = f"#[{key.dotted}]" in text or f"#{key.name} = " in text
+        assert documented, f"{key.dotted} is not documented in bluegreen.toml"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -162,3 +164,36 @@ def test_the_manual_documents_every_key() -> None:
     manual = (Path(__file__).resolve().parents[2] / "man/bluegreen.toml.5").read_text()
     for key in config.KEYS:
         assert f"\\fB{key.name}\\fR = " in manual, f"{key.dotted} is missing from bluegreen.toml(5)"
+
+
+def test_environment_and_processes_tables(tmp_path: Path) -> None:
+    path = tmp_path / "bluegreen.toml"
+    path.write_text('[app]\nnetwork = "loopback"\nhealth_host = "example.com"\n'
+                    '[app.environment]\nDATABASE_URL = "sqlite:///{data_dir}/notes.db"\n'
+                    '[release]\nmigrate_command = "alembic upgrade head"\n'
+                    '[processes]\nworker = "python worker.py"\n')
+    loaded = config_module.load(path, environ={})
+    assert loaded.app.environment == {"DATABASE_URL": "sqlite:////var/lib/bluegreen/data/notes.db"}
+    assert loaded.app.network == "loopback"
+    assert loaded.app.health_host == "example.com"
+    assert loaded.release.migrate_command == "alembic upgrade head"
+    assert loaded.processes == {"worker": "python worker.py"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[app.environment]\nPATH = "/x"\n', ":2: app.environment.PATH: PATH is set by bluegreen"),
+    ('[app.environment]\nA = "1"\nBLUEGREEN_PORT = "1"\n', ":3: app.environment.BLUEGREEN_PORT:"),
+    ('[app.environment]\n1A = "1"\n', ":2: app.environment.1A: not a valid environment variable"),
+    ('[app.environment]\nA = 1\n', ':2: app.environment.A: expected a string (quote it: A = "1")'),
+    ('[app]\nenvironment = 3\n', ":2: app.environment: expected a table"),
+    ('[processes]\nweb = "gunicorn"\n', ":2: processes.web: 'web' is not a worker"),
+    ('[processes]\n"a b" = "x"\n', "processes.a b: not a process name"),
+    ('[app]\nnetwork = "none"\n', ":2: app.network:"),
+])
+def test_bad_tables_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bluegreen.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        config_module.load(path, environ={})
+    assert str(error.value).startswith(str(path)), error.value
+    assert message in str(error.value), error.value

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from bluegreen import instances
-from bluegreen.files import atomic_write, environment_file
+from bluegreen import appenv, instances
+from bluegreen.config import AppConfig, Config
+from bluegreen.files import atomic_write, environment_file, give_tree
 from bluegreen.instances import InstanceSpec
 
 
@@ -26,12 +28,17 @@ def test_environment_file_quotes_for_systemd() -> None:
 
 
 def test_instance_settings_round_trip(tmp_path: Path) -> None:
-    spec = InstanceSpec(port=8123, release="a" * 40, release_dir=Path("/var/lib/bluegreen/releases/x"),
-                        wsgi="app:app", workers=2, worker_class="sync", deployment_id="7", team="3")
+    config = Config(app=AppConfig(team="3", environment={"GREETING": 'say "hi" \\o/'}))
+    env = appenv.environment(config, "a" * 40, Path("/var/lib/bluegreen/releases/x"), None, 7)
+    spec = InstanceSpec(port=8123, wsgi="app:app", workers=2, worker_class="sync", app_environment=env)
     instances.write_env(tmp_path, spec)
+    assert stat.S_IMODE(instances.env_path(tmp_path, 8123).stat().st_mode) == 0o600
     values = instances.read_env(tmp_path, 8123)
     assert values == spec.environment()
     assert values["TEAM_NUMBER"] == "3"
+    assert values["GREETING"] == 'say "hi" \\o/'
+    assert values["BLUEGREEN_PYTHON"] == "/usr/bin/python3"
+    assert spec.release == "a" * 40
     instances.remove_env(tmp_path, 8123)
     assert instances.read_env(tmp_path, 8123) == {}
 
@@ -40,3 +47,25 @@ def test_unit_names() -> None:
     assert instances.unit(8123) == "bluegreen-app@8123.service"
     assert instances.port_of("bluegreen-app@8123.service") == 8123
     assert instances.port_of("bluegreen-forward@8123.service") is None
+
+
+def test_give_tree_never_follows_a_link_and_leaves_the_tree_readable(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("not yours\n")
+    os.chmod(outside, 0o600)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "private").write_text("x")
+    os.chmod(tree / "sub" / "private", 0o600)
+    (tree / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(tree / "run.sh", 0o700)
+    os.chmod(tree / "sub", 0o700)
+    (tree / "link").symlink_to(outside)
+    (tree / "dirlink").symlink_to(tmp_path)
+    uid, gid = os.getuid(), os.getgid()
+    give_tree(tree, uid, gid)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600  # the link's target is untouched
+    assert stat.S_IMODE((tree / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tree / "sub" / "private").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tree / "run.sh").stat().st_mode) == 0o755
+    assert (tree / "link").is_symlink()

@@ -1,0 +1,182 @@
+"""A release's commands (dependency install, build, import check, checks, migrations), each in a
+transient systemd unit of its own, as ``systemd-run --wait --pipe --collect`` would run them.
+
+Each command gets a fresh cgroup under systemd, not the controller's: whatever it leaves behind
+(a daemon it forked) dies with the unit, ``MemoryMax=`` and ``TasksMax=`` bound it, and the
+file system is read-only but for the paths named. Its output comes back over a pipe: every line
+goes to the journal with the deployment's fields, and the last lines make the failure reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbus_next import Variant
+
+from bluegreen.config import Network
+from bluegreen.log import fields
+from bluegreen.systemd import JobFailed, Systemd
+
+log = logging.getLogger("bluegreen.output")
+
+USEC = 1_000_000
+MEMORY_MAX = 4 << 30
+TASKS_MAX = 512
+TAIL_LINES = 5
+
+# systemd's IPAddressAllow=localhost, as the (family, address, prefix length) triples of D-Bus.
+_LOCALHOST = [(2, bytes([127, 0, 0, 0]), 8), (10, bytes(15) + b"\x01", 128)]
+_ANY = [(2, bytes(4), 0), (10, bytes(16), 0)]
+
+
+class CommandFailed(Exception):
+    """A release command failed, timed out or could not start; ``reason`` says which and why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a release and the sandbox it runs in."""
+
+    what: str  # for people: "release.build_command", "importing app:app"
+    kind: str  # part of the unit's name: build, check, migrate
+    argv: Sequence[str]
+    directory: Path
+    user: str
+    timeout: float
+    environment: Mapping[str, str] = field(default_factory=dict)
+    writable: Sequence[Path] = ()
+    state_directories: Sequence[str] = ()
+    cache_directories: Sequence[str] = ()
+    credentials: Sequence[tuple[str, str]] = ()
+    network: Network = Network.ANY
+
+    def properties(self, output_fd_index: int) -> list[tuple[str, Variant]]:
+        env = [f"{name}={value}" for name, value in self.environment.items()]
+        properties = [
+            ("Description", Variant("s", f"bluegreen: {self.what}")),
+            ("Type", Variant("s", "oneshot")),
+            ("ExecStart", Variant("a(sasb)", [[self.argv[0], list(self.argv), False]])),
+            ("WorkingDirectory", Variant("s", str(self.directory))),
+            ("User", Variant("s", self.user)),
+            ("Group", Variant("s", self.user)),
+            ("Environment", Variant("as", env)),
+            ("UMask", Variant("u", 0o022)),
+            ("StandardInput", Variant("s", "null")),
+            ("StandardOutputFileDescriptor", Variant("h", output_fd_index)),
+            ("StandardErrorFileDescriptor", Variant("h", output_fd_index)),
+            ("TimeoutStartUSec", Variant("t", int(self.timeout * USEC))),
+            ("MemoryMax", Variant("t", MEMORY_MAX)),
+            ("TasksMax", Variant("t", TASKS_MAX)),
+            ("ProtectSystem", Variant("s", "strict")),
+            ("ProtectHome", Variant("s", "yes")),
+            ("PrivateTmp", Variant("b", True)),
+            ("PrivateDevices", Variant("b", True)),
+            ("NoNewPrivileges", Variant("b", True)),
+            ("ProtectKernelTunables", Variant("b", True)),
+            ("ProtectKernelModules", Variant("b", True)),
+            ("ProtectControlGroups", Variant("b", True)),
+            ("RestrictSUIDSGID", Variant("b", True)),
+            ("ReadWritePaths", Variant("as", [str(path) for path in self.writable])),
+        ]
+        if self.state_directories:
+            properties += [("StateDirectory", Variant("as", list(self.state_directories))),
+                           ("StateDirectoryMode", Variant("u", 0o700))]
+        if self.cache_directories:
+            properties.append(("CacheDirectory", Variant("as", list(self.cache_directories))))
+        if self.credentials:
+            properties.append(("LoadCredential", Variant("a(ss)", [list(c) for c in self.credentials])))
+        properties += network_properties(self.network)
+        return properties
+
+
+def network_properties(network: Network) -> list[tuple[str, Variant]]:
+    """IPAddressDeny=/IPAddressAllow= for ``network`` (empty lists undo an earlier lockdown)."""
+    if network == Network.LOOPBACK:
+        deny, allow = _ANY, _LOCALHOST
+    else:
+        deny, allow = [], []
+    return [("IPAddressDeny", Variant("a(iayu)", [list(e) for e in deny])),
+            ("IPAddressAllow", Variant("a(iayu)", [list(e) for e in allow]))]
+
+
+class _Output:
+    """Reads a command's output line by line: to the journal, and the tail kept for errors."""
+
+    def __init__(self, fd: int, log_fields: Mapping[str, Any]) -> None:
+        self.fd = fd
+        self.fields = dict(log_fields)
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.partial = b""
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self.read)
+
+    def read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close()
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            for line in lines:
+                self.line(line)
+
+    def line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip()
+        if text:
+            self.tail.append(text)
+            log.info("%s", text, extra=self.fields)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        asyncio.get_running_loop().remove_reader(self.fd)
+        if self.partial:
+            self.line(self.partial)
+            self.partial = b""
+        os.close(self.fd)
+        self.fd = -1
+
+    def finish(self) -> str:
+        """Read what is left, stop reading; return the tail as one line."""
+        if self.fd >= 0:
+            self.read()
+            self.close()
+        return "; ".join(self.tail)[-600:]
+
+
+async def run(systemd: Systemd, command: Command, deployment_id: int | None = None) -> None:
+    """Run ``command`` to its end; raise CommandFailed with its last lines if it fails."""
+    unit = f"bluegreen-{command.kind}-{deployment_id or 0}-{secrets.token_hex(3)}.service"
+    read_end, write_end = os.pipe()
+    output = _Output(read_end, fields(deployment_id=deployment_id, unit=unit))
+    try:
+        try:
+            await systemd.run_transient(unit, command.properties(0), unix_fds=[write_end],
+                                        timeout=command.timeout + 60)
+        finally:
+            os.close(write_end)
+    except JobFailed as exc:
+        await asyncio.sleep(0.05)  # the output the command wrote before it ended
+        tail = output.finish()
+        cause = (f"timed out after {command.timeout:g} s" if exc.detail == "timeout"
+                 else exc.detail or exc.result)
+        raise CommandFailed(f"{command.what} failed ({cause})" + (f": {tail}" if tail else "")) from None
+    finally:
+        with contextlib.suppress(OSError):
+            output.finish()

@@ -1,0 +1,103 @@
+"""The app's workers: bluegreen-worker@PORT-NAME.service units, one per process type of the
+serving release (its Procfile's, or the configuration's ``[processes]``).
+
+PORT is the port of the release's instance, so the workers of a release are found by its port,
+and the unit of each reads ``/run/bluegreen/workers/PORT-NAME.env``. After a switch the new
+release's workers start, then the old release's workers stop (SIGTERM, then TimeoutStopSec=).
+A worker that fails to start is logged and shown, but never rolls a healthy web release back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bluegreen.config import Network
+from bluegreen.files import atomic_write, environment_file
+from bluegreen.systemd import Systemd, SystemdError
+from bluegreen.transient import network_properties
+
+log = logging.getLogger(__name__)
+
+PATTERN = "bluegreen-worker@*.service"
+_NAME = re.compile(r"bluegreen-worker@(\d{1,5})-([A-Za-z0-9][A-Za-z0-9_-]{0,31})\.service")
+
+
+def unit(port: int, name: str) -> str:
+    return f"bluegreen-worker@{port}-{name}.service"
+
+
+def parse_unit(unit_name: str) -> tuple[int, str] | None:
+    """(port, process type) of a worker unit's name."""
+    match = _NAME.fullmatch(unit_name)
+    return (int(match[1]), match[2]) if match else None
+
+
+def env_path(run_dir: Path, port: int, name: str) -> Path:
+    return run_dir / "workers" / f"{port}-{name}.env"
+
+
+@dataclass(frozen=True)
+class Worker:
+    port: int
+    name: str
+    state: str  # systemd's ActiveState/SubState, e.g. "active/running", "failed/failed"
+    release: str
+
+    @property
+    def unit(self) -> str:
+        return unit(self.port, self.name)
+
+
+async def start(systemd: Systemd, run_dir: Path, port: int, commands: Mapping[str, str],
+                environment: Mapping[str, str], network: Network) -> dict[str, str]:
+    """Start the workers of the release on ``port``; return {name: why} for those that failed."""
+    problems = {}
+    for name, command in commands.items():
+        values = {**environment, "BLUEGREEN_PROCESS": name, "BLUEGREEN_COMMAND": command}
+        atomic_write(env_path(run_dir, port, name), environment_file(values), mode=0o600)
+        try:
+            await systemd.set_properties(unit(port, name), network_properties(network))
+            await systemd.reset_failed(unit(port, name))
+            await systemd.start_unit(unit(port, name))
+        except SystemdError as exc:
+            problems[name] = str(exc)
+            log.error("worker %s of the release on port %d did not start: %s", name, port, exc)
+    return problems
+
+
+async def stop(systemd: Systemd, run_dir: Path, port: int | None = None,
+               keep: int | None = None) -> None:
+    """Stop the workers of the release on ``port`` (None: of every release but ``keep``)."""
+    for status in await systemd.list_units(PATTERN):
+        parsed = parse_unit(status.name)
+        if parsed is None or parsed[0] == keep or (port is not None and parsed[0] != port):
+            continue
+        try:
+            await systemd.stop_unit(status.name)
+            await systemd.reset_failed(status.name)
+        except SystemdError as exc:
+            log.error("could not stop %s: %s", status.name, exc)
+            continue
+        env_path(run_dir, *parsed).unlink(missing_ok=True)
+
+
+async def listing(systemd: Systemd, run_dir: Path) -> list[Worker]:
+    """Every loaded worker unit with its state and release."""
+    found = []
+    for status in await systemd.list_units(PATTERN):
+        parsed = parse_unit(status.name)
+        if parsed is None:
+            continue
+        release = ""
+        try:
+            for line in env_path(run_dir, *parsed).read_text().splitlines():
+                if line.startswith("BLUEGREEN_RELEASE="):
+                    release = line.partition("=")[2].strip('"')
+        except OSError:
+            pass
+        found.append(Worker(parsed[0], parsed[1], f"{status.active_state}/{status.sub_state}", release))
+    return sorted(found, key=lambda w: (w.port, w.name))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from bluegreen import appenv, config, workers
+from bluegreen.config import AppConfig, Config
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WITH_SECRETS = ROOT / "data" / "with-secrets"
+
+
+def test_environment_puts_the_release_environment_first_on_path() -> None:
+    cfg = Config(app=AppConfig(environment={"DATABASE_URL": "sqlite:////var/lib/bluegreen/data/x.db"}))
+    env = appenv.environment(cfg, "c" * 40, Path("/r/c"), Path("/e/k"), 3)
+    assert env["PATH"].startswith("/e/k/bin:")
+    assert env["BLUEGREEN_PYTHON"] == "/e/k/bin/python3"
+    assert env["VIRTUAL_ENV"] == "/e/k"
+    assert env["BLUEGREEN_DATA_DIR"] == "/var/lib/bluegreen/data"
+    assert env["DATABASE_URL"] == "sqlite:////var/lib/bluegreen/data/x.db"
+    assert env["BLUEGREEN_DEPLOYMENT_ID"] == "3"
+
+
+def test_with_secrets_exports_credentials_and_refuses_reserved_names(tmp_path: Path) -> None:
+    (tmp_path / "secrets_SECRET_KEY").write_text("s3cret value\n")
+    (tmp_path / "secrets_PATH").write_text("/evil\n")
+    (tmp_path / "secrets_BLUEGREEN_RELEASE").write_text("x\n")
+    (tmp_path / "secrets_bad-name").write_text("x\n")
+    (tmp_path / "github-token").write_text("not an app secret\n")
+    result = subprocess.run(
+        [str(WITH_SECRETS), "/usr/bin/env"], capture_output=True, text=True, check=True,
+        env={"PATH": os.environ["PATH"], "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    exported = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert exported["SECRET_KEY"] == "s3cret value"
+    assert exported["PATH"] == os.environ["PATH"]
+    assert "BLUEGREEN_RELEASE" not in exported
+    assert "bad-name" not in result.stdout and "github" not in result.stdout
+    assert result.stderr.count("ignored") == 3
+
+
+def test_with_secrets_refuses_every_name_the_configuration_reserves() -> None:
+    script = WITH_SECRETS.read_text()
+    patterns = re.search(r'case \$name in\n(.*?)\)\n', script, re.S)
+    assert patterns is not None
+    refused = patterns[1]
+    for name in config.RESERVED_ENVIRONMENT:
+        assert name in refused or (name.startswith(("LISTEN_", "WATCHDOG_"))
+                                   and name.split("_")[0] + "_*" in refused), name
+
+
+def test_worker_unit_names() -> None:
+    assert workers.unit(8123, "worker") == "bluegreen-worker@8123-worker.service"
+    assert workers.parse_unit("bluegreen-worker@8123-mail-out.service") == (8123, "mail-out")
+    assert workers.parse_unit("bluegreen-app@8123.service") is None
