@@ -74,13 +74,14 @@ class Client:
             raise ApiError(reply.error_name or "", str(text))
         return list(reply.body)
 
-    async def deploy(self, ref: str = "", trigger: str = "dbus") -> str:
-        (deployment_id,) = await self._call("DeployWithOptions", "sa{sv}",
-                                            [ref, {"trigger": Variant("s", trigger)}])
+    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
+        options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
+        (deployment_id,) = await self._call("DeployWithOptions", "sa{sv}", [ref, options])
         return str(deployment_id)
 
-    async def rollback(self, target: str = "") -> str:
-        (deployment_id,) = await self._call("Rollback", "s", [target])
+    async def rollback(self, target: str = "", trigger: str = "dbus", wait: bool = False) -> str:
+        options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
+        (deployment_id,) = await self._call("RollbackWithOptions", "sa{sv}", [target, options])
         return str(deployment_id)
 
     async def refresh(self) -> None:

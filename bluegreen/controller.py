@@ -163,14 +163,15 @@ class Controller:
 
     # --- deploying -------------------------------------------------------------------------
 
-    async def request_deploy(self, ref: str, trigger: Trigger) -> Deployment:
+    async def request_deploy(self, ref: str, trigger: Trigger, wait: bool = False) -> Deployment:
         """Resolve ``ref`` and start deploying it; return the new record at once.
 
         Raises InvalidRef/UnknownRef/RepositoryError (nothing recorded, nothing changed),
-        Busy while another deployment runs, NotConfigured without a repository.
+        Busy while another deployment runs (unless ``wait``: then it waits for that one to
+        end first), NotConfigured without a repository.
         """
         validate_ref(ref)
-        self._claim(ref or self.config.repository.branch)
+        await self._claim_when_idle(ref or self.config.repository.branch, wait)
         try:
             started = time.time()
             commit = await self.repository.resolve(ref)
@@ -182,15 +183,52 @@ class Controller:
         self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
         return deployment
 
-    async def request_rollback(self, target: str) -> Deployment:
+    async def request_rollback(self, target: str, who: str = "", wait: bool = False) -> Deployment:
         """Deploy an earlier release: the previous good one, a deployment id or a commit.
 
-        Only releases still on disk qualify: a rollback needs no fetch and no build.
+        Only releases still on disk qualify: a rollback needs no fetch and no build. Asked
+        while a deployment watches its new release (the old instance still warm) for that old
+        release, it ends that deployment at once with a switch-back and returns its record.
         """
-        if self.current is not None or self._preparing is not None:
+        current = self.current
+        if current is not None and self._is_switch_back(current, target):
+            reason = "switched back by the operator" + (f" ({who})" if who else "")
+            if self.deployer.ask_switch_back(reason):
+                log.warning("deployment %d: %s", current.id, reason,
+                            extra=fields(deployment_id=current.id, release=current.commit))
+                return current
+        if wait:
+            await self._wait_until_idle()
+        elif self.current is not None or self._preparing is not None:
             self._claim(target)  # raises Busy, naming the running deployment
         sha = self._rollback_commit(target)
-        return await self.request_deploy(sha, Trigger.ROLLBACK)
+        return await self.request_deploy(sha, Trigger.ROLLBACK, wait)
+
+    def _is_switch_back(self, current: Deployment, target: str) -> bool:
+        if not current.previous_release or not current.steps or current.steps[-1].step != Step.WATCH:
+            return False
+        return target == "" or (len(target) >= 7 and current.previous_release.startswith(target))
+
+    async def _claim_when_idle(self, what: str, wait: bool) -> None:
+        while True:
+            if wait:
+                await self._wait_until_idle()
+            try:
+                self._claim(what)
+                return
+            except Busy:
+                if not wait:
+                    raise
+
+    async def _wait_until_idle(self) -> None:
+        """Until no deployment runs or is being prepared (another waiter may win the race:
+        the claim that follows raises Busy then)."""
+        while self.current is not None or self._preparing is not None:
+            task = self._task
+            if task is not None:
+                await asyncio.wait([task])
+            else:
+                await asyncio.sleep(0.05)
 
     def _rollback_commit(self, target: str) -> str:
         serving = self.serving.release if self.serving else ""

@@ -25,7 +25,7 @@ from bluegreen import config as configuration
 from bluegreen import log as logsetup
 from bluegreen.controller import Controller, Paths
 from bluegreen.credentials import Secrets
-from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, ManagerInterface
+from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, ManagerInterface, remember_sender
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger("bluegreen")
@@ -61,7 +61,8 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
     controller = Controller(config, systemd, paths,
                             notify_status=lambda text: notify(f"STATUS={text}"),
                             secrets=Secrets.load())
-    bus.export(OBJECT_PATH, ManagerInterface(controller))
+    bus.add_message_handler(remember_sender)
+    bus.export(OBJECT_PATH, ManagerInterface(controller, bus))
     reply = await bus.request_name(BUS_NAME)
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("cannot own the bus name %s (%s): is another bluegreen running?", BUS_NAME,

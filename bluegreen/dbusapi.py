@@ -6,9 +6,12 @@ Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentSt
 
 from __future__ import annotations
 
+import pwd
+from contextvars import ContextVar
 from typing import Any
 
-from dbus_next import DBusError, Variant
+from dbus_next import DBusError, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from bluegreen import instances, workers
@@ -40,6 +43,29 @@ _CHANGING = ("State", "ActiveRelease", "ActivePort", "PublicPort", "CurrentDeplo
 
 _CLIENT_TRIGGERS = {Trigger.DBUS, Trigger.HTTP, Trigger.CLI}
 
+# The unique bus name of the caller of the method being dispatched: a message handler sets it
+# just before dbus-next dispatches the call, whose task copies the context.
+_SENDER: ContextVar[str] = ContextVar("sender", default="")
+
+
+def remember_sender(message: Message) -> bool:
+    if message.message_type == MessageType.METHOD_CALL and message.interface == INTERFACE:
+        _SENDER.set(message.sender or "")
+    return False
+
+
+def _options(options: dict[str, Variant]) -> tuple[Trigger, bool]:
+    """``trigger`` (s: dbus, http or cli) and ``wait`` (b) of a *WithOptions call."""
+    trigger, wait = Trigger.DBUS, False
+    for key, value in options.items():
+        if key == "trigger" and value.signature == "s" and value.value in _CLIENT_TRIGGERS:
+            trigger = Trigger(value.value)
+        elif key == "wait" and value.signature == "b":
+            wait = bool(value.value)
+        else:
+            raise DBusError(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
+    return trigger, wait
+
 
 def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
     return {
@@ -62,9 +88,10 @@ def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
 
 
 class ManagerInterface(ServiceInterface):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, bus: MessageBus | None = None) -> None:
         super().__init__(INTERFACE)
         self.controller = controller
+        self.bus = bus
         self._last: dict[str, Any] = {}
         controller.observers.append(self)
 
@@ -91,12 +118,32 @@ class ManagerInterface(ServiceInterface):
 
     # --- methods ---------------------------------------------------------------------------
 
-    async def _deploy(self, ref: str, trigger: Trigger, rollback: bool = False) -> str:
+    async def _caller(self, trigger: Trigger) -> str:
+        """Who calls, for the records: "user NAME (uid N) over cli"."""
+        sender = _SENDER.get()
+        if self.bus is None or not sender:
+            return f"over {trigger}"
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetConnectionUnixUser", signature="s",
+            body=[sender]))
+        if reply is None or reply.message_type == MessageType.ERROR:
+            return f"over {trigger}"
+        uid = int(reply.body[0])
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return f"user {name} (uid {uid}) over {trigger}"
+
+    async def _deploy(self, ref: str, trigger: Trigger, rollback: bool = False,
+                      wait: bool = False) -> str:
         try:
             if rollback:
-                deployment = await self.controller.request_rollback(ref)
+                deployment = await self.controller.request_rollback(
+                    ref, await self._caller(trigger), wait)
             else:
-                deployment = await self.controller.request_deploy(ref, trigger)
+                deployment = await self.controller.request_deploy(ref, trigger, wait)
         except NoRollbackTarget as exc:
             raise DBusError(Error.NO_ROLLBACK_TARGET, str(exc)) from None
         except Busy as exc:
@@ -120,19 +167,24 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def DeployWithOptions(self, ref: "s", options: "a{sv}") -> "s":
-        """Deploy with options: ``trigger`` (s) is one of dbus, http, cli."""
-        trigger = Trigger.DBUS
-        for key, value in options.items():
-            if key != "trigger" or value.signature != "s" or value.value not in _CLIENT_TRIGGERS:
-                raise DBusError(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
-            trigger = Trigger(value.value)
-        return await self._deploy(ref, trigger)
+        """Deploy with options: ``trigger`` (s) is one of dbus, http, cli; ``wait`` (b): while
+        another deployment runs, wait for it to end, then go (instead of Busy)."""
+        trigger, wait = _options(options)
+        return await self._deploy(ref, trigger, wait=wait)
 
     @method()
     async def Rollback(self, target: "s") -> "s":
         """Deploy an earlier release still on disk: ``target`` is empty (the previous good
         release), a deployment id or a commit; return the new deployment's id."""
-        return await self._deploy(target, Trigger.ROLLBACK, rollback=True)
+        return await self._deploy(target, Trigger.DBUS, rollback=True)
+
+    @method()
+    async def RollbackWithOptions(self, target: "s", options: "a{sv}") -> "s":
+        """Rollback with the options of DeployWithOptions. Asked while a deployment watches its
+        new release, it ends that deployment with a switch-back to the old instance, still
+        warm, and returns that deployment's id."""
+        trigger, wait = _options(options)
+        return await self._deploy(target, trigger, rollback=True, wait=wait)
 
     @method()
     def Refresh(self):

@@ -15,10 +15,11 @@ controller's reconciliation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bluegreen import appenv, forwarder, health, instances, netstat, ports, procfile, transient, workers
@@ -75,6 +76,10 @@ class Deployer:
     environments: Environments
     run_dir: Path
     report: StepReporter
+    # Set by an operator's rollback while the new release is watched: switch back at once.
+    switch_back_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    switch_back_reason: str = ""
+    watching: bool = False
 
     async def deploy(self, deployment: Deployment, serving: Serving | None) -> Deployment:
         """Run ``deployment`` (its commit already resolved); return the finished record.
@@ -83,6 +88,7 @@ class Deployer:
         or the new release fails its watch after it.
         """
         record = deployment
+        self.switch_back_asked.clear()
         step = Step.MATERIALIZE
         new_port: int | None = None
         staging: Path | None = None
@@ -150,12 +156,18 @@ class Deployer:
         record = await self.drain(record, serving.port)
         if self.config.post_switch_watch > 0:
             record = await self.report(record, Step.WATCH, new_port)
-            trouble = await self.watch(new_port, serving.port)
+            self.watching = True
+            try:
+                trouble = await self.watch(new_port, serving.port)
+            finally:
+                self.watching = False
             if trouble:
                 record = await self.report(record, Step.ROLLBACK, serving.port)
                 await self.switch_back(serving.port, new_port)
-                raise DeployFailed(Step.WATCH, f"unhealthy after the switch ({trouble}); traffic "
-                                   f"went back to {serving.release[:12]} on port {serving.port}",
+                why = (self.switch_back_reason if self.switch_back_asked.is_set()
+                       else f"unhealthy after the switch ({trouble})")
+                raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
+                                   f"{serving.release[:12]} on port {serving.port}",
                                    State.ROLLED_BACK)
         record = await self.swap_workers(record, processes, env)
         record = await self.stop_old(record, serving.port)
@@ -209,6 +221,8 @@ class Deployer:
         deadline = time.monotonic() + self.config.post_switch_watch
         failures = 0
         while time.monotonic() < deadline:
+            if self.switch_back_asked.is_set():
+                return self.switch_back_reason
             if await instances.failure(self.systemd, old_port):
                 return None  # nothing to go back to: keep the new release
             failure = await instances.failure(self.systemd, new_port)
@@ -219,8 +233,18 @@ class Deployer:
             failures = 0 if result.ok else failures + 1
             if failures >= settings.unhealthy_threshold:
                 return f"{failures} failed checks in a row: {result.reason}"
-            await asyncio.sleep(settings.interval)
-        return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.switch_back_asked.wait(), settings.interval)
+        return self.switch_back_reason if self.switch_back_asked.is_set() else None
+
+    def ask_switch_back(self, reason: str) -> bool:
+        """An operator's rollback during the watch: end it now and switch back to the old
+        instance, still warm. False when no watch is under way."""
+        if not self.watching:
+            return False
+        self.switch_back_reason = reason
+        self.switch_back_asked.set()
+        return True
 
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""

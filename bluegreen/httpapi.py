@@ -151,13 +151,14 @@ def status() -> Response:
     return reply(client.call(gather))
 
 
-def _json_request(field: str) -> str:
-    """The one string field a POST body may hold ("" when there is no body)."""
+def _json_request(field: str) -> tuple[str, bool]:
+    """The string field a POST body may hold ("" when there is no body), and its ``wait``: while
+    another deployment runs, wait for it to end (instead of 409)."""
     if (request.content_length or 0) > MAX_BODY:
         raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
     body = request.get_data(cache=True)
     if not body.strip():
-        return ""
+        return "", False
     if request.mimetype != "application/json":
         raise BadRequest("the body must be JSON (Content-Type: application/json)", 415)
     try:
@@ -166,15 +167,19 @@ def _json_request(field: str) -> str:
         raise BadRequest(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"the body must be a JSON object like {{\"{field}\": \"...\"}}")
-    unknown = sorted(set(data) - {field})
+    unknown = sorted(set(data) - {field, "wait"})
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"{field}\" is accepted")
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"{field}\" and \"wait\" "
+                         "are accepted")
+    wait = data.get("wait", False)
+    if not isinstance(wait, bool):
+        raise BadRequest(f"\"wait\" must be true or false, not {type(wait).__name__}")
     value = data.get(field, "")
     if value is None:
-        return ""
+        return "", wait
     if not isinstance(value, str):
         raise BadRequest(f"\"{field}\" must be a string, not {type(value).__name__}")
-    return value
+    return value, wait
 
 
 def _accepted(deployment_id: str) -> Response:
@@ -185,15 +190,15 @@ def _accepted(deployment_id: str) -> Response:
 
 @app.post("/deploy")
 def deploy() -> Response:
-    ref = _json_request("ref")
-    return _accepted(client.call(lambda c: c.deploy(ref, trigger="http")))
+    ref, wait = _json_request("ref")
+    return _accepted(client.call(lambda c: c.deploy(ref, trigger="http", wait=wait)))
 
 
 @app.post("/rollback")
 def rollback() -> Response:
     """Roll back to the previous good release, or to {"target": DEPLOYMENT_ID or COMMIT}."""
-    target = _json_request("target")
-    return _accepted(client.call(lambda c: c.rollback(target)))
+    target, wait = _json_request("target")
+    return _accepted(client.call(lambda c: c.rollback(target, trigger="http", wait=wait)))
 
 
 @app.post("/hooks/push")

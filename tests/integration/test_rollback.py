@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -124,3 +125,52 @@ def test_retention_keeps_the_newest_releases_and_the_rollback_target(box: Sandbo
     assert len(succeeded) > KEEP  # some were deleted
     for sha in succeeded[KEEP:]:
         assert sha not in on_disk
+
+
+def wait_for_step(box: Sandbox, deployment_id: str, step: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = deployment(box, deployment_id)
+        if record["steps"] and record["steps"][-1][0] == step:
+            return
+        assert record["state"] == "running", record
+        time.sleep(0.05)
+    raise AssertionError(f"deployment {deployment_id} never reached {step}")
+
+
+def test_a_rollback_during_the_watch_switches_back_at_once(box: Sandbox, app: App) -> None:
+    before = deploy(box, app, "Before the watch")
+    app.commit("Watched")
+    with Load(box, "--fast", "4", "--slow", "2") as load:
+        running = call(box, "Deploy", "s", "")
+        wait_for_step(box, running, "watch")
+        asked = time.monotonic()
+        result = box.run("bluegreenctl", "rollback", "--no-wait")
+        while public(box)["release"] != before["commit"]:
+            assert time.monotonic() - asked < 5, "traffic never went back"
+        back = time.monotonic() - asked
+        record = wait_deployment(box, running)
+    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+    assert result.stdout.strip() == running  # the watched deployment ends; no new one starts
+    assert record["state"] == "rolled-back", record
+    assert "switched back by the operator (user root (uid 0) over cli)" in record["reason"], record
+    assert properties(box)["ActiveRelease"] == before["commit"]
+    assert properties(box)["LastDeployment"] == running
+    print(f"\nswitch-back asked during the watch: new connections reach the old release "
+          f"{back:.2f} s after bluegreenctl rollback was run; the deployment ended "
+          f"{record['finished_at'] - record['started_at']:.2f} s after it began")
+
+
+def test_wait_queues_a_deploy_behind_the_running_one(box: Sandbox, app: App) -> None:
+    app.commit("First of two")
+    first = call(box, "Deploy", "s", "")
+    busy = box.run("bluegreenctl", "deploy", "--no-wait", check=False)
+    assert busy.returncode == 5, busy.stdout + busy.stderr
+    second_sha = app.commit("Second of two")
+    queued = box.run("bluegreenctl", "deploy", "--wait", "--no-wait", second_sha, timeout=180)
+    second = queued.stdout.strip()
+    assert deployment(box, first)["state"] == "succeeded"
+    record = wait_deployment(box, second)
+    assert record["state"] == "succeeded", record
+    assert record["commit"] == second_sha
+    assert record["started_at"] >= deployment(box, first)["finished_at"]

@@ -21,14 +21,14 @@ class StubClient:
         self.deployed: list[tuple[str, str]] = []
         self.error: ApiError | None = None
 
-    async def deploy(self, ref: str = "", trigger: str = "dbus") -> str:
+    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         if self.error:
             raise self.error
-        self.deployed.append((ref, trigger))
+        self.deployed.append((ref, trigger + (" wait" if wait else "")))
         return "12"
 
-    async def rollback(self, target: str = "") -> str:
-        self.deployed.append((target, "rollback"))
+    async def rollback(self, target: str = "", trigger: str = "dbus", wait: bool = False) -> str:
+        self.deployed.append((target, "rollback" + (" wait" if wait else "")))
         return "13"
 
     async def status(self) -> dict[str, Any]:
@@ -62,12 +62,16 @@ def test_deploy_with_and_without_a_body(stub: StubClient, web: FlaskClient) -> N
     assert response.json == {"id": "12", "status": "/deployments/12"}
     assert response.headers["Location"] == "/deployments/12"
     assert stub.deployed == [("", "http"), ("v2", "http")]
+    assert web.post("/deploy", json={"ref": "v3", "wait": True}).status_code == 202
+    assert web.post("/rollback", json={"wait": True}).status_code == 202
+    assert stub.deployed[2:] == [("v3", "http wait"), ("", "rollback wait")]
 
 
 @pytest.mark.parametrize(("kwargs", "status", "text"), [
     ({"data": "{", "content_type": "application/json"}, 400, "malformed JSON"),
     ({"json": {"ref": ["x"]}}, 400, "must be a string"),
     ({"json": {"branch": "x"}}, 400, "unknown field(s): branch"),
+    ({"json": {"wait": "yes"}}, 400, "\"wait\" must be true or false"),
     ({"json": 7}, 400, "JSON object"),
     ({"data": "ref=x", "content_type": "text/plain"}, 415, "must be JSON"),
     ({"data": "x" * (httpapi.MAX_BODY + 1), "content_type": "application/json"}, 413, "larger"),
