@@ -404,7 +404,8 @@ class Controller:
             await self.request_deploy(head, Trigger.REFRESHER)
         except Busy:
             raise refresher.Busy() from None
-        except (UnknownRef, NotConfigured) as exc:
+        except (UnknownRef, NotConfigured, HistoryError) as exc:
+            # Never let the refresher's loop die: it tries again at the next poll.
             log.error("the refresher cannot deploy %s: %s", head[:12], exc)
 
     def refresh(self) -> None:
@@ -447,7 +448,7 @@ class Controller:
                     extra=fields(message_id=MessageId.RECOVERY, release=self.serving.release))
         try:
             await self.request_deploy(self.serving.release, Trigger.RECOVERY)
-        except (Busy, RepositoryError, NotConfigured) as exc:
+        except (Busy, RepositoryError, NotConfigured, HistoryError) as exc:
             log.error("recovery not started: %s", exc)
 
     # --- start-up and shutdown -------------------------------------------------------------

@@ -253,6 +253,17 @@ class Sandbox:
         target.write_text(text)
         target.chmod(mode)
 
+    def use_wheelhouse(self, wheelhouse: Path, inside: str = "/srv/wheelhouse") -> str:
+        """Make pip inside install from a copy of ``wheelhouse`` and nothing else (the container
+        has no network). A copy: the host's /var/tmp, where the wheelhouse is built, is hidden
+        from every unit with PrivateTmp=. The host's /etc/xdg/pip (constraints) goes too."""
+        target = self.path(inside)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(wheelhouse, target, ignore=shutil.ignore_patterns(".*"))
+        self.write("/etc/pip.conf", f"[global]\nno-index = true\nfind-links = {inside}\n")
+        shutil.rmtree(self.path("/etc/xdg/pip"), ignore_errors=True)
+        return inside
+
     def journal(self, *args: str) -> str:
         return self.run("journalctl", "--no-pager", *args, check=False).stdout
 
