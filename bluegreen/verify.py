@@ -52,7 +52,9 @@ if not callable(target):
 _BUILD_ENVIRONMENT = ('env="$1"; shift; '
                       f'{SYSTEM_PYTHON} -m venv --system-site-packages "$env" && '
                       'exec "$env/bin/python3" -m pip install --disable-pip-version-check --no-input '
-                      '--progress-bar off "$@"')
+                      '--progress-bar off --ignore-installed "$@"')
+# --ignore-installed: the whole closure of what the release asks for goes into its environment,
+# whatever Debian's python3-* packages (seen through --system-site-packages) hold.
 
 
 class VerifyFailed(Exception):
