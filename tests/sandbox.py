@@ -70,6 +70,8 @@ def install_tree(root: Path, source: Path = ROOT) -> None:
     put("scripts/bluegreenctl", "/usr/local/bin/bluegreenctl", 0o755)
     put("data/bluegreen-generator", "/usr/local/lib/systemd/system-generators/bluegreen-generator",
         0o755)
+    put("data/with-secrets", "/usr/libexec/bluegreen/with-secrets", 0o755)
+    put("packaging/debian/bluegreen.tmpfiles", "/usr/local/lib/tmpfiles.d/bluegreen.conf")
 
 
 class Sandbox:
