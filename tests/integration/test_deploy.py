@@ -24,7 +24,8 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 UNITS = ("bluegreen.service", "bluegreen-api.socket", "bluegreen-api.service",
-         "bluegreen-app@8123.service", "bluegreen-forward@8123.service", "bluegreen-proxy@8123.service")
+         "bluegreen-app@8123.service", "bluegreen-worker@8123-worker.service",
+         "bluegreen-forward@8123.service", "bluegreen-proxy@8123.service")
 
 BROKEN_IMPORT = "import this_module_does_not_exist\n"
 FAILING_HEALTH = '''from flask import Flask
@@ -60,6 +61,7 @@ def test_units_pass_systemd_analyze_verify(box: Sandbox) -> None:
 
 @pytest.mark.parametrize(("unit", "threshold"), [
     ("bluegreen-app@8123.service", 2.0),
+    ("bluegreen-worker@8123-worker.service", 2.0),
     ("bluegreen-forward@8123.service", 2.0),
     ("bluegreen-proxy@8123.service", 2.0),
     ("bluegreen-api.service", 2.0),

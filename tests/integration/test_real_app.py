@@ -333,3 +333,62 @@ def test_the_secret_never_shows(box: Sandbox, notes: Notes) -> None:
         assert SECRET not in text, f"the secret shows in {place}"
     # ... while the app did get it.
     assert public(box)["secret_fingerprint"] == hashlib.sha256(SECRET.encode()).hexdigest()[:12]
+
+
+def test_the_app_may_reach_the_network_by_default(box: Sandbox, notes: Notes) -> None:
+    port = properties(box)["ActivePort"]
+    for unit in (f"bluegreen-app@{port}.service", f"bluegreen-worker@{port}-worker.service"):
+        shown = box.run("systemctl", "show", "-p", "IPAddressDeny", "-p", "User", unit).stdout
+        assert "IPAddressDeny=\n" in shown and "User=bluegreen-app" in shown, (unit, shown)
+
+
+def test_a_crashed_worker_is_restarted(box: Sandbox, notes: Notes) -> None:
+    unit = f"bluegreen-worker@{properties(box)['ActivePort']}-worker.service"
+    before = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
+    box.run("systemctl", "kill", "--signal=KILL", unit)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
+        state = box.run("systemctl", "is-active", unit, check=False).stdout.strip()
+        if state == "active" and after not in ("0", before):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"{unit} was not restarted: {state}, MainPID {after}")
+    job = wait_job(box, post(box, "/jobs", {"text": "after the crash"})["id"])
+    assert job["result"] == "AFTER THE CRASH"
+
+
+def test_a_worker_that_cannot_start_does_not_roll_back_the_release(box: Sandbox,
+                                                                    notes: Notes) -> None:
+    procfile = (notes.work / "Procfile").read_text()
+    sha = notes.commit("A worker that dies at once",
+                       {"Procfile": procfile + "broken: python -c 'import sys; sys.exit(3)'\n"})
+    record = deploy(box)
+    assert record["state"] == "succeeded" and record["commit"] == sha, record
+    notes.releases["4"] = sha
+    port = properties(box)["ActivePort"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = box.run("bluegreenctl", "status", "--json").stdout
+        workers = {w["name"]: w["state"] for w in json.loads(shown)["Workers"] if w["port"] == port}
+        if workers.get("broken") == "failed/failed":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the broken worker never showed as failed: {shown}")
+    assert workers["worker"] == "active/running" and workers["worker2"] == "active/running"
+    assert "Worker:      broken" in box.run("bluegreenctl", "status").stdout
+    assert properties(box)["ActiveRelease"] == sha
+
+
+def test_a_rollback_runs_no_release_phase(box: Sandbox, notes: Notes) -> None:
+    result = box.run("bluegreenctl", "rollback", notes.releases["3"], check=False, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = call(box, "ListDeployments", "u", "1")[0]
+    assert record["trigger"] == "rollback" and record["state"] == "succeeded", record
+    assert "migrate" not in steps(record), record["steps"]
+    assert properties(box)["ActiveRelease"] == notes.releases["3"]
+    port = properties(box)["ActivePort"]
+    assert {unit for unit, state in worker_units(box).items() if state == "active"} == \
+        workers_of(port)
