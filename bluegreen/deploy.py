@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bluegreen import forwarder, health, instances, netstat, ports
+from bluegreen import drainflag, forwarder, health, instances, netstat, ports
 from bluegreen.config import Config
 from bluegreen.forwarder import ForwarderError
 from bluegreen.history import Deployment, State, Step
@@ -127,6 +127,7 @@ class Deployer:
         if serving is None or serving.port == new_port:
             return replace(record, state=State.SUCCEEDED)
 
+        drainflag.put(self.run_dir, serving.port)  # keep-alive clients leave at their next request
         record = await self.drain(record, serving.port)
         if self.config.post_switch_watch > 0:
             record = await self.report(record, Step.WATCH, new_port)
@@ -200,7 +201,9 @@ class Deployer:
 
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""
+        drainflag.clear(self.run_dir, old_port)
         await forwarder.start(self.systemd, old_port, self.config.ports.public, self.config.forwarder)
+        drainflag.put(self.run_dir, new_port)
         try:
             await forwarder.drain_stop(self.systemd, new_port)
         finally:
@@ -248,7 +251,8 @@ class Deployer:
         app = self.config.app
         return InstanceSpec(port=record.port, release=record.commit, release_dir=release_dir,
                             wsgi=app.wsgi, workers=app.workers, worker_class=app.worker_class,
-                            deployment_id=str(record.id), team=app.team)
+                            deployment_id=str(record.id), team=app.team,
+                            drain_file=drainflag.path(self.run_dir, record.port))
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

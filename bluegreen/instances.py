@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import netstat
+from bluegreen import drainflag, netstat
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -33,6 +33,7 @@ class InstanceSpec:
     worker_class: str
     deployment_id: str
     team: str = ""
+    drain_file: Path | None = None  # the flag that makes it close kept-alive connections
 
     def environment(self) -> dict[str, str]:
         values = {
@@ -46,6 +47,8 @@ class InstanceSpec:
         }
         if self.team:
             values["TEAM_NUMBER"] = self.team
+        if self.drain_file:
+            values["BLUEGREEN_DRAIN_FILE"] = str(self.drain_file)
         return values
 
 
@@ -74,6 +77,7 @@ def read_env(run_dir: Path, port: int) -> dict[str, str]:
 
 def remove_env(run_dir: Path, port: int) -> None:
     env_path(run_dir, port).unlink(missing_ok=True)
+    drainflag.clear(run_dir, port)
 
 
 async def start(systemd: Systemd, port: int) -> None:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bluegreen import forwarder, instances
+from bluegreen import drainflag, forwarder, instances
 from bluegreen.config import Forwarder
 from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
@@ -67,6 +67,7 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
             instances.remove_env(run_dir, port)
     if keep is None:
         return None
+    drainflag.clear(run_dir, keep)  # it may have been draining when the controller stopped
     release = instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", "")
     log.info("adopted release %s serving on port %d", release[:12], keep,
              extra=fields(message_id=MessageId.RECONCILED, release=release, port=keep))
