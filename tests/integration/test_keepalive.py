@@ -1,0 +1,138 @@
+"""Keep-alive clients through ten deploys of gthread instances: none fails, none stays behind.
+
+Busy clients (GET / and POST /echo back to back, bodies checked) and clients that think
+0.3-2.5 s between requests hold their connections open, as browsers and HTTP libraries do
+(tests/keepalive.py: a request on a reused connection the server closed before answering is
+sent again once, nothing else is). Right after each switch the old instance gets its drain
+flag and closes every connection after its next response, so:
+  - no request fails;
+  - every busy client is on the new release within 1 s of the first new connection reaching it;
+  - with no long-lived response in flight, the old instance is left with no connection before
+    drain_timeout (the first half of the deploys).
+Long-lived responses (a stream longer than drain_timeout) cannot move: the second half of the
+deploys runs two of them at all times, and the test prints how many each switch cut, and checks
+that none was cut before drain_timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import App, call, public, wait_deployment, wait_serving
+from tests.integration.test_zero_downtime import step_time
+from tests.sandbox import ROOT, Sandbox
+
+pytestmark = pytest.mark.integration
+
+DEPLOYS = 10
+DRAIN_TIMEOUT = 10.0
+STREAM_SECONDS = 2 * DRAIN_TIMEOUT
+MAX_LAG = 1.0
+CONFIG = (f"post_switch_watch = 1\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
+          '[app]\nworkers = 2\nworker_class = "gthread"\n[health]\ninterval = 0.2\n')
+# gthread's default is one thread per worker: a stream would hold a whole worker.
+THREADS = "[Service]\nEnvironment=GUNICORN_CMD_ARGS=--threads=8\n"
+
+
+@pytest.fixture(scope="module")
+def config_extra() -> str:
+    return CONFIG
+
+
+class Clients:
+    """tests/keepalive.py running against the public port while the block runs."""
+
+    def __init__(self, box: Sandbox, *args: str) -> None:
+        self.box = box
+        self.args = args
+        self.report: dict[str, Any] = {}
+
+    def __enter__(self) -> Clients:
+        self.process = self.box.popen_net(["/usr/bin/python3", str(ROOT / "tests/keepalive.py"),
+                                           *self.args])
+        time.sleep(1.0)
+        assert self.process.poll() is None, "the keep-alive clients died at start"
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        time.sleep(0.5)
+        self.process.send_signal(2)
+        out, _err = self.process.communicate(timeout=STREAM_SECONDS + 30)
+        if kind is None:
+            self.report = json.loads(out)
+
+
+def first_start(report: dict[str, Any], version: str) -> float:
+    """When a request first reached ``version`` (a new connection: nothing was kept to it)."""
+    starts = [start for client in report["clients"]
+              for seen, start, _end, _count in client["segments"] if seen == version]
+    starts += [start for start, _end, outcome, seen, _size in report["streams"] if seen == version]
+    assert starts, f"no client ever reached release {version}"
+    return float(min(starts))
+
+
+def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: App) -> None:
+    box.write("/etc/systemd/system/bluegreen-app@.service.d/threads.conf", THREADS)
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    records = []
+    clients = Clients(box, "--busy", "6", "--thinkers", "4")
+    streams = Clients(box, "--busy", "0", "--thinkers", "0", "--streams", "2",
+                      "--stream-seconds", f"{STREAM_SECONDS:g}")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(clients)
+        for number in range(DEPLOYS):
+            if number == DEPLOYS // 2:
+                stack.enter_context(streams)
+                time.sleep(STREAM_SECONDS / 2)  # both streams under way
+            sha = app.commit(f"Release {number + 2}")
+            record = wait_deployment(box, call(box, "Deploy", "s", ""))
+            assert record["state"] == "succeeded", record
+            assert record["commit"] == sha
+            records.append(record)
+    report = clients.report
+    streamed = streams.report["streams"]
+    report["streams"] = streamed
+
+    print(f"\n{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
+          f"{report['failed']} failed, {report['retried']} sent again on a new connection "
+          f"({report['retried_ok']} then answered), {report['connections']} connections, "
+          f"{report['connection_close_responses']} responses with Connection: close")
+    busy = [client for client in report["clients"] if client["kind"] == "busy"]
+    lags = []
+    for number, record in enumerate(records):
+        version = str(number + 2)
+        drain = step_time(record, "drain")
+        drained = step_time(record, "watch") - drain
+        reached = first_start(report, version)
+        moved = [[start for seen, start, _end, _count in client["segments"] if seen == version]
+                 for client in busy]
+        assert all(moved), f"a busy client never reached release {version}"
+        lag = max(starts[0] - reached for starts in moved)
+        lags.append(lag)
+        in_flight = [s for s in streamed if s[0] < drain < s[1]]
+        cut = [s for s in in_flight if s[2] != "ok"]
+        print(f"deploy {number + 1:2}: first new connection {reached - drain:+.3f} s from the drain "
+              f"step, busy clients on the new release {lag:.3f} s after it, drain {drained:.2f} s, "
+              f"long-lived responses in flight {len(in_flight)}, cut {len(cut)}"
+              + "".join(f" ({s[1] - drain:.2f} s after the switch)" for s in cut))
+
+    assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+    assert report["requests"] > 1000
+    for client in report["clients"]:  # each client saw the releases in order, never went back
+        versions = [int(seen) for seen, *_ in client["segments"]]
+        assert versions == sorted(set(versions)), (client["name"], client["segments"])
+    assert max(lags) <= MAX_LAG, [f"{lag:.3f}" for lag in lags]
+    for record in records[:DEPLOYS // 2]:  # nothing long-lived: the old instance emptied early
+        assert step_time(record, "watch") - step_time(record, "drain") < DRAIN_TIMEOUT - 1, record
+    for start, end, outcome, _version, _size in streamed:  # a stream is only cut at drain_timeout
+        if outcome != "ok":
+            drains = [step_time(r, "drain") for r in records if start < step_time(r, "drain") < end]
+            assert drains and end - drains[0] >= DRAIN_TIMEOUT - 0.5, (start, end, outcome)
+    assert public(box)["version"] == str(app.version)
