@@ -13,7 +13,8 @@ and reuses it the way urllib3 and browsers do:
                 (the app answers with the body, checked byte for byte);
   --thinkers N  the same, with 0.3-2.5 s of think time between two requests;
   --streams N   clients reading GET /stream?seconds=S (a long-lived chunked response), each on a
-                new connection, one after another; counted apart from the requests.
+                new connection, one after another, 0.5 s apart; counted apart from the requests,
+                and a stream under way when the clients stop is recorded as "stopped".
 
 The report gives, for every client, the releases it saw in order (``segments``: version, first
 request's start, last request's end, how many), so that a test can tell how long a client stayed
@@ -45,6 +46,10 @@ class Closed(Exception):
 
 class Broken(Exception):
     """The connection ended or failed partway through the response."""
+
+
+class Stopped(Exception):
+    """The clients were told to stop in the middle of a long-lived response."""
 
 
 @dataclass
@@ -289,15 +294,23 @@ class Client:
             start = time.time()
             received: list[bytes] = []
             outcome = "ok"
+
+            def on_data(chunk: bytes, received: list[bytes] = received) -> None:
+                received.append(chunk)
+                if stop.is_set():
+                    raise Stopped
+
             try:
                 connection = self.connect()
                 try:
                     response = connection.request("GET", f"/stream?seconds={self.args.stream_seconds}",
-                                                  on_data=received.append)
+                                                  on_data=on_data)
                 finally:
                     connection.close()
                 if response.status != 200:
                     outcome = f"http-{response.status}"
+            except Stopped:
+                outcome = "stopped"
             except (OSError, Closed, Broken) as exc:
                 outcome = classify(exc)
             version = b"".join(received).split(b"\n", 1)[0].decode(errors="replace")
@@ -349,7 +362,7 @@ def main() -> int:
     threads += [threading.Thread(target=Client(args, stats, f"thinker-{i}", "thinker").run,
                                  args=(True,)) for i in range(args.thinkers)]
     threads += [threading.Thread(target=Client(args, stats, f"stream-{i}", "stream").stream,
-                                 args=(i * args.stream_seconds / max(args.streams, 1),))
+                                 args=(i * 0.5,))
                 for i in range(args.streams)]
     for thread in threads:
         thread.start()

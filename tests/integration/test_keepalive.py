@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 DEPLOYS = 10
 DRAIN_TIMEOUT = 10.0
-STREAM_SECONDS = 2 * DRAIN_TIMEOUT
+STREAM_SECONDS = 6 * DRAIN_TIMEOUT  # as good as endless: any switch cuts them
 MAX_LAG = 1.0
 CONFIG = (f"post_switch_watch = 1\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
           '[app]\nworkers = 2\nworker_class = "gthread"\n[health]\ninterval = 0.2\n')
@@ -62,7 +64,7 @@ class Clients:
     def __exit__(self, kind: object, *_: object) -> None:
         time.sleep(0.5)
         self.process.send_signal(2)
-        out, _err = self.process.communicate(timeout=STREAM_SECONDS + 30)
+        out, _err = self.process.communicate(timeout=60)
         if kind is None:
             self.report = json.loads(out)
 
@@ -90,7 +92,7 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
         for number in range(DEPLOYS):
             if number == DEPLOYS // 2:
                 stack.enter_context(streams)
-                time.sleep(STREAM_SECONDS / 2)  # both streams under way
+                time.sleep(2)  # both streams under way
             sha = app.commit(f"Release {number + 2}")
             record = wait_deployment(box, call(box, "Deploy", "s", ""))
             assert record["state"] == "succeeded", record
@@ -99,8 +101,11 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
     report = clients.report
     streamed = streams.report["streams"]
     report["streams"] = streamed
+    saved = Path(tempfile.gettempdir()) / f"keepalive-{box.name}.json"
+    saved.write_text(json.dumps({"report": report, "records": records}))
 
-    print(f"\n{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
+    print(f"\nreport and records: {saved}")
+    print(f"{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
           f"{report['failed']} failed, {report['retried']} sent again on a new connection "
           f"({report['retried_ok']} then answered), {report['connections']} connections, "
           f"{report['connection_close_responses']} responses with Connection: close")
@@ -116,12 +121,14 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
         assert all(moved), f"a busy client never reached release {version}"
         lag = max(starts[0] - reached for starts in moved)
         lags.append(lag)
-        in_flight = [s for s in streamed if s[0] < drain < s[1]]
-        cut = [s for s in in_flight if s[2] != "ok"]
+        # Streams the old release served across the switch (some began just after it, on a
+        # connection the old forwarder accepted before its listener closed).
+        old = [s for s in streamed if s[3] == str(number + 1) and s[0] < drain + 1 < s[1]]
+        cut = [s for s in old if s[2] != "ok"]
         print(f"deploy {number + 1:2}: first new connection {reached - drain:+.3f} s from the drain "
               f"step, busy clients on the new release {lag:.3f} s after it, drain {drained:.2f} s, "
-              f"long-lived responses in flight {len(in_flight)}, cut {len(cut)}"
-              + "".join(f" ({s[1] - drain:.2f} s after the switch)" for s in cut))
+              f"long-lived responses on the old release {len(old)}, cut {len(cut)}"
+              + "".join(f" ({s[1] - drain:.2f} s after the drain step)" for s in cut))
 
     assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
     assert report["requests"] > 1000
@@ -131,8 +138,9 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
     assert max(lags) <= MAX_LAG, [f"{lag:.3f}" for lag in lags]
     for record in records[:DEPLOYS // 2]:  # nothing long-lived: the old instance emptied early
         assert step_time(record, "watch") - step_time(record, "drain") < DRAIN_TIMEOUT - 1, record
-    for start, end, outcome, _version, _size in streamed:  # a stream is only cut at drain_timeout
-        if outcome != "ok":
-            drains = [step_time(r, "drain") for r in records if start < step_time(r, "drain") < end]
-            assert drains and end - drains[0] >= DRAIN_TIMEOUT - 0.5, (start, end, outcome)
+    drains = [step_time(record, "drain") for record in records]
+    for start, end, outcome, version, _size in streamed:  # streams are cut at drain_timeout only
+        if outcome not in ("ok", "stopped"):
+            assert any(abs(end - drain - DRAIN_TIMEOUT) < 2 for drain in drains), \
+                (start, end, outcome, version, drains)
     assert public(box)["version"] == str(app.version)
