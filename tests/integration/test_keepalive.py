@@ -12,6 +12,9 @@ flag and closes every connection after its next response, so:
 Long-lived responses (a stream longer than drain_timeout) cannot move: the second half of the
 deploys runs two of them at all times, and the test prints how many each switch cut, and checks
 that none was cut before drain_timeout.
+
+A release that turns unhealthy after the switch sends traffic back to the old instance, which
+then keeps connections alive again, while the failing one closes them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, public, wait_deployment, wait_serving
+from tests.integration.helpers import App, call, properties, public, wait_deployment, wait_serving
 from tests.integration.test_zero_downtime import step_time
 from tests.sandbox import ROOT, Sandbox
 
@@ -35,7 +38,7 @@ DEPLOYS = 10
 DRAIN_TIMEOUT = 10.0
 STREAM_SECONDS = 6 * DRAIN_TIMEOUT  # as good as endless: any switch cuts them
 MAX_LAG = 1.0
-CONFIG = (f"post_switch_watch = 1\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
+CONFIG = (f"post_switch_watch = 3\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
           '[app]\nworkers = 2\nworker_class = "gthread"\n[health]\ninterval = 0.2\n')
 # gthread's default is one thread per worker: a stream would hold a whole worker.
 THREADS = "[Service]\nEnvironment=GUNICORN_CMD_ARGS=--threads=8\n"
@@ -144,3 +147,43 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
             assert any(abs(end - drain - DRAIN_TIMEOUT) < 2 for drain in drains), \
                 (start, end, outcome, version, drains)
     assert public(box)["version"] == str(app.version)
+    assert ".drain" not in box.run("ls", "/run/bluegreen/instances").stdout
+
+
+def souring(source: str) -> str:
+    """The sample app, its health check failing 2.5 s after it started: only the watch sees it."""
+    healthy = '@app.get("/health")\ndef health():\n'
+    assert healthy in source
+    return source.replace(healthy, "STARTED = time.monotonic()\n\n\n" + healthy
+                          + '    if time.monotonic() - STARTED > 2.5:\n        return "sour", 500\n')
+
+
+def keeps_alive(box: Sandbox) -> bool:
+    """Whether two requests on one connection to the public port both keep it alive."""
+    url = "http://127.0.0.1:5000/"
+    headers = box.net("curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-D", "-", url, url).stdout
+    return headers.lower().count("connection: keep-alive") == 2
+
+
+def test_a_switch_back_keeps_connections_alive_again(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    version = public(box)["version"]
+    assert keeps_alive(box)
+    original = (app.work / "app.py").read_text()
+    sour = app.commit("Sours after the switch", {"app.py": souring(original), "VERSION": "sour\n"})
+    with Clients(box, "--busy", "6", "--thinkers", "4") as clients:
+        record = wait_deployment(box, call(box, "Deploy", "s", sour))
+        time.sleep(1)
+    app.commit("Back to the healthy app", {"app.py": original, "VERSION": f"{version}\n"})
+    report = clients.report
+    print(f"\nswitch back: {report['requests']} requests, {report['failed']} failed, "
+          f"{report['connection_close_responses']} responses with Connection: close; releases "
+          f"seen by each busy client: {[[s[0] for s in c['segments']] for c in report['clients']]}")
+    assert record["state"] == "rolled-back", record
+    assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+    for client in report["clients"]:
+        if client["kind"] == "busy":  # moved to the souring release, then back
+            assert [s[0] for s in client["segments"]] == [version, "sour", version], client
+    assert properties(box)["ActivePort"] == before["ActivePort"]
+    assert keeps_alive(box)
+    assert ".drain" not in box.run("ls", "/run/bluegreen/instances").stdout
