@@ -6,6 +6,7 @@ import pytest
 
 from tests.integration.test_keepalive import (  # noqa: F401 (collected here too)
     CONFIG,
+    test_a_switch_back_keeps_connections_alive_again,
     test_keepalive_clients_move_at_once_and_fail_no_request,
 )
 
