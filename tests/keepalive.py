@@ -37,6 +37,7 @@ from typing import Any
 
 stop = threading.Event()
 THINK = (0.3, 2.5)
+SLOW = 0.5  # requests that take longer are listed in the report, with how they went
 MAX_BODY = 16 * 1024
 
 
@@ -170,6 +171,7 @@ class Stats:
     versions: Counter[str] = field(default_factory=Counter)
     clients: list[dict[str, Any]] = field(default_factory=list)
     streams: list[list[Any]] = field(default_factory=list)
+    slow: list[dict[str, Any]] = field(default_factory=list)
 
 
 def classify(exc: BaseException) -> str:
@@ -196,9 +198,12 @@ class Client:
         self.random = random.Random(name)
         # The releases seen in order: [version, first start, last end, requests].
         self.segments: list[list[Any]] = []
+        self.connects: list[float] = []  # how long each connect() of the current request took
 
     def connect(self) -> Connection:
+        started = time.monotonic()
         connection = Connection(self.args.host, self.args.port, self.args.timeout)
+        self.connects.append(round(time.monotonic() - started, 4))
         with self.stats.lock:
             self.stats.connections += 1
         return connection
@@ -241,6 +246,7 @@ class Client:
     def one(self, number: int) -> None:
         start = time.time()
         version = ""
+        self.connects = []
         try:
             if number % 2:
                 body = self.random.randbytes(self.random.randrange(MAX_BODY))
@@ -261,6 +267,10 @@ class Client:
         end = time.time()
         with self.stats.lock:
             self.stats.outcomes[outcome] += 1
+            if end - start > SLOW:
+                self.stats.slow.append({"client": self.name, "start": start, "end": end,
+                                        "outcome": outcome, "version": version,
+                                        "connects": self.connects})
             if outcome != "ok":
                 self.stats.failures.append({"client": self.name, "start": start, "end": end,
                                             "outcome": outcome})
@@ -338,6 +348,7 @@ def report(stats: Stats, started: float) -> dict[str, Any]:
         "versions": dict(stats.versions),
         "clients": sorted(stats.clients, key=lambda c: c["name"]),
         "streams": sorted(stats.streams),
+        "slow": sorted(stats.slow, key=lambda s: s["start"])[:200],
     }
 
 

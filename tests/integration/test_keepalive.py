@@ -49,6 +49,16 @@ def config_extra() -> str:
     return CONFIG
 
 
+@pytest.fixture(scope="module")
+def serving(box: Sandbox, app: App) -> App:
+    """bluegreen serving the sample app's first release on gthread instances with 8 threads."""
+    box.write("/etc/systemd/system/bluegreen-app@.service.d/threads.conf", THREADS)
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    return app
+
+
 class Clients:
     """tests/keepalive.py running against the public port while the block runs."""
 
@@ -81,11 +91,8 @@ def first_start(report: dict[str, Any], version: str) -> float:
     return float(min(starts))
 
 
-def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: App) -> None:
-    box.write("/etc/systemd/system/bluegreen-app@.service.d/threads.conf", THREADS)
-    box.run("systemctl", "daemon-reload")
-    box.run("systemctl", "start", "bluegreen.service")
-    wait_serving(box)
+def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, serving: App) -> None:
+    app = serving
     records = []
     clients = Clients(box, "--busy", "6", "--thinkers", "4")
     streams = Clients(box, "--busy", "0", "--thinkers", "0", "--streams", "2",
@@ -108,6 +115,8 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, app: A
     saved.write_text(json.dumps({"report": report, "records": records}))
 
     print(f"\nreport and records: {saved}")
+    for slow in report["slow"]:
+        print(f"slow request: {slow}")
     print(f"{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
           f"{report['failed']} failed, {report['retried']} sent again on a new connection "
           f"({report['retried_ok']} then answered), {report['connections']} connections, "
@@ -165,7 +174,8 @@ def keeps_alive(box: Sandbox) -> bool:
     return headers.lower().count("connection: keep-alive") == 2
 
 
-def test_a_switch_back_keeps_connections_alive_again(box: Sandbox, app: App) -> None:
+def test_switch_back_keeps_connections_alive_again(box: Sandbox, serving: App) -> None:
+    app = serving
     before = wait_serving(box)
     version = public(box)["version"]
     assert keeps_alive(box)

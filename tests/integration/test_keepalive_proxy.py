@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_keepalive import (  # noqa: F401 (collected here too)
+from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
     CONFIG,
-    test_a_switch_back_keeps_connections_alive_again,
+    serving,
     test_keepalive_clients_move_at_once_and_fail_no_request,
+    test_switch_back_keeps_connections_alive_again,
 )
 
 pytestmark = pytest.mark.integration
