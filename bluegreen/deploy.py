@@ -22,7 +22,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bluegreen import appenv, forwarder, health, instances, netstat, ports, procfile, transient, workers
+from bluegreen import (
+    appenv,
+    drainflag,
+    forwarder,
+    health,
+    instances,
+    netstat,
+    ports,
+    procfile,
+    transient,
+    workers,
+)
 from bluegreen.config import Config
 from bluegreen.environments import Environments
 from bluegreen.forwarder import ForwarderError
@@ -153,6 +164,7 @@ class Deployer:
             record = await self.swap_workers(record, processes, env)
             return replace(record, state=State.SUCCEEDED)
 
+        drainflag.put(self.run_dir, serving.port)  # keep-alive clients leave at their next request
         record = await self.drain(record, serving.port)
         if self.config.post_switch_watch > 0:
             record = await self.report(record, Step.WATCH, new_port)
@@ -248,7 +260,9 @@ class Deployer:
 
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""
+        drainflag.clear(self.run_dir, old_port)
         await forwarder.start(self.systemd, old_port, self.config.ports.public, self.config.forwarder)
+        drainflag.put(self.run_dir, new_port)
         try:
             await forwarder.drain_stop(self.systemd, new_port)
         finally:
@@ -315,7 +329,8 @@ class Deployer:
     def instance_spec(self, port: int, env: dict[str, str]) -> InstanceSpec:
         app = self.config.app
         return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
-                            worker_class=app.worker_class, app_environment=env)
+                            worker_class=app.worker_class, app_environment=env,
+                            drain_file=drainflag.path(self.run_dir, port))
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

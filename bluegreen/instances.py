@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import netstat
+from bluegreen import drainflag, netstat
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -31,6 +31,7 @@ class InstanceSpec:
     workers: int
     worker_class: str
     app_environment: Mapping[str, str]  # appenv.environment(): the release's, for every process
+    drain_file: Path | None = None  # the flag that makes it close kept-alive connections
 
     @property
     def release(self) -> str:
@@ -43,6 +44,7 @@ class InstanceSpec:
             "BLUEGREEN_WORKERS": str(self.workers),
             "BLUEGREEN_WORKER_CLASS": self.worker_class,
             "BLUEGREEN_PORT": str(self.port),
+            **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
         }
 
 
@@ -72,6 +74,7 @@ def read_env(run_dir: Path, port: int) -> dict[str, str]:
 
 def remove_env(run_dir: Path, port: int) -> None:
     env_path(run_dir, port).unlink(missing_ok=True)
+    drainflag.clear(run_dir, port)
 
 
 async def start(systemd: Systemd, port: int) -> None:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bluegreen import forwarder, instances, workers
+from bluegreen import drainflag, forwarder, instances, workers
 from bluegreen.config import Forwarder
 from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
@@ -69,6 +69,7 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
     await workers.stop(systemd, run_dir, keep=keep)
     if keep is None:
         return None
+    drainflag.clear(run_dir, keep)  # it may have been draining when the controller stopped
     release = instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", "")
     log.info("adopted release %s serving on port %d", release[:12], keep,
              extra=fields(message_id=MessageId.RECONCILED, release=release, port=keep))

@@ -6,7 +6,7 @@ bluegreen serves it with gunicorn as ``app:app``; each release says which commit
 import os
 import time
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 app = Flask(__name__)
 
@@ -31,3 +31,24 @@ def slow():
     seconds = min(float(request.args.get("seconds", "3")), 30.0)
     time.sleep(seconds)
     return jsonify(version=VERSION, slept=seconds)
+
+
+@app.post("/echo")
+def echo():
+    """Answers with the request's body; X-Version says which release answered."""
+    return request.get_data(), 200, {"Content-Type": "application/octet-stream", "X-Version": VERSION}
+
+
+@app.get("/stream")
+def stream():
+    """A long-lived response: the version, once every 0.1 s for ?seconds= (default 10), then "end"."""
+    seconds = min(float(request.args.get("seconds", "10")), 600.0)
+
+    def lines():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            yield f"{VERSION}\n"
+            time.sleep(0.1)
+        yield "end\n"
+
+    return Response(lines(), mimetype="text/plain")
