@@ -247,9 +247,19 @@ def test_three_releases_under_load_lose_no_request(box: Sandbox, notes: Notes) -
     assert timings["migrate"][1] <= timings["start"][0]
     assert index["schema"] == "0002"
 
-    verify = steps(third)["verify"]
-    print(f"code-only release: verify took {verify[1] - verify[0]:.2f} s")
-    assert verify[1] - verify[0] < 2.0, third["steps"]
+    # The time of a code-only verify, measured without the load generator on the same two cores
+    # (under load it took 1.2-6 s, as fast as the machine's spare CPU allows): the environment
+    # is there, so verify is the import check alone.
+    notes.releases["3"] = notes.edit("app.py", 'APP_VERSION = "3"', 'APP_VERSION = "3"  # again',
+                                     "Release 3, code only again")
+    again = deploy(box)
+    assert again["state"] == "succeeded", again
+    assert environments(box) == before
+    for name, record in (("under load", third), ("alone", again)):
+        verify = steps(record)["verify"]
+        print(f"code-only release ({name}): verify took {verify[1] - verify[0]:.2f} s")
+    verify = steps(again)["verify"]
+    assert verify[1] - verify[0] < 2.0, again["steps"]
 
     note = public(box, f"/notes/{notes.note_id}")
     assert note["text"] == "written under release 1" and note["release"] == notes.releases["1"]
@@ -361,6 +371,7 @@ def test_a_crashed_worker_is_restarted(box: Sandbox, notes: Notes) -> None:
 
 def test_a_worker_that_cannot_start_does_not_roll_back_the_release(box: Sandbox,
                                                                     notes: Notes) -> None:
+    git(notes.work, "read-tree", "-u", "--reset", notes.releases["3"])  # drop the failing migration
     procfile = (notes.work / "Procfile").read_text()
     sha = notes.commit("A worker that dies at once",
                        {"Procfile": procfile + "broken: python -c 'import sys; sys.exit(3)'\n"})
