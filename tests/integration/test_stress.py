@@ -11,13 +11,18 @@ A race that loses one connection in tens of thousands needs this many switches u
 load to show: the socat forwarder's SIGTERM drain did (a reset whenever the signal landed
 between socat's accept() and its fork()). Marker ``stress``: the default run skips it;
 ``scripts/test --stress`` runs it (a few minutes per forwarder).
+
+The same race, made certain: strace holds socat's accept() for 2 s before it returns, the
+drain comes in that window, and the client's fate is checked (quick; not marked stress).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +31,13 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import serving_app, wait_serving
-from tests.sandbox import Sandbox
+from tests.sandbox import ROOT, Sandbox
 
-pytestmark = [pytest.mark.integration, pytest.mark.stress]
+pytestmark = pytest.mark.integration
 
 SWITCHES = int(os.environ.get("BLUEGREEN_STRESS_SWITCHES", "100"))
-MIN_CONNECTIONS_PER_SECOND = 1000
+# The rate the claim is about; lower it only to look at a machine too busy to reach it.
+MIN_CONNECTIONS_PER_SECOND = int(os.environ.get("BLUEGREEN_STRESS_MIN_RATE", "1000"))
 PUBLIC_PORT = 5000
 WRK = ("-t2", "-c24", "--timeout", "10s")
 
@@ -80,6 +86,18 @@ for number in range(count):
 """
 
 
+# Kernel counters of the container's network namespace that tell where a lost connection went.
+KERNEL_COUNTERS = ("TcpExtTCPMigrateReqSuccess", "TcpExtTCPMigrateReqFailure", "TcpExtListenOverflows",
+                   "TcpExtListenDrops", "TcpExtTCPReqQFullDrop", "TcpExtTCPAbortOnData",
+                   "TcpExtTCPAbortOnClose", "TcpAttemptFails", "TcpEstabResets", "TcpOutRsts")
+
+
+def kernel_counters(box: Sandbox) -> dict[str, int]:
+    """TCP counters of the container's network namespace (nstat, absolute, no history file)."""
+    counters: dict[str, int] = json.loads(box.net("nstat", "-asz", "--json").stdout)["kernel"]
+    return counters
+
+
 def shell(box: Sandbox, script: str) -> str:
     return box.sh(script).stdout.strip()
 
@@ -89,9 +107,8 @@ def answers(box: Sandbox, port: int) -> bool:
                    f"http://127.0.0.1:{port}/health", check=False).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def instances(box: Sandbox) -> tuple[int, int]:
-    """Two instances of the sample app, A served by a socat forwarder, and no controller."""
+def two_instances(box: Sandbox) -> tuple[int, int]:
+    """Two instances of the sample app, the first served by a socat forwarder; no controller."""
     serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 3\n[health]\ninterval = 0.2\n")
     first = int(wait_serving(box)["ActivePort"])
     box.run("systemctl", "stop", "bluegreen.service")
@@ -107,6 +124,11 @@ def instances(box: Sandbox) -> tuple[int, int]:
         assert box.run("systemctl", "is-active", f"bluegreen-app@{port}.service").stdout.strip() == "active"
     assert box.run("systemctl", "is-active", f"bluegreen-forward@{first}.service").stdout.strip() == "active"
     return first, second
+
+
+@pytest.fixture(scope="module")
+def instances(box: Sandbox) -> tuple[int, int]:
+    return two_instances(box)
 
 
 class Wrk:
@@ -167,9 +189,12 @@ def stress(box: Sandbox, kind: str, ports: tuple[int, int], switches: int,
     serve_with(box, kind, old)
     script.write_text(WRK_REPORT)
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    before = kernel_counters(box)
     with Wrk(box, script) as load:
         records = switch(box, kind, old, new, switches)
+        after = kernel_counters(box)  # before wrk stops: its exit resets connections in flight
     report = load.report
+    report["kernel"] = {name: after.get(name, 0) - before.get(name, 0) for name in KERNEL_COUNTERS}
     report["switches"] = records
     report["loadavg_before"] = loadavg
     report["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -186,7 +211,8 @@ def summary(kind: str, report: dict[str, Any]) -> str:
             f"write {report['write']}, non-2xx {report['status']}, timeout {report['timeout']}); "
             f"old forwarder stopped in {report['stop_seconds'].get('median', 0):.2f} s median, "
             f"{report['stop_seconds'].get('max', 0):.2f} s max; load average "
-            f"{' '.join(report['loadavg_before'])} -> {' '.join(report['loadavg_after'])}")
+            f"{' '.join(report['loadavg_before'])} -> {' '.join(report['loadavg_after'])}; kernel: "
+            + ", ".join(f"{name.removeprefix('TcpExt')} {n}" for name, n in report["kernel"].items() if n))
 
 
 @pytest.fixture
@@ -194,6 +220,7 @@ def wrk_script(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "report.lua"
 
 
+@pytest.mark.stress
 @pytest.mark.parametrize("kind", ["socat", "proxy"])
 def test_switches_under_connection_per_request_load_lose_nothing(
         box: Sandbox, instances: tuple[int, int], wrk_script: Path, kind: str) -> None:
@@ -209,3 +236,63 @@ def test_switches_under_connection_per_request_load_lose_nothing(
         assert record["ActiveState"] == "inactive", record
         assert record["Result"] == "success", record
         assert record["NRestarts"] == "0", record
+    if kind == "socat":  # and its listener was closed under socat, never by a signal
+        hook = box.journal("-u", "bluegreen-forward@*", "-o", "cat").splitlines()
+        assert not [line for line in hook if "SIGTERM instead" in line]
+        assert sum("destroyed (sock_diag)" in line for line in hook) >= SWITCHES
+
+
+# In a network namespace of its own: a backend, the old forwarder (socat under strace, its first
+# accept() held 2 s before returning: it then holds an accepted connection and has not forked),
+# a client, the new forwarder, then the drain, given as $1: "sigterm" (the old way) or "hook".
+WINDOW = """\
+set -u
+ip link set lo up
+sysctl -q net.ipv4.tcp_migrate_req=1
+cd "$(mktemp -d)" && echo served > index.html
+/usr/bin/python3 -m http.server -b 127.0.0.1 8001 >/dev/null 2>&1 &
+BACKEND=$!
+strace -f -qq -o /dev/null -e trace=accept,accept4 \\
+    -e inject=accept:delay_exit=2000000:when=1 -e inject=accept4:delay_exit=2000000:when=1 \\
+    socat TCP-LISTEN:5000,reuseaddr,reuseport,fork TCP:127.0.0.1:8001 &
+TRACER=$!
+sleep 1
+OLD=$(pgrep -P $TRACER -x socat)
+curl -sS --max-time 10 http://127.0.0.1:5000/ > curl.out 2>&1 &
+CLIENT=$!
+sleep 0.5
+socat TCP-LISTEN:5000,reuseaddr,reuseport,fork TCP:127.0.0.1:8001 2>/dev/null &
+NEW=$!
+sleep 0.3
+if [ "$1" = sigterm ]; then
+    kill -TERM $OLD
+else
+    PYTHONPATH="$2" /usr/bin/python3 -c \\
+        "from bluegreen import forwardhook; forwardhook.close_listeners($OLD, set())"
+fi
+wait $CLIENT
+echo "client: $(cat curl.out)"
+wait $TRACER
+echo "old socat exited $?"
+curl -sS --max-time 5 http://127.0.0.1:5000/ | sed 's/^/afterwards: /'
+kill $NEW $BACKEND
+wait
+"""
+
+
+@pytest.mark.parametrize("drain", ["sigterm", "hook"])
+def test_a_drain_in_the_accept_to_fork_window(drain: str) -> None:
+    """SIGTERM then resets the connection socat holds; the hook's destroy lets it be served."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (a network namespace of its own)")
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace to hold socat between accept() and fork()")
+    out = subprocess.run(["unshare", "--net", "sh", "-c", WINDOW, "window", drain, str(ROOT)],
+                         capture_output=True, text=True, timeout=60).stdout
+    if drain == "sigterm":  # the race the old drain had
+        assert "client: curl: (56) Recv failure: Connection reset by peer" in out, out
+        assert "old socat exited 143" in out, out
+    else:
+        assert "client: served" in out, out
+        assert "old socat exited 1" in out, out  # by itself, on accept()'s EINVAL
+    assert "afterwards: served" in out, out  # the new forwarder has the port
