@@ -1,10 +1,22 @@
-"""The stop hook of bluegreen-forward@.service (runs inside the forwarder's unit).
+"""The stop hook of bluegreen-forward@.service (ExecStop=+: root, in the forwarder's cgroup).
 
 ``drain MAINPID TIMEOUT``
-    ExecStop=: SIGTERM to socat's listening process only. Its listener closes and the kernel
-    moves the connections still queued on it to the other forwarder (net.ipv4.tcp_migrate_req=1),
-    while the per-connection children finish the requests in flight. Return once they are all
-    gone, or after TIMEOUT seconds; systemd then kills whatever is left.
+    Close socat's listening socket from the kernel side, then return once every other process
+    of the unit (socat's per-connection children) has finished, or after TIMEOUT seconds;
+    systemd then stops whatever is left.
+
+socat accepts a connection and only then forks the child that serves it. A signal to socat
+between the two would kill the only holder of that connection and reset its client, so the
+listener is closed without touching socat: a sock_diag SOCK_DESTROY of that one socket (what
+``ss -K`` does; CAP_NET_ADMIN). The kernel moves the connections still queued on it to the
+new forwarder's listener (net.ipv4.tcp_migrate_req=1); socat forks for the connection it holds,
+if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
+
+Only the listeners socat's main process holds are closed, found by their inodes in
+/proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Without
+SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the listener is shut down through a
+copy of socat's descriptor (pidfd_getfd, shutdown(SHUT_RD)), which closes it the same way.
+Only if both fail does socat get a SIGTERM, as before, and the journal says so.
 
 Kept free of heavy imports: it starts on every switch.
 """
@@ -12,25 +24,96 @@ Kept free of heavy imports: it starts on every switch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 
-from bluegreen import cgroup
+from bluegreen import cgroup, netstat
 
 POLL = 0.02
+SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def shutdown_remote(pid: int, fd: int) -> None:
+    """shutdown(SHUT_RD) the listening socket ``fd`` of process ``pid`` through a copy of it."""
+    import ctypes  # only on this fallback path
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(pidfd)
+    with socket.socket(fileno=copy) as sock:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(errno.EINVAL, f"descriptor {fd} of process {pid} does not listen")
+        sock.shutdown(socket.SHUT_RD)
+
+
+def close_listener(pid: int, sock: netstat.TcpSocket, fd: int) -> str:
+    """Close one listener of ``pid`` without signalling it; return how (for the journal)."""
+    try:
+        netstat.destroy(sock)
+        return "destroyed (sock_diag)"
+    except OSError as exc:
+        destroy_error = exc.strerror or str(exc)
+    try:
+        shutdown_remote(pid, fd)
+        return f"shut down through pidfd_getfd (SOCK_DESTROY failed: {destroy_error})"
+    except OSError as exc:
+        raise OSError(exc.errno, f"SOCK_DESTROY: {destroy_error}; pidfd_getfd + shutdown: "
+                                 f"{exc.strerror or exc}") from None
+
+
+def close_listeners(pid: int, done: set[int]) -> None:
+    """Close the listeners ``pid`` holds that are not in ``done`` (inodes), and add them there.
+
+    Raises OSError when one cannot be closed from the kernel side.
+    """
+    try:
+        fds = netstat.socket_fds(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return  # socat has exited
+    listening = netstat.sockets(1 << netstat.TcpState.LISTEN)
+    for sock in netstat.held_by(listening, fds.keys() - done):
+        how = close_listener(pid, sock, fds[sock.inode])
+        done.add(sock.inode)
+        log(f"listener {sock.local_address}:{sock.local_port} (socket {sock.inode}) {how}")
 
 
 def drain(main_pid: int, timeout: float) -> int:
-    """Close the listener and wait for the connections in flight; return how many were cut."""
+    """Close the listener and wait for the connections in flight; return how many were cut.
+
+    The listeners are looked for until socat is gone, not only once: a stop right after the
+    start may come before socat listens.
+    """
     me = os.getpid()
     group = cgroup.own_cgroup()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(main_pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    closed: set[int] = set()
+    signalled = False
     while True:
         others = cgroup.pids(group) - {me}
+        if main_pid in others and not signalled:  # in this unit: not a reused PID
+            try:
+                close_listeners(main_pid, closed)
+            except OSError as exc:
+                log(f"cannot close socat's listener from the kernel side ({exc.strerror}): "
+                    "SIGTERM instead, which resets a connection socat accepted and had not "
+                    "yet handed to a child")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(main_pid, signal.SIGTERM)
+                signalled = True
         if not others or time.monotonic() >= deadline:
             return len(others)
         time.sleep(POLL)
@@ -50,10 +133,9 @@ def main(argv: list[str]) -> int:
     left = drain(main_pid, number)
     took = time.monotonic() - started
     if left:
-        print(f"drain: {left} connection processes still open after {took:.2f} s; "
-              "systemd stops them", file=sys.stderr)
+        log(f"drain: {left} connection processes still open after {took:.2f} s; systemd stops them")
     else:
-        print(f"drained in {took:.2f} s", file=sys.stderr)
+        log(f"drained in {took:.2f} s")
     return 0
 
 

@@ -5,7 +5,9 @@ forks a process per connection, which costs most of its throughput when every re
 on a new connection. It behaves like the socat forwarder at a switch: it listens with
 SO_REUSEPORT beside the old forwarder, and on SIGTERM it closes its listener (the kernel
 moves the queued connections to the other listener, net.ipv4.tcp_migrate_req=1) and exits
-once the connections in flight are done, or after BLUEGREEN_DRAIN_TIMEOUT seconds.
+once the connections in flight are done, or after BLUEGREEN_DRAIN_TIMEOUT seconds. Unlike
+socat, it closes its listener itself, in a callback of its loop, never between accepting a
+connection and counting it: every connection it accepted is served.
 
     python3 -m bluegreen.proxy PUBLIC_PORT TARGET_PORT
 """
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 BUFFER = 256 * 1024
 
@@ -34,15 +38,31 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class Proxy:
-    def __init__(self, public_port: int, target_port: int, backlog: int = 1024) -> None:
+    """The listener and the connections in flight.
+
+    It accepts by itself rather than through asyncio.start_server, so that a connection is
+    counted in the same callback that accepts it: the drain then waits for every connection
+    accepted before the listener closed. (With start_server, asyncio 3.11 hands each accepted
+    socket to a task of its own before the handler runs, and drops it if the server was
+    closed meanwhile; uvloop defers it by a loop turn too.)
+    """
+
+    def __init__(self, public_port: int, target_port: int, backlog: int = 1024,
+                 on_failure: Callable[[], object] = lambda: None) -> None:
         self.public_port = public_port
         self.target_port = target_port
         self.backlog = backlog
+        self.on_failure = on_failure  # called when the listener fails (closed under us, say)
+        self.failed = False
         self.connections: set[asyncio.Task[None]] = set()
-        self.server: asyncio.base_events.Server | None = None
+        self.listener: socket.socket | None = None
 
-    async def _relay(self, client_reader: asyncio.StreamReader,
-                     client_writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, client: socket.socket) -> None:
+        try:
+            client_reader, client_writer = await asyncio.open_connection(sock=client)
+        except OSError:
+            client.close()
+            return
         try:
             server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -58,23 +78,55 @@ class Proxy:
             client_writer.close()
             server_writer.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:  # counted, so that a drain can wait for it
+    def _accept(self) -> None:
+        """The listener is readable: accept what waits, each with its relay task at once."""
+        assert self.listener is not None
+        for _ in range(self.backlog):
+            try:
+                client, _address = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # The listener stays readable: stop watching it, for a while or for good.
+                asyncio.get_running_loop().remove_reader(self.listener.fileno())
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    print(f"accept: {exc.strerror}; pausing 0.1 s", file=sys.stderr)
+                    asyncio.get_running_loop().call_later(0.1, self._resume)
+                else:
+                    print(f"accept: {exc.strerror}; listening no more", file=sys.stderr)
+                    self.failed = True
+                    self.on_failure()
+                return
+            client.setblocking(False)
+            task = asyncio.get_running_loop().create_task(self._relay(client))
             self.connections.add(task)
             task.add_done_callback(self.connections.discard)
-        await self._relay(reader, writer)
+
+    def _resume(self) -> None:
+        if self.listener is not None and not self.failed:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self._handle, host=None, port=self.public_port, reuse_port=True, reuse_address=True,
-            backlog=self.backlog, family=socket.AF_INET)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(("0.0.0.0", self.public_port))
+            listener.listen(self.backlog)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self.listener = listener
+        self._resume()
 
     async def drain(self, timeout: float) -> int:
         """Stop listening, wait for the connections in flight; return how many were cut."""
-        if self.server is not None:
-            self.server.close()
-        pending = set(self.connections)
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()  # the kernel moves what is queued to the other listener
+            self.listener = None
+        pending = set(self.connections)  # complete: accepting and counting are one callback
         if pending:
             _done, pending = await asyncio.wait(pending, timeout=timeout)
             for task in pending:
@@ -90,9 +142,9 @@ def _notify(message: str) -> None:
 
 
 async def serve(public_port: int, target_port: int, drain_timeout: float) -> int:
-    proxy = Proxy(public_port, target_port)
-    await proxy.start()
     stop = asyncio.Event()
+    proxy = Proxy(public_port, target_port, on_failure=stop.set)
+    await proxy.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -102,7 +154,7 @@ async def serve(public_port: int, target_port: int, drain_timeout: float) -> int
     cut = await proxy.drain(drain_timeout)
     if cut:
         print(f"drain: {cut} connections still open after {drain_timeout:g} s; cut", file=sys.stderr)
-    return 0
+    return 1 if proxy.failed else 0  # a failed listener: systemd starts a new one
 
 
 def main(argv: list[str]) -> int:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
+import pytest
+
 from bluegreen import netstat, ports
 from bluegreen.config import PortRange
-from bluegreen.netstat import TcpState
+from bluegreen.netstat import TcpSocket, TcpState
 
 
 def test_listeners_and_connections_of_real_sockets() -> None:
@@ -63,3 +66,107 @@ def test_pick_fails_clearly_when_the_range_is_full() -> None:
         assert "no free port in 8000-8001" in str(exc)
     else:
         raise AssertionError("NoFreePort not raised")
+
+
+# --- closing a listener from the kernel side (the forwarder's drain) -----------------------
+
+def needs_net_admin() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
+
+
+def reuseport_listener(port: int = 0) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_parse_socket_link() -> None:
+    assert netstat.parse_socket_link("socket:[123456]") == 123456
+    for other in ("pipe:[123456]", "anon_inode:[eventpoll]", "/dev/null", "socket:[]", "socket:[12a]",
+                  "socket:123"):
+        assert netstat.parse_socket_link(other) is None, other
+
+
+def test_held_by_keeps_only_the_sockets_of_the_given_inodes() -> None:
+    def listener(inode: int) -> TcpSocket:
+        return TcpSocket("0.0.0.0", 5000, "0.0.0.0", 0, TcpState.LISTEN, 0, 999, inode, 0, inode + 100)
+
+    old, new, unknown = listener(11), listener(22), listener(0)
+    assert netstat.held_by([old, new, unknown], {11, 33}) == [old]
+    assert netstat.held_by([old, new, unknown], {0}) == []  # a socket without inode is nobody's
+    assert netstat.held_by([old, new], []) == []
+
+
+def test_an_inet_diag_message_gives_interface_and_cookie() -> None:
+    raw = netstat._MESSAGE.pack(socket.AF_INET, TcpState.LISTEN, 0, 0, (5000).to_bytes(2, "big"),
+                                (0).to_bytes(2, "big"), socket.inet_aton("127.0.0.1").ljust(16, b"\0"),
+                                bytes(16), 3, 0x1234_5678_9ABC, 0, 7, 1024, 999, 4242)
+    sock = netstat._socket(netstat._MESSAGE.unpack(raw))
+    assert sock == TcpSocket("127.0.0.1", 5000, "0.0.0.0", 0, TcpState.LISTEN, 7, 999, 4242, 3,
+                             0x1234_5678_9ABC)
+    assert sock.family == socket.AF_INET
+    assert TcpSocket("::1", 1, "::", 0, TcpState.LISTEN, 0, 0, 1).family == socket.AF_INET6
+
+
+def test_a_destroy_request_names_the_socket_by_addresses_and_cookie() -> None:
+    sock = TcpSocket("127.0.0.1", 5000, "0.0.0.0", 0, TcpState.LISTEN, 0, 999, 4242, 3, 0x1234_5678_9ABC)
+    request = netstat.destroy_request(sock, remote_port=7, sequence=9)
+    length, kind, flags, sequence, _pid = netstat._NLMSGHDR.unpack_from(request)
+    assert (length, kind, sequence) == (len(request), netstat.SOCK_DESTROY, 9)
+    assert flags == netstat.NLM_F_REQUEST | netstat.NLM_F_ACK
+    header = netstat._NLMSGHDR.size
+    family, protocol, _ext, _pad, _states, sockid = netstat._REQUEST.unpack_from(request, header)
+    assert (family, protocol) == (socket.AF_INET, socket.IPPROTO_TCP)
+    sport, dport, src, dst = netstat._SOCKET_ID.unpack_from(sockid)
+    assert (sport, dport) == (5000, 7)  # ports in network order, the remote one replaced
+    assert src == socket.inet_aton("127.0.0.1") + bytes(12) and dst == bytes(16)
+    assert netstat._SOCKET_ID_TAIL.unpack_from(sockid, netstat._SOCKET_ID.size) == (3, 0x1234_5678_9ABC)
+    six = TcpSocket("::1", 5000, "::", 0, TcpState.LISTEN, 0, 999, 1, 0, 1)
+    assert netstat._REQUEST.unpack_from(netstat.destroy_request(six, 0), netstat._NLMSGHDR.size)[0] \
+        == socket.AF_INET6
+
+
+def test_socket_fds_lists_this_process_sockets_by_inode() -> None:
+    with reuseport_listener() as server:
+        fds = netstat.socket_fds(os.getpid())
+        assert fds[os.fstat(server.fileno()).st_ino] == server.fileno()
+        (listener,) = netstat.held_by(netstat.listeners(server.getsockname()[1]), fds)
+        assert listener.inode == os.fstat(server.fileno()).st_ino and listener.cookie != 0
+
+
+def test_socket_fds_of_a_process_that_is_gone() -> None:
+    with pytest.raises(FileNotFoundError):
+        netstat.socket_fds(2**22 + 1)  # above pid_max's highest possible value
+
+
+def test_destroy_closes_exactly_the_listener_named_among_reuseport_siblings() -> None:
+    """ss -K reaches one listener of a SO_REUSEPORT group only; destroy() reaches each."""
+    needs_net_admin()
+    first = reuseport_listener()
+    port = first.getsockname()[1]
+    group = [first, *(reuseport_listener(port) for _ in range(3))]
+    try:
+        for victim in (group[2], group[0], group[3], group[1]):
+            inode = os.fstat(victim.fileno()).st_ino
+            before = {s.inode for s in netstat.listeners(port)}
+            (target,) = [s for s in netstat.listeners(port) if s.inode == inode]
+            netstat.destroy(target)
+            assert {s.inode for s in netstat.listeners(port)} == before - {inode}
+            victim.settimeout(1)
+            with pytest.raises(OSError) as failed:
+                victim.accept()  # what socat's blocked accept() gets
+            assert failed.value.errno == errno.EINVAL
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def test_destroy_of_a_socket_that_is_gone() -> None:
+    needs_net_admin()
+    with reuseport_listener() as server:
+        (listener,) = netstat.listeners(server.getsockname()[1])
+    with pytest.raises(FileNotFoundError):
+        netstat.destroy(listener, attempts=4)

@@ -1,0 +1,91 @@
+"""The built-in forwarder's drain: no connection it accepted is lost, however late it came."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from bluegreen import netstat
+from bluegreen.proxy import Proxy
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+
+    LOOPS["uvloop"] = uvloop.new_event_loop
+except ImportError:
+    pass
+
+
+async def echo_upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    data = await reader.read(100)
+    await asyncio.sleep(0.2)  # a request in flight during the drain
+    writer.write(data.upper())
+    await writer.drain()
+    writer.close()
+
+
+async def accept_then_drain(clients: list[socket.socket], iterations: int) -> int:
+    """Connections wait in the proxy's accept queue until the loop has accepted them all;
+    ``iterations`` more turns of the loop later (their handlers may not exist yet), the drain
+    begins, as on a SIGTERM."""
+    target = await asyncio.start_server(echo_upper, "127.0.0.1", 0)
+    proxy = Proxy(0, target.sockets[0].getsockname()[1])
+    await proxy.start()
+    assert proxy.listener is not None
+    port = proxy.listener.getsockname()[1]
+    for client in clients:
+        client.connect(("127.0.0.1", port))  # completed by the kernel, queued on the listener
+        client.sendall(b"ping")
+        client.shutdown(socket.SHUT_WR)  # the whole request: the relay ends once answered
+    while netstat.listeners(port)[0].rx_queue:
+        await asyncio.sleep(0)
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+    cut = await proxy.drain(10)
+    target.close()
+    return cut  # then asyncio.run cancels what is left, as serve() returning does
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("iterations", [0, 1, 2, 3])
+def test_a_connection_accepted_just_before_the_drain_is_served(loop: str, iterations: int) -> None:
+    clients = [socket.socket() for _ in range(3)]
+    try:
+        runner = asyncio.Runner(loop_factory=LOOPS[loop])
+        with runner:
+            cut = runner.run(accept_then_drain(clients, iterations))
+        assert cut == 0
+        for client in clients:
+            client.settimeout(5)
+            answer = b""
+            while chunk := client.recv(100):
+                answer += chunk
+            # b"" here: accepted by the proxy, then dropped with its loop (or reset)
+            assert answer == b"PING"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_listener_closed_under_the_proxy_stops_it() -> None:
+    """As after ss -K: accept() fails; the proxy stops watching it and asks to be stopped."""
+    if os.geteuid() != 0:
+        pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
+
+    async def scenario() -> Proxy:
+        stopped = asyncio.Event()
+        proxy = Proxy(0, 9, on_failure=stopped.set)
+        await proxy.start()
+        assert proxy.listener is not None
+        (listener,) = netstat.listeners(proxy.listener.getsockname()[1])
+        netstat.destroy(listener)
+        await asyncio.wait_for(stopped.wait(), 5)
+        assert await proxy.drain(1) == 0
+        return proxy
+
+    assert asyncio.run(scenario()).failed
