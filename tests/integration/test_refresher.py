@@ -84,7 +84,8 @@ def test_a_failing_build_never_starts_a_unit(box: Sandbox, app: App) -> None:
     failing = app.commit("A build that fails", {"BUILD_FAILS": BUILD_FAILS})
     record = wait_for_commit(box, failing)
     assert record["state"] == "failed" and record["failed_step"] == "verify", record
-    assert "release.build_command failed: exit status 3: compiler says no" in record["reason"]
+    assert "release.build_command failed (exited with status 3): building; compiler says no" \
+        in record["reason"], record["reason"]
     assert units_started_since(box, since) == []
     assert not box.path(f"/var/lib/bluegreen/releases/{failing}").exists()
     assert properties(box)["ActiveRelease"] == serving["ActiveRelease"]
