@@ -13,9 +13,12 @@ new forwarder's listener (net.ipv4.tcp_migrate_req=1); socat forks for the conne
 if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
 
 Only the listeners socat's main process holds are closed, found by their inodes in
-/proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Without
-SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the listener is shut down through a
-copy of socat's descriptor (pidfd_getfd, shutdown(SHUT_RD)), which closes it the same way.
+/proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Before that, new
+connections are steered to the new listener through a copy of socat's descriptor (pidfd_getfd
+and a one-instruction reuseport BPF program, see netstat.prefer_second_listener): a listener
+closed while the kernel completes a handshake on it can lose that connection, and a moment
+later it has none left. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the
+listener is shut down through that copy (shutdown(SHUT_RD)), which closes it the same way.
 Only if both fail does socat get a SIGTERM, as before, and the journal says so.
 
 Kept free of heavy imports: it starts on every switch.
@@ -34,6 +37,7 @@ import time
 from bluegreen import cgroup, netstat
 
 POLL = 0.02
+STEER_GRACE = 0.1  # above a round trip on loopback or a LAN, and not noticed in a drain
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
 
 
@@ -41,9 +45,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def shutdown_remote(pid: int, fd: int) -> None:
-    """shutdown(SHUT_RD) the listening socket ``fd`` of process ``pid`` through a copy of it."""
-    import ctypes  # only on this fallback path
+def copy_socket(pid: int, fd: int) -> socket.socket:
+    """A copy of listening socket ``fd`` of process ``pid`` (pidfd_getfd: CAP_SYS_PTRACE)."""
+    import ctypes  # Python 3.11 has no os.pidfd_getfd
 
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
@@ -54,25 +58,51 @@ def shutdown_remote(pid: int, fd: int) -> None:
             raise OSError(code, os.strerror(code))
     finally:
         os.close(pidfd)
-    with socket.socket(fileno=copy) as sock:
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise OSError(errno.EINVAL, f"descriptor {fd} of process {pid} does not listen")
-        sock.shutdown(socket.SHUT_RD)
+    sock = socket.socket(fileno=copy)
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.close()
+        raise OSError(errno.EINVAL, f"descriptor {fd} of process {pid} does not listen")
+    return sock
+
+
+def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
+    """Send new connections to the new forwarder's listener rather than to ``fd`` of ``pid``,
+    then give the handshakes already begun on it STEER_GRACE to complete.
+
+    Returns a copy of the listener (None if it could not be had) and what was done.
+    """
+    try:
+        copy = copy_socket(pid, fd)
+    except OSError as exc:
+        return None, f"not steered ({exc.strerror})"
+    try:
+        netstat.prefer_second_listener(copy)
+    except OSError as exc:
+        return copy, f"not steered ({exc.strerror})"
+    time.sleep(STEER_GRACE)
+    return copy, "new connections steered to the new listener"
 
 
 def close_listener(pid: int, sock: netstat.TcpSocket, fd: int) -> str:
     """Close one listener of ``pid`` without signalling it; return how (for the journal)."""
+    copy, how = steer_away(pid, fd)
     try:
-        netstat.destroy(sock)
-        return "destroyed (sock_diag)"
-    except OSError as exc:
-        destroy_error = exc.strerror or str(exc)
-    try:
-        shutdown_remote(pid, fd)
-        return f"shut down through pidfd_getfd (SOCK_DESTROY failed: {destroy_error})"
-    except OSError as exc:
-        raise OSError(exc.errno, f"SOCK_DESTROY: {destroy_error}; pidfd_getfd + shutdown: "
-                                 f"{exc.strerror or exc}") from None
+        try:
+            netstat.destroy(sock)
+            return f"{how}, then destroyed (sock_diag)"
+        except OSError as exc:
+            destroy_error = exc.strerror or str(exc)
+        if copy is None:
+            raise OSError(errno.EPERM, f"SOCK_DESTROY: {destroy_error}; no copy of the listener "
+                                       "to shut down")
+        try:
+            copy.shutdown(socket.SHUT_RD)
+        except OSError as exc:
+            raise OSError(exc.errno, f"SOCK_DESTROY: {destroy_error}; shutdown: {exc.strerror}") from None
+        return f"{how}, then shut down through a copy (SOCK_DESTROY failed: {destroy_error})"
+    finally:
+        if copy is not None:
+            copy.close()
 
 
 def close_listeners(pid: int, done: set[int]) -> None:

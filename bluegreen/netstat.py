@@ -3,11 +3,13 @@
 The kernel filters by state and port (inet_diag bytecode), so a question costs the same with
 twenty thousand TIME_WAIT sockets around as with none; /proc/net/tcp would list them all.
 Used to pick a free port, to see that a new forwarder listens, to count the connections an old
-instance still serves, and to close an old forwarder's listener from the kernel side (destroy).
+instance still serves, and to close an old forwarder's listener from the kernel side (destroy)
+once new connections go to the new one (prefer_second_listener).
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -34,6 +36,9 @@ _REQUEST = struct.Struct("=BBBBI48s")  # inet_diag_req_v2: family, protocol, ext
 _MESSAGE = struct.Struct("=BBBB2s2s16s16sIQIIIII")  # inet_diag_msg
 _SOCKET_ID = struct.Struct(">HH16s16s")  # inet_diag_sockid up to the interface: ports, addresses
 _SOCKET_ID_TAIL = struct.Struct("=IQ")  # its interface index and cookie
+SO_ATTACH_REUSEPORT_CBPF = 51
+# One classic BPF instruction, BPF_RET | BPF_K 1: "the listener at index 1 of the group".
+_SECOND_LISTENER = struct.pack("=HBBI", 0x06, 0, 0, 1)
 _RTATTR = struct.Struct("=HH")
 _OP = struct.Struct("=BBH")
 
@@ -198,6 +203,25 @@ def destroy(sock: TcpSocket, attempts: int = 64) -> None:
             if code != -errno.ENOENT:
                 raise OSError(-code, os.strerror(-code))
     raise FileNotFoundError(errno.ENOENT, f"no such socket (inode {sock.inode})")
+
+
+def prefer_second_listener(sock: socket.socket) -> None:
+    """Make the SO_REUSEPORT group of listening ``sock`` give every new connection to the
+    listener that joined it second, for as long as the group has two (with one, the kernel
+    falls back to its hash, which picks that one). The kernel keeps the program with the
+    group, and so for every later switch too.
+
+    A group joined in turn (old forwarder, then new) keeps that order, and the new one takes
+    the index the old one leaves: at a switch, the second listener is always the new one.
+
+    Why: closing a listener while the kernel completes a handshake on it can reset that
+    connection. tcp_v4_rcv finds the listener still listening (so it does not migrate the
+    request), then inet_csk_reqsk_queue_add finds it closed and drops the new connection.
+    Once no new connection reaches the old listener, a moment later it has no handshake left.
+    """
+    code = array.array("B", _SECOND_LISTENER)
+    program = struct.pack("@HP", 1, code.buffer_info()[0])  # struct sock_fprog: length, filter
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
 
 
 def parse_socket_link(target: str) -> int | None:

@@ -7,7 +7,8 @@ SO_REUSEPORT beside the old forwarder, and on SIGTERM it closes its listener (th
 moves the queued connections to the other listener, net.ipv4.tcp_migrate_req=1) and exits
 once the connections in flight are done, or after BLUEGREEN_DRAIN_TIMEOUT seconds. Unlike
 socat, it closes its listener itself, in a callback of its loop, never between accepting a
-connection and counting it: every connection it accepted is served.
+connection and counting it: every connection it accepted is served. Before closing it, it
+steers new connections to the new forwarder, as the socat forwarder's stop hook does.
 
     python3 -m bluegreen.proxy PUBLIC_PORT TARGET_PORT
 """
@@ -23,7 +24,10 @@ import socket
 import sys
 from collections.abc import Callable
 
+from bluegreen import netstat
+
 BUFFER = 256 * 1024
+STEER_GRACE = 0.1  # above a round trip on loopback or a LAN, and not noticed in a drain
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -121,7 +125,18 @@ class Proxy:
         self._resume()
 
     async def drain(self, timeout: float) -> int:
-        """Stop listening, wait for the connections in flight; return how many were cut."""
+        """Stop listening, wait for the connections in flight; return how many were cut.
+
+        New connections go to the new forwarder's listener first, and this one keeps accepting
+        for STEER_GRACE, so that no handshake is in progress on it when it closes (see
+        netstat.prefer_second_listener).
+        """
+        if self.listener is not None and not self.failed:
+            try:
+                netstat.prefer_second_listener(self.listener)
+            except OSError as exc:
+                print(f"drain: new connections not steered away ({exc.strerror})", file=sys.stderr)
+            await asyncio.sleep(STEER_GRACE)
         if self.listener is not None:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()  # the kernel moves what is queued to the other listener

@@ -141,7 +141,9 @@ class Sandbox:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "--directory", str(self.root), "--register=no",
                  "--keep-unit", "--machine", self.name, "--private-network", "--console=passive",
-                 "--link-journal=no", "--boot"],
+                 # The forwarder's stop hook copies socat's listener with pidfd_getfd, which
+                 # nspawn's own system call filter leaves out (a host has no such filter).
+                 "--system-call-filter=pidfd_getfd", "--link-journal=no", "--boot"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True)
         (self.base / "nspawn.pid").write_text(f"{self.nspawn.pid}\n")

@@ -239,7 +239,8 @@ def test_switches_under_connection_per_request_load_lose_nothing(
     if kind == "socat":  # and its listener was closed under socat, never by a signal
         hook = box.journal("-u", "bluegreen-forward@*", "-o", "cat").splitlines()
         assert not [line for line in hook if "SIGTERM instead" in line]
-        assert sum("destroyed (sock_diag)" in line for line in hook) >= SWITCHES
+        assert sum("steered to the new listener, then destroyed (sock_diag)" in line
+                   for line in hook) >= SWITCHES
 
 
 # In a network namespace of its own: a backend, the old forwarder (socat under strace, its first

@@ -14,15 +14,15 @@ import pytest
 
 from bluegreen import forwardhook, netstat
 
-# A stand-in for socat: listens beside the test (SO_REUSEPORT) and blocks in accept(); exits
-# with the errno accept() fails with.
+# A stand-in for socat: listens (SO_REUSEPORT) on a port of its own, blocks in accept(), and
+# exits with the errno accept() fails with.
 ACCEPTOR = """\
 import socket, sys
 sock = socket.socket()
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.bind(("127.0.0.1", 0))
 sock.listen()
-print("listening", flush=True)
+print(sock.getsockname()[1], flush=True)
 try:
     sock.accept()
 except OSError as exc:
@@ -31,26 +31,25 @@ except OSError as exc:
 
 
 @pytest.fixture
-def sibling() -> Iterator[socket.socket]:
-    """The new forwarder's listener."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def acceptor(sibling: socket.socket) -> Iterator[subprocess.Popen[str]]:
-    """The old forwarder: another process listening on the sibling's port."""
-    process = subprocess.Popen([sys.executable, "-c", ACCEPTOR, str(sibling.getsockname()[1])],
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None and process.stdout.readline() == "listening\n"
+def acceptor() -> Iterator[subprocess.Popen[str]]:
+    """The old forwarder (the port it listens on is the first line of its output)."""
+    process = subprocess.Popen([sys.executable, "-c", ACCEPTOR], stdout=subprocess.PIPE, text=True)
     yield process
     if process.poll() is None:
         process.kill()
     process.wait()
+
+
+@pytest.fixture
+def sibling(acceptor: subprocess.Popen[str]) -> Iterator[socket.socket]:
+    """The new forwarder's listener, which joins the port after the old one, as at a switch."""
+    assert acceptor.stdout is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", int(acceptor.stdout.readline())))
+    sock.listen()
+    yield sock
+    sock.close()
 
 
 def inode_of(sock: socket.socket) -> int:
@@ -84,22 +83,41 @@ def test_without_sock_destroy_the_listener_is_shut_down_through_a_copy(
     assert [s.inode for s in netstat.listeners(sibling.getsockname()[1])] == [inode_of(sibling)]
 
 
-def test_shutdown_remote_refuses_a_socket_that_does_not_listen() -> None:
+def test_copy_socket_refuses_a_socket_that_does_not_listen() -> None:
     with socket.socket() as unconnected, pytest.raises(OSError) as failed:
-        forwardhook.shutdown_remote(os.getpid(), unconnected.fileno())
+        forwardhook.copy_socket(os.getpid(), unconnected.fileno())
     assert failed.value.errno == errno.EINVAL
 
 
+def test_the_old_listener_gets_no_new_connection_once_steered(
+        acceptor: subprocess.Popen[str], sibling: socket.socket) -> None:
+    port = sibling.getsockname()[1]
+    fds = netstat.socket_fds(acceptor.pid)
+    (old,) = netstat.held_by(netstat.listeners(port), fds)
+    copy, how = forwardhook.steer_away(acceptor.pid, fds[old.inode])
+    assert copy is not None and how == "new connections steered to the new listener"
+    copy.close()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        sibling.settimeout(5)
+        for _ in clients:  # every one of them waits on the sibling, none on the old listener
+            sibling.accept()[0].close()
+        assert acceptor.poll() is None  # its accept() is still waiting
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_when_no_way_works_close_listeners_says_why(
-        acceptor: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        acceptor: subprocess.Popen[str], sibling: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(netstat, "destroy", refused)
-    monkeypatch.setattr(forwardhook, "shutdown_remote", refused)
+    monkeypatch.setattr(forwardhook, "copy_socket", refused)
     with pytest.raises(OSError) as failed:
         forwardhook.close_listeners(acceptor.pid, set())
-    assert "SOCK_DESTROY: Operation not permitted" in str(failed.value)
+    assert "SOCK_DESTROY: Operation not permitted; no copy" in str(failed.value)
     assert acceptor.poll() is None  # untouched: the caller decides on a signal
 
 
