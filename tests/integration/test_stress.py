@@ -36,6 +36,7 @@ from tests.sandbox import ROOT, Sandbox
 pytestmark = pytest.mark.integration
 
 SWITCHES = int(os.environ.get("BLUEGREEN_STRESS_SWITCHES", "100"))
+PAUSE = 0.5  # seconds between two switches
 # The rate the claim is about; lower it only to look at a machine too busy to reach it.
 MIN_CONNECTIONS_PER_SECOND = int(os.environ.get("BLUEGREEN_STRESS_MIN_RATE", "1000"))
 PUBLIC_PORT = 5000
@@ -53,15 +54,16 @@ done = function(summary, latency, requests)
 end
 """
 
-# Runs inside the container: the switches, as fast as systemd does them. Prints one JSON line
-# per switch: when it began, when the new listener was there, when the old unit had stopped,
-# and how the old unit ended.
+# Runs inside the container: the switches, PAUSE seconds apart (on two cores, back-to-back
+# switches take the CPU the load needs). Prints one JSON line per switch: when it began, when
+# the new listener was there, when the old unit had stopped, and how the old unit ended.
 SWITCHER = """\
 import json, subprocess, sys, time
 from bluegreen import netstat
 
 kind = sys.argv[1]
 old, new, count, public = (int(arg) for arg in sys.argv[2:6])
+pause = float(sys.argv[6])
 unit = ("bluegreen-forward@{}.service" if kind == "socat" else "bluegreen-proxy@{}.service").format
 
 def systemctl(*args):
@@ -83,6 +85,7 @@ for number in range(count):
         "show", "-p", "ActiveState,Result,ExecMainStatus,NRestarts", unit(old)).split())
     print(json.dumps({"begin": begin, "listening": listening, "stopped": stopped, **show}), flush=True)
     old, new = new, old
+    time.sleep(pause)
 """
 
 
@@ -162,7 +165,7 @@ class Wrk:
 
 def switch(box: Sandbox, kind: str, old: int, new: int, count: int) -> list[dict[str, Any]]:
     result = box.run("/usr/bin/python3", "-c", SWITCHER, kind, str(old), str(new), str(count),
-                     str(PUBLIC_PORT), timeout=60 + 10 * count)
+                     str(PUBLIC_PORT), str(PAUSE), timeout=60 + 10 * count)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
