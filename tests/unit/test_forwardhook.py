@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from bluegreen import forwardhook, netstat
+from tests.unit.test_netstat import needs_net_admin
 
 # A stand-in for socat: listens (SO_REUSEPORT) on a port of its own, blocks in accept(), and
 # exits with the errno accept() fails with.
@@ -58,8 +59,7 @@ def inode_of(sock: socket.socket) -> int:
 
 def test_the_old_listener_is_destroyed_and_its_owner_leaves_by_itself(
         acceptor: subprocess.Popen[str], sibling: socket.socket) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
+    needs_net_admin()
     port = sibling.getsockname()[1]
     (old,) = [s.inode for s in netstat.listeners(port) if s.inode != inode_of(sibling)]
     closed: set[int] = set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Callable
 
@@ -11,6 +10,7 @@ import pytest
 
 from bluegreen import netstat
 from bluegreen.proxy import Proxy
+from tests.unit.test_netstat import needs_net_admin
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
 try:
@@ -74,8 +74,7 @@ def test_a_connection_accepted_just_before_the_drain_is_served(loop: str, iterat
 
 def test_a_listener_closed_under_the_proxy_stops_it() -> None:
     """As after ss -K: accept() fails; the proxy stops watching it and asks to be stopped."""
-    if os.geteuid() != 0:
-        pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
+    needs_net_admin()
 
     async def scenario() -> Proxy:
         stopped = asyncio.Event()
