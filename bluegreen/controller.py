@@ -475,12 +475,10 @@ class Controller:
     async def _adopt_workers(self, serving: Serving) -> None:
         """Start the serving release's workers that do not run (a controller that died between
         the switch and the workers step left them unstarted)."""
-        env = instances.read_env(self.paths.runtime, serving.port)
+        env = instances.read_app_environment(self.paths.runtime, serving.port)
         release_dir = env.get("BLUEGREEN_RELEASE_DIR", "")
         if not release_dir:
             return
-        for name in ("BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS", "BLUEGREEN_PORT"):
-            env.pop(name, None)
         try:
             wanted = procfile.processes(Path(release_dir), self.config.release.migrate_command,
                                         self.config.processes).workers

@@ -34,6 +34,21 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     fsync_directory(path.parent)
 
 
+def read_environment_file(path: Path) -> dict[str, str]:
+    """The values of a file written by environment_file() ({} if it is gone)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        values[name] = value
+    return values
+
+
 def environment_file(values: dict[str, str]) -> str:
     """The text of a systemd EnvironmentFile= holding ``values`` (quoted for systemd)."""
     lines = []

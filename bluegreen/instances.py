@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bluegreen import drainflag, netstat
-from bluegreen.files import atomic_write, environment_file
+from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
 
 PATTERN = "bluegreen-app@*.service"
@@ -38,6 +38,7 @@ class InstanceSpec:
         return self.app_environment.get("BLUEGREEN_RELEASE", "")
 
     def environment(self) -> dict[str, str]:
+        # Every key added here is the instance's own: INSTANCE_KEYS below names them.
         return {
             **self.app_environment,
             "BLUEGREEN_WSGI": self.wsgi,
@@ -46,6 +47,10 @@ class InstanceSpec:
             "BLUEGREEN_PORT": str(self.port),
             **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
         }
+
+
+INSTANCE_KEYS = frozenset({"BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS",
+                           "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE"})
 
 
 def env_path(run_dir: Path, port: int) -> Path:
@@ -59,17 +64,14 @@ def write_env(run_dir: Path, spec: InstanceSpec) -> None:
 
 def read_env(run_dir: Path, port: int) -> dict[str, str]:
     """The settings an instance was started with ({} if its file is gone)."""
-    try:
-        text = env_path(run_dir, port).read_text()
-    except FileNotFoundError:
-        return {}
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition("=")
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-        values[name] = value
-    return values
+    return read_environment_file(env_path(run_dir, port))
+
+
+def read_app_environment(run_dir: Path, port: int) -> dict[str, str]:
+    """The release's environment an instance was started with, less what is the instance's
+    own: what its release's other processes (workers) get."""
+    return {name: value for name, value in read_env(run_dir, port).items()
+            if name not in INSTANCE_KEYS}
 
 
 def remove_env(run_dir: Path, port: int) -> None:

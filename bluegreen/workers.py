@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bluegreen.config import Network
-from bluegreen.files import atomic_write, environment_file
+from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd, SystemdError
 from bluegreen.transient import network_properties
 
@@ -92,12 +92,6 @@ async def listing(systemd: Systemd, run_dir: Path) -> list[Worker]:
         parsed = parse_unit(status.name)
         if parsed is None:
             continue
-        release = ""
-        try:
-            for line in env_path(run_dir, *parsed).read_text().splitlines():
-                if line.startswith("BLUEGREEN_RELEASE="):
-                    release = line.partition("=")[2].strip('"')
-        except OSError:
-            pass
+        release = read_environment_file(env_path(run_dir, *parsed)).get("BLUEGREEN_RELEASE", "")
         found.append(Worker(parsed[0], parsed[1], f"{status.active_state}/{status.sub_state}", release))
     return sorted(found, key=lambda w: (w.port, w.name))

@@ -30,7 +30,8 @@ def test_environment_file_quotes_for_systemd() -> None:
 def test_instance_settings_round_trip(tmp_path: Path) -> None:
     config = Config(app=AppConfig(team="3", environment={"GREETING": 'say "hi" \\o/'}))
     env = appenv.environment(config, "a" * 40, Path("/var/lib/bluegreen/releases/x"), None, 7)
-    spec = InstanceSpec(port=8123, wsgi="app:app", workers=2, worker_class="sync", app_environment=env)
+    spec = InstanceSpec(port=8123, wsgi="app:app", workers=2, worker_class="sync", app_environment=env,
+                        drain_file=tmp_path / "instances" / "8123.drain")
     instances.write_env(tmp_path, spec)
     assert stat.S_IMODE(instances.env_path(tmp_path, 8123).stat().st_mode) == 0o600
     values = instances.read_env(tmp_path, 8123)
@@ -39,6 +40,7 @@ def test_instance_settings_round_trip(tmp_path: Path) -> None:
     assert values["GREETING"] == 'say "hi" \\o/'
     assert values["BLUEGREEN_PYTHON"] == "/usr/bin/python3"
     assert spec.release == "a" * 40
+    assert instances.read_app_environment(tmp_path, 8123) == env  # what its workers get
     instances.remove_env(tmp_path, 8123)
     assert instances.read_env(tmp_path, 8123) == {}
 
