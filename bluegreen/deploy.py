@@ -276,7 +276,7 @@ class Deployer:
         healthy, stays.
         """
         assert record.port
-        if not processes.workers and not await workers.listing(self.systemd, self.run_dir):
+        if not processes.workers and not await self.systemd.list_units(workers.PATTERN):
             return record
         record = await self.report(record, Step.WORKERS, record.port)
         problems = await workers.start(self.systemd, self.run_dir, record.port, processes.workers,

@@ -172,8 +172,7 @@ async def run(systemd: Systemd, command: Command, deployment_id: int | None = No
         finally:
             os.close(write_end)
     except JobFailed as exc:
-        await asyncio.sleep(0.05)  # the output the command wrote before it ended
-        tail = output.finish()
+        tail = output.finish()  # what the command wrote is in the pipe: it ended before its job
         cause = (f"timed out after {command.timeout:g} s" if exc.detail == "timeout"
                  else exc.detail or exc.result)
         raise CommandFailed(f"{command.what} failed ({cause})" + (f": {tail}" if tail else "")) from None
