@@ -259,7 +259,10 @@ def public(box: Sandbox, path: str = "/") -> dict[str, Any]:
 
 
 class Load:
-    """tests/loadgen.py running against the public port while the block runs."""
+    """A load generator (tests/loadgen.py) against the public port while the block runs; its
+    JSON report afterwards."""
+
+    SCRIPT = "tests/loadgen.py"
 
     def __init__(self, box: Sandbox, *args: str) -> None:
         self.box = box
@@ -267,14 +270,14 @@ class Load:
         self.report: dict[str, Any] = {}
 
     def __enter__(self) -> Load:
-        self.process = self.box.popen_net(
-            ["/usr/bin/python3", str(ROOT / "tests/loadgen.py"), *self.args])
+        self.process = self.box.popen_net(["/usr/bin/python3", str(ROOT / self.SCRIPT), *self.args])
         time.sleep(1.0)
-        assert self.process.poll() is None, "the load generator died at start"
+        assert self.process.poll() is None, f"{self.SCRIPT} died at start"
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: object, *_: object) -> None:
         time.sleep(0.5)
         self.process.send_signal(2)
-        out, _ = self.process.communicate(timeout=60)
-        self.report = json.loads(out)
+        out, _err = self.process.communicate(timeout=60)
+        if kind is None:  # else the block's own error says more than a missing report
+            self.report = json.loads(out)

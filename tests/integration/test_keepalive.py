@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, properties, public, wait_deployment, wait_serving
+from tests.integration.helpers import (
+    App,
+    Load,
+    call,
+    properties,
+    public,
+    wait_deployment,
+    wait_serving,
+)
 from tests.integration.test_zero_downtime import step_time
-from tests.sandbox import ROOT, Sandbox
+from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
@@ -59,27 +66,10 @@ def serving(box: Sandbox, app: App) -> App:
     return app
 
 
-class Clients:
-    """tests/keepalive.py running against the public port while the block runs."""
+class Clients(Load):
+    """tests/keepalive.py (keep-alive clients) against the public port while the block runs."""
 
-    def __init__(self, box: Sandbox, *args: str) -> None:
-        self.box = box
-        self.args = args
-        self.report: dict[str, Any] = {}
-
-    def __enter__(self) -> Clients:
-        self.process = self.box.popen_net(["/usr/bin/python3", str(ROOT / "tests/keepalive.py"),
-                                           *self.args])
-        time.sleep(1.0)
-        assert self.process.poll() is None, "the keep-alive clients died at start"
-        return self
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        time.sleep(0.5)
-        self.process.send_signal(2)
-        out, _err = self.process.communicate(timeout=60)
-        if kind is None:
-            self.report = json.loads(out)
+    SCRIPT = "tests/keepalive.py"
 
 
 def first_start(report: dict[str, Any], version: str) -> float:
@@ -91,7 +81,8 @@ def first_start(report: dict[str, Any], version: str) -> float:
     return float(min(starts))
 
 
-def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, serving: App) -> None:
+def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, serving: App,
+                                                            tmp_path: Path) -> None:
     app = serving
     records = []
     clients = Clients(box, "--busy", "6", "--thinkers", "4")
@@ -111,7 +102,7 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, servin
     report = clients.report
     streamed = streams.report["streams"]
     report["streams"] = streamed
-    saved = Path(tempfile.gettempdir()) / f"keepalive-{box.name}.json"
+    saved = tmp_path / "keepalive.json"
     saved.write_text(json.dumps({"report": report, "records": records}))
 
     print(f"\nreport and records: {saved}")

@@ -5,8 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from bluegreen import appenv, config, workers
-from bluegreen.config import AppConfig, Config
+from bluegreen import appenv, config, transient, workers
+from bluegreen.config import AppConfig, Config, Network
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 WITH_SECRETS = ROOT / "data" / "with-secrets"
@@ -54,3 +54,12 @@ def test_worker_unit_names() -> None:
     assert workers.unit(8123, "worker") == "bluegreen-worker@8123-worker.service"
     assert workers.parse_unit("bluegreen-worker@8123-mail-out.service") == (8123, "mail-out")
     assert workers.parse_unit("bluegreen-app@8123.service") is None
+
+
+def test_network_properties_lock_down_or_open_up() -> None:
+    locked = {name: value.value for name, value in transient.network_properties(Network.LOOPBACK)}
+    assert locked["IPAddressDeny"] == [[2, bytes(4), 0], [10, bytes(16), 0]]  # any
+    assert locked["IPAddressAllow"] == [[2, bytes([127, 0, 0, 0]), 8], [10, bytes(15) + b"\x01", 128]]
+    # "any" sets empty lists: that undoes an earlier lockdown of the same unit (runtime drop-in).
+    opened = {name: value.value for name, value in transient.network_properties(Network.ANY)}
+    assert opened == {"IPAddressDeny": [], "IPAddressAllow": []}
