@@ -37,7 +37,6 @@ import time
 from bluegreen import cgroup, netstat
 
 POLL = 0.02
-STEER_GRACE = 0.1  # above a round trip on loopback or a LAN, and not noticed in a drain
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
 
 
@@ -67,7 +66,7 @@ def copy_socket(pid: int, fd: int) -> socket.socket:
 
 def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
     """Send new connections to the new forwarder's listener rather than to ``fd`` of ``pid``,
-    then give the handshakes already begun on it STEER_GRACE to complete.
+    then give the handshakes already begun on it netstat.STEER_GRACE to complete.
 
     Returns a copy of the listener (None if it could not be had) and what was done.
     """
@@ -79,7 +78,7 @@ def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
         netstat.prefer_second_listener(copy)
     except OSError as exc:
         return copy, f"not steered ({exc.strerror})"
-    time.sleep(STEER_GRACE)
+    time.sleep(netstat.STEER_GRACE)
     return copy, "new connections steered to the new listener"
 
 

@@ -205,6 +205,11 @@ def destroy(sock: TcpSocket, attempts: int = 64) -> None:
     raise FileNotFoundError(errno.ENOENT, f"no such socket (inode {sock.inode})")
 
 
+# How long a steered listener is kept open for the handshakes already begun on it: above a
+# round trip on loopback or a LAN, and not noticed in a drain.
+STEER_GRACE = 0.1
+
+
 def prefer_second_listener(sock: socket.socket) -> None:
     """Make the SO_REUSEPORT group of listening ``sock`` give every new connection to the
     listener that joined it second, for as long as the group has two (with one, the kernel

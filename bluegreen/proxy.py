@@ -27,7 +27,6 @@ from collections.abc import Callable
 from bluegreen import netstat
 
 BUFFER = 256 * 1024
-STEER_GRACE = 0.1  # above a round trip on loopback or a LAN, and not noticed in a drain
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -128,7 +127,7 @@ class Proxy:
         """Stop listening, wait for the connections in flight; return how many were cut.
 
         New connections go to the new forwarder's listener first, and this one keeps accepting
-        for STEER_GRACE, so that no handshake is in progress on it when it closes (see
+        for netstat.STEER_GRACE, so that no handshake is in progress on it when it closes (see
         netstat.prefer_second_listener).
         """
         if self.listener is not None and not self.failed:
@@ -136,7 +135,7 @@ class Proxy:
                 netstat.prefer_second_listener(self.listener)
             except OSError as exc:
                 print(f"drain: new connections not steered away ({exc.strerror})", file=sys.stderr)
-            await asyncio.sleep(STEER_GRACE)
+            await asyncio.sleep(netstat.STEER_GRACE)
         if self.listener is not None:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()  # the kernel moves what is queued to the other listener
