@@ -174,7 +174,7 @@ class Controller:
         await self._claim_when_idle(ref or self.config.repository.branch, wait)
         try:
             started = time.time()
-            commit = await self.repository.resolve(ref)
+            commit = self._release_on_disk(ref) or await self.repository.resolve(ref)
             deployment = self._begin(ref, trigger, commit, started)
             if ref in ("", self.config.repository.branch):
                 self._see_head(commit.sha)  # the refresher need not deploy it again
@@ -182,6 +182,17 @@ class Controller:
             self._preparing = None
         self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
         return deployment
+
+    def _release_on_disk(self, ref: str) -> Commit | None:
+        """The commit ``ref`` names if it is a release on disk, described by its records: a
+        rollback, a recovery or a start-up deploy needs no git (the remote may have dropped
+        the commit by a force-push, and the mirror with it)."""
+        if not re.fullmatch(r"[0-9a-f]{40}", ref) or not self.releases.exists(ref):
+            return None
+        record = self.history.newest_of(ref)
+        if record is None:
+            return None
+        return Commit(ref, record.subject, record.author, timestamp=0)
 
     async def request_rollback(self, target: str, who: str = "", wait: bool = False) -> Deployment:
         """Deploy an earlier release: the previous good one, a deployment id or a commit.
