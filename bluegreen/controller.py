@@ -24,6 +24,7 @@ from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Serving
 from bluegreen.environments import DependencyError, Environments, dependencies
+from bluegreen.files import atomic_write
 from bluegreen.history import (
     Deployment,
     History,
@@ -87,6 +88,10 @@ class Paths:
         return self.state / "releases"
 
     @property
+    def known_hosts(self) -> Path:
+        return self.state / "ssh_known_hosts"
+
+    @property
     def environments(self) -> Path:
         return self.state / "environments"
 
@@ -116,7 +121,7 @@ class Controller:
         self.secrets = secrets or Secrets()
         self.history = History(paths.database)
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
-                                     self.secrets)
+                                     self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
         self.environments = Environments(paths.environments)
         self.deployer = Deployer(config, systemd, self.repository, self.releases,
@@ -467,6 +472,8 @@ class Controller:
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
         forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
+        known_hosts = self.config.repository.ssh_known_hosts
+        atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
         try:
             if forwarder.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
