@@ -29,7 +29,8 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 30
-VICTIM = "/etc/bluegreen-victim"
+# Where the controller itself may write (ProtectSystem=strict keeps it out of /etc anyway).
+VICTIM = "/var/lib/bluegreen/victim"
 
 # A daemon, the way a build would leave one behind: fork, setsid, fork again (and, if asked,
 # ignore SIGTERM); then try to move itself into the controller's cgroup (the cgroup.procs files
@@ -176,9 +177,12 @@ def owners(box: Sandbox, *paths: str) -> str:
 
 
 def test_a_build_racing_symlinks_into_its_tree_chowns_nothing_outside(box: Sandbox, app: App) -> None:
-    box.sh(f"mkdir -p {VICTIM}/sub && echo secret > {VICTIM}/file && "
-           f"chown -R nobody:nogroup {VICTIM} && chmod 0600 {VICTIM}/file")
-    watched = [VICTIM, f"{VICTIM}/file", f"{VICTIM}/sub", "/etc/shadow", "/etc/passwd", "/etc"]
+    # The files the build's sub/ holds, by the same names: a walk that descends into sub/
+    # while it is a link re-owns these.
+    box.sh(f"mkdir -p {VICTIM} && cd {VICTIM} && echo secret > file && touch $(seq 0 19) && "
+           f"chown -R nobody:nogroup {VICTIM} && chmod 0600 file")
+    watched = [VICTIM, f"{VICTIM}/file", *(f"{VICTIM}/{n}" for n in range(20)), "/etc/shadow",
+               "/etc/passwd", "/var/lib/bluegreen/bluegreen.db"]
     before = owners(box, *watched)
     # Links in the commit itself, and links the build makes and swaps while it runs.
     (app.work / "links").mkdir(exist_ok=True)
@@ -188,7 +192,7 @@ def test_a_build_racing_symlinks_into_its_tree_chowns_nothing_outside(box: Sandb
         link.symlink_to(target)
     app.commit("A build that races symlinks", {
         "racer.py": RACER,
-        "build.sh": ("mkdir -p many && for d in $(seq 100); do mkdir -p many/$d/x && "
+        "build.sh": ("set -e\nmkdir -p many && for d in $(seq 100); do mkdir -p many/$d/x && "
                      f"ln -s {VICTIM}/file many/$d/link && ln -s {VICTIM} many/$d/x/dir; done\n"
                      "for n in 1 2 3 4; do python3 racer.py; done\nsleep 2\necho build done\n")})
     record = deploy(box)
