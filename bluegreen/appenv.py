@@ -31,6 +31,9 @@ SECRETS_CREDENTIAL = "secrets"
 WITH_SECRETS = "/usr/libexec/bluegreen/with-secrets"
 DATA_STATE_DIRECTORY = "bluegreen/data"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Tasks the app's user may own when a command of the app starts more: its serving instances
+# and workers (a process, or a thread, each) count too.
+APP_TASKS_MAX = 4096
 
 
 def environment(config: Config, release: str, release_dir: Path, environment_dir: Path | None,
@@ -70,4 +73,4 @@ def command(config: Config, what: str, kind: str, argv: list[str], directory: Pa
         what=what, kind=kind, argv=[WITH_SECRETS, *argv],
         directory=directory, user=APP_USER, timeout=config.release.timeout, environment=env,
         state_directories=[DATA_STATE_DIRECTORY], credentials=credentials(),
-        network=config.app.network)
+        network=config.app.network, tasks_max=APP_TASKS_MAX)

@@ -75,6 +75,7 @@ class RepositoryConfig:
     branch: str = "main"
     poll_interval: float = 10.0
     watch: bool = True
+    ssh_known_hosts: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,19 @@ def _command(value: Any) -> str:
     return value
 
 
+def _known_hosts(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected known_hosts lines as a string, got {type(value).__name__}")
+    for number, line in enumerate(value.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#") and len(line.split()) < 3:
+            raise ValueError(f"line {number} is not a known_hosts line (HOST KEYTYPE KEY), "
+                             "as ssh-keyscan prints them")
+    if "\0" in value:
+        raise ValueError("known_hosts lines cannot contain NUL")
+    return value
+
+
 def _repository_url(value: Any) -> str:
     url = _string(r"\S*", "a git URL", empty_ok=True)(value)
     if url.startswith("-"):
@@ -329,6 +343,9 @@ KEYS: tuple[Key, ...] = (
         "Seconds between two looks at the remote branch."),
     Key("repository", "watch", _boolean,
         "Deploy each new commit of the branch by itself; false: deploy only when asked."),
+    Key("repository", "ssh_known_hosts", _known_hosts,
+        "The ssh host keys of an ssh repository.url, as known_hosts lines (ssh-keyscan "
+        "HOST); ssh accepts no other. The key is the credential ssh-key."),
     Key("app", "wsgi", _string(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*", "MODULE:CALLABLE"),
         "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release."),
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),

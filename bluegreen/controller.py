@@ -24,6 +24,7 @@ from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Serving
 from bluegreen.environments import DependencyError, Environments, dependencies
+from bluegreen.files import atomic_write
 from bluegreen.history import (
     Deployment,
     History,
@@ -87,6 +88,10 @@ class Paths:
         return self.state / "releases"
 
     @property
+    def known_hosts(self) -> Path:
+        return self.state / "ssh_known_hosts"
+
+    @property
     def environments(self) -> Path:
         return self.state / "environments"
 
@@ -116,7 +121,7 @@ class Controller:
         self.secrets = secrets or Secrets()
         self.history = History(paths.database)
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
-                                     self.secrets)
+                                     self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
         self.environments = Environments(paths.environments)
         self.deployer = Deployer(config, systemd, self.repository, self.releases,
@@ -174,7 +179,7 @@ class Controller:
         await self._claim_when_idle(ref or self.config.repository.branch, wait)
         try:
             started = time.time()
-            commit = await self.repository.resolve(ref)
+            commit = self._release_on_disk(ref) or await self.repository.resolve(ref)
             deployment = self._begin(ref, trigger, commit, started)
             if ref in ("", self.config.repository.branch):
                 self._see_head(commit.sha)  # the refresher need not deploy it again
@@ -182,6 +187,17 @@ class Controller:
             self._preparing = None
         self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
         return deployment
+
+    def _release_on_disk(self, ref: str) -> Commit | None:
+        """The commit ``ref`` names if it is a release on disk, described by its records: a
+        rollback, a recovery or a start-up deploy needs no git (the remote may have dropped
+        the commit by a force-push, and the mirror with it)."""
+        if not re.fullmatch(r"[0-9a-f]{40}", ref) or not self.releases.exists(ref):
+            return None
+        record = self.history.newest_of(ref)
+        if record is None:
+            return None
+        return Commit(ref, record.subject, record.author, timestamp=0)
 
     async def request_rollback(self, target: str, who: str = "", wait: bool = False) -> Deployment:
         """Deploy an earlier release: the previous good one, a deployment id or a commit.
@@ -456,6 +472,8 @@ class Controller:
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
         forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
+        known_hosts = self.config.repository.ssh_known_hosts
+        atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
         try:
             if forwarder.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")

@@ -1,10 +1,12 @@
-"""Secrets: the git token and the webhook secret.
+"""Secrets: the git token, the ssh key and the webhook secret.
 
 Read from systemd credentials ($CREDENTIALS_DIRECTORY, set by LoadCredential= in a drop-in of
-bluegreen.service), else from the controller's environment (GITHUB_TOKEN, WEBHOOK_SECRET, for
-example in a root-only /etc/default/bluegreen). A secret never goes into an argv, a log line,
-a record or an error: it reaches git only through git's own environment, and every text
-bluegreen keeps or shows passes through ``redact``.
+bluegreen.service), else (but the ssh key) from the controller's environment (GITHUB_TOKEN,
+WEBHOOK_SECRET, for example in a root-only /etc/default/bluegreen). A secret never goes into an
+argv, a log line, a record or an error: the token reaches git only through git's own
+environment, the ssh key only as a file ssh reads (the credential itself, which systemd makes
+readable by the controller alone), and every text bluegreen keeps or shows passes through
+``redact``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 
 GIT_TOKEN = ("github-token", "GITHUB_TOKEN")
 WEBHOOK_SECRET = ("webhook-secret", "WEBHOOK_SECRET")
+SSH_KEY = "ssh-key"
 
 
 def read(name: tuple[str, str], environ: Mapping[str, str] | None = None) -> str:
@@ -38,6 +41,7 @@ def read(name: tuple[str, str], environ: Mapping[str, str] | None = None) -> str
 class Secrets:
     git_token: str = ""
     webhook_secret: str = ""
+    ssh_key: Path | None = None  # the credential's file: ssh reads the key from there
     _redacted: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:  # never print a secret, even by accident
@@ -50,7 +54,7 @@ class Secrets:
         forms = [s for s in (token, secret) if len(s) >= 4]
         if token:
             forms.append(base64.b64encode(f"x-access-token:{token}".encode()).decode())
-        return cls(token, secret, tuple(forms))
+        return cls(token, secret, ssh_key_file(environ), tuple(forms))
 
     def git_environment(self, url: str) -> dict[str, str]:
         """Environment for git that sends the token to the repository's host only."""
@@ -72,6 +76,15 @@ class Secrets:
         for secret in self._redacted:
             text = text.replace(secret, "<redacted>")
         return redact_url_credentials(text)
+
+
+def ssh_key_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The ssh-key credential's file, if bluegreen.service loads one."""
+    environ = os.environ if environ is None else environ
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not (Path(directory) / SSH_KEY).is_file():
+        return None
+    return Path(directory) / SSH_KEY
 
 
 def redact_url_credentials(text: str) -> str:

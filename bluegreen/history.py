@@ -216,6 +216,12 @@ class History:
             "ORDER BY MAX(id) DESC LIMIT ?", (str(State.SUCCEEDED), limit)).fetchall()
         return [row[0] for row in rows]
 
+    def newest_of(self, commit: str) -> Deployment | None:
+        """The newest record of a deployment of ``commit`` that got as far as resolving it."""
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE commit_sha = ? "
+                              "ORDER BY id DESC LIMIT 1", (commit,)).fetchone()
+        return _row(row) if row else None
+
     def rollback_target(self, serving: str) -> Deployment | None:
         """The newest successful deployment of a release other than the serving one."""
         row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE state = ? AND commit_sha != ? "

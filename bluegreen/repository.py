@@ -7,6 +7,7 @@ the configured repository; ``export`` writes that commit's tree into a directory
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,9 @@ _GIT_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_ASKPASS": "/bin/false",
-    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
 }
+_HOST_KEY_HINT = ("the server's host key is not one pinned in repository.ssh_known_hosts "
+                  "(ssh-keyscan HOST prints them)")
 
 
 class RepositoryError(Exception):
@@ -63,11 +65,22 @@ class Commit:
 
 
 class Repository:
-    def __init__(self, url: str, branch: str, mirror: Path, secrets: Secrets | None = None) -> None:
+    def __init__(self, url: str, branch: str, mirror: Path, secrets: Secrets | None = None,
+                 known_hosts: Path | None = None) -> None:
         self.url = url
         self.branch = branch
         self.mirror = mirror
         self.secrets = secrets or Secrets()
+        # ssh trusts the host keys in this file and no other (never ~/.ssh, hidden anyway).
+        self.known_hosts = known_hosts or mirror.with_name("ssh_known_hosts")
+
+    def ssh_command(self) -> str:
+        """GIT_SSH_COMMAND: no prompt, only the pinned host keys, only the ssh-key credential."""
+        options = ["BatchMode=yes", "StrictHostKeyChecking=yes", "UpdateHostKeys=no",
+                   f"UserKnownHostsFile={self.known_hosts}"]
+        if self.secrets.ssh_key is not None:
+            options += ["IdentitiesOnly=yes", f"IdentityFile={self.secrets.ssh_key}"]
+        return shlex.join(["ssh", *(part for option in options for part in ("-o", option))])
 
     @property
     def public_url(self) -> str:
@@ -76,11 +89,15 @@ class Repository:
     async def _git(self, *args: str, timeout: float = 300.0, remote: bool = False) -> str:
         """Run git on the mirror; ``remote`` calls get the credentials (in git's environment)."""
         argv = ["git", "-c", "protocol.ext.allow=never", f"--git-dir={self.mirror}", *args]
-        env = {**_GIT_ENV, **(self.secrets.git_environment(self.url) if remote else {})}
+        env = {**_GIT_ENV, "GIT_SSH_COMMAND": self.ssh_command(),
+               **(self.secrets.git_environment(self.url) if remote else {})}
         try:
             return (await run(argv, env=env, timeout=timeout)).stdout
         except CommandError as exc:
-            raise RepositoryError(self.secrets.redact(f"git {args[0]}: {exc.reason}")) from None
+            reason = exc.reason
+            if "Host key verification failed" in exc.output:
+                reason = f"ssh: Host key verification failed: {_HOST_KEY_HINT}"
+            raise RepositoryError(self.secrets.redact(f"git {args[0]}: {reason}")) from None
 
     async def remote_head(self) -> str | None:
         """The commit the remote branch points at (one round trip, no fetch), or None."""

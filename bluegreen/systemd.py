@@ -53,6 +53,9 @@ class ActiveState(StrEnum):
     REFRESHING = "refreshing"
 
 
+CLD_EXITED = 1  # ExecMainCode of a process that exited (rather than being killed)
+
+
 class SystemdError(Exception):
     """A call to systemd failed; the message says which unit and why."""
 
@@ -66,10 +69,14 @@ class AccessDenied(SystemdError):
 
 
 class JobFailed(SystemdError):
-    def __init__(self, unit: str, verb: str, result: str, detail: str = "") -> None:
+    def __init__(self, unit: str, verb: str, result: str, detail: str = "",
+                 main_succeeded: bool = False) -> None:
         self.unit = unit
         self.result = result
         self.detail = detail
+        # The unit's main process exited with status 0: what failed came after it (a
+        # process it left behind outlived the stop timeout).
+        self.main_succeeded = main_succeeded
         text = f"{verb} of {unit} ended with job result '{result}'"
         super().__init__(f"{text}: {detail}" if detail else text)
 
@@ -87,6 +94,10 @@ class UnitStatus:
     control_group: str = ""
     active_enter_timestamp: int = 0
     uid: int = -1  # the user its processes run as (dynamic users included); -1: unknown
+
+    @property
+    def main_succeeded(self) -> bool:
+        return self.exec_main_code == CLD_EXITED and self.exec_main_status == 0
 
     @property
     def is_running(self) -> bool:
@@ -205,7 +216,10 @@ class Systemd:
         """Start a transient unit (a Type=oneshot service) and wait until its command is done.
 
         Raises JobFailed with the unit's own reason if the command failed or timed out. ``h``
-        properties hold indexes into ``unix_fds``. A failed unit is reset, so nothing is left.
+        properties hold indexes into ``unix_fds``. With ``AddRef`` and ``CollectMode`` among
+        the properties, the unit stays loaded until its outcome is read, then goes (as
+        ``systemd-run --wait --collect`` does); a controller that dies meanwhile drops its
+        reference with its bus connection.
         """
         if not self._subscribed:
             await self.subscribe()
@@ -214,15 +228,19 @@ class Systemd:
                                   [unit, JobMode.FAIL.value, [list(p) for p in properties], []],
                                   unix_fds)
         try:
-            result = await self._job_result(job, "StartTransientUnit", unit, timeout)
-        except asyncio.CancelledError:
-            with contextlib.suppress(SystemdError):
-                await asyncio.shield(self.stop_unit(unit, timeout=60))
-            raise
-        if result != JobResult.DONE:
-            status = await self.status(unit)
-            await self.reset_failed(unit)
-            raise JobFailed(unit, "run", result, status.describe_failure())
+            try:
+                result = await self._job_result(job, "StartTransientUnit", unit, timeout)
+            except asyncio.CancelledError:
+                with contextlib.suppress(SystemdError):
+                    await asyncio.shield(self.stop_unit(unit, timeout=60))
+                raise
+            if result != JobResult.DONE:
+                status = await self.status(unit)
+                raise JobFailed(unit, "run", result, status.describe_failure(),
+                                main_succeeded=status.main_succeeded)
+        finally:
+            with contextlib.suppress(SystemdError):  # already gone: nothing to release
+                await asyncio.shield(self._manager("UnrefUnit", "s", unit))
 
     async def set_properties(self, unit: str, properties: list[tuple[str, Variant]]) -> None:
         """Change properties of a (loaded) unit until the next reboot, as systemctl

@@ -31,6 +31,8 @@ log = logging.getLogger("bluegreen.output")
 USEC = 1_000_000
 MEMORY_MAX = 4 << 30
 TASKS_MAX = 512
+# What the processes a command leaves behind get between SIGTERM and SIGKILL.
+STOP_TIMEOUT = 10
 TAIL_LINES = 5
 
 # systemd's IPAddressAllow=localhost, as the (family, address, prefix length) triples of D-Bus.
@@ -62,6 +64,9 @@ class Command:
     cache_directories: Sequence[str] = ()
     credentials: Sequence[tuple[str, str]] = ()
     network: Network = Network.ANY
+    # Tasks its user may own at once: the user's other processes count too (the app's
+    # instances, for a command run as the app).
+    tasks_max: int = TASKS_MAX
 
     def properties(self, output_fd_index: int) -> list[tuple[str, Variant]]:
         env = [f"{name}={value}" for name, value in self.environment.items()]
@@ -77,9 +82,21 @@ class Command:
             ("StandardInput", Variant("s", "null")),
             ("StandardOutputFileDescriptor", Variant("h", output_fd_index)),
             ("StandardErrorFileDescriptor", Variant("h", output_fd_index)),
+            # A oneshot's whole run is its start: TimeoutStartSec= bounds it (RuntimeMaxSec=
+            # does not apply to Type=oneshot).
             ("TimeoutStartUSec", Variant("t", int(self.timeout * USEC))),
+            # Once the command ends, whatever it forked (a daemon, a setsid'd grandchild) is
+            # killed with the cgroup before the job completes; --collect: no unit is left.
+            ("KillMode", Variant("s", "control-group")),
+            ("TimeoutStopUSec", Variant("t", STOP_TIMEOUT * USEC)),
+            ("CollectMode", Variant("s", "inactive-or-failed")),
+            ("AddRef", Variant("b", True)),
             ("MemoryMax", Variant("t", MEMORY_MAX)),
             ("TasksMax", Variant("t", TASKS_MAX)),
+            # The same bound where the pids controller is not delegated to this systemd (a
+            # container on a hybrid hierarchy): the command's user may not own more tasks.
+            ("LimitNPROC", Variant("t", self.tasks_max)),
+            ("LimitNPROCSoft", Variant("t", self.tasks_max)),
             ("ProtectSystem", Variant("s", "strict")),
             ("ProtectHome", Variant("s", "yes")),
             ("PrivateTmp", Variant("b", True)),
@@ -173,8 +190,12 @@ async def run(systemd: Systemd, command: Command, deployment_id: int | None = No
             os.close(write_end)
     except JobFailed as exc:
         tail = output.finish()  # what the command wrote is in the pipe: it ended before its job
-        cause = (f"timed out after {command.timeout:g} s" if exc.detail == "timeout"
-                 else exc.detail or exc.result)
+        if exc.detail == "timeout" and exc.main_succeeded:
+            cause = f"it left processes behind that ignored SIGTERM for {STOP_TIMEOUT} s"
+        elif exc.detail == "timeout":
+            cause = f"timed out after {command.timeout:g} s"
+        else:
+            cause = exc.detail or exc.result
         raise CommandFailed(f"{command.what} failed ({cause})" + (f": {tail}" if tail else "")) from None
     finally:
         with contextlib.suppress(OSError):

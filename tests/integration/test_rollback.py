@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from tests.integration.helpers import (
     Load,
     call,
     deployment,
+    git,
     http,
     properties,
     public,
@@ -174,3 +176,30 @@ def test_wait_queues_a_deploy_behind_the_running_one(box: Sandbox, app: App) -> 
     assert record["state"] == "succeeded", record
     assert record["commit"] == second_sha
     assert record["started_at"] >= deployment(box, first)["finished_at"]
+
+
+def test_a_rollback_needs_no_git_when_the_release_is_on_disk(box: Sandbox, app: App) -> None:
+    gone = str(deploy(box, app, "Soon force-pushed away")["commit"])
+    # The remote forgets it (a force-push, then its reflogs expire and gc prunes it), and so
+    # does the mirror once it has fetched.
+    git(app.work, "reset", "-q", "--hard", "HEAD~1")
+    git(app.work, "push", "-q", "--force", str(app.bare), "main")
+    later = str(deploy(box, app, "Replaces the force-pushed commit")["commit"])
+    mirror = box.path("/var/lib/bluegreen/repository.git")
+    for repository in (app.bare, mirror):
+        git(repository, "reflog", "expire", "--expire=now", "--all")
+        git(repository, "gc", "-q", "--prune=now")
+        missing = subprocess.run(["git", "cat-file", "-e", f"{gone}^{{commit}}"], cwd=repository,
+                                 capture_output=True)
+        assert missing.returncode != 0, f"{gone[:12]} is still in {repository}"
+    assert box.exists(f"/var/lib/bluegreen/releases/{gone}")
+    with Load(box, "--fast", "4", "--slow", "2") as load:
+        result = box.run("bluegreenctl", "rollback", gone[:12], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+    props = properties(box)
+    assert props["ActiveRelease"] == gone != later
+    record = deployment(box, props["LastDeployment"])
+    assert (record["trigger"], record["state"]) == ("rollback", "succeeded")
+    assert record["subject"] == "Soon force-pushed away"
+    assert public(box)["release"] == gone

@@ -197,3 +197,13 @@ def test_bad_tables_name_file_line_and_key(tmp_path: Path, text: str, message: s
         config_module.load(path, environ={})
     assert str(error.value).startswith(str(path)), error.value
     assert message in str(error.value), error.value
+
+
+def test_ssh_known_hosts_wants_known_hosts_lines(tmp_path: Path) -> None:
+    path = tmp_path / "bluegreen.toml"
+    line = "[git.example.com]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB"
+    path.write_text(f'[repository]\nssh_known_hosts = """\n# pinned\n{line}\n"""\n')
+    assert line in config.load(path).repository.ssh_known_hosts
+    path.write_text('[repository]\nssh_known_hosts = "git.example.com"\n')
+    with pytest.raises(ConfigError, match=r"bluegreen\.toml:2: repository\.ssh_known_hosts: line 1"):
+        config.load(path)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bluegreen.credentials import Secrets
 from bluegreen.releases import Releases
 from bluegreen.repository import InvalidRef, Repository, RepositoryError, UnknownRef, validate_ref
 
@@ -95,3 +97,30 @@ def test_materialize_writes_the_tree_once_and_completely(origin: Path, tmp_path:
     (tmp_path / "releases" / ".abc.partial").mkdir()
     releases.remove_incomplete()
     assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == [sha]
+
+
+def test_ssh_trusts_only_the_pinned_host_keys_and_the_key_credential(tmp_path: Path) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds/ssh-key").write_text("not a real key\n")
+    secrets = Secrets.load({"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
+    assert secrets.ssh_key == tmp_path / "creds/ssh-key"
+    known = tmp_path / "known hosts"
+    argv = shlex.split(Repository("ssh://git@h/x.git", "main", tmp_path / "m.git", secrets,
+                                  known).ssh_command())
+    options = [argv[i + 1] for i in range(1, len(argv), 2) if argv[i] == "-o"]
+    assert argv[0] == "ssh" and len(options) * 2 + 1 == len(argv)
+    assert {"BatchMode=yes", "StrictHostKeyChecking=yes", f"UserKnownHostsFile={known}",
+            "IdentitiesOnly=yes", f"IdentityFile={tmp_path / 'creds/ssh-key'}"} <= set(options)
+    without_key = Repository("ssh://git@h/x.git", "main", tmp_path / "m.git", Secrets.load({}))
+    assert "IdentityFile" not in without_key.ssh_command()
+    assert f"UserKnownHostsFile={tmp_path / 'ssh_known_hosts'}" in without_key.ssh_command()
+
+
+def test_an_unknown_host_key_says_how_to_pin_it(tmp_path: Path) -> None:
+    ssh = tmp_path / "ssh"  # stands in for ssh: refuses the host as ssh would
+    ssh.write_text("#!/bin/sh\necho 'Host key verification failed.' >&2\nexit 255\n")
+    ssh.chmod(0o755)
+    repository = Repository("ssh://git@203.0.113.1/x.git", "main", tmp_path / "m.git")
+    repository.ssh_command = lambda: str(ssh)  # type: ignore[method-assign]
+    with pytest.raises(RepositoryError, match=r"repository\.ssh_known_hosts"):
+        asyncio.run(repository.remote_head())
