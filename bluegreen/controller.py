@@ -455,7 +455,9 @@ class Controller:
 
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
-        forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
+        ports = self.config.ports
+        forwarder.write_env(self.paths.runtime, ports.public, self.config.drain_timeout,
+                            ports.public_address, ports.max_connections)
         try:
             if forwarder.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
