@@ -8,6 +8,7 @@ a bad value raises :class:`ConfigError` naming the file, the key and the reason.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -97,12 +98,15 @@ class AppConfig:
     health_host: str = "localhost"
     network: Network = Network.ANY
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    forwarded_allow_ips: str = ""
 
 
 @dataclass(frozen=True)
 class PortsConfig:
     public: int = 5000
     range: PortRange = PortRange(8000, 8999)
+    public_address: str = "::"
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,30 @@ def _known_hosts(value: Any) -> str:
     if "\0" in value:
         raise ValueError("known_hosts lines cannot contain NUL")
     return value
+
+
+def _ip_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IP address as a string, got {type(value).__name__}")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address (\"::\": every address of "
+                         "both stacks)") from None
+
+
+def _forwarded_allow_ips(value: Any) -> str:
+    """gunicorn's --forwarded-allow-ips: IP addresses, comma-separated; "" trusts nobody."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like \"127.0.0.1\", got {type(value).__name__}")
+    addresses = [part.strip() for part in value.split(",") if part.strip()]
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address (a list like \"127.0.0.1\"; "
+                             "\"\" trusts nobody)") from None
+    return ",".join(addresses)
 
 
 def _repository_url(value: Any) -> str:
@@ -365,9 +393,21 @@ KEYS: tuple[Key, ...] = (
     Key("app", "environment", _environment_table,
         "Table of NAME = \"value\" settings for every process of the app (instances, the "
         "release phase, workers); {data_dir} is replaced by the data directory."),
+    Key("app", "forwarded_allow_ips", _forwarded_allow_ips,
+        "Addresses gunicorn believes X-Forwarded-Proto (and the other secure-scheme headers) "
+        "from, comma-separated; every request reaches the instance from the forwarder on "
+        "127.0.0.1, so \"127.0.0.1\" believes whatever reaches the public port: only behind a "
+        "TLS proxy that alone can reach it. Empty: nobody."),
     Key("ports", "public", _integer(1, 65535), "Port the forwarder listens on for clients."),
     Key("ports", "range", parse_port_range, "Ports instances are started on, FIRST-LAST."),
-    Key("api", "listen", parse_listen_address, "Address of the HTTP API socket, HOST:PORT."),
+    Key("ports", "public_address", _ip_address,
+        "Address the forwarder listens on: \"::\" every address of IPv4 and IPv6, \"0.0.0.0\" "
+        "every IPv4 address, or one address (\"127.0.0.1\" behind a TLS proxy on this host)."),
+    Key("ports", "max_connections", _integer(1, 65536),
+        "Connections the forwarder serves at once (socat's max-children); more wait in the "
+        "listen queue."),
+    Key("api", "listen", parse_listen_address,
+        "TCP address of the HTTP API, HOST:PORT; changes over TCP need the API token."),
     Key("health", "interval", _number(0.05, 3600), "Seconds between two health checks."),
     Key("health", "timeout", _number(0.05, 600), "Seconds one health check may take."),
     Key("health", "healthy_threshold", _integer(1, 100),

@@ -471,7 +471,9 @@ class Controller:
 
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
-        forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
+        ports = self.config.ports
+        forwarder.write_env(self.paths.runtime, ports.public, self.config.drain_timeout,
+                            ports.public_address, ports.max_connections)
         known_hosts = self.config.repository.ssh_known_hosts
         atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
         try:

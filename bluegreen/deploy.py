@@ -330,7 +330,8 @@ class Deployer:
         app = self.config.app
         return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
                             worker_class=app.worker_class, app_environment=env,
-                            drain_file=drainflag.path(self.run_dir, port))
+                            drain_file=drainflag.path(self.run_dir, port),
+                            forwarded_allow_ips=app.forwarded_allow_ips)
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

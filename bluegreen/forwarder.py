@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -64,9 +65,38 @@ def ensure_migrate_req(path: Path = MIGRATE_REQ) -> bool:
     return True
 
 
-def write_env(run_dir: Path, public_port: int, drain_timeout: float) -> None:
+def ipv6_available() -> bool:
+    """Whether this kernel has IPv6 at all (not so when booted with ipv6.disable=1)."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def listen_address(public_address: str, ipv6: bool = True) -> str:
+    """The address the forwarders bind: ``public_address``, but "::" (both stacks) falls back
+    to every IPv4 address on a kernel without IPv6."""
+    return "0.0.0.0" if public_address == "::" and not ipv6 else public_address
+
+
+def socat_listen(address: str, port: int) -> str:
+    """socat's listening address for ``address``: "::" is both stacks (IPV6_V6ONLY off)."""
+    if address == "::":
+        return f"TCP6-LISTEN:{port},ipv6-v6only=0"
+    if ":" in address:
+        return f"TCP6-LISTEN:{port},bind=[{address}],ipv6-v6only=1"
+    return f"TCP4-LISTEN:{port},bind={address}"
+
+
+def write_env(run_dir: Path, public_port: int, drain_timeout: float, public_address: str = "::",
+              max_connections: int = 1024) -> None:
+    address = listen_address(public_address, ipv6_available())
     atomic_write(run_dir / "forwarder.env", environment_file({
         "BLUEGREEN_PUBLIC_PORT": str(public_port),
+        "BLUEGREEN_PUBLIC_ADDRESS": address,
+        "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
+        "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
         "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
     }))
 

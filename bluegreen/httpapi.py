@@ -5,15 +5,13 @@ Every answer is JSON; errors are ``{"error": NAME, "message": TEXT}`` with a 4xx
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from bluegreen import client, credentials
-from bluegreen import config as configuration
+from bluegreen import apiauth, client, credentials
 from bluegreen.client import ApiError, Client
 
 MAX_BODY = 64 * 1024
@@ -42,17 +40,6 @@ _STATUS = {
 API_TOKEN = ("api-token", "BLUEGREEN_API_TOKEN")
 
 
-def _listens_beyond_loopback() -> bool:
-    """From api.listen; a configuration that cannot be read counts as beyond (fail closed)."""
-    try:
-        return not configuration.load().api.listen.is_loopback
-    except configuration.ConfigError:
-        return True
-
-
-BEYOND_LOOPBACK = _listens_beyond_loopback()
-
-
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         self.message = message
@@ -70,17 +57,28 @@ def error(name: str, message: str, status: int) -> Response:
 
 
 @app.before_request
-def _require_token() -> Response | None:
-    """Beyond loopback, changing anything takes the API token (webhooks carry a signature)."""
-    if request.method in ("GET", "HEAD") or request.path == "/hooks/push" or not BEYOND_LOOPBACK:
+def _require_privilege() -> Response | None:
+    """Changing anything takes proof of privilege (webhooks carry a signature of their own):
+    on the unix socket the caller's credentials, on TCP the API token. Which one is decided by
+    the socket the request came in on, never by the configuration."""
+    if request.method in ("GET", "HEAD") or request.path == "/hooks/push":
         return None
+    connection = request.environ.get("gunicorn.socket")
+    if apiauth.is_unix(connection):
+        caller = apiauth.peer(connection)
+        if apiauth.privileged(caller):
+            return None
+        return error("Forbidden", f"{caller.describe()} is neither root nor a member of the group "
+                     f"{apiauth.GROUP}: changes are refused", 403)
     token = credentials.read(API_TOKEN)
     if not token:
-        return error("Forbidden", "the API listens beyond loopback and no api-token credential is "
-                     "configured: changes are refused", 403)
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        response = error("Unauthorized", "an Authorization: Bearer token is required", 401)
+        return error("Forbidden", "changes over TCP need the API token, and no api-token "
+                     f"credential is configured ({apiauth.TOKEN_FILE}); members of the group "
+                     f"{apiauth.GROUP} can use the unix socket {apiauth.SOCKET_PATH}", 403)
+    if not apiauth.token_matches(request.headers.get("Authorization", ""), token):
+        response = error("Unauthorized", "changes over TCP need an Authorization: Bearer token "
+                         f"(or, for members of the group {apiauth.GROUP}, the unix socket "
+                         f"{apiauth.SOCKET_PATH})", 401)
         response.headers["WWW-Authenticate"] = 'Bearer realm="bluegreen"'
         return response
     return None

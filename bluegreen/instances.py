@@ -32,6 +32,7 @@ class InstanceSpec:
     worker_class: str
     app_environment: Mapping[str, str]  # appenv.environment(): the release's, for every process
     drain_file: Path | None = None  # the flag that makes it close kept-alive connections
+    forwarded_allow_ips: str = ""  # whom gunicorn believes X-Forwarded-Proto from: nobody
 
     @property
     def release(self) -> str:
@@ -45,12 +46,14 @@ class InstanceSpec:
             "BLUEGREEN_WORKERS": str(self.workers),
             "BLUEGREEN_WORKER_CLASS": self.worker_class,
             "BLUEGREEN_PORT": str(self.port),
+            "BLUEGREEN_FORWARDED_ALLOW_IPS": self.forwarded_allow_ips,
             **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
         }
 
 
 INSTANCE_KEYS = frozenset({"BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS",
-                           "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE"})
+                           "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE",
+                           "BLUEGREEN_FORWARDED_ALLOW_IPS"})
 
 
 def env_path(run_dir: Path, port: int) -> Path:

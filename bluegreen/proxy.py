@@ -5,7 +5,9 @@ forks a process per connection, which costs most of its throughput when every re
 on a new connection. It behaves like the socat forwarder at a switch: it listens with
 SO_REUSEPORT beside the old forwarder, and on SIGTERM it closes its listener (the kernel
 moves the queued connections to the other listener, net.ipv4.tcp_migrate_req=1) and exits
-once the connections in flight are done, or after BLUEGREEN_DRAIN_TIMEOUT seconds. Unlike
+once the connections in flight are done, or after BLUEGREEN_DRAIN_TIMEOUT seconds. It listens
+on BLUEGREEN_PUBLIC_ADDRESS ("::": both stacks) and, like socat's max-children, stops accepting
+while BLUEGREEN_MAX_CONNECTIONS connections are open (the others wait in the queue). Unlike
 socat, it closes its listener itself, in a callback of its loop, never between accepting a
 connection and counting it: every connection it accepted is served. Before closing it, it
 steers new connections to the new forwarder, as the socat forwarder's stop hook does.
@@ -51,10 +53,14 @@ class Proxy:
     """
 
     def __init__(self, public_port: int, target_port: int, backlog: int = 1024,
-                 on_failure: Callable[[], object] = lambda: None) -> None:
+                 on_failure: Callable[[], object] = lambda: None, address: str = "0.0.0.0",
+                 max_connections: int = 1024) -> None:
         self.public_port = public_port
         self.target_port = target_port
         self.backlog = backlog
+        self.address = address  # "::": both stacks
+        self.max_connections = max_connections  # beyond: wait in the listen queue, as with socat
+        self.full = False
         self.on_failure = on_failure  # called when the listener fails (closed under us, say)
         self.failed = False
         self.connections: set[asyncio.Task[None]] = set()
@@ -85,6 +91,10 @@ class Proxy:
         """The listener is readable: accept what waits, each with its relay task at once."""
         assert self.listener is not None
         for _ in range(self.backlog):
+            if len(self.connections) >= self.max_connections:
+                asyncio.get_running_loop().remove_reader(self.listener.fileno())
+                self.full = True
+                return
             try:
                 client, _address = self.listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -103,18 +113,27 @@ class Proxy:
             client.setblocking(False)
             task = asyncio.get_running_loop().create_task(self._relay(client))
             self.connections.add(task)
-            task.add_done_callback(self.connections.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.connections.discard(task)
+        if self.full and len(self.connections) < self.max_connections:
+            self.full = False
+            self._resume()
 
     def _resume(self) -> None:
         if self.listener is not None and not self.failed:
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     async def start(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ipv6 = ":" in self.address
+        listener = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
         try:
+            if ipv6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, self.address != "::")
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind(("0.0.0.0", self.public_port))
+            listener.bind((self.address, self.public_port))
             listener.listen(self.backlog)
             listener.setblocking(False)
         except OSError:
@@ -155,9 +174,11 @@ def _notify(message: str) -> None:
         daemon.notify(message)
 
 
-async def serve(public_port: int, target_port: int, drain_timeout: float) -> int:
+async def serve(public_port: int, target_port: int, drain_timeout: float, address: str = "0.0.0.0",
+                max_connections: int = 1024) -> int:
     stop = asyncio.Event()
-    proxy = Proxy(public_port, target_port, on_failure=stop.set)
+    proxy = Proxy(public_port, target_port, on_failure=stop.set, address=address,
+                  max_connections=max_connections)
     await proxy.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -176,11 +197,13 @@ def main(argv: list[str]) -> int:
         print("usage: python3 -m bluegreen.proxy PUBLIC_PORT TARGET_PORT", file=sys.stderr)
         return 2
     drain_timeout = float(os.environ.get("BLUEGREEN_DRAIN_TIMEOUT", "30"))
+    address = os.environ.get("BLUEGREEN_PUBLIC_ADDRESS") or "0.0.0.0"
+    max_connections = int(os.environ.get("BLUEGREEN_MAX_CONNECTIONS") or "1024")
     with contextlib.suppress(ImportError):
         import uvloop  # Debian's python3-uvloop: a faster event loop, when installed
 
         uvloop.install()
-    return asyncio.run(serve(int(argv[0]), int(argv[1]), drain_timeout))
+    return asyncio.run(serve(int(argv[0]), int(argv[1]), drain_timeout, address, max_connections))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ def health():
     return jsonify(status="ok", version=VERSION)
 
 
+@app.get("/request")
+def request_seen():
+    """What the app believes about the request: its scheme and the client's address."""
+    return jsonify(scheme=request.scheme, remote_addr=request.remote_addr)
+
+
 @app.get("/slow")
 def slow():
     """Answers after ?seconds= (default 3): a request still in flight during a switch."""

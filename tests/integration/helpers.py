@@ -230,20 +230,35 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+API_SOCKET = "/run/bluegreen/api.sock"
+
+
 def http(box: Sandbox, method: str, path: str, body: str | bytes | None = None,
-         content_type: str | None = "application/json", port: int = 5001) -> Response:
-    argv = ["curl", "-s", "-S", "-X", method, "-o", "-", "-w", "\n%{http_code}",
-            f"http://127.0.0.1:{port}{path}", "--max-time", "30"]
+         content_type: str | None = "application/json", port: int = 5001, unix: bool = False,
+         user: str | None = None, token: str | None = None) -> Response:
+    """A request to the HTTP API over TCP (``port``), or over its unix socket (``unix``, as root
+    or ``user``, from inside the container: changes go this way)."""
+    argv = ["curl", "-s", "-S", "-X", method, "-o", "-", "-w", "\n%{http_code}", "--max-time", "30"]
+    argv += ["--unix-socket", API_SOCKET, f"http://localhost{path}"] if unix else [
+        f"http://127.0.0.1:{port}{path}"]
+    if token is not None:
+        argv += ["-H", f"Authorization: Bearer {token}"]
     if body is not None:
         argv += ["--data-binary", "@-"]
         if content_type:
             argv += ["-H", f"Content-Type: {content_type}"]
-    result = subprocess.run(["nsenter", "-t", str(box.leader), "-n", *argv],
-                            input=body.encode() if isinstance(body, str) else body,
-                            capture_output=True, timeout=60)
-    if result.returncode != 0:  # no HTTP answer at all (refused, reset, timed out)
-        return Response(0, result.stderr.decode().strip())
-    text, _, status = result.stdout.decode().rpartition("\n")
+    data = body.encode() if isinstance(body, str) else body
+    if unix or user:
+        inside = box.run(*argv, check=False, user=user, timeout=60,
+                         input=data.decode() if data is not None else None)
+        returncode, out, err = inside.returncode, inside.stdout, inside.stderr
+    else:
+        result = subprocess.run(["nsenter", "-t", str(box.leader), "-n", *argv], input=data,
+                                capture_output=True, timeout=60)
+        returncode, out, err = result.returncode, result.stdout.decode(), result.stderr.decode()
+    if returncode != 0:  # no HTTP answer at all (refused, reset, timed out)
+        return Response(0, err.strip())
+    text, _, status = out.rpartition("\n")
     try:
         parsed: Any = json.loads(text)
     except ValueError:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.integration.helpers import (
+    API_SOCKET,
     REPO,
     App,
     Load,
     busctl,
+    call,
     configure,
     dbus_error,
-    deployment,
     http,
     properties,
     serving_app,
@@ -84,7 +84,7 @@ def test_concurrent_triggers_from_http_dbus_and_cli_run_one(box: Sandbox, app: A
     before = wait_serving(box)
     app.commit("Everyone wants to deploy this")
     script = ("for i in 1 2 3; do curl -s -o /dev/null -w 'http %{http_code}\\n' -X POST "
-              "http://127.0.0.1:5001/deploy & "
+              "--unix-socket /run/bluegreen/api.sock http://localhost/deploy & "
               "busctl --system call org.bluegreen1 /org/bluegreen1 org.bluegreen1.Manager Deploy s '' "
               "2>&1 | sed 's/^/dbus /' & "
               "bluegreenctl deploy --no-wait 2>&1 | sed 's/^/cli /' & done; wait")
@@ -160,34 +160,128 @@ def test_a_remote_answering_garbage_backs_off_and_serving_goes_on(box: Sandbox, 
     assert http(box, "GET", "/", port=5000).status == 200
 
 
-def test_beyond_loopback_changes_need_the_api_token(box: Sandbox, app: App) -> None:
+TOKEN = "api-token-" + "x" * 24
+TOKEN_FILE = "/etc/bluegreen/api-token"
+
+
+def _reload_api(box: Sandbox) -> None:
+    """Apply api.listen and the token (bluegreen-generator), as the README says."""
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "stop", "bluegreen-api.service")
+    box.run("systemctl", "restart", "bluegreen-api.socket")
+
+
+@pytest.fixture()
+def api_token(box: Sandbox) -> Iterator[str]:
+    box.write(TOKEN_FILE, TOKEN + "\n", mode=0o600)
+    _reload_api(box)
+    yield TOKEN
+    box.run("rm", "-f", TOKEN_FILE)
+    _reload_api(box)
+
+
+def _unchanged(box: Sandbox, before: dict[str, object]) -> None:
+    after = properties(box)
+    assert after["CurrentDeployment"] == ""
+    assert (after["LastDeployment"], after["ActiveRelease"]) == (before["LastDeployment"],
+                                                                 before["ActiveRelease"])
+
+
+def test_changes_over_tcp_need_a_token_even_on_loopback(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    refused = http(box, "POST", "/deploy", "{}")
+    assert refused.status == 403 and API_SOCKET in refused.body["message"], refused
+    assert http(box, "POST", "/rollback", "{}").status == 403
+    assert http(box, "GET", "/status").status == 200  # reading stays open
+    _unchanged(box, before)
+
+
+def test_a_member_of_the_bluegreen_group_deploys_over_the_unix_socket(box: Sandbox, app: App) -> None:
+    box.run("useradd", "--no-create-home", "--groups", "bluegreen", "operator-alice")
+    wait_serving(box)
+    sha = app.commit("Deployed by a member of the bluegreen group")
+    response = http(box, "POST", "/deploy", json.dumps({"ref": "main"}), unix=True, user="operator-alice")
+    assert response.status == 202, response
+    record = wait_deployment(box, response.body["id"])
+    assert (record["state"], record["commit"], record["trigger"]) == ("succeeded", sha, "http")
+    tcp = http(box, "POST", "/deploy", "{}", user="operator-alice")
+    assert tcp.status == 403, tcp  # over TCP the group is no proof: the token is
+
+
+def test_others_cannot_reach_the_unix_socket(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    for user in ("nobody", "bluegreen-app", "bluegreen-build"):
+        response = http(box, "POST", "/deploy", "{}", unix=True, user=user)
+        assert response.status == 0, (user, response)  # connect() fails: EACCES
+    assert http(box, "GET", "/status", unix=True, user="bluegreen").status == 200
+    _unchanged(box, before)
+
+
+# The app unit's sandbox, as far as it concerns reaching the API.
+APP_SANDBOX = ["-p", "User=bluegreen-app", "-p", "Group=bluegreen-app", "-p", "PrivateUsers=yes",
+               "-p", "ProtectSystem=strict", "-p", "ProtectHome=yes", "-p", "PrivateTmp=yes",
+               "-p", "NoNewPrivileges=yes", "-p", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX"]
+CALL_THE_API = "; ".join(
+    f"curl -s -o /dev/null -w '{what} %{{http_code}}\\n' -X POST {where}" for what, where in (
+        ("tcp deploy", "http://127.0.0.1:5001/deploy"),
+        ("tcp rollback", "http://127.0.0.1:5001/rollback"),
+        ("unix deploy", "--unix-socket /run/bluegreen/api.sock http://localhost/deploy"))) + "; true"
+REFUSED = ["tcp deploy 401", "tcp rollback 401", "unix deploy 000"]
+
+
+def test_an_app_instance_cannot_deploy(box: Sandbox, app: App, api_token: str) -> None:
+    before = wait_serving(box)
+    out = box.run("systemd-run", "--wait", "--pipe", "--quiet", "--collect", *APP_SANDBOX,
+                  "/bin/sh", "-c", CALL_THE_API).stdout
+    assert out.split("\n")[:3] == REFUSED, out
+    _unchanged(box, before)
+
+
+def test_a_build_that_calls_the_deploy_endpoint_is_refused(box: Sandbox, app: App, api_token: str) -> None:
+    good = box.path(CONFIG).read_text()
+    configure(box, EXTRA + f"[release]\nbuild_command = {json.dumps(CALL_THE_API)}\n")
+    try:
+        box.run("systemctl", "restart", "bluegreen.service")
+        before = wait_serving(box)
+        app.commit("A build that tries to deploy")
+        record = wait_deployment(box, call(box, "Deploy", "s", ""))
+        assert record["state"] == "succeeded", record
+        journal = box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
+        assert all(line in journal for line in REFUSED), journal
+        newer = [d for d in call(box, "ListDeployments", "u", "10")
+                 if int(d["id"]) > int(before["LastDeployment"])]
+        assert [d["id"] for d in newer] == [record["id"]]  # the build started nothing
+    finally:
+        box.path(CONFIG).write_text(good)
+        box.run("systemctl", "restart", "bluegreen.service")
+        wait_serving(box)
+
+
+def test_with_the_token_changes_over_tcp_are_accepted(box: Sandbox, app: App, api_token: str) -> None:
+    before = wait_serving(box)
+    assert http(box, "POST", "/deploy", "{}").status == 401
+    assert http(box, "POST", "/deploy", "{}", token="wrong").status == 401
+    _unchanged(box, before)
+    response = http(box, "POST", "/deploy", "{}", token=api_token)
+    assert response.status == 202, response
+    assert wait_deployment(box, response.body["id"])["trigger"] == "http"
+
+
+def test_beyond_loopback_changes_need_the_api_token(box: Sandbox, app: App, api_token: str) -> None:
     config = box.path(CONFIG)
     good = config.read_text()
-    token = "api-token-" + "x" * 24
-    box.write("/etc/bluegreen/api-token", token + "\n", mode=0o600)
     try:
         config.write_text(good + '[api]\nlisten = "0.0.0.0:5002"\n')
-        box.run("systemctl", "daemon-reload")
-        box.run("systemctl", "restart", "bluegreen-api.socket")
-        box.run("systemctl", "stop", "bluegreen-api.service")
+        _reload_api(box)
         assert http(box, "GET", "/status", port=5002).status == 200
         denied = http(box, "POST", "/deploy", "{}", port=5002)
         assert denied.status == 401 and "Bearer" in denied.body["message"]
-        wrong = _post_with_token(box, "wrong")
-        assert wrong == "401"
-        assert _post_with_token(box, token) == "202"
-        wait_deployment(box, properties(box)["CurrentDeployment"] or properties(box)["LastDeployment"])
-        assert deployment(box, properties(box)["LastDeployment"])["trigger"] == "http"
+        assert http(box, "POST", "/deploy", "{}", port=5002, token="wrong").status == 401
+        accepted = http(box, "POST", "/deploy", "{}", port=5002, token=api_token)
+        assert accepted.status == 202, accepted
+        assert wait_deployment(box, accepted.body["id"])["trigger"] == "http"
+        assert http(box, "GET", "/status", unix=True).status == 200  # the unix socket stays
     finally:
         config.write_text(good)
-        box.run("systemctl", "daemon-reload")
-        box.run("systemctl", "stop", "bluegreen-api.service")
-        box.run("systemctl", "restart", "bluegreen-api.socket")
-    assert http(box, "POST", "/deploy", "{}").status in (202, 409)  # loopback: no token needed
-
-
-def _post_with_token(box: Sandbox, token: str) -> str:
-    return subprocess.run(
-        ["nsenter", "-t", str(box.leader), "-n", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-         "-X", "POST", "-H", f"Authorization: Bearer {token}", "http://127.0.0.1:5002/deploy"],
-        capture_output=True, text=True, check=True).stdout
+        _reload_api(box)
+    assert http(box, "POST", "/deploy", "{}").status == 401  # back on loopback: still the token

@@ -110,7 +110,7 @@ def test_deploy_over_dbus_switches_and_stops_the_old_unit(box: Sandbox, app: App
 def test_deploy_over_http(box: Sandbox, app: App) -> None:
     before = wait_serving(box)
     sha = app.commit("Third release")
-    response = http(box, "POST", "/deploy", json.dumps({"ref": "main"}))
+    response = http(box, "POST", "/deploy", json.dumps({"ref": "main"}), unix=True)
     assert response.status == 202, response
     record = wait_deployment(box, response.body["id"])
     assert record["state"] == "succeeded", record
@@ -148,7 +148,7 @@ def test_deploy_over_http(box: Sandbox, app: App) -> None:
 def test_bad_deploy_requests_get_a_clear_error_and_change_nothing(
         box: Sandbox, app: App, body: str, content_type: str, status: int, message: str) -> None:
     before = wait_serving(box)
-    response = http(box, "POST", "/deploy", body, content_type=content_type)
+    response = http(box, "POST", "/deploy", body, content_type=content_type, unix=True)
     assert response.status == status, response
     assert isinstance(response.body, dict) and response.body["message"], response
     assert message in response.body["message"]
@@ -207,7 +207,7 @@ def test_concurrent_deploys_exactly_one_runs(box: Sandbox, app: App) -> None:
     wait_serving(box)
     app.commit("Concurrent release")
     script = ("for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code}\\n' -X POST "
-              "http://127.0.0.1:5001/deploy & done; "
+              "--unix-socket /run/bluegreen/api.sock http://localhost/deploy & done; "
               "for i in 1 2 3; do busctl --system call org.bluegreen1 /org/bluegreen1 "
               "org.bluegreen1.Manager Deploy s '' 2>&1 & done; wait")
     out = box.sh(script).stdout.split("\n")
@@ -327,7 +327,8 @@ def test_api_listen_moves_the_api_socket(box: Sandbox, app: App) -> None:
         box.run("systemctl", "restart", "bluegreen-api.socket")
         assert http(box, "GET", "/health", port=5002).status == 200
         listening = box.run("systemctl", "show", "-P", "Listen", "bluegreen-api.socket").stdout
-        assert listening.strip() == "127.0.0.1:5002 (Stream)"
+        assert "127.0.0.1:5002 (Stream)" in listening and "5001" not in listening, listening
+        assert "/run/bluegreen/api.sock (Stream)" in listening, listening  # kept: changes go there
     finally:
         config.write_text(original)
         box.run("systemctl", "daemon-reload")

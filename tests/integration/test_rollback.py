@@ -66,7 +66,7 @@ def test_http_rollback_to_a_deployment_under_load(box: Sandbox, app: App) -> Non
     target = deploy(box, app, "Third")
     deploy(box, app, "Fourth")
     with Load(box, "--fast", "4", "--slow", "2") as load:
-        response = http(box, "POST", "/rollback", json.dumps({"target": target["id"]}))
+        response = http(box, "POST", "/rollback", json.dumps({"target": target["id"]}), unix=True)
         assert response.status == 202, response
         record = wait_deployment(box, response.body["id"])
     assert record["state"] == "succeeded", record
@@ -83,7 +83,7 @@ def test_http_rollback_to_a_deployment_under_load(box: Sandbox, app: App) -> Non
 ])
 def test_bad_rollback_targets_change_nothing(box: Sandbox, app: App, body: str, status: int) -> None:
     before = wait_serving(box)
-    response = http(box, "POST", "/rollback", body)
+    response = http(box, "POST", "/rollback", body, unix=True)
     assert response.status == status, response
     assert response.body["message"]
     after = properties(box)

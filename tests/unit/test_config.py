@@ -25,6 +25,8 @@ def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
     assert loaded.app.health_path == "/health"
     assert loaded.ports.public == 5000
     assert loaded.ports.range == PortRange(8000, 8999)
+    assert (loaded.ports.public_address, loaded.ports.max_connections) == ("::", 1024)
+    assert loaded.app.forwarded_allow_ips == ""  # X-Forwarded-* believed from nobody
     assert loaded.api.listen == ListenAddress("127.0.0.1", 5001)
     assert loaded.drain_timeout == 30
 
@@ -42,9 +44,12 @@ health_path = "/healthz"
 workers = 3
 worker_class = "gthread"
 team = "7"
+forwarded_allow_ips = "127.0.0.1, ::1"
 [ports]
 public = 8080
 range = "9000-9100"
+public_address = "127.0.0.1"
+max_connections = 200
 [api]
 listen = "[::1]:6001"
 [health]
@@ -60,6 +65,8 @@ deadline = 20
     assert loaded.repository.branch == "production"
     assert loaded.app.workers == 3 and loaded.app.worker_class == "gthread"
     assert loaded.ports.public == 8080 and loaded.ports.range == PortRange(9000, 9100)
+    assert loaded.ports.public_address == "127.0.0.1" and loaded.ports.max_connections == 200
+    assert loaded.app.forwarded_allow_ips == "127.0.0.1,::1"
     assert loaded.api.listen == ListenAddress("::1", 6001)
     assert not ListenAddress("0.0.0.0", 1).is_loopback and loaded.api.listen.is_loopback
     assert loaded.health.healthy_threshold == 3 and loaded.health.deadline == 20
@@ -82,6 +89,12 @@ def test_the_shipped_config_file_is_valid_and_matches_the_defaults() -> None:
     ("[app]\nworkers = \"two\"\n", "app.workers: expected an integer, got str"),
     ("[ports]\nrange = \"9000-8000\"\n", "ports.range"),
     ("[ports]\npublic = 8500\n", "ports.public: 8500 lies inside ports.range"),
+    ("[ports]\npublic_address = \"localhost\"\n", ":2: ports.public_address: 'localhost' is not an IPv4"),
+    ("[ports]\npublic_address = \"[::1]\"\n", "ports.public_address: '[::1]' is not"),
+    ("[ports]\nmax_connections = 0\n", "ports.max_connections: must be between 1 and 65536"),
+    ("[app]\nforwarded_allow_ips = \"10.0.0.0/8\"\n", ":2: app.forwarded_allow_ips: '10.0.0.0/8' is not"),
+    ("[app]\nforwarded_allow_ips = \"*\"\n", "app.forwarded_allow_ips: '*' is not an IP address"),
+    ("[app]\nforwarded_allow_ips = [\"127.0.0.1\"]\n", "app.forwarded_allow_ips: expected a string"),
     ("[api]\nlisten = \"nowhere\"\n", "api.listen: 'nowhere' is not HOST:PORT"),
     ("[health]\ninterval = true\n", "health.interval: expected a number"),
     ("[repository]\nurl = \"--upload-pack=evil\"\n", "repository.url"),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import os
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -11,8 +14,9 @@ import pytest
 from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from werkzeug.test import TestResponse
 
-from bluegreen import client, httpapi
+from bluegreen import apiauth, client, httpapi
 from bluegreen.client import ApiError
 
 
@@ -49,9 +53,37 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubClient:
     return instance
 
 
+def arrive_on(web: FlaskClient, connection: socket.socket) -> None:
+    """Requests of ``web`` come in on ``connection``, as gunicorn tells the app."""
+    environ: dict[str, Any] = web.environ_base
+    environ["gunicorn.socket"] = connection
+
+
+def message(response: TestResponse) -> str:
+    assert response.json is not None
+    return str(response.json["message"])
+
+
+@contextlib.contextmanager
+def on_unix_socket_of_own_group() -> Iterator[FlaskClient]:
+    """A test client whose requests come in on a unix socket from a caller in the privileged
+    group (this process, whose own group stands in for bluegreen)."""
+    ours, theirs = socket.socketpair()
+    original = apiauth.GROUP
+    apiauth.GROUP = grp.getgrgid(os.getgid()).gr_name
+    try:
+        with httpapi.app.test_client() as test_client:
+            arrive_on(test_client, ours)
+            yield test_client
+    finally:
+        apiauth.GROUP = original
+        ours.close()
+        theirs.close()
+
+
 @pytest.fixture()
 def web() -> Iterator[FlaskClient]:
-    with httpapi.app.test_client() as test_client:
+    with on_unix_socket_of_own_group() as test_client:
         yield test_client
 
 
@@ -150,7 +182,82 @@ def stubbed() -> Iterator[FlaskClient]:
     original = client.call
     client.call = call  # type: ignore[assignment]
     try:
-        with httpapi.app.test_client() as web:
+        with on_unix_socket_of_own_group() as web:
             yield web
     finally:
         client.call = original
+
+
+# --- who may change anything ---------------------------------------------------------------
+
+@pytest.fixture()
+def tcp_connection() -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        yield sock
+
+
+@pytest.mark.parametrize("listen", ["loopback", "no socket"])
+def test_changes_over_tcp_need_the_token_even_on_loopback(
+        stub: StubClient, tcp_connection: socket.socket, monkeypatch: pytest.MonkeyPatch,
+        listen: str) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("BLUEGREEN_API_TOKEN", "s3cret-token")
+    with httpapi.app.test_client() as web:
+        if listen == "loopback":
+            arrive_on(web, tcp_connection)
+        web.environ_base["REMOTE_ADDR"] = "127.0.0.1"
+        missing = web.post("/deploy")
+        assert missing.status_code == 401 and "Bearer" in message(missing)
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = web.post("/rollback", headers={"Authorization": "Bearer guess"})
+        assert wrong.status_code == 401
+        assert web.get("/").status_code == 200  # reading needs nothing
+        assert stub.deployed == []
+        good = web.post("/deploy", headers={"Authorization": "Bearer s3cret-token"})
+        assert good.status_code == 202
+    assert stub.deployed == [("", "http")]
+
+
+def test_without_a_token_changes_over_tcp_are_refused(
+        stub: StubClient, tcp_connection: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("BLUEGREEN_API_TOKEN", raising=False)
+    with httpapi.app.test_client() as web:
+        arrive_on(web, tcp_connection)
+        response = web.post("/deploy", headers={"Authorization": "Bearer "})
+    assert response.status_code == 403
+    assert apiauth.SOCKET_PATH in message(response)
+    assert stub.deployed == []
+
+
+def test_on_the_unix_socket_the_callers_credentials_decide(stub: StubClient, web: FlaskClient,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert web.post("/deploy").status_code == 202
+    monkeypatch.setattr(apiauth, "GROUP", "no-such-group-here")
+    refused = web.post("/deploy")
+    if os.getuid() == 0:
+        assert refused.status_code == 202  # root may
+    else:
+        assert refused.status_code == 403
+        assert f"uid {os.getuid()}" in message(refused)
+    assert web.post("/hooks/push").status_code == 401  # the webhook's own signature decides
+
+
+def test_peer_credentials_of_a_unix_socket() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        caller = apiauth.peer(ours)
+    assert (caller.pid, caller.uid, caller.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert caller.groups is not None and set(os.getgroups()) <= caller.groups | {os.getgid()}
+
+
+@pytest.mark.parametrize(("peer", "allowed"), [
+    (apiauth.Peer(1, 0, 0, frozenset()), True),  # root
+    (apiauth.Peer(1, 4242, 4242, frozenset({4242})), False),
+    (apiauth.Peer(1, 4242, 4242, frozenset({4242, 0})), True),  # a member: supplementary group
+    (apiauth.Peer(1, 4242, 0, frozenset()), True),  # a member: primary group
+])
+def test_root_and_members_of_the_group_are_privileged(peer: apiauth.Peer, allowed: bool) -> None:
+    group = grp.getgrgid(0).gr_name
+    assert apiauth.privileged(peer, group) is allowed
+    assert not apiauth.privileged(apiauth.Peer(1, 4242, 0, frozenset()), "no-such-group-here")

@@ -82,10 +82,13 @@ def needs_net_admin() -> None:
         pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
 
 
-def reuseport_listener(port: int = 0) -> socket.socket:
-    sock = socket.socket()
+def reuseport_listener(port: int = 0, address: str = "127.0.0.1") -> socket.socket:
+    """A listener as the forwarders open one ("::": both stacks, as ports.public_address's default)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    if address == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((address, port))
     sock.listen()
     return sock
 
@@ -149,12 +152,13 @@ def test_socket_fds_of_a_process_that_is_gone() -> None:
         netstat.socket_fds(2**22 + 1)  # above pid_max's highest possible value
 
 
-def test_destroy_closes_exactly_the_listener_named_among_reuseport_siblings() -> None:
+@pytest.mark.parametrize("address", ["127.0.0.1", "::"])
+def test_destroy_closes_exactly_the_listener_named_among_reuseport_siblings(address: str) -> None:
     """ss -K reaches one listener of a SO_REUSEPORT group only; destroy() reaches each."""
     needs_net_admin()
-    first = reuseport_listener()
+    first = reuseport_listener(address=address)
     port = first.getsockname()[1]
-    group = [first, *(reuseport_listener(port) for _ in range(3))]
+    group = [first, *(reuseport_listener(port, address) for _ in range(3))]
     try:
         for victim in (group[2], group[0], group[3], group[1]):
             inode = os.fstat(victim.fileno()).st_ino

@@ -88,3 +88,65 @@ def test_a_listener_closed_under_the_proxy_stops_it() -> None:
         return proxy
 
     assert asyncio.run(scenario()).failed
+
+
+async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer "ok" once the client has sent everything: a connection the test keeps open."""
+    await reader.read()
+    writer.write(b"ok")
+    await writer.drain()
+    writer.close()
+
+
+def test_at_max_connections_the_proxy_stops_accepting_until_one_ends() -> None:
+    async def scenario() -> None:
+        target = await asyncio.start_server(hold, "127.0.0.1", 0)
+        proxy = Proxy(0, target.sockets[0].getsockname()[1], max_connections=2)
+        await proxy.start()
+        assert proxy.listener is not None
+        port = proxy.listener.getsockname()[1]
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert len(proxy.connections) == 2 and proxy.full
+        assert netstat.listeners(port)[0].rx_queue == 1  # the third waits in the queue
+        first_reader, first_writer = clients[0]
+        first_writer.write_eof()
+        assert await first_reader.read() == b"ok"
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert len(proxy.connections) == 2  # the third took the place of the first
+        assert netstat.listeners(port)[0].rx_queue == 0
+        for reader, writer in clients[1:]:
+            writer.write_eof()
+            assert await reader.read() == b"ok"
+        assert await proxy.drain(5) == 0
+        target.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("address", "answers"), [
+    ("::", {"127.0.0.1": True, "::1": True}),
+    ("127.0.0.1", {"127.0.0.1": True, "::1": False}),
+    ("::1", {"127.0.0.1": False, "::1": True}),
+])
+def test_the_proxy_listens_on_its_address_only(address: str, answers: dict[str, bool]) -> None:
+    async def scenario() -> dict[str, bool]:
+        proxy = Proxy(0, 9, address=address)
+        await proxy.start()
+        assert proxy.listener is not None
+        port = proxy.listener.getsockname()[1]
+        reached = {}
+        for host in answers:
+            try:
+                _reader, writer = await asyncio.open_connection(host, port)
+            except ConnectionRefusedError:
+                reached[host] = False
+            else:
+                reached[host] = True
+                writer.close()
+        await proxy.drain(1)
+        return reached
+
+    assert asyncio.run(scenario()) == answers

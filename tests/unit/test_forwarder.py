@@ -1,0 +1,42 @@
+"""Where the forwarders listen, and with which limit (bluegreen-forward@'s socat command line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bluegreen import forwarder
+from bluegreen.files import read_environment_file
+
+
+@pytest.mark.parametrize(("address", "listen"), [
+    ("::", "TCP6-LISTEN:5000,ipv6-v6only=0"),  # both stacks
+    ("0.0.0.0", "TCP4-LISTEN:5000,bind=0.0.0.0"),
+    ("127.0.0.1", "TCP4-LISTEN:5000,bind=127.0.0.1"),
+    ("::1", "TCP6-LISTEN:5000,bind=[::1],ipv6-v6only=1"),
+])
+def test_socat_listens_on_the_public_address(address: str, listen: str) -> None:
+    assert forwarder.socat_listen(address, 5000) == listen
+
+
+def test_without_ipv6_both_stacks_means_ipv4() -> None:
+    assert forwarder.listen_address("::", ipv6=False) == "0.0.0.0"
+    assert forwarder.listen_address("::", ipv6=True) == "::"
+    assert forwarder.listen_address("127.0.0.1", ipv6=False) == "127.0.0.1"
+
+
+def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
+    forwarder.write_env(tmp_path, 5000, 30, "127.0.0.1", 50)
+    env = read_environment_file(tmp_path / "forwarder.env")
+    assert env["BLUEGREEN_SOCAT_LISTEN"] == "TCP4-LISTEN:5000,bind=127.0.0.1"
+    assert env["BLUEGREEN_PUBLIC_ADDRESS"] == "127.0.0.1"
+    assert env["BLUEGREEN_MAX_CONNECTIONS"] == "50"
+    assert env["BLUEGREEN_PUBLIC_PORT"] == "5000"
+
+
+def test_the_socat_unit_passes_the_limit_and_the_address() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "units/bluegreen-forward@.service").read_text()
+    start = unit[unit.index("\nExecStart="):unit.index("\nExecStop=")]
+    assert "${BLUEGREEN_SOCAT_LISTEN}," in start
+    assert "max-children=${BLUEGREEN_MAX_CONNECTIONS}" in start
