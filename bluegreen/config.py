@@ -105,7 +105,7 @@ class AppConfig:
 class PortsConfig:
     public: int = 5000
     range: PortRange = PortRange(8000, 8999)
-    public_address: str = "::"
+    public_address: str = ""  # "": both stacks, or the IPv4 address already served (forwarder.py)
     max_connections: int = 1024
 
 
@@ -226,6 +226,8 @@ def _known_hosts(value: Any) -> str:
 def _ip_address(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected an IP address as a string, got {type(value).__name__}")
+    if value == "":
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -402,7 +404,8 @@ KEYS: tuple[Key, ...] = (
     Key("ports", "range", parse_port_range, "Ports instances are started on, FIRST-LAST."),
     Key("ports", "public_address", _ip_address,
         "Address the forwarder listens on: \"::\" every address of IPv4 and IPv6, \"0.0.0.0\" "
-        "every IPv4 address, or one address (\"127.0.0.1\" behind a TLS proxy on this host)."),
+        "every IPv4 address, or one address (\"127.0.0.1\" behind a TLS proxy on this host). "
+        "Unset: \"::\", but a port already served on \"0.0.0.0\" stays there."),
     Key("ports", "max_connections", _integer(1, 65536),
         "Connections the forwarder serves at once (socat's max-children); more wait in the "
         "listen queue."),

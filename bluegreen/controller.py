@@ -472,8 +472,12 @@ class Controller:
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
         ports = self.config.ports
-        forwarder.write_env(self.paths.runtime, ports.public, self.config.drain_timeout,
-                            ports.public_address, ports.max_connections)
+        address = forwarder.write_env(self.paths.runtime, ports.public, self.config.drain_timeout,
+                                      ports.public_address, ports.max_connections)
+        if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
+            log.info("port %d stays on 0.0.0.0, where it is served now; set ports.public_address "
+                     "= \"::\" to add IPv6 (that one switch resets the connections queued then)",
+                     ports.public)
         known_hosts = self.config.repository.ssh_known_hosts
         atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
         try:

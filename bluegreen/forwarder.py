@@ -74,10 +74,28 @@ def ipv6_available() -> bool:
     return True
 
 
-def listen_address(public_address: str, ipv6: bool = True) -> str:
+def listen_address(public_address: str, ipv6: bool = True, served: tuple[str, ...] = ()) -> str:
     """The address the forwarders bind: ``public_address``, but "::" (both stacks) falls back
-    to every IPv4 address on a kernel without IPv6."""
+    to every IPv4 address on a kernel without IPv6.
+
+    Unset, it is "::", unless the public port is already served on "0.0.0.0" alone (by an
+    earlier bluegreen, whose forwarders listened there): a listener of another address is in
+    another SO_REUSEPORT group, so the old listener would keep every IPv4 connection until its
+    drain, and the connections queued on it then could not move to the new one.
+    """
+    if not public_address:
+        keep = "0.0.0.0" in served and "::" not in served
+        public_address = "0.0.0.0" if keep else "::"
     return "0.0.0.0" if public_address == "::" and not ipv6 else public_address
+
+
+def served_addresses(port: int) -> tuple[str, ...]:
+    """The addresses listeners on ``port`` are bound to now."""
+    try:
+        return tuple(sorted({sock.local_address for sock in netstat.listeners(port)}))
+    except OSError as exc:
+        log.warning("cannot list the listeners of port %d: %s", port, exc)
+        return ()
 
 
 def socat_listen(address: str, port: int) -> str:
@@ -89,9 +107,10 @@ def socat_listen(address: str, port: int) -> str:
     return f"TCP4-LISTEN:{port},bind={address}"
 
 
-def write_env(run_dir: Path, public_port: int, drain_timeout: float, public_address: str = "::",
-              max_connections: int = 1024) -> None:
-    address = listen_address(public_address, ipv6_available())
+def write_env(run_dir: Path, public_port: int, drain_timeout: float, public_address: str = "",
+              max_connections: int = 1024) -> str:
+    """Write what the forwarder units read; return the address they will listen on."""
+    address = listen_address(public_address, ipv6_available(), served_addresses(public_port))
     atomic_write(run_dir / "forwarder.env", environment_file({
         "BLUEGREEN_PUBLIC_PORT": str(public_port),
         "BLUEGREEN_PUBLIC_ADDRESS": address,
@@ -99,6 +118,7 @@ def write_env(run_dir: Path, public_port: int, drain_timeout: float, public_addr
         "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
         "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
     }))
+    return address
 
 
 async def start(systemd: Systemd, port: int, public_port: int, kind: Forwarder = Forwarder.SOCAT,

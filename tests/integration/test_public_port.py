@@ -84,6 +84,20 @@ def test_the_builtin_forwarder_listens_where_told(box: Sandbox, app: App) -> Non
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 
 
+def test_a_port_served_on_ipv4_alone_stays_there_until_an_address_is_named(
+        box: Sandbox, app: App) -> None:
+    """As after an upgrade from forwarders that listened on 0.0.0.0: moving to "::" unasked
+    would put the new listener in another SO_REUSEPORT group, where the connections queued on
+    the old one cannot follow."""
+    redeploy_with(box, app, '[ports]\npublic_address = "0.0.0.0"\n')
+    assert seen(box, "[::1]") is None
+    redeploy_with(box, app, "")
+    assert seen(box, "[::1]") is None and seen(box, "127.0.0.1") is not None
+    assert "stays on 0.0.0.0" in box.journal("-u", "bluegreen.service", "-n", "200")
+    redeploy_with(box, app, '[ports]\npublic_address = "::"\n')
+    assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
+
+
 def test_nothing_else_listens_on_the_public_port(box: Sandbox, app: App) -> None:
     listening = subprocess.run(["nsenter", "-t", str(box.leader), "-n", "ss", "-Hltn", "sport = :5000"],
                                capture_output=True, text=True, check=True).stdout.splitlines()

@@ -25,7 +25,7 @@ def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
     assert loaded.app.health_path == "/health"
     assert loaded.ports.public == 5000
     assert loaded.ports.range == PortRange(8000, 8999)
-    assert (loaded.ports.public_address, loaded.ports.max_connections) == ("::", 1024)
+    assert (loaded.ports.public_address, loaded.ports.max_connections) == ("", 1024)
     assert loaded.app.forwarded_allow_ips == ""  # X-Forwarded-* believed from nobody
     assert loaded.api.listen == ListenAddress("127.0.0.1", 5001)
     assert loaded.drain_timeout == 30

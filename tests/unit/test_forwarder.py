@@ -26,6 +26,16 @@ def test_without_ipv6_both_stacks_means_ipv4() -> None:
     assert forwarder.listen_address("127.0.0.1", ipv6=False) == "127.0.0.1"
 
 
+def test_unset_the_address_is_both_stacks_unless_ipv4_alone_serves_already() -> None:
+    assert forwarder.listen_address("", served=()) == "::"
+    assert forwarder.listen_address("", served=("::",)) == "::"
+    assert forwarder.listen_address("", served=("0.0.0.0",)) == "0.0.0.0"
+    assert forwarder.listen_address("", served=("0.0.0.0", "::")) == "::"
+    assert forwarder.listen_address("", ipv6=False) == "0.0.0.0"
+    # named, the address is the admin's choice
+    assert forwarder.listen_address("::", served=("0.0.0.0",)) == "::"
+
+
 def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
     forwarder.write_env(tmp_path, 5000, 30, "127.0.0.1", 50)
     env = read_environment_file(tmp_path / "forwarder.env")
