@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -76,8 +77,8 @@ def test_units_are_hardened(box: Sandbox, unit: str, threshold: float) -> None:
 @pytest.mark.parametrize("unit", [u for u in UNITS if u.startswith("bluegreen-") and u.endswith(".service")])
 def test_every_unit_but_the_controller_reads_the_one_shared_sandbox(box: Sandbox, unit: str) -> None:
     dropins = box.run("systemctl", "show", "-P", "DropInPaths", unit).stdout.split()
-    assert f"/usr/lib/systemd/system/{unit.split('@')[0]}{'@' if '@' in unit else ''}.service.d/" \
-        "10-hardening.conf" in dropins
+    template = re.sub(r"@[^.]*\.", "@.", unit)
+    assert f"/usr/lib/systemd/system/{template}.d/10-hardening.conf" in dropins
     assert {box.path(d).resolve() for d in dropins if d.endswith("10-hardening.conf")} == {
         box.path("/usr/lib/bluegreen/hardening.conf").resolve()}
     shown = box.run("systemctl", "show", "-p", "ProcSubset", "-p", "ProtectProc", "-p", "UMask",
