@@ -349,6 +349,8 @@ class Controller:
     def _finish(self, record: Deployment) -> None:
         self.metrics.deployment_finished(record)
         self._record(record)
+        if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
+            forwarder.write_env(self.paths.runtime, self.config.ports.public, self.config.drain_timeout)
         self.current = None
         self._task = None
         for observer in self.observers:

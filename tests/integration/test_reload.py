@@ -138,3 +138,24 @@ def test_a_new_api_listen_is_pending_until_the_socket_is_restarted(box: Sandbox,
         box.run("systemctl", "restart", "bluegreen-api.socket")
         reload(box)
     assert api_listen() == []
+
+
+def test_a_new_public_port_waits_for_the_next_deploy(box: Sandbox, app: App) -> None:
+    configure(box, BASE + "[ports]\npublic = 5005\n")
+    assert reload(box).returncode == 0
+    assert {"key": "ports.public", "applies": "at the next deploy"} in status(box)["PendingSettings"]
+    assert properties(box)["PublicPort"] == 5000
+    # Whatever restarts meanwhile (here the forwarder, killed) still listens on the old port.
+    port = wait_serving(box)["ActivePort"]
+    box.run("systemctl", "kill", "--signal=KILL", f"bluegreen-forward@{port}.service")
+    deadline = time.monotonic() + 30
+    while http(box, "GET", "/", port=5000).status != 200:
+        assert time.monotonic() < deadline, "the forwarder did not come back on port 5000"
+        time.sleep(0.2)
+
+    sha = app.commit("Served on the new public port")
+    assert json.loads(box.run("bluegreenctl", "deploy", "--json").stdout)["state"] == "succeeded"
+    assert http(box, "GET", "/", port=5005).body["release"] == sha
+    assert http(box, "GET", "/", port=5000).status == 0  # nothing listens there any more
+    assert properties(box)["PublicPort"] == 5005
+    assert "ports.public" not in {s["key"] for s in status(box)["PendingSettings"]}
