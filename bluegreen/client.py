@@ -84,6 +84,14 @@ class Client:
         (deployment_id,) = await self._call("RollbackWithOptions", "sa{sv}", [target, options])
         return str(deployment_id)
 
+    async def reload(self) -> list[dict[str, str]]:
+        (raw,) = await self._call("Reload")
+        return [{"key": key, "applies": when} for key, when in raw]
+
+    async def pending_settings(self) -> list[dict[str, str]]:
+        (raw,) = await self._call("ListPendingSettings")
+        return [{"key": key, "applies": when} for key, when in raw]
+
     async def refresh(self) -> None:
         await self._call("Refresh")
 

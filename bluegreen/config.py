@@ -35,6 +35,16 @@ class Network(StrEnum):
     LOOPBACK = "loopback"
 
 
+class Applies(StrEnum):
+    """When a changed setting takes effect, once ``systemctl reload bluegreen`` has read it."""
+
+    NOW = "at once"
+    # How the serving release runs: it keeps the value it was deployed with.
+    NEXT_DEPLOY = "at the next deploy"
+    # The socket is systemd's: bluegreen-generator rewrites it at daemon-reload.
+    API_SOCKET = "after systemctl daemon-reload && systemctl restart bluegreen-api.socket"
+
+
 class Forwarder(StrEnum):
     """What carries the public port to the serving instance (see forwarder.py)."""
 
@@ -362,6 +372,11 @@ class Key:
     def dotted(self) -> str:
         return f"{self.section}.{self.name}" if self.section else self.name
 
+    @property
+    def applies(self) -> Applies:
+        """When a change of this key takes effect (a whole section, or the key by name)."""
+        return _APPLIES.get(self.dotted) or _APPLIES[self.section or self.name]
+
 
 KEYS: tuple[Key, ...] = (
     Key("repository", "url", _repository_url,
@@ -445,6 +460,23 @@ KEYS: tuple[Key, ...] = (
         "Table of NAME = \"command\": the app's workers, added to (or replacing) the "
         "Procfile's process types; \"\" removes one."),
 )
+
+_APPLIES: dict[str, Applies] = {
+    "repository": Applies.NOW,
+    "app": Applies.NEXT_DEPLOY,
+    "ports.public": Applies.NEXT_DEPLOY,
+    "ports.public_address": Applies.NEXT_DEPLOY,
+    "ports.max_connections": Applies.NEXT_DEPLOY,
+    "ports.range": Applies.NOW,
+    "api.listen": Applies.API_SOCKET,
+    "health": Applies.NOW,
+    "release": Applies.NOW,
+    "forwarder": Applies.NEXT_DEPLOY,
+    "drain_timeout": Applies.NOW,
+    "post_switch_watch": Applies.NOW,
+    "history_limit": Applies.NOW,
+    "processes": Applies.NEXT_DEPLOY,
+}
 
 # Keys whose value is a table of the user's own names, not a section of known keys.
 _TABLES = {(key.section, key.name) for key in KEYS if key.parse in (_environment_table, _process_table)}
@@ -545,6 +577,23 @@ def _environment_value(variable: str, raw: str) -> Any:
     return raw
 
 
+def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """FILE:LINE: KEY: REASON for a TOML syntax error (tomllib puts the line in its message)."""
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
+    if not match:
+        return f"{path}: {exc}"
+    number = int(match[1])
+    reason = f"{str(exc)[:match.start()]} (column {match[2]})"
+    section = ""
+    lines = text.splitlines()
+    for line in lines[:number - 1]:
+        header = re.fullmatch(r"\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?", line)
+        if header:
+            section = header[1] + "."
+    key = re.match(r"\s*([A-Za-z0-9_-]+)\s*=", lines[number - 1]) if number <= len(lines) else None
+    return f"{path}:{number}: {section}{key[1]}: {reason}" if key else f"{path}:{number}: {reason}"
+
+
 def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
     """Read the config file (a missing file means all defaults), then apply the environment."""
     environ = os.environ if environ is None else environ
@@ -557,7 +606,7 @@ def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) ->
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(_syntax_error(path, text, exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8: {exc}") from None
 
@@ -594,3 +643,27 @@ def to_dict(config: Config) -> dict[str, Any]:
         else:
             result[key.name] = value
     return result
+
+
+def _value(config: Config, key: Key) -> Any:
+    holder: Any = getattr(config, key.section) if key.section else config
+    return getattr(holder, key.name)
+
+
+def changed(old: Config, new: Config) -> list[Key]:
+    """The keys whose value differs between two configurations."""
+    return [key for key in KEYS if _value(old, key) != _value(new, key)]
+
+
+def with_deployed(config: Config, deployed: Config) -> Config:
+    """``config`` with the keys that apply at the next deploy as ``deployed`` has them."""
+    for key in KEYS:
+        if key.applies != Applies.NEXT_DEPLOY:
+            continue
+        value = _value(deployed, key)
+        if key.section:
+            section = dataclasses.replace(getattr(config, key.section), **{key.name: value})
+            config = dataclasses.replace(config, **{key.section: section})
+        else:
+            config = dataclasses.replace(config, **{key.name: value})
+    return config

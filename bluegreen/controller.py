@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from bluegreen import forwarder, health, instances, procfile, refresher, workers
+from bluegreen import config as configuration
+from bluegreen import forwarder, health, instances, procfile, refresher, settings, workers
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Serving
@@ -74,6 +75,7 @@ class Observer(Protocol):
 class Paths:
     state: Path = Path("/var/lib/bluegreen")
     runtime: Path = Path("/run/bluegreen")
+    config: Path = configuration.DEFAULT_PATH
 
     @property
     def database(self) -> Path:
@@ -114,17 +116,23 @@ _STEP_TEXT = {
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
                  notify_status: Callable[[str], None] = lambda text: None,
-                 secrets: Secrets | None = None) -> None:
-        self.config = config
+                 secrets: Secrets | None = None,
+                 notify: Callable[[str], None] = lambda line: None) -> None:
         self.systemd = systemd
         self.paths = paths
         self.secrets = secrets or Secrets()
         self.history = History(paths.database)
+        # The file's settings (``loaded``), and those in effect (``config``): the file's, but
+        # the keys that apply at the next deploy as the serving release was deployed with them.
+        self.loaded = config
+        self.deployed = settings.load_deployed(self.history) or config
+        self.config = configuration.with_deployed(config, self.deployed)
+        self.notify = notify
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
                                      self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
         self.environments = Environments(paths.environments)
-        self.deployer = Deployer(config, systemd, self.repository, self.releases,
+        self.deployer = Deployer(self.loaded, systemd, self.repository, self.releases,
                                  self.environments, paths.runtime, self._on_step)
         self.observers: list[Observer] = []
         self.notify_status = notify_status
@@ -132,14 +140,16 @@ class Controller:
         self.current: Deployment | None = None
         self._preparing: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self.monitor = health.Monitor(config.app.health_path, config.health,
+        self.monitor = health.Monitor(self.config.app.health_path, config.health,
                                       self._monitor_target, self._on_health_change,
-                                      config.app.health_host)
+                                      self.config.app.health_host)
         self.refresher = refresher.Refresher(
             self.repository, config.repository.poll_interval, self._refresher_deploy,
             lambda: self.history.get_setting(SEEN_HEAD),
             self._see_head)
         self._tasks: list[asyncio.Task[None]] = []
+        self._refresher_task: asyncio.Task[None] | None = None
+        self._started = False
         self.metrics = Metrics()
         last = self.history.last_succeeded()
         self.metrics.last_success = (last.finished_at or 0.0) if last else 0.0
@@ -290,6 +300,7 @@ class Controller:
         deployment = replace(deployment, steps=(StepTiming(str(Step.RESOLVE), started, time.time()),))
         self._record(deployment)
         self.current = deployment
+        self.deployer.config = self.loaded  # a reload during the deploy waits for the next one
         log.info("deployment %d started: %s %s (%s) by %s", deployment.id, commit.short,
                  commit.subject, deployment.ref, trigger,
                  extra=fields(message_id=MessageId.DEPLOY_STARTED, deployment_id=deployment.id,
@@ -302,6 +313,7 @@ class Controller:
             record = await self.deployer.deploy(deployment, self.serving)
             assert record.port
             self.serving = Serving(record.port, record.commit)
+            self._deployed_with(self.deployer.config)
             self.monitor.reset()
             record = finished(record, State.SUCCEEDED, reason=record.reason)
             log.info("deployment %d succeeded: %s serves on port %d (%.2f s)", record.id,
@@ -353,6 +365,8 @@ class Controller:
     def _finish(self, record: Deployment) -> None:
         self.metrics.deployment_finished(record)
         self._record(record)
+        if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
+            forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
         self.current = None
         self._task = None
         for observer in self.observers:
@@ -467,19 +481,95 @@ class Controller:
         except (Busy, RepositoryError, NotConfigured, HistoryError) as exc:
             log.error("recovery not started: %s", exc)
 
+    # --- the configuration -----------------------------------------------------------------
+
+    def reload(self) -> list[tuple[str, str]]:
+        """Read the configuration file again and apply it; return each changed key with when
+        it takes effect (at once, at the next deploy, or after what the admin must run).
+
+        A bad file raises ConfigError (FILE:LINE: KEY: REASON) and changes nothing.
+        """
+        # Before READY=1 at start-up, systemd is not told about the reload.
+        notify = self.notify if self._started else (lambda line: None)
+        notify("RELOADING=1")
+        try:
+            try:
+                loaded = configuration.load(self.paths.config)
+            except configuration.ConfigError as exc:
+                log.error("reload refused, the settings stay as they were: %s", exc)
+                raise
+            changes = [(key.dotted, str(key.applies))
+                       for key in configuration.changed(self.loaded, loaded)]
+            self.loaded = loaded
+            if self.current is None:
+                self.deployer.config = loaded
+            self._apply(configuration.with_deployed(loaded, self.deployed if self.serving else loaded))
+        finally:
+            notify("READY=1")
+        for key, when in changes:
+            log.info("reload: %s changed; it applies %s", key, when)
+        if not changes:
+            log.info("reload: no change in %s", self.paths.config)
+        self._changed()
+        return changes
+
+    def _deployed_with(self, config: Config) -> None:
+        """A deployment succeeded with ``config``: its deploy-time settings are in effect."""
+        self.deployed = config
+        settings.save_deployed(self.history, config)
+        self._apply(configuration.with_deployed(self.loaded, config))
+
+    def _apply(self, config: Config) -> None:
+        """Make ``config`` the settings in effect, in every part that holds some."""
+        old, self.config = self.config, config
+        self.monitor.settings = config.health
+        self.monitor.path, self.monitor.host = config.app.health_path, config.app.health_host
+        self.repository.url, self.repository.branch = config.repository.url, config.repository.branch
+        interval = self.refresher.interval
+        self.refresher.interval = config.repository.poll_interval
+        if old.drain_timeout != config.drain_timeout or old.ports != config.ports:
+            forwarder.write_env(self.paths.runtime, config.ports, config.drain_timeout)
+        if old.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
+            self._write_known_hosts()
+        if self._started:
+            self._watch_remote()
+            if self._refresher_task is not None and interval != config.repository.poll_interval:
+                self.refresher.wake()  # poll now, then at the new interval
+
+    def _write_known_hosts(self) -> None:
+        """The ssh host keys git may trust: repository.ssh_known_hosts, in ssh's own file."""
+        known_hosts = self.config.repository.ssh_known_hosts
+        atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
+
+    def _watch_remote(self) -> None:
+        """Run the refresher when the configuration asks for it, and only then."""
+        wanted = bool(self.config.repository.url and self.config.repository.watch)
+        running = self._refresher_task is not None and not self._refresher_task.done()
+        if wanted and not running:
+            self._refresher_task = asyncio.create_task(self.refresher.run(), name="refresher")
+        elif running and not wanted:
+            assert self._refresher_task is not None
+            self._refresher_task.cancel()
+            self._refresher_task = None
+
+    async def pending_settings(self) -> list[tuple[str, str]]:
+        """Settings of the file not in effect yet, each with what applies it."""
+        pending = settings.pending_until_deploy(self.config, self.loaded) if self.serving else []
+        if await settings.api_socket_pending(self.systemd, self.loaded.api.listen):
+            pending.append(("api.listen", str(configuration.Applies.API_SOCKET)))
+        return pending
+
     # --- start-up and shutdown -------------------------------------------------------------
 
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
         ports = self.config.ports
-        address = forwarder.write_env(self.paths.runtime, ports.public, self.config.drain_timeout,
-                                      ports.public_address, ports.max_connections)
+        address = forwarder.write_env(self.paths.runtime, ports, self.config.drain_timeout)
         if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
             log.info("port %d stays on 0.0.0.0, where it is served now; set ports.public_address "
                      "= \"::\" to add IPv6 (that one switch resets the connections queued then)",
                      ports.public)
-        known_hosts = self.config.repository.ssh_known_hosts
-        atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
+        self._write_known_hosts()
         try:
             if forwarder.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
@@ -492,8 +582,8 @@ class Controller:
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="health-monitor"))
         if self.serving is None and self.config.repository.url:
             await self._startup_deploy()
-        if self.config.repository.url and self.config.repository.watch:
-            self._tasks.append(asyncio.create_task(self.refresher.run(), name="refresher"))
+        self._started = True
+        self._watch_remote()
         self._changed()
 
     async def _adopt_workers(self, serving: Serving) -> None:
@@ -527,6 +617,8 @@ class Controller:
             log.error("nothing serves and no deployment could start: %s", exc)
 
     async def stop(self) -> None:
+        if self._refresher_task is not None:
+            self._refresher_task.cancel()
         for task in self._tasks:
             task.cancel()
         if self._task is not None:

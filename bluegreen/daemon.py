@@ -2,13 +2,16 @@
 
 Start-up: read the config (refuse to start on a bad one), connect to the system bus, export
 the API and take the bus name, reconcile with systemd, then tell systemd READY=1. The
-watchdog is fed from the event loop, so a stuck loop gets the daemon restarted.
+watchdog is fed from the event loop, so a stuck loop gets the daemon restarted. SIGHUP, like
+the D-Bus method Reload (``systemctl reload bluegreen`` calls ``bluegreenctl reload``), reads
+the configuration again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -53,6 +56,12 @@ def _quiet_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, An
     loop.default_exception_handler(context)
 
 
+def reload_quietly(controller: Controller) -> None:
+    """SIGHUP: reload as ``bluegreenctl reload`` does; a bad file is logged and changes nothing."""
+    with contextlib.suppress(configuration.ConfigError):
+        controller.reload()
+
+
 async def serve(config: configuration.Config, paths: Paths) -> int:
     # File descriptors ride on the bus: release commands' output comes back over a pipe.
     bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
@@ -60,7 +69,7 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
     await systemd.subscribe()
     controller = Controller(config, systemd, paths,
                             notify_status=lambda text: notify(f"STATUS={text}"),
-                            secrets=Secrets.load())
+                            secrets=Secrets.load(), notify=notify)
     bus.add_message_handler(remember_sender)
     bus.export(OBJECT_PATH, ManagerInterface(controller, bus))
     reply = await bus.request_name(BUS_NAME)
@@ -74,6 +83,7 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
     loop.set_exception_handler(_quiet_replied_errors)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_quietly, controller)
     watchdog = asyncio.create_task(feed_watchdog(), name="watchdog")
     disconnected = asyncio.create_task(bus.wait_for_disconnect(), name="bus")
 
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(config.to_json())
         return 0
-    paths = Paths(state=args.state_directory, runtime=args.runtime_directory)
+    paths = Paths(state=args.state_directory, runtime=args.runtime_directory, config=args.config)
     return asyncio.run(serve(config, paths))
 
 

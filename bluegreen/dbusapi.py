@@ -15,6 +15,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from bluegreen import instances, workers
+from bluegreen.config import ConfigError
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
@@ -33,6 +34,7 @@ class Error:
     NO_SUCH_DEPLOYMENT = "org.bluegreen1.Error.NoSuchDeployment"
     NO_ROLLBACK_TARGET = "org.bluegreen1.Error.NoRollbackTarget"
     BAD_SIGNATURE = "org.bluegreen1.Error.BadSignature"
+    BAD_CONFIGURATION = "org.bluegreen1.Error.BadConfiguration"
     RECORDS = "org.bluegreen1.Error.Records"
     INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
@@ -200,6 +202,21 @@ class ManagerInterface(ServiceInterface):
             self.controller.push_notification(bytes(payload), signature)
         except BadSignature as exc:
             raise DBusError(Error.BAD_SIGNATURE, str(exc)) from None
+
+    @method()
+    async def Reload(self) -> "a(ss)":
+        """Read bluegreen.toml again; return each changed key with when it applies ("at once",
+        "at the next deploy", or the commands that apply it). A bad file changes nothing and
+        fails with BadConfiguration, naming the file, line, key and reason."""
+        try:
+            return [list(change) for change in self.controller.reload()]
+        except ConfigError as exc:
+            raise DBusError(Error.BAD_CONFIGURATION, str(exc)) from None
+
+    @method()
+    async def ListPendingSettings(self) -> "a(ss)":
+        """Settings of bluegreen.toml not in effect yet, each with what applies it."""
+        return [list(pending) for pending in await self.controller.pending_settings()]
 
     @method()
     async def GetDeployment(self, deployment_id: "s") -> "a{sv}":

@@ -146,6 +146,8 @@ class Deployer:
             if stranger:  # never route traffic to a process bluegreen did not start
                 raise ForwarderError(stranger)
             forwarder.ensure_migrate_req()
+            # The forwarders' settings as this deploy has them (a reload may have changed them).
+            forwarder.write_env(self.run_dir, self.config.ports, self.config.drain_timeout)
             await forwarder.start(self.systemd, new_port, self.config.ports.public,
                                   self.config.forwarder)
         except _STEP_ERRORS as exc:

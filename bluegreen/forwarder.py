@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bluegreen import netstat
-from bluegreen.config import Forwarder
+from bluegreen.config import Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -107,10 +107,10 @@ def socat_listen(address: str, port: int) -> str:
     return f"TCP4-LISTEN:{port},bind={address}"
 
 
-def write_env(run_dir: Path, public_port: int, drain_timeout: float, public_address: str = "",
-              max_connections: int = 1024) -> str:
+def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> str:
     """Write what the forwarder units read; return the address they will listen on."""
-    address = listen_address(public_address, ipv6_available(), served_addresses(public_port))
+    public_port, max_connections = ports.public, ports.max_connections
+    address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
     atomic_write(run_dir / "forwarder.env", environment_file({
         "BLUEGREEN_PUBLIC_PORT": str(public_port),
         "BLUEGREEN_PUBLIC_ADDRESS": address,

@@ -25,6 +25,7 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
+SOCKET = "org.freedesktop.systemd1.Socket"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
@@ -274,6 +275,14 @@ class Systemd:
             active_enter_timestamp=value(props, "ActiveEnterTimestamp", 0),
             uid=_uid(value(service, "UID", 0xFFFFFFFF)),
         )
+
+    async def socket_listens(self, unit: str) -> tuple[str, list[str]]:
+        """A socket unit's active state and the addresses of its ListenStream= lines, as its
+        configuration (after the last daemon-reload) has them."""
+        (path,) = await self._manager("LoadUnit", "s", unit)
+        (state,) = await self._call(SYSTEMD, path, PROPERTIES, "Get", "ss", [UNIT, "ActiveState"])
+        (listen,) = await self._call(SYSTEMD, path, PROPERTIES, "Get", "ss", [SOCKET, "Listen"])
+        return state.value, [address for kind, address in listen.value if kind == "Stream"]
 
     async def list_units(self, *patterns: str) -> list[UnitStatus]:
         """Loaded units matching the glob patterns, whatever their state."""

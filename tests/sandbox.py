@@ -62,7 +62,13 @@ def install_tree(root: Path, source: Path = ROOT) -> None:
     shutil.copytree(source / "bluegreen", site,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for unit in sorted((source / "units").iterdir()):
-        put(f"units/{unit.name}", f"/usr/local/lib/systemd/system/{unit.name}")
+        if unit.suffix != ".conf":
+            put(f"units/{unit.name}", f"/usr/local/lib/systemd/system/{unit.name}")
+    # The shared drop-ins, where the package links them (copies will do here).
+    for line in (source / "packaging/debian/bluegreen.links").read_text().splitlines():
+        target, link = line.split()
+        put(f"units/{Path(target).name}",
+            "/" + link.replace("usr/lib/systemd/system/", "usr/local/lib/systemd/system/"))
     put("data/org.bluegreen1.conf", "/usr/share/dbus-1/system.d/org.bluegreen1.conf")
     put("packaging/debian/bluegreen.sysusers", "/usr/local/lib/sysusers.d/bluegreen.conf")
     put("data/sysctl.d/50-bluegreen.conf", "/usr/local/lib/sysctl.d/50-bluegreen.conf")

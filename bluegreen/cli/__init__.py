@@ -1,7 +1,8 @@
 """bluegreenctl: a thin client of the daemon's D-Bus API, one module per verb.
 
 Exit status: 0 success, 1 the deployment or call failed, 2 bad usage or argument,
-4 no such deployment, 5 another deployment is running, 6 bluegreen is not running.
+3 the configuration file is broken (reload), 4 no such deployment, 5 another deployment is
+running, 6 bluegreen is not running.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ import argparse
 import asyncio
 import sys
 
-from bluegreen.cli import deploy, history, logs, rollback, show, status
+from bluegreen.cli import deploy, history, logs, reload, rollback, show, status
 from bluegreen.cli.common import EXIT_NOT_RUNNING, exit_status_for
 from bluegreen.client import ApiError, Client
 
-VERBS = (status, deploy, rollback, history, show, logs)
+VERBS = (status, deploy, rollback, history, show, logs, reload)
 
 EPILOG = """\
 exit status:
   0  success
   1  the deployment failed (the old release serves), or the call failed
   2  bad usage, or a ref or target that names nothing
+  3  the configuration file is broken (reload): nothing changed
   4  no such deployment
   5  another deployment is running
   6  bluegreen is not running

@@ -11,6 +11,7 @@ from bluegreen.client import ApiError, Client
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BAD_CONFIGURATION = 3
 EXIT_NO_SUCH = 4
 EXIT_BUSY = 5
 EXIT_NOT_RUNNING = 6
@@ -19,6 +20,7 @@ _EXIT_FOR_ERROR = {
     "InvalidRef": EXIT_USAGE,
     "UnknownRef": EXIT_USAGE,
     "NoRollbackTarget": EXIT_USAGE,
+    "BadConfiguration": EXIT_BAD_CONFIGURATION,
     "NoSuchDeployment": EXIT_NO_SUCH,
     "Busy": EXIT_BUSY,
     "ServiceUnknown": EXIT_NOT_RUNNING,

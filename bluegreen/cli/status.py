@@ -17,9 +17,11 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 async def run(client: Client, args: argparse.Namespace) -> int:
     status = await client.status()
+    pending = await client.pending_settings()
     if args.json:
         status["Instances"] = await client.instances()
         status["Workers"] = await client.workers()
+        status["PendingSettings"] = pending
         print_json(status)
         return 0
     release = status["ActiveRelease"]
@@ -44,6 +46,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     for worker in await client.workers():
         print(f"Worker:      {worker['name']} (port {worker['port']}) {worker['state']} "
               f"{worker['release'][:12]}")
+    for setting in pending:
+        print(f"Pending:     {setting['key']} (applies {setting['applies']})")
     totals = counts(await client.metrics())
     if totals:
         print("Since start: " + ", ".join(f"{count} {state}" for state, count in sorted(totals.items())))

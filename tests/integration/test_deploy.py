@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -71,6 +72,19 @@ def test_units_are_hardened(box: Sandbox, unit: str, threshold: float) -> None:
     result = box.run("systemd-analyze", "security", "--no-pager", f"--threshold={threshold * 10:g}",
                      unit, check=False)
     assert result.returncode == 0, result.stdout[-600:]
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.startswith("bluegreen-") and u.endswith(".service")])
+def test_every_unit_but_the_controller_reads_the_one_shared_sandbox(box: Sandbox, unit: str) -> None:
+    dropins = box.run("systemctl", "show", "-P", "DropInPaths", unit).stdout.split()
+    template = re.sub(r"@[^.]*\.", "@.", unit)
+    assert f"/usr/lib/systemd/system/{template}.d/10-hardening.conf" in dropins
+    assert {box.path(d).resolve() for d in dropins if d.endswith("10-hardening.conf")} == {
+        box.path("/usr/lib/bluegreen/hardening.conf").resolve()}
+    shown = box.run("systemctl", "show", "-p", "ProcSubset", "-p", "ProtectProc", "-p", "UMask",
+                    "-p", "MemoryDenyWriteExecute", unit).stdout.split()
+    assert sorted(shown) == ["MemoryDenyWriteExecute=yes", "ProcSubset=pid", "ProtectProc=invisible",
+                             "UMask=0077"]
 
 
 def test_start_brings_the_app_up_on_the_public_port(box: Sandbox, app: App) -> None:

@@ -68,13 +68,31 @@ def test_installing_enables_but_deploys_nothing(box: Sandbox, deb: Path) -> None
                      "/usr/share/dbus-1/system.d/org.bluegreen1.conf",
                      "/usr/lib/sysctl.d/50-bluegreen.conf",
                      "/usr/share/doc/bluegreen/examples/app/app.py",
-                     "/lib/systemd/system/bluegreen-app@.service"):
+                     "/usr/lib/systemd/system/bluegreen-app@.service",
+                     "/usr/lib/systemd/system/bluegreen-api.service.d/10-hardening.conf",
+                     "/usr/lib/systemd/system-generators/bluegreen-generator"):
         assert expected in files
+    assert [f for f in files if f.startswith("/lib/")] == []  # all under /usr (DEP17)
     assert box.run("getent", "group", "bluegreen").stdout.startswith("bluegreen:")
     assert box.run("bluegreenctl", "--help").stdout.startswith("usage: bluegreenctl")
     assert box.run("systemd-analyze", "verify", "bluegreen.service", "bluegreen-api.socket",
                    "bluegreen-api.service", "bluegreen-app@1.service", "bluegreen-forward@1.service",
                    check=False).returncode == 0
+
+
+def test_postinst_sets_tcp_migrate_req_without_procps(box: Sandbox) -> None:
+    # sysctl(8) is procps', which the package does not depend on: hide it from the postinst.
+    hidden = box.run("sh", "-c", "command -v sysctl", check=False).stdout.strip()
+    if hidden:
+        box.run("mv", hidden, f"{hidden}.hidden")
+    try:
+        box.run("sh", "-c", "echo 0 > /proc/sys/net/ipv4/tcp_migrate_req")
+        version = box.run("dpkg-query", "-W", "-f=${Version}", "bluegreen").stdout
+        box.run("/var/lib/dpkg/info/bluegreen.postinst", "configure", version)
+        assert box.run("cat", "/proc/sys/net/ipv4/tcp_migrate_req").stdout.strip() == "1"
+    finally:
+        if hidden:
+            box.run("mv", f"{hidden}.hidden", hidden)
 
 
 def test_systemctl_start_serves_the_configured_app(box: Sandbox, app: App) -> None:
@@ -120,8 +138,21 @@ def test_upgrade_under_load_keeps_the_serving_instance(box: Sandbox, app: App, n
                    ).stdout.strip() == "inactive"
 
 
-def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App) -> None:
-    wait_serving(box)
+@pytest.mark.parametrize("forwarder", ["socat", "proxy"])
+def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App, deb: Path,
+                                                          forwarder: str) -> None:
+    if forwarder == "proxy":  # installed again after the socat run's purge, with a worker
+        box.install_deb(deb)
+        box.sh(SET_REPOSITORY)
+        config = box.path("/etc/bluegreen/bluegreen.toml")
+        config.write_text('forwarder = "proxy"\n' + config.read_text()
+                          + '[processes]\nticker = "exec sleep 1000"\n')
+    box.run("systemctl", "start", "bluegreen.service")
+    port = wait_serving(box)["ActivePort"]
+    kind = "forward" if forwarder == "socat" else "proxy"
+    assert box.run("systemctl", "is-active", f"bluegreen-{kind}@{port}.service").stdout.strip() == "active"
+    if forwarder == "proxy":
+        assert f"bluegreen-worker@{port}-ticker.service" in active_units(box)
     box.run("systemctl", "start", "bluegreen-api.service")
     files = [f for f in box.run("dpkg", "-L", "bluegreen").stdout.split() if box.path(f).is_file()]
     assert len(files) > 30

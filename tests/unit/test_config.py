@@ -99,7 +99,8 @@ def test_the_shipped_config_file_is_valid_and_matches_the_defaults() -> None:
     ("[health]\ninterval = true\n", "health.interval: expected a number"),
     ("[repository]\nurl = \"--upload-pack=evil\"\n", "repository.url"),
     ("drain_timeout = 601\n", "drain_timeout: must be between 0 and 600"),
-    ("[app\n", "bluegreen.toml: "),
+    ("[app\n", "bluegreen.toml:1: Expected ']' at the end of a table declaration"),
+    ("[health]\ninterval = 1\ntimeout = = 3\n", "bluegreen.toml:3: health.timeout: Invalid value"),
     ("repository = 5\n", "[repository] must be a table"),
 ])
 def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
@@ -220,3 +221,24 @@ def test_ssh_known_hosts_wants_known_hosts_lines(tmp_path: Path) -> None:
     path.write_text('[repository]\nssh_known_hosts = "git.example.com"\n')
     with pytest.raises(ConfigError, match=r"bluegreen\.toml:2: repository\.ssh_known_hosts: line 1"):
         config.load(path)
+
+
+def test_every_key_says_when_a_change_applies() -> None:
+    applies = {key.dotted: key.applies for key in config.KEYS}  # a key left out raises KeyError
+    assert applies["app.workers"] == config.Applies.NEXT_DEPLOY
+    assert applies["ports.public"] == applies["forwarder"] == config.Applies.NEXT_DEPLOY
+    assert applies["health.interval"] == applies["drain_timeout"] == config.Applies.NOW
+    assert applies["api.listen"] == config.Applies.API_SOCKET
+
+
+def test_with_deployed_keeps_the_deploy_time_keys_only() -> None:
+    deployed = Config()
+    new = config.load_mapping({"app": {"workers": 5}, "ports": {"public": 6000},
+                               "forwarder": "proxy", "health": {"interval": 0.5},
+                               "drain_timeout": 7}, source="x")
+    effective = config.with_deployed(new, deployed)
+    assert (effective.app.workers, effective.ports.public, effective.forwarder) == (2, 5000, "socat")
+    assert (effective.health.interval, effective.drain_timeout) == (0.5, 7)
+    assert {key.dotted for key in config.changed(effective, new)} == {
+        "app.workers", "ports.public", "forwarder"}
+    assert config.changed(new, new) == []

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bluegreen import forwarder
+from bluegreen.config import PortsConfig
 from bluegreen.files import read_environment_file
 
 
@@ -37,7 +38,7 @@ def test_unset_the_address_is_both_stacks_unless_ipv4_alone_serves_already() -> 
 
 
 def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
-    forwarder.write_env(tmp_path, 5000, 30, "127.0.0.1", 50)
+    forwarder.write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
     env = read_environment_file(tmp_path / "forwarder.env")
     assert env["BLUEGREEN_SOCAT_LISTEN"] == "TCP4-LISTEN:5000,bind=127.0.0.1"
     assert env["BLUEGREEN_PUBLIC_ADDRESS"] == "127.0.0.1"
