@@ -563,12 +563,7 @@ class Controller:
 
     async def start(self) -> None:
         """Reconcile with systemd, then make sure something serves, then watch the remote."""
-        ports = self.config.ports
-        address = forwarder.write_env(self.paths.runtime, ports, self.config.drain_timeout)
-        if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
-            log.info("port %d stays on 0.0.0.0, where it is served now; set ports.public_address "
-                     "= \"::\" to add IPv6 (that one switch resets the connections queued then)",
-                     ports.public)
+        forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
         self._write_known_hosts()
         try:
             if forwarder.ensure_migrate_req():

@@ -147,7 +147,12 @@ class Deployer:
                 raise ForwarderError(stranger)
             forwarder.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
-            forwarder.write_env(self.run_dir, self.config.ports, self.config.drain_timeout)
+            ports = self.config.ports
+            address = forwarder.write_env(self.run_dir, ports, self.config.drain_timeout)
+            if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
+                log.info("port %d stays on 0.0.0.0, where it is served now; set "
+                         "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
+                         "resets the connections queued then)", ports.public)
             await forwarder.start(self.systemd, new_port, self.config.ports.public,
                                   self.config.forwarder)
         except _STEP_ERRORS as exc:

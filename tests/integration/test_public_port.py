@@ -93,7 +93,7 @@ def test_a_port_served_on_ipv4_alone_stays_there_until_an_address_is_named(
     assert seen(box, "[::1]") is None
     redeploy_with(box, app, "")
     assert seen(box, "[::1]") is None and seen(box, "127.0.0.1") is not None
-    assert "stays on 0.0.0.0" in box.journal("-u", "bluegreen.service", "-n", "200")
+    assert "stays on 0.0.0.0" in box.journal("-u", "bluegreen.service", "--grep", "stays on")
     redeploy_with(box, app, '[ports]\npublic_address = "::"\n')
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 
