@@ -187,7 +187,7 @@ class Controller:
             deployment = self._begin(ref, trigger, commit, started)
         finally:
             self._preparing = None
-        self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
+        self._task = self._spawn(self._run(deployment), f"deploy-{deployment.id}", forever=False)
         return deployment
 
     async def request_rollback(self, target: str, who: str = "", wait: bool = False) -> Deployment:
@@ -326,7 +326,10 @@ class Controller:
             record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
         self._finish(record)
         if record.state == State.SUCCEEDED:
-            self._retain()
+            try:
+                self._retain()
+            except OSError as exc:
+                log.error("old releases and environments stay for now: %s", exc)
 
     async def _read_back_serving(self) -> str:
         """After a failure that may have moved the traffic, find out from systemd which release
