@@ -14,7 +14,7 @@ import pytest
 
 from bluegreen import forwarder, health, instances, netstat, ports
 from bluegreen.config import Config
-from bluegreen.controller import Controller, Paths
+from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed, Serving
 from bluegreen.files import environment_file
 from bluegreen.history import Deployment, History, State, Step, Trigger
@@ -337,3 +337,35 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
                                                       (Trigger.RECOVERY, State.SUCCEEDED)]
     assert world.controller.serving == Serving(8002, OLD)
     assert world.controller.monitor.healthy
+
+
+def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
+    """Draining a stale forwarder can take drain_timeout: it happens after READY, and no
+    deployment starts meanwhile."""
+    world.systemd.units[instances.unit(8002)] = "active"
+    world.systemd.units[forwarder.unit(8002)] = "active"
+    write_instance_env(world.paths.runtime, 8002, NEW, 2)  # the newer deployment: it stays
+    drained = asyncio.Event()
+    stop_unit = world.systemd.stop_unit
+
+    async def slow_stop(unit: str, **options: Any) -> None:
+        if unit == forwarder.unit(OLD_PORT):
+            await drained.wait()
+        await stop_unit(unit, **options)
+
+    world.systemd.stop_unit = slow_stop  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        controller = world.controller
+        await asyncio.wait_for(controller.start(), 5)
+        assert controller.serving == Serving(8002, NEW)
+        with pytest.raises(Busy):
+            await controller.request_deploy("", Trigger.DBUS)
+        drained.set()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
+        assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002)]
+        await controller.stop()
+
+    asyncio.run(scenario())
