@@ -152,6 +152,8 @@ class Controller:
 
     @property
     def state(self) -> str:
+        if self._settling:
+            return "starting"  # what serves is known; leftovers are still being stopped
         if self.current is not None or self._preparing is not None:
             return "deploying"
         if self.serving is None:

@@ -359,6 +359,7 @@ def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
         controller = world.controller
         await asyncio.wait_for(controller.start(), 5)
         assert controller.serving == Serving(8002, NEW)
+        assert controller.state == "starting"
         with pytest.raises(Busy):
             await controller.request_deploy("", Trigger.DBUS)
         drained.set()
@@ -366,6 +367,7 @@ def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
             await asyncio.sleep(0.01)
         assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
         assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002)]
+        assert controller.state == "serving"
         await controller.stop()
 
     asyncio.run(scenario())
