@@ -14,16 +14,16 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bluegreen import config as configuration
-from bluegreen import forwarder, health, instances, procfile, refresher, settings, workers
+from bluegreen import forwarder, health, instances, procfile, reconcile, refresher, settings, workers
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
-from bluegreen.deploy import Deployer, DeployFailed, Serving
+from bluegreen.deploy import Deployer, DeployFailed, Serving, Unsettled
 from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.files import atomic_write
 from bluegreen.history import (
@@ -39,7 +39,6 @@ from bluegreen.history import (
 )
 from bluegreen.log import MessageId, fields
 from bluegreen.metrics import Metrics
-from bluegreen.reconcile import reconcile
 from bluegreen.releases import Releases
 from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
 from bluegreen.systemd import Systemd
@@ -47,6 +46,9 @@ from bluegreen.systemd import Systemd
 log = logging.getLogger(__name__)
 
 SEEN_HEAD = "refresher.seen_head"
+
+# Recovery tries again while the serving release stays unhealthy, waiting longer each time.
+RECOVERY_BACKOFF_MAX = 300.0
 
 
 class Busy(Exception):
@@ -143,13 +145,21 @@ class Controller:
         self.monitor = health.Monitor(self.config.app.health_path, config.health,
                                       self._monitor_target, self._on_health_change,
                                       self.config.app.health_host)
+        # The branch head whose deployment last reached an outcome: the refresher leaves it be.
+        self._seen_head = self.history.get_setting(SEEN_HEAD)
         self.refresher = refresher.Refresher(
             self.repository, config.repository.poll_interval, self._refresher_deploy,
-            lambda: self.history.get_setting(SEEN_HEAD),
-            self._see_head)
+            lambda: self._seen_head)
         self._tasks: list[asyncio.Task[None]] = []
         self._refresher_task: asyncio.Task[None] | None = None
+        # Set once READY=1 is sent: a reload then tells systemd it is reloading.
         self._started = False
+        self._recovery: asyncio.Task[None] | None = None
+        # Set while the start-up's reconciliation stops what must not run: no deployment yet.
+        self._settling = False
+        self._stopping = False
+        # Set when a background task ended unexpectedly: the daemon exits, systemd restarts it.
+        self.fatal = asyncio.Event()
         self.metrics = Metrics()
         last = self.history.last_succeeded()
         self.metrics.last_success = (last.finished_at or 0.0) if last else 0.0
@@ -158,6 +168,8 @@ class Controller:
 
     @property
     def state(self) -> str:
+        if self._settling:
+            return "starting"  # what serves is known; leftovers are still being stopped
         if self.current is not None or self._preparing is not None:
             return "deploying"
         if self.serving is None:
@@ -191,11 +203,9 @@ class Controller:
             started = time.time()
             commit = self._release_on_disk(ref) or await self.repository.resolve(ref)
             deployment = self._begin(ref, trigger, commit, started)
-            if ref in ("", self.config.repository.branch):
-                self._see_head(commit.sha)  # the refresher need not deploy it again
         finally:
             self._preparing = None
-        self._task = asyncio.create_task(self._run(deployment), name=f"deploy-{deployment.id}")
+        self._task = self._spawn(self._run(deployment), f"deploy-{deployment.id}", forever=False)
         return deployment
 
     def _release_on_disk(self, ref: str) -> Commit | None:
@@ -249,7 +259,7 @@ class Controller:
     async def _wait_until_idle(self) -> None:
         """Until no deployment runs or is being prepared (another waiter may win the race:
         the claim that follows raises Busy then)."""
-        while self.current is not None or self._preparing is not None:
+        while self.current is not None or self._preparing is not None or self._settling:
             task = self._task
             if task is not None:
                 await asyncio.wait([task])
@@ -280,6 +290,8 @@ class Controller:
         raise NoRollbackTarget(f"{target!r} is neither a deployment id nor a release on disk")
 
     def _claim(self, what: str) -> None:
+        if self._settling:
+            raise Busy("the controller is still stopping what it found left over at start-up")
         if self.current is not None:
             raise Busy(f"deployment {self.current.id} ({self.current.commit[:12]}) is running")
         if self._preparing is not None:
@@ -309,6 +321,7 @@ class Controller:
         return deployment
 
     async def _run(self, deployment: Deployment) -> None:
+        unsettled = False
         try:
             record = await self.deployer.deploy(deployment, self.serving)
             assert record.port
@@ -321,6 +334,7 @@ class Controller:
                      extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
                                   release=record.commit, port=record.port))
         except DeployFailed as exc:
+            unsettled = isinstance(exc, Unsettled)
             record = finished(self.current or deployment, exc.state,
                               failed_step=exc.step, reason=exc.reason)
             log.error("deployment %d %s at %s: %s", record.id,
@@ -336,11 +350,35 @@ class Controller:
             raise
         except Exception as exc:  # a bug: record it, keep the daemon alive
             log.exception("deployment %d crashed", deployment.id)
+            unsettled = True
             record = finished(self.current or deployment, State.FAILED,
                               reason=f"internal error: {exc!r}")
+        if unsettled:
+            record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
         self._finish(record)
         if record.state == State.SUCCEEDED:
-            self._retain()
+            try:
+                self._retain()
+            except OSError as exc:
+                log.error("old releases and environments stay for now: %s", exc)
+
+    async def _read_back_serving(self) -> str:
+        """After a failure that may have moved the traffic, find out from systemd which release
+        serves, keep only it, and say which."""
+        try:
+            self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
+            await reconcile.settle(self.systemd, self.paths.runtime, self.serving)
+            if self.serving is not None:
+                await self._adopt_workers(self.serving)
+        except Exception:
+            log.exception("cannot tell which release serves")
+            self.fatal.set()  # a restarted controller reconciles
+            return "which release serves is unknown until the controller restarts"
+        finally:
+            self.monitor.reset()
+        if self.serving is None:
+            return "no release serves"
+        return f"{self.serving.release[:12]} serves on port {self.serving.port}"
 
     def render_metrics(self) -> str:
         self.metrics.health_check_failures = self.monitor.failures_total
@@ -357,6 +395,7 @@ class Controller:
                       extra=fields(deployment_id=record.id))
 
     def _see_head(self, head: str) -> None:
+        self._seen_head = head
         try:
             self.history.set_setting(SEEN_HEAD, head)
         except HistoryError as exc:
@@ -367,6 +406,11 @@ class Controller:
         self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
             forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
+        # The refresher leaves a pushed head alone once its deployment has an outcome; an
+        # interrupted one is tried again.
+        if record.state != State.INTERRUPTED and (
+                record.trigger == Trigger.REFRESHER or record.ref == self.config.repository.branch):
+            self._see_head(record.commit)
         self.current = None
         self._task = None
         for observer in self.observers:
@@ -394,7 +438,7 @@ class Controller:
         for key in self.environments.prune(in_use):
             log.info("deleted environment %s: no release on disk uses it", key)
         try:
-            self.history.prune(self.config.history_limit)
+            self.history.prune(self.config.history_limit, serving)
         except HistoryError as exc:
             log.error("%s; old records stay for now", exc)
 
@@ -429,13 +473,15 @@ class Controller:
 
     async def _refresher_deploy(self, head: str) -> None:
         if self.serving is not None and self.serving.release == head:
+            self._see_head(head)
             return
         try:
             await self.request_deploy(head, Trigger.REFRESHER)
         except Busy:
             raise refresher.Busy() from None
         except (UnknownRef, NotConfigured, HistoryError) as exc:
-            # Never let the refresher's loop die: it tries again at the next poll.
+            # Never let the refresher's loop die: it tries again at the next poll (the head
+            # is not seen: no deployment of it has ended).
             log.error("the refresher cannot deploy %s: %s", head[:12], exc)
 
     def refresh(self) -> None:
@@ -468,18 +514,44 @@ class Controller:
                     serving.port, reason,
                     extra=fields(message_id=MessageId.UNHEALTHY, release=serving.release,
                                  port=serving.port, unit=instances.unit(serving.port)))
-        await self.recover(f"unhealthy: {reason}")
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self._spawn(self._recover_while_unhealthy(f"unhealthy: {reason}"),
+                                         "recovery", forever=False)
 
-    async def recover(self, why: str) -> None:
-        """Replace the serving instance with a fresh one of the same release, blue-green."""
+    async def _recover_while_unhealthy(self, why: str) -> None:
+        """Redeploy the serving release until it is healthy again (a successful deployment
+        resets the monitor), waiting longer after each attempt that did not help."""
+        attempts = 0
+        while self._serving_unhealthy():
+            if self.current is None and self._preparing is None and not self._settling:
+                if attempts:
+                    why = f"still unhealthy after {attempts} recovery attempts"
+                attempts += 1
+                task = await self.recover(why)
+                if task is not None:
+                    await asyncio.wait([task])
+                if not self._serving_unhealthy():
+                    return
+            delay = min(RECOVERY_BACKOFF_MAX,
+                        max(1.0, self.config.health.interval) * 2.0 ** max(0, attempts - 1))
+            await asyncio.sleep(delay)
+
+    def _serving_unhealthy(self) -> bool:
+        return self.serving is not None and not self.monitor.healthy
+
+    async def recover(self, why: str) -> asyncio.Task[None] | None:
+        """Replace the serving instance with a fresh one of the same release, blue-green;
+        return the deployment's task (None if none started)."""
         if self.serving is None or self.current is not None:
-            return
+            return None
         log.warning("recovering: redeploying %s because it is %s", self.serving.release[:12], why,
                     extra=fields(message_id=MessageId.RECOVERY, release=self.serving.release))
         try:
             await self.request_deploy(self.serving.release, Trigger.RECOVERY)
         except (Busy, RepositoryError, NotConfigured, HistoryError) as exc:
             log.error("recovery not started: %s", exc)
+            return None
+        return self._task
 
     # --- the configuration -----------------------------------------------------------------
 
@@ -531,7 +603,7 @@ class Controller:
             forwarder.write_env(self.paths.runtime, config.ports, config.drain_timeout)
         if old.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
             self._write_known_hosts()
-        if self._started:
+        if self._started and not self._settling:  # else the start-up's end watches the remote
             self._watch_remote()
             if self._refresher_task is not None and interval != config.repository.poll_interval:
                 self.refresher.wake()  # poll now, then at the new interval
@@ -546,7 +618,7 @@ class Controller:
         wanted = bool(self.config.repository.url and self.config.repository.watch)
         running = self._refresher_task is not None and not self._refresher_task.done()
         if wanted and not running:
-            self._refresher_task = asyncio.create_task(self.refresher.run(), name="refresher")
+            self._refresher_task = self._spawn(self.refresher.run(), "refresher")
         elif running and not wanted:
             assert self._refresher_task is not None
             self._refresher_task.cancel()
@@ -562,7 +634,9 @@ class Controller:
     # --- start-up and shutdown -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Reconcile with systemd, then make sure something serves, then watch the remote."""
+        """Adopt what systemd runs; the rest of the start-up (stopping what must not run, a
+        deployment if nothing serves, the refresher) goes on in the background, so that the
+        controller is ready at once."""
         forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
         self._write_known_hosts()
         try:
@@ -571,15 +645,57 @@ class Controller:
         except forwarder.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
         self.releases.remove_incomplete()
-        self.serving = await reconcile(self.systemd, self.paths.runtime, self.history)
-        if self.serving is not None:
-            await self._adopt_workers(self.serving)
-        self._tasks.append(asyncio.create_task(self.monitor.run(), name="health-monitor"))
+        reconcile.mark_interrupted(self.history)
+        self._forget_interrupted_head()
+        self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
+        self._settling = True
+        self._spawn(self.monitor.run(), "health-monitor")
+        self._spawn(self._settle(), "start-up", forever=False)
+        self._started = True  # the daemon sends READY=1 next
+        self._changed()
+
+    async def _settle(self) -> None:
+        try:
+            await reconcile.settle(self.systemd, self.paths.runtime, self.serving)
+            if self.serving is not None:
+                await self._adopt_workers(self.serving)
+        finally:
+            self._settling = False
+            self._changed()
         if self.serving is None and self.config.repository.url:
             await self._startup_deploy()
-        self._started = True
         self._watch_remote()
-        self._changed()
+
+    def _forget_interrupted_head(self) -> None:
+        """A head whose newest deployment was interrupted has no outcome yet: deploy it again."""
+        if not self._seen_head:
+            return
+        newest = self.history.newest_of(self._seen_head)
+        if newest is not None and newest.state == State.INTERRUPTED:
+            self._seen_head = None
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str, *,
+               forever: bool = True) -> asyncio.Task[None]:
+        """Run ``work`` in the background. Should it fail (or, ``forever``, end at all) while
+        the controller is not stopping, the daemon exits and systemd restarts it: a background
+        loop never dies silently."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: self._task_done(done, forever))
+        return task
+
+    def _task_done(self, task: asyncio.Task[None], forever: bool) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        if error is None and not forever:
+            return
+        log.critical("the background task %s ended%s; exiting so that systemd restarts the "
+                     "controller", task.get_name(), f": {error!r}" if error else "",
+                     exc_info=error)
+        self.fatal.set()
 
     async def _adopt_workers(self, serving: Serving) -> None:
         """Start the serving release's workers that do not run (a controller that died between
@@ -608,13 +724,12 @@ class Controller:
         ref = last.commit if last and self.releases.exists(last.commit) else ""
         try:
             await self.request_deploy(ref, Trigger.STARTUP)
-        except (RepositoryError, Busy, NotConfigured) as exc:
+        except (RepositoryError, Busy, NotConfigured, HistoryError) as exc:
             log.error("nothing serves and no deployment could start: %s", exc)
 
     async def stop(self) -> None:
-        if self._refresher_task is not None:
-            self._refresher_task.cancel()
-        for task in self._tasks:
+        self._stopping = True
+        for task in list(self._tasks):
             task.cancel()
         if self._task is not None:
             self._task.cancel()

@@ -1,10 +1,12 @@
 """bluegreen.service: the controller daemon (``python3 -m bluegreen.daemon``).
 
 Start-up: read the config (refuse to start on a bad one), connect to the system bus, export
-the API and take the bus name, reconcile with systemd, then tell systemd READY=1. The
-watchdog is fed from the event loop, so a stuck loop gets the daemon restarted. SIGHUP, like
-the D-Bus method Reload (``systemctl reload bluegreen`` calls ``bluegreenctl reload``), reads
-the configuration again.
+the API and take the bus name, adopt what systemd runs, then tell systemd READY=1; the rest of
+the reconciliation, a deployment if nothing serves and the refresher go on in the background.
+The watchdog is fed from the event loop, so a stuck loop gets the daemon restarted, and a
+background task of the controller that ends unexpectedly makes it exit with status 1 (systemd
+restarts it). SIGHUP, like the D-Bus method Reload (``systemctl reload bluegreen`` calls
+``bluegreenctl reload``), reads the configuration again.
 """
 
 from __future__ import annotations
@@ -93,12 +95,18 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
              config.repository.url or "(none configured)")
 
     stopping = asyncio.create_task(stop.wait(), name="stop")
-    done, _ = await asyncio.wait({stopping, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    broken = asyncio.create_task(controller.fatal.wait(), name="fatal")
+    done, _ = await asyncio.wait({stopping, disconnected, broken},
+                                 return_when=asyncio.FIRST_COMPLETED)
     notify("STOPPING=1", "STATUS=Stopping")
     await controller.stop()
     watchdog.cancel()
     if disconnected in done:
         log.error("lost the connection to the system bus")
+        return 1
+    if broken in done and stopping not in done:
+        bus.disconnect()
+        log.error("bluegreen stops after an internal error; the serving release keeps running")
         return 1
     bus.disconnect()
     log.info("bluegreen stopped; the serving release keeps running")

@@ -262,7 +262,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
-        """idle, deploying, serving or unhealthy."""
+        """starting, idle, deploying, serving or unhealthy."""
         return str(self.controller.state)
 
     @dbus_property(access=PropertyAccess.READ)

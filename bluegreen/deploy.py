@@ -9,7 +9,8 @@
 Until the switch, a failure stops the new instance and the old release never stops serving.
 If the new release turns unhealthy while watched, traffic goes back to the old instance,
 which is still warm. Trouble stopping the old instance is logged and left to the
-controller's reconciliation.
+controller's reconciliation; any other failure past the switch raises Unsettled, and the
+controller reads back from systemd which release serves.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class DeployFailed(Exception):
         super().__init__(f"{step}: {reason}")
 
 
+class Unsettled(DeployFailed):
+    """A step after the switch failed: either release may carry the traffic now."""
+
+
 # Called at the start of each step with the port it works on; returns the record with the
 # step noted (and saved).
 StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
@@ -96,7 +101,8 @@ class Deployer:
         """Run ``deployment`` (its commit already resolved); return the finished record.
 
         Raises DeployFailed, with the old release serving, if a step fails before the switch
-        or the new release fails its watch after it.
+        or the new release fails its watch after it; Unsettled if a step fails past the switch
+        in a way that leaves unknown which release serves.
         """
         record = deployment
         self.switch_back_asked.clear()
@@ -167,29 +173,40 @@ class Deployer:
                                         deployment_id=record.id, release=record.commit,
                                         port=new_port,
                                         unit=forwarder.unit(new_port, self.config.forwarder)))
-        if serving is None or serving.port == new_port:
-            record = await self.swap_workers(record, processes, env)
-            return replace(record, state=State.SUCCEEDED)
+        # Past the switch a failure can leave either release carrying the traffic: what
+        # serves is then for the controller to read back from systemd.
+        try:
+            if serving is None or serving.port == new_port:
+                step = Step.WORKERS
+                record = await self.swap_workers(record, processes, env)
+                return replace(record, state=State.SUCCEEDED)
 
-        drainflag.put(self.run_dir, serving.port)  # keep-alive clients leave at their next request
-        record = await self.drain(record, serving.port)
-        if self.config.post_switch_watch > 0:
-            record = await self.report(record, Step.WATCH, new_port)
-            self.watching = True
-            try:
-                trouble = await self.watch(new_port, serving.port)
-            finally:
-                self.watching = False
-            if trouble:
-                record = await self.report(record, Step.ROLLBACK, serving.port)
-                await self.switch_back(serving.port, new_port)
-                why = (self.switch_back_reason if self.switch_back_asked.is_set()
-                       else f"unhealthy after the switch ({trouble})")
-                raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
-                                   f"{serving.release[:12]} on port {serving.port}",
-                                   State.ROLLED_BACK)
-        record = await self.swap_workers(record, processes, env)
-        record = await self.stop_old(record, serving.port)
+            step = Step.DRAIN
+            drainflag.put(self.run_dir, serving.port)  # keep-alive clients leave at their next request
+            record = await self.drain(record, serving.port)
+            if self.config.post_switch_watch > 0:
+                step = Step.WATCH
+                record = await self.report(record, step, new_port)
+                self.watching = True
+                try:
+                    trouble = await self.watch(new_port, serving.port)
+                finally:
+                    self.watching = False
+                if trouble:
+                    step = Step.ROLLBACK
+                    record = await self.report(record, step, serving.port)
+                    await self.switch_back(serving.port, new_port)
+                    why = (self.switch_back_reason if self.switch_back_asked.is_set()
+                           else f"unhealthy after the switch ({trouble})")
+                    raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
+                                       f"{serving.release[:12]} on port {serving.port}",
+                                       State.ROLLED_BACK)
+            step = Step.WORKERS
+            record = await self.swap_workers(record, processes, env)
+            step = Step.STOP_OLD
+            record = await self.stop_old(record, serving.port)
+        except _STEP_ERRORS as exc:
+            raise Unsettled(step, self.repository.secrets.redact(_reason(exc))) from None
         return replace(record, state=State.SUCCEEDED)
 
     async def start_instance(self, record: Deployment, env: dict[str, str]) -> Deployment:

@@ -228,12 +228,18 @@ class History:
                               "ORDER BY id DESC LIMIT 1", (str(State.SUCCEEDED), serving)).fetchone()
         return _row(row) if row else None
 
-    def prune(self, keep: int) -> int:
-        """Delete all but the newest ``keep`` records (never a running one); return how many."""
+    def prune(self, keep: int, serving: str = "") -> int:
+        """Delete all but the newest ``keep`` records; return how many. Never a running one,
+        nor those a start-up or a rollback reads: the last successful deployment and the
+        rollback target (while ``serving`` serves)."""
+        needed = [record.id for record in (self.last_succeeded(), self.rollback_target(serving))
+                  if record is not None]
         with self._transaction() as db:
             cursor = db.execute(
                 "DELETE FROM deployments WHERE state != ? AND id <= "
-                "(SELECT MAX(id) FROM deployments) - ?", (str(State.RUNNING), keep))
+                "(SELECT MAX(id) FROM deployments) - ? "
+                f"AND id NOT IN ({', '.join('?' * len(needed))})",
+                (str(State.RUNNING), keep, *needed))
             return cursor.rowcount
 
     def get_setting(self, key: str) -> str | None:

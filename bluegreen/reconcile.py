@@ -1,4 +1,5 @@
-"""Reconciliation: after a start (a crash, an upgrade, a reboot), adopt what systemd runs.
+"""Reconciliation: after a start (a crash, an upgrade, a reboot), or a deployment that failed
+past its switch, adopt what systemd runs.
 
 Exactly one forwarder and its instance may serve: the forwarder whose instance runs and was
 started by the newest deployment. Every other forwarder is drain-stopped, every other instance
@@ -30,7 +31,7 @@ async def running_ports(systemd: Systemd, patterns: Sequence[str],
     return sorted(port for port in ports if port is not None)
 
 
-async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Serving | None:
+def mark_interrupted(history: History) -> None:
     try:
         interrupted = history.mark_interrupted("the controller stopped during this deployment")
     except HistoryError as exc:
@@ -40,6 +41,11 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
         log.warning("deployment %d was interrupted (the controller stopped at step %s)", record.id,
                     record.steps[-1].step if record.steps else "resolve",
                     extra=fields(deployment_id=record.id, release=record.commit))
+
+
+async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
+    """What serves, as systemd runs it: the running forwarder whose instance runs and was
+    started by the newest deployment. Changes nothing."""
     # Forwarders that run: normally one, two when the controller died during a switch.
     targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
     running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
@@ -49,7 +55,18 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
         return int(value) if value.isdigit() else 0
 
     live = [port for port in targets if port in running]
-    keep = max(live, key=deployment_of) if live else None
+    if not live:
+        return None
+    keep = max(live, key=deployment_of)
+    return Serving(keep, instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", ""))
+
+
+async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None) -> None:
+    """Leave only ``serving``: drain-stop every other forwarder, stop every other instance and
+    the workers of every other release."""
+    keep = serving.port if serving is not None else None
+    targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
+    running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
     if keep is not None:
         # A controller that died during a switch may leave the kept forwarder still starting:
         # let it finish (joining its start job) before the others stop listening.
@@ -67,10 +84,9 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
     await workers.stop(systemd, run_dir, keep=keep)
-    if keep is None:
-        return None
-    drainflag.clear(run_dir, keep)  # it may have been draining when the controller stopped
-    release = instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", "")
-    log.info("adopted release %s serving on port %d", release[:12], keep,
-             extra=fields(message_id=MessageId.RECONCILED, release=release, port=keep))
-    return Serving(keep, release)
+    if serving is None:
+        return
+    drainflag.clear(run_dir, serving.port)  # it may have been draining when the controller stopped
+    log.info("adopted release %s serving on port %d", serving.release[:12], serving.port,
+             extra=fields(message_id=MessageId.RECONCILED, release=serving.release,
+                          port=serving.port))

@@ -2,9 +2,11 @@
 
 Every ``repository.poll_interval`` seconds (or at once when woken by a push webhook) it asks
 the remote for the branch head with ``git ls-remote``: one round trip, no checkout. A head it
-has not seen before is handed to the controller; a head it has seen is left alone, so a
-commit that failed to deploy is not retried until a new one arrives (or someone asks), and a
-manual rollback is not undone. Errors reaching the remote are logged and retried with an
+has not seen before is handed to the controller; a head it has seen (one whose deployment
+reached an outcome: the controller says which) is left alone, so a commit that failed to
+deploy is not retried until a new one arrives (or someone asks), and a manual rollback is not
+undone. A deployment that was interrupted (the controller stopped) has no outcome: its head
+is deployed again. Errors reaching the remote are logged and retried with an
 exponential backoff; they never touch what serves.
 """
 
@@ -34,13 +36,11 @@ class Refresher:
         interval: float,
         deploy: Callable[[str], Awaitable[None]],
         load_seen: Callable[[], str | None],
-        save_seen: Callable[[str], None],
     ) -> None:
         self.repository = repository
         self.interval = interval
         self.deploy = deploy
         self.load_seen = load_seen
-        self.save_seen = save_seen
         self.failures = 0
         self.last_error = ""
         self._wake = asyncio.Event()
@@ -87,7 +87,6 @@ class Refresher:
         except RepositoryError as exc:  # the fetch failed: the commit is not seen yet
             self.failed(exc)
             return None
-        self.save_seen(head)
         return head
 
     def failed(self, exc: RepositoryError) -> None:

@@ -6,7 +6,9 @@ Authorization header, as a private GitHub repository over https would behave.
 
 serves the repositories under ROOT at http://127.0.0.1:PORT/NAME.git to clients sending
 "Authorization: Basic base64(x-access-token:TOKEN)", answers 401 to everyone else, and logs
-one line per request to stderr (never the header).
+one line per request to stderr (never the header). Without GITHTTP_TOKEN everyone may read.
+With GITHTTP_HANG=SECONDS it accepts connections but answers none until it has run that long,
+as a remote that hangs would.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import hmac
 import os
 import subprocess
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
-def make_handler(root: str, token: str) -> type[BaseHTTPRequestHandler]:
+def make_handler(root: str, token: str, answer_from: float = 0.0) -> type[BaseHTTPRequestHandler]:
     expected = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -31,8 +34,9 @@ def make_handler(root: str, token: str) -> type[BaseHTTPRequestHandler]:
             self.serve()
 
         def serve(self) -> None:
+            time.sleep(max(0.0, answer_from - time.monotonic()))
             given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            if token and not hmac.compare_digest(given.encode(), expected.encode()):
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="git"')
                 self.send_header("Content-Length", "0")
@@ -74,8 +78,9 @@ def make_handler(root: str, token: str) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> int:
-    root, port, token = sys.argv[1], int(sys.argv[2]), os.environ["GITHTTP_TOKEN"]
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(root, token))
+    root, port, token = sys.argv[1], int(sys.argv[2]), os.environ.get("GITHTTP_TOKEN", "")
+    answer_from = time.monotonic() + float(os.environ.get("GITHTTP_HANG", "0"))
+    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(root, token, answer_from))
     print("listening", flush=True)
     server.serve_forever()
     return 0

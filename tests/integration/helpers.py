@@ -221,6 +221,21 @@ def wait_serving(box: Sandbox, timeout: float = 60) -> dict[str, Any]:
                          f"{box.journal('-u', 'bluegreen*', '-n', '60')}")
 
 
+def kill_controller(box: Sandbox) -> None:
+    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
+    # The controller's process dies, as in a crash. (Killing the whole cgroup at once sometimes
+    # failed here with "Failed to send signal SIGKILL to auxiliary processes: Input/output
+    # error" from systemd, with nothing of bluegreen's making in the way.)
+    box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", "bluegreen.service")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
+        if now not in ("0", pid):
+            return
+        time.sleep(0.1)
+    raise AssertionError("systemd did not restart the killed controller")
+
+
 # --- HTTP, from inside the container's network namespace ---------------------------------
 
 @dataclass

@@ -3,9 +3,12 @@ goes on. The state directory is a 64 MiB tmpfs here, so that it can be filled.""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.integration.helpers import (
+    REPO,
     App,
     Load,
     busctl,
@@ -14,6 +17,7 @@ from tests.integration.helpers import (
     public,
     serving_app,
     wait_deployment,
+    wait_for_commit,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -30,8 +34,10 @@ def app(box: Sandbox) -> App:
         box.run("mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", STATE)
 
     fill = "test ! -e FILL || head -c 100000000 /dev/zero > filler"
+    # The refresher looks only when asked (Refresh): the tests deploy by themselves.
     return serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
-                       f'[release]\nbuild_command = "{fill}"\n', prepare=small_state_directory)
+                       f'[release]\nbuild_command = "{fill}"\n', repository="poll_interval = 3600\n",
+                       prepare=small_state_directory)
 
 
 def integrity(box: Sandbox) -> str:
@@ -88,3 +94,66 @@ def test_a_full_disk_refuses_the_deploy_and_keeps_serving(box: Sandbox, app: App
     record = wait_deployment(box, call(box, "Deploy", "s", ""))
     assert record["state"] == "succeeded", record
     assert int(record["id"]) > int(last)
+
+
+def fill_records_disk(box: Sandbox) -> None:
+    """Fill the disk so that the records cannot grow: their write-ahead log is emptied first
+    (a log with room left would take a few more writes)."""
+    box.run("python3", "-c", "import sqlite3; sqlite3.connect("
+            f"'{STATE}/bluegreen.db').execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()")
+    box.sh(f"head -c {free_bytes(box) + 4096} /dev/zero > {STATE}/filler || true")
+    assert free_bytes(box) == 0
+
+
+def journal_grep(box: Sandbox, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = box.journal("-u", "bluegreen.service", "-o", "cat", "--grep", text)
+        if text in found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in the journal:\n"
+                         + box.journal("-u", "bluegreen.service", "-n", "40"))
+
+
+def test_the_refresher_deploys_again_once_space_is_back(box: Sandbox, app: App) -> None:
+    wait_serving(box)
+    sha = app.commit("Pushed onto a full disk")
+    # Already fetched (a fetch would fail on the full disk before the deployment begins).
+    box.run("git", f"--git-dir={STATE}/repository.git", "fetch", "-q", REPO,
+            "+refs/heads/*:refs/remotes/origin/*")
+    fill_records_disk(box)
+    try:
+        call(box, "Refresh")
+        journal_grep(box, f"the refresher cannot deploy {sha[:12]}")
+    finally:
+        box.run("rm", "-f", f"{STATE}/filler")
+    call(box, "Refresh")
+    record = wait_for_commit(box, sha)
+    assert (record["trigger"], record["state"]) == ("refresher", "succeeded"), record
+    assert properties(box)["ActiveRelease"] == sha
+
+
+def test_recovery_goes_on_once_space_is_back(box: Sandbox, app: App) -> None:
+    before = wait_serving(box)
+    unit = f"bluegreen-app@{before['ActivePort']}.service"
+    fill_records_disk(box)
+    box.run("systemctl", "kill", "--signal=SIGSTOP", unit)
+    try:
+        try:
+            journal_grep(box, "recovery not started")
+        finally:
+            box.run("rm", "-f", f"{STATE}/filler")
+        deadline = time.monotonic() + 90
+        props = properties(box)
+        while props["ActivePort"] == before["ActivePort"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            props = properties(box)
+    finally:
+        box.run("systemctl", "kill", "--signal=SIGCONT", unit, check=False)
+    props = wait_serving(box)
+    assert props["ActivePort"] != before["ActivePort"]
+    assert props["ActiveRelease"] == before["ActiveRelease"]
+    record = call(box, "GetDeployment", "s", props["LastDeployment"])
+    assert (record["trigger"], record["state"]) == ("recovery", "succeeded"), record
+    assert public(box)["release"] == before["ActiveRelease"]

@@ -12,6 +12,8 @@ from tests.integration.helpers import (
     Load,
     call,
     deployment,
+    kill_controller,
+    properties,
     public,
     wait_deployment,
     wait_serving,
@@ -63,21 +65,6 @@ def wait_journal(box: Sandbox, message_id: str, timeout: float = 30) -> str:
         time.sleep(0.2)
     raise AssertionError(f"no journal entry {message_id}:\n"
                          + box.journal("-u", "bluegreen.service", "-n", "40"))
-
-
-def kill_controller(box: Sandbox) -> None:
-    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
-    # The controller's process dies, as in a crash. (Killing the whole cgroup at once sometimes
-    # failed here with "Failed to send signal SIGKILL to auxiliary processes: Input/output
-    # error" from systemd, with nothing of bluegreen's making in the way.)
-    box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", "bluegreen.service")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        now = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
-        if now not in ("0", pid):
-            return
-        time.sleep(0.1)
-    raise AssertionError("systemd did not restart the killed controller")
 
 
 def assert_one_release_serves(box: Sandbox, release: str) -> None:
@@ -133,3 +120,38 @@ def test_controller_killed_at_each_step(box: Sandbox, app: App, step: str) -> No
     # No lock is left behind: the next deploy runs.
     again = wait_deployment(box, call(box, "Deploy", "s", ""))
     assert again["state"] == "succeeded", again
+
+
+def test_recovery_tries_again_after_a_failed_redeploy(box: Sandbox, app: App) -> None:
+    """The first redeploy cannot start its instance; a later one, once it can, replaces the
+    unhealthy instance."""
+    box.run("systemctl", "start", "bluegreen.service")
+    before = wait_serving(box)
+    unit = f"bluegreen-app@{before['ActivePort']}.service"
+    refuse = "/etc/systemd/system/bluegreen-app@.service.d/refuse.conf"
+    box.write(refuse, "[Service]\nExecStartPre=/bin/false\n")
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "kill", "--signal=SIGSTOP", unit)
+    try:
+        deadline = time.monotonic() + 60
+        failed: list[dict[str, object]] = []
+        while not failed and time.monotonic() < deadline:
+            failed = [d for d in call(box, "ListDeployments", "u", "5")
+                      if int(d["id"]) > int(before["LastDeployment"]) and d["state"] == "failed"]
+            time.sleep(0.2)
+        assert failed and failed[0]["trigger"] == "recovery", failed
+    finally:
+        box.path(refuse).unlink()
+        box.run("systemctl", "daemon-reload")
+    deadline = time.monotonic() + 120
+    props = properties(box)
+    while props["ActivePort"] == before["ActivePort"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        props = properties(box)
+    box.run("systemctl", "kill", "--signal=SIGCONT", unit, check=False)
+    props = wait_serving(box)
+    record = deployment(box, props["LastDeployment"])
+    assert (record["trigger"], record["state"]) == ("recovery", "succeeded"), record
+    assert props["ActiveRelease"] == before["ActiveRelease"]
+    assert props["ActivePort"] != before["ActivePort"]
+    assert public(box)["release"] == before["ActiveRelease"]

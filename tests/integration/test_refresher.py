@@ -11,6 +11,7 @@ from tests.integration.helpers import (
     App,
     call,
     http,
+    kill_controller,
     properties,
     serving_app,
     wait_for_commit,
@@ -118,3 +119,32 @@ def test_an_unreachable_remote_backs_off_and_serving_goes_on(box: Sandbox, app: 
         time.sleep(0.5)
     assert properties(box)["RemoteError"] == ""
     assert "answers again" in box.journal("-u", "bluegreen.service", "-o", "cat", "--grep", "answers again")
+
+
+def test_a_pushed_commit_whose_deploy_was_interrupted_ships_after_the_restart(box: Sandbox,
+                                                                               app: App) -> None:
+    """The controller dies (SIGKILL) while it verifies a pushed commit: once systemd has
+    restarted it, the commit ships without another push."""
+    wait_for_commit(box, app.head())
+    wait_serving(box)
+    slow = app.commit("A build that takes a while", {"BUILD_FAILS": "sleep 6\n"})
+    deadline = time.monotonic() + 60
+    running: list[dict[str, object]] = []
+    while not running and time.monotonic() < deadline:
+        running = [d for d in deployments_of(box, slow) if d["state"] == "running"
+                   and [step[0] for step in d["steps"]][-1:] == ["verify"]]  # type: ignore[attr-defined]
+        time.sleep(0.1)
+    assert running, deployments_of(box, slow)
+    kill_controller(box)
+    wait_serving(box)  # the restarted controller answers (the old release serves)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records = deployments_of(box, slow)
+        if any(d["state"] == "succeeded" for d in records):
+            break
+        time.sleep(0.5)
+    states = sorted(str(d["state"]) for d in deployments_of(box, slow))
+    assert states == ["interrupted", "succeeded"], states
+    assert wait_serving(box)["ActiveRelease"] == slow
+    (app.work / "BUILD_FAILS").unlink()
+    app.commit("Builds fast again")

@@ -203,3 +203,39 @@ def test_a_rollback_needs_no_git_when_the_release_is_on_disk(box: Sandbox, app: 
     assert (record["trigger"], record["state"]) == ("rollback", "succeeded")
     assert record["subject"] == "Soon force-pushed away"
     assert public(box)["release"] == gone
+
+
+def active_forwarders(box: Sandbox) -> list[str]:
+    out = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
+                  "bluegreen-forward@*", "bluegreen-proxy@*").stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.strip())
+
+
+def test_a_switch_back_that_fails_leaves_the_truth_in_status(box: Sandbox, app: App) -> None:
+    """The old forwarder cannot start again (masked) when the operator asks for the switch
+    back: the new release goes on carrying the traffic, and the controller says so."""
+    before = deploy(box, app, "Before the failed switch-back")
+    old_forwarder = f"bluegreen-forward@{before['port']}.service"
+    new = app.commit("Switched to, and stays")
+    with Load(box, "--fast", "4", "--slow", "1") as load:
+        running = call(box, "Deploy", "s", "")
+        wait_for_step(box, running, "watch")
+        box.run("systemctl", "mask", "--runtime", old_forwarder)
+        try:
+            box.run("bluegreenctl", "rollback", "--no-wait")
+            record = wait_deployment(box, running)
+        finally:
+            box.run("systemctl", "unmask", "--runtime", old_forwarder)
+        assert record["state"] == "failed", record
+        assert f"{new[:12]} serves on port {record['port']}" in record["reason"], record["reason"]
+        props = wait_serving(box)
+        assert (props["ActiveRelease"], props["ActivePort"]) == (new, record["port"])
+        status = http(box, "GET", "/status")
+        assert status.body["release"] == new, status.body
+        assert json.loads(box.run("bluegreenctl", "status", "--json").stdout)["ActiveRelease"] == new
+        assert public(box)["release"] == new
+        assert active_forwarders(box) == [f"bluegreen-forward@{record['port']}.service"]
+        after = deploy(box, app, "After the failed switch-back")
+        assert active_forwarders(box) == [f"bluegreen-forward@{after['port']}.service"]
+        assert public(box)["release"] == after["commit"]
+    assert load.report["failed"] == 0, (load.report["failures_by_kind"], load.report["failures"][:5])

@@ -53,3 +53,18 @@ def test_a_failed_write_leaves_the_previous_record_intact(tmp_path: Path) -> Non
 def test_unknown_ids_raise_key_error(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         History(tmp_path / "db.sqlite").get(42)
+
+
+def test_prune_keeps_the_rollback_target_and_the_last_success(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    target = history.begin("main", Trigger.DBUS, commit="1" * 40)
+    history.save(finished(target, State.SUCCEEDED))
+    serving = history.begin("main", Trigger.DBUS, commit="2" * 40)
+    history.save(finished(serving, State.SUCCEEDED))
+    for _ in range(5):
+        history.save(finished(history.begin("main", Trigger.DBUS, commit="3" * 40), State.FAILED))
+    assert history.prune(2, serving="2" * 40) == 3
+    kept = [d.id for d in history.recent(10)]
+    assert target.id in kept and serving.id in kept and len(kept) == 4
+    rollback = history.rollback_target("2" * 40)
+    assert rollback is not None and rollback.id == target.id

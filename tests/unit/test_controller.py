@@ -1,0 +1,373 @@
+"""The controller's own logic against a stand-in for systemd: what serves after a failure past
+the switch, background tasks that end, the refresher's seen head, recovery that retries."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bluegreen import forwarder, health, instances, netstat, ports
+from bluegreen.config import Config
+from bluegreen.controller import Busy, Controller, Paths
+from bluegreen.deploy import DeployFailed, Serving
+from bluegreen.files import environment_file
+from bluegreen.history import Deployment, History, State, Step, Trigger
+from bluegreen.repository import Commit
+from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
+
+OLD, NEW = "a" * 40, "b" * 40
+OLD_PORT = 8001
+
+
+class FakeSystemd:
+    """Units and their active states; starts and stops succeed unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, str] = {}
+        self.refuse_start: set[str] = set()
+        self.unreadable: set[str] = set()
+
+    def active(self, pattern: str) -> list[str]:
+        return sorted(name for name, state in self.units.items()
+                      if state == "active" and fnmatch.fnmatch(name, pattern))
+
+    async def list_units(self, *patterns: str) -> list[UnitStatus]:
+        return [self._status(name) for name in self.units
+                if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+
+    async def status(self, unit: str) -> UnitStatus:
+        if unit in self.unreadable:
+            raise SystemdError(f"GetAll: {unit}: Connection timed out")
+        return self._status(unit)
+
+    def _status(self, unit: str) -> UnitStatus:
+        state = self.units.get(unit, "inactive")
+        return UnitStatus(unit, "loaded", state, "running" if state == "active" else "dead")
+
+    async def start_unit(self, unit: str, **_: Any) -> None:
+        if unit in self.refuse_start:
+            raise JobFailed(unit, "start", "failed", "masked")
+        self.units[unit] = "active"
+
+    async def stop_unit(self, unit: str, **_: Any) -> None:
+        if unit in self.units:
+            self.units[unit] = "inactive"
+
+    async def reset_failed(self, unit: str) -> None:
+        pass
+
+    async def set_properties(self, unit: str, properties: Any) -> None:
+        pass
+
+
+def write_instance_env(run_dir: Path, port: int, release: str, deployment_id: int) -> None:
+    path = instances.env_path(run_dir, port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(environment_file({"BLUEGREEN_RELEASE": release,
+                                      "BLUEGREEN_DEPLOYMENT_ID": str(deployment_id)}))
+
+
+class World:
+    """A controller whose old release serves on OLD_PORT, and the knobs of its deploys."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 systemd: FakeSystemd | None = None) -> None:
+        base = Config()
+        config = replace(base, repository=replace(base.repository, url="/srv/app.git", watch=False),
+                         health=replace(base.health, interval=0.01, unhealthy_threshold=2),
+                         drain_timeout=1.0, post_switch_watch=0.3)
+        self.systemd = systemd or FakeSystemd()
+        self.paths = Paths(state=tmp_path / "state", runtime=tmp_path / "run")
+        self.controller = Controller(config, self.systemd, self.paths)  # type: ignore[arg-type]
+        self.healthy = True
+        self.remote_head: str | None = NEW
+        self.patch(monkeypatch)
+        if systemd is not None:  # a restarted controller: it finds out for itself what serves
+            return
+        for sha in (OLD, NEW):
+            self.controller.releases.path(sha).mkdir(parents=True)
+        write_instance_env(self.paths.runtime, OLD_PORT, OLD, 1)
+        self.systemd.units[instances.unit(OLD_PORT)] = "active"
+        self.systemd.units[forwarder.unit(OLD_PORT)] = "active"
+        self.controller.serving = Serving(OLD_PORT, OLD)
+
+    def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        async def resolve(ref: str = "") -> Commit:
+            return Commit(ref or NEW, "subject", "author", 0)
+
+        async def remote_head() -> str | None:
+            return self.remote_head
+
+        class Verifier:
+            async def environment(self, release_dir: Path) -> None:
+                return None
+
+        async def wait_healthy(*_: Any) -> int:
+            return 1
+
+        async def probe(*_: Any) -> health.Probe:
+            return health.Probe(self.healthy, "HTTP 200" if self.healthy else "HTTP 500")
+
+        async def no_stranger(*_: Any) -> None:
+            return None
+
+        async def start_forwarder(systemd: FakeSystemd, port: int, public_port: int,
+                                  kind: Any = None, timeout: float = 10.0) -> None:
+            await systemd.start_unit(forwarder.unit(port))
+
+        monkeypatch.setattr(self.controller.repository, "resolve", resolve)
+        monkeypatch.setattr(self.controller.repository, "remote_head", remote_head)
+        monkeypatch.setattr(self.controller.deployer, "verifier", lambda record: Verifier())
+        monkeypatch.setattr(health, "wait_healthy", wait_healthy)
+        monkeypatch.setattr(health, "probe", probe)
+        monkeypatch.setattr(instances, "foreign_listener", no_stranger)
+        monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
+        monkeypatch.setattr(forwarder, "start", start_forwarder)
+        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
+        monkeypatch.setattr(netstat, "listeners", lambda port: [])
+        monkeypatch.setattr(ports, "pick", lambda *_: 8002)
+
+    async def deploy(self, sha: str = NEW, trigger: Trigger = Trigger.DBUS) -> Deployment:
+        record = await self.controller.request_deploy(sha, trigger)
+        task = self.controller._task
+        assert task is not None
+        await task
+        return self.controller.history.get(record.id)
+
+
+@pytest.fixture()
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    yield World(tmp_path, monkeypatch)
+
+
+def test_a_deploy_that_succeeds_serves_the_new_release(world: World) -> None:
+    record = asyncio.run(world.deploy())
+    assert record.state == State.SUCCEEDED
+    assert world.controller.serving == Serving(8002, NEW)
+    assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8002.service"]
+    assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
+
+
+def fail_switch_back(world: World) -> None:
+    world.healthy = False  # the watch sees it, and the switch back cannot start the old forwarder
+    world.systemd.refuse_start.add(forwarder.unit(OLD_PORT))
+
+
+def fail_watch_status(world: World) -> None:
+    world.systemd.unreadable.add(instances.unit(8002))
+
+
+def fail_drain_sock_diag(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(port: int) -> int:
+        raise OSError(105, "No buffer space available")
+    monkeypatch.setattr(netstat, "served_connections", refuse)
+
+
+@pytest.mark.parametrize("fault", ["switch-back-start", "watch-status", "drain-sock-diag"])
+def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           fault: str) -> None:
+    """The new forwarder carries the traffic: the controller must say so, and leave no other
+    forwarder or instance behind (the next deploy would otherwise split the traffic)."""
+    if fault == "switch-back-start":
+        fail_switch_back(world)
+    elif fault == "watch-status":
+        fail_watch_status(world)
+    else:
+        fail_drain_sock_diag(world, monkeypatch)
+
+    async def scenario() -> tuple[Deployment, Deployment]:
+        record = await world.deploy()
+        assert record.state == State.FAILED, record
+        assert "b" * 12 + " serves on port 8002" in record.reason, record.reason
+        assert world.controller.serving == Serving(8002, NEW)
+        assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8002.service"]
+        assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
+        # The next deploy starts from there: one forwarder again at its end.
+        world.healthy = True
+        world.systemd.unreadable.clear()
+        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
+        monkeypatch.setattr(ports, "pick", lambda *_: 8003)
+        return record, await world.deploy(OLD)
+
+    _, again = asyncio.run(scenario())
+    assert again.state == State.SUCCEEDED, again
+    assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8003.service"]
+    assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8003.service"]
+    assert not world.controller.fatal.is_set()
+
+
+def test_a_switch_back_that_works_keeps_the_old_release(world: World) -> None:
+    world.healthy = False
+    record = asyncio.run(world.deploy())
+    assert (record.state, record.failed_step) == (State.ROLLED_BACK, Step.WATCH)
+    assert world.controller.serving == Serving(OLD_PORT, OLD)
+    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+
+
+def test_a_background_task_that_fails_or_ends_stops_the_daemon(world: World) -> None:
+    async def scenario() -> tuple[bool, bool, bool]:
+        async def fails() -> None:
+            raise RuntimeError("boom")
+
+        async def ends() -> None:
+            return None
+
+        async def runs() -> None:
+            await asyncio.sleep(3600)
+
+        controller = world.controller
+        controller._spawn(ends(), "one-shot", forever=False)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after_one_shot = controller.fatal.is_set()
+        controller._spawn(fails(), "loop")
+        await asyncio.wait_for(controller.fatal.wait(), 5)
+        controller.fatal.clear()
+        controller._spawn(ends(), "loop")
+        await asyncio.wait_for(controller.fatal.wait(), 5)
+        ended = controller.fatal.is_set()
+        controller.fatal.clear()
+        controller._spawn(runs(), "loop")
+        await controller.stop()  # cancelled while stopping: nothing to report
+        await asyncio.sleep(0)
+        return after_one_shot, ended, controller.fatal.is_set()
+
+    assert asyncio.run(scenario()) == (False, True, False)
+
+
+def test_the_monitor_loop_dying_stops_the_daemon(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*_: Any) -> health.Probe:
+        raise ValueError("a bug in a probe")
+
+    monkeypatch.setattr(health, "probe", broken)
+
+    async def scenario() -> bool:
+        world.controller._spawn(world.controller.monitor.run(), "health-monitor")
+        await asyncio.wait_for(world.controller.fatal.wait(), 5)
+        await world.controller.stop()
+        return True
+
+    assert asyncio.run(scenario())
+
+
+def test_an_interrupted_deploy_of_a_pushed_head_is_retried_after_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = World(tmp_path, monkeypatch)
+    blocked = asyncio.Event()
+
+    async def hang(deployment: Deployment, serving: Serving | None) -> Deployment:
+        blocked.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def interrupted() -> str | None:
+        monkeypatch.setattr(first.controller.deployer, "deploy", hang)
+        head = await first.controller.refresher.poll()
+        await blocked.wait()
+        await first.controller.stop()  # the controller stops mid-deploy
+        return head
+
+    assert asyncio.run(interrupted()) == NEW
+    assert History(first.paths.database).newest_of(NEW).state == State.INTERRUPTED  # type: ignore[union-attr]
+
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)
+
+    async def restarted() -> tuple[str | None, State]:
+        await second.controller.start()
+        while second.controller._settling:  # the start-up's reconciliation, in the background
+            await asyncio.sleep(0.01)
+        head = await second.controller.refresher.poll()
+        task = second.controller._task
+        assert task is not None
+        await task
+        record = second.controller.history.newest_of(NEW)
+        assert record is not None
+        again = await second.controller.refresher.poll()  # now it has an outcome: left alone
+        await second.controller.stop()
+        assert again is None
+        return head, State(record.state)
+
+    assert asyncio.run(restarted()) == (NEW, State.SUCCEEDED)
+
+
+def test_a_failed_deploy_of_a_pushed_head_is_not_retried(world: World) -> None:
+    world.systemd.refuse_start.add(instances.unit(8002))
+
+    async def scenario() -> tuple[str | None, str | None]:
+        head = await world.controller.refresher.poll()
+        task = world.controller._task
+        assert task is not None
+        await task
+        return head, await world.controller.refresher.poll()
+
+    assert asyncio.run(scenario()) == (NEW, None)
+    assert world.controller.history.newest_of(NEW).state == State.FAILED  # type: ignore[union-attr]
+
+
+def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[int] = []
+    real_deploy = world.controller.deployer.deploy
+
+    async def first_fails(deployment: Deployment, serving: Serving | None) -> Deployment:
+        attempts.append(deployment.id)
+        if len(attempts) == 1:
+            raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")
+        return await real_deploy(deployment, serving)
+
+    monkeypatch.setattr(world.controller.deployer, "deploy", first_fails)
+
+    async def scenario() -> None:
+        world.controller.monitor.healthy = False
+        await world.controller._on_health_change(False, "3 failed checks in a row: HTTP 500")
+        recovery = world.controller._recovery
+        assert recovery is not None
+        await asyncio.wait_for(recovery, 30)
+
+    asyncio.run(scenario())
+    records = [world.controller.history.get(i) for i in attempts]
+    assert [(r.trigger, r.state) for r in records] == [(Trigger.RECOVERY, State.FAILED),
+                                                      (Trigger.RECOVERY, State.SUCCEEDED)]
+    assert world.controller.serving == Serving(8002, OLD)
+    assert world.controller.monitor.healthy
+
+
+def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
+    """Draining a stale forwarder can take drain_timeout: it happens after READY, and no
+    deployment starts meanwhile."""
+    world.systemd.units[instances.unit(8002)] = "active"
+    world.systemd.units[forwarder.unit(8002)] = "active"
+    write_instance_env(world.paths.runtime, 8002, NEW, 2)  # the newer deployment: it stays
+    drained = asyncio.Event()
+    stop_unit = world.systemd.stop_unit
+
+    async def slow_stop(unit: str, **options: Any) -> None:
+        if unit == forwarder.unit(OLD_PORT):
+            await drained.wait()
+        await stop_unit(unit, **options)
+
+    world.systemd.stop_unit = slow_stop  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        controller = world.controller
+        await asyncio.wait_for(controller.start(), 5)
+        assert controller.serving == Serving(8002, NEW)
+        assert controller.state == "starting"
+        with pytest.raises(Busy):
+            await controller.request_deploy("", Trigger.DBUS)
+        drained.set()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
+        assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002)]
+        assert controller.state == "serving"
+        await controller.stop()
+
+    asyncio.run(scenario())
