@@ -217,7 +217,8 @@ class Deployer:
         """
         avoid: set[int] = set()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = ports.pick(self.config.ports.range, await self.ports_in_use() | avoid)
+            in_use = await ports.of_units(self.systemd, (instances.PATTERN, *forwarder.PATTERNS))
+            port = ports.pick(self.config.ports.range, avoid.union(in_use))
             record = await self.report(replace(record, port=port), Step.START, port)
             instances.write_env(self.run_dir, self.instance_spec(port, env))
             try:
@@ -340,15 +341,6 @@ class Deployer:
     def app_environment(self, record: Deployment, release_dir: Path,
                         environment_dir: Path | None) -> dict[str, str]:
         return appenv.environment(self.config, record.commit, release_dir, environment_dir, record.id)
-
-    async def ports_in_use(self) -> set[int]:
-        """Ports of every loaded instance or forwarder unit, whatever its state."""
-        taken = set()
-        for status in await self.systemd.list_units(instances.PATTERN, *forwarder.PATTERNS):
-            port = instances.port_of(status.name) or forwarder.port_of(status.name)
-            if port is not None:
-                taken.add(port)
-        return taken
 
     def instance_spec(self, port: int, env: dict[str, str]) -> InstanceSpec:
         app = self.config.app

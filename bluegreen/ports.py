@@ -1,16 +1,29 @@
-"""Choosing the port of a new instance."""
+"""The ports of bluegreen's units, and choosing the port of a new instance."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
-from bluegreen import netstat
+from bluegreen import forwarder, instances, netstat
 from bluegreen.config import PortRange
+from bluegreen.systemd import Systemd
 
 
 class NoFreePort(Exception):
     pass
+
+
+async def of_units(systemd: Systemd, patterns: Sequence[str], *,
+                   running_only: bool = False) -> list[int]:
+    """The ports named by the instance and forwarder units that match ``patterns``, sorted:
+    of every loaded unit whatever its state, or of the running ones only."""
+    found = set()
+    for status in await systemd.list_units(*patterns):
+        port = instances.port_of(status.name) or forwarder.port_of(status.name)
+        if port is not None and (status.is_running or not running_only):
+            found.add(port)
+    return sorted(found)
 
 
 def pick(
