@@ -29,9 +29,9 @@ from bluegreen import (
     forwarder,
     health,
     instances,
-    netstat,
     ports,
     procfile,
+    sockdiag,
     transient,
     workers,
 )
@@ -227,7 +227,7 @@ class Deployer:
                 await instances.start(self.systemd, port)
                 return record
             except SystemdError:
-                taken = bool(netstat.listeners(port))
+                taken = bool(sockdiag.listeners(port))
                 await self.abandon(port, None)
                 if attempt == PORT_ATTEMPTS or not taken:
                     raise
@@ -353,7 +353,7 @@ class Deployer:
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:
     """Wait until nothing is connected to the server on ``port``; return what is left."""
     while True:
-        left = netstat.served_connections(port)
+        left = sockdiag.served_connections(port)
         if left == 0 or time.monotonic() >= deadline:
             return left
         await asyncio.sleep(poll)

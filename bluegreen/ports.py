@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Sequence
 
-from bluegreen import forwarder, instances, netstat
+from bluegreen import forwarder, instances, sockdiag
 from bluegreen.config import PortRange
 from bluegreen.systemd import Systemd
 
@@ -29,7 +29,7 @@ async def of_units(systemd: Systemd, patterns: Sequence[str], *,
 def pick(
     ports: PortRange,
     taken: Collection[int],
-    bindable: Callable[[int], bool] = netstat.bindable,
+    bindable: Callable[[int], bool] = sockdiag.bindable,
     rng: random.Random | None = None,
 ) -> int:
     """A random port of the range that no bluegreen unit uses and nobody has bound."""

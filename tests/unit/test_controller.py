@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import forwarder, health, instances, netstat, ports
+from bluegreen import forwarder, health, instances, ports, sockdiag
 from bluegreen.config import Config
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed, Serving
@@ -129,8 +129,8 @@ class World:
         monkeypatch.setattr(instances, "foreign_listener", no_stranger)
         monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
         monkeypatch.setattr(forwarder, "start", start_forwarder)
-        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
-        monkeypatch.setattr(netstat, "listeners", lambda port: [])
+        monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
+        monkeypatch.setattr(sockdiag, "listeners", lambda port: [])
         monkeypatch.setattr(ports, "pick", lambda *_: 8002)
 
     async def deploy(self, sha: str = NEW, trigger: Trigger = Trigger.DBUS) -> Deployment:
@@ -166,7 +166,7 @@ def fail_watch_status(world: World) -> None:
 def fail_drain_sock_diag(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(port: int) -> int:
         raise OSError(105, "No buffer space available")
-    monkeypatch.setattr(netstat, "served_connections", refuse)
+    monkeypatch.setattr(sockdiag, "served_connections", refuse)
 
 
 @pytest.mark.parametrize("fault", ["switch-back-start", "watch-status", "drain-sock-diag"])
@@ -192,7 +192,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
         # The next deploy starts from there: one forwarder again at its end.
         world.healthy = True
         world.systemd.unreadable.clear()
-        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
+        monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
         monkeypatch.setattr(ports, "pick", lambda *_: 8003)
         return record, await world.deploy(OLD)
 
