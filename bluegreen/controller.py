@@ -23,7 +23,7 @@ from bluegreen import config as configuration
 from bluegreen import forwarder, health, instances, procfile, reconcile, refresher, settings, workers
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
-from bluegreen.deploy import Deployer, DeployFailed, Serving, Unsettled
+from bluegreen.deploy import Deployer, DeployFailed, Unsettled
 from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.files import atomic_write
 from bluegreen.history import (
@@ -41,6 +41,7 @@ from bluegreen.log import MessageId, fields
 from bluegreen.metrics import Metrics
 from bluegreen.releases import Releases
 from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)

@@ -45,18 +45,11 @@ from bluegreen.procfile import Processes, ProcfileError
 from bluegreen.releases import Releases
 from bluegreen.repository import Repository, RepositoryError
 from bluegreen.run import CommandError
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
 from bluegreen.verify import Verifier, VerifyFailed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What the public port reaches: a release running on an instance port."""
-
-    port: int
-    release: str
 
 
 class DeployFailed(Exception):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from bluegreen import drainflag, forwarder, instances, ports, workers
 from bluegreen.config import Forwarder
-from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,11 @@ import pytest
 from bluegreen import forwarder, health, instances, ports, sockdiag
 from bluegreen.config import Config
 from bluegreen.controller import Busy, Controller, Paths
-from bluegreen.deploy import DeployFailed, Serving
+from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
 from bluegreen.history import Deployment, History, State, Step, Trigger
 from bluegreen.repository import Commit
+from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
 
 OLD, NEW = "a" * 40, "b" * 40
