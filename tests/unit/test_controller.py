@@ -49,7 +49,7 @@ class FakeSystemd:
 
     def _status(self, unit: str) -> UnitStatus:
         state = self.units.get(unit, "inactive")
-        return UnitStatus(unit, "loaded", state, "running" if state == "active" else "dead")
+        return UnitStatus(unit, state, "running" if state == "active" else "dead")
 
     async def start_unit(self, unit: str, **_: Any) -> None:
         if unit in self.refuse_start:

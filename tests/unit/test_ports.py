@@ -21,7 +21,7 @@ UNITS = {
 
 class Systemd:
     async def list_units(self, *patterns: str) -> list[UnitStatus]:
-        return [UnitStatus(name=name, load_state="loaded", active_state=state, sub_state="running")
+        return [UnitStatus(name=name, active_state=state, sub_state="running")
                 for name, state in UNITS.items()
                 if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
 
