@@ -186,14 +186,14 @@ class Deployer:
                 finally:
                     self.watching = False
                 if trouble:
-                    step = Step.ROLLBACK
+                    step = Step.SWITCH_BACK
                     record = await self.report(record, step, serving.port)
                     await self.switch_back(serving.port, new_port)
                     why = (self.switch_back_reason if self.switch_back_asked.is_set()
                            else f"unhealthy after the switch ({trouble})")
                     raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
                                        f"{serving.release[:12]} on port {serving.port}",
-                                       State.ROLLED_BACK)
+                                       State.SWITCHED_BACK)
             step = Step.WORKERS
             record = await self.swap_workers(record, processes, env)
             step = Step.STOP_OLD

@@ -207,7 +207,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
 def test_a_switch_back_that_works_keeps_the_old_release(world: World) -> None:
     world.healthy = False
     record = asyncio.run(world.deploy())
-    assert (record.state, record.failed_step) == (State.ROLLED_BACK, Step.WATCH)
+    assert (record.state, record.failed_step) == (State.SWITCHED_BACK, Step.WATCH)
     assert world.controller.serving == Serving(OLD_PORT, OLD)
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
 
