@@ -23,7 +23,7 @@ from bluegreen import config as configuration
 from bluegreen import forwarder, health, instances, procfile, reconcile, refresher, settings, workers
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
-from bluegreen.deploy import Deployer, DeployFailed, Serving, Unsettled
+from bluegreen.deploy import Deployer, DeployFailed, Unsettled
 from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.files import atomic_write
 from bluegreen.history import (
@@ -41,6 +41,7 @@ from bluegreen.log import MessageId, fields
 from bluegreen.metrics import Metrics
 from bluegreen.releases import Releases
 from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ _STEP_TEXT = {
     Step.SWITCH: "switching port {public} to port {port}",
     Step.DRAIN: "draining the old forwarder and instance on port {port}",
     Step.WATCH: "watching the new release on port {port}",
-    Step.ROLLBACK: "switching port {public} back to the old instance on port {port}",
+    Step.SWITCH_BACK: "switching port {public} back to the old instance on port {port}",
     Step.WORKERS: "starting the workers of {commit}, stopping the old ones",
     Step.STOP_OLD: "stopping the old instance {instance}",
 }
@@ -338,7 +339,7 @@ class Controller:
             record = finished(self.current or deployment, exc.state,
                               failed_step=exc.step, reason=exc.reason)
             log.error("deployment %d %s at %s: %s", record.id,
-                      "rolled back" if exc.state == State.ROLLED_BACK else "failed", exc.step,
+                      "switched back" if exc.state == State.SWITCHED_BACK else "failed", exc.step,
                       exc.reason,
                       extra=fields(message_id=MessageId.DEPLOY_FAILED, deployment_id=record.id,
                                    release=record.commit, port=record.port or None,
@@ -450,7 +451,7 @@ class Controller:
             commit=record.commit[:12], instance=instances.unit(port), port=port,
             health=self.config.app.health_path, public=self.config.ports.public)
         unit = forwarder.unit(port, self.config.forwarder) \
-            if step in (Step.SWITCH, Step.DRAIN, Step.ROLLBACK) else instances.unit(port)
+            if step in (Step.SWITCH, Step.DRAIN, Step.SWITCH_BACK) else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,
                  extra=fields(deployment_id=record.id, release=record.commit, step=step,
                               port=port or None, unit=unit if port else None))

@@ -29,9 +29,9 @@ from bluegreen import (
     forwarder,
     health,
     instances,
-    netstat,
     ports,
     procfile,
+    sockdiag,
     transient,
     workers,
 )
@@ -45,18 +45,11 @@ from bluegreen.procfile import Processes, ProcfileError
 from bluegreen.releases import Releases
 from bluegreen.repository import Repository, RepositoryError
 from bluegreen.run import CommandError
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
 from bluegreen.verify import Verifier, VerifyFailed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What the public port reaches: a release running on an instance port."""
-
-    port: int
-    release: str
 
 
 class DeployFailed(Exception):
@@ -193,14 +186,14 @@ class Deployer:
                 finally:
                     self.watching = False
                 if trouble:
-                    step = Step.ROLLBACK
+                    step = Step.SWITCH_BACK
                     record = await self.report(record, step, serving.port)
                     await self.switch_back(serving.port, new_port)
                     why = (self.switch_back_reason if self.switch_back_asked.is_set()
                            else f"unhealthy after the switch ({trouble})")
                     raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
                                        f"{serving.release[:12]} on port {serving.port}",
-                                       State.ROLLED_BACK)
+                                       State.SWITCHED_BACK)
             step = Step.WORKERS
             record = await self.swap_workers(record, processes, env)
             step = Step.STOP_OLD
@@ -217,7 +210,8 @@ class Deployer:
         """
         avoid: set[int] = set()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = ports.pick(self.config.ports.range, await self.ports_in_use() | avoid)
+            in_use = await ports.of_units(self.systemd, (instances.PATTERN, *forwarder.PATTERNS))
+            port = ports.pick(self.config.ports.range, avoid.union(in_use))
             record = await self.report(replace(record, port=port), Step.START, port)
             instances.write_env(self.run_dir, self.instance_spec(port, env))
             try:
@@ -226,7 +220,7 @@ class Deployer:
                 await instances.start(self.systemd, port)
                 return record
             except SystemdError:
-                taken = bool(netstat.listeners(port))
+                taken = bool(sockdiag.listeners(port))
                 await self.abandon(port, None)
                 if attempt == PORT_ATTEMPTS or not taken:
                     raise
@@ -341,15 +335,6 @@ class Deployer:
                         environment_dir: Path | None) -> dict[str, str]:
         return appenv.environment(self.config, record.commit, release_dir, environment_dir, record.id)
 
-    async def ports_in_use(self) -> set[int]:
-        """Ports of every loaded instance or forwarder unit, whatever its state."""
-        taken = set()
-        for status in await self.systemd.list_units(instances.PATTERN, *forwarder.PATTERNS):
-            port = instances.port_of(status.name) or forwarder.port_of(status.name)
-            if port is not None:
-                taken.add(port)
-        return taken
-
     def instance_spec(self, port: int, env: dict[str, str]) -> InstanceSpec:
         app = self.config.app
         return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
@@ -361,7 +346,7 @@ class Deployer:
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:
     """Wait until nothing is connected to the server on ``port``; return what is left."""
     while True:
-        left = netstat.served_connections(port)
+        left = sockdiag.served_connections(port)
         if left == 0 or time.monotonic() >= deadline:
             return left
         await asyncio.sleep(poll)

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from bluegreen import netstat
+from bluegreen import sockdiag
 from bluegreen.config import Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
@@ -92,7 +92,7 @@ def listen_address(public_address: str, ipv6: bool = True, served: tuple[str, ..
 def served_addresses(port: int) -> tuple[str, ...]:
     """The addresses listeners on ``port`` are bound to now."""
     try:
-        return tuple(sorted({sock.local_address for sock in netstat.listeners(port)}))
+        return tuple(sorted({sock.local_address for sock in sockdiag.listeners(port)}))
     except OSError as exc:
         log.warning("cannot list the listeners of port %d: %s", port, exc)
         return ()
@@ -129,12 +129,12 @@ async def start(systemd: Systemd, port: int, public_port: int, kind: Forwarder =
     socket: it is the one that was not there before the start.
     """
     name = unit(port, kind)
-    before = {s.inode for s in netstat.listeners(public_port)}
+    before = {s.inode for s in sockdiag.listeners(public_port)}
     await systemd.reset_failed(name)
     await systemd.start_unit(name)
     deadline = time.monotonic() + timeout
     polls = 0
-    while not {s.inode for s in netstat.listeners(public_port)} - before:
+    while not {s.inode for s in sockdiag.listeners(public_port)} - before:
         polls += 1
         if polls % 20 == 0:
             status = await systemd.status(name)

@@ -15,7 +15,7 @@ if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
 Only the listeners socat's main process holds are closed, found by their inodes in
 /proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Before that, new
 connections are steered to the new listener through a copy of socat's descriptor (pidfd_getfd
-and a one-instruction reuseport BPF program, see netstat.prefer_second_listener): a listener
+and a one-instruction reuseport BPF program, see sockdiag.prefer_second_listener): a listener
 closed while the kernel completes a handshake on it can lose that connection, and a moment
 later it has none left. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the
 listener is shut down through that copy (shutdown(SHUT_RD)), which closes it the same way.
@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 
-from bluegreen import cgroup, netstat
+from bluegreen import cgroup, sockdiag
 
 POLL = 0.02
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
@@ -66,7 +66,7 @@ def copy_socket(pid: int, fd: int) -> socket.socket:
 
 def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
     """Send new connections to the new forwarder's listener rather than to ``fd`` of ``pid``,
-    then give the handshakes already begun on it netstat.STEER_GRACE to complete.
+    then give the handshakes already begun on it sockdiag.STEER_GRACE to complete.
 
     Returns a copy of the listener (None if it could not be had) and what was done.
     """
@@ -75,19 +75,19 @@ def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
     except OSError as exc:
         return None, f"not steered ({exc.strerror})"
     try:
-        netstat.prefer_second_listener(copy)
+        sockdiag.prefer_second_listener(copy)
     except OSError as exc:
         return copy, f"not steered ({exc.strerror})"
-    time.sleep(netstat.STEER_GRACE)
+    time.sleep(sockdiag.STEER_GRACE)
     return copy, "new connections steered to the new listener"
 
 
-def close_listener(pid: int, sock: netstat.TcpSocket, fd: int) -> str:
+def close_listener(pid: int, sock: sockdiag.TcpSocket, fd: int) -> str:
     """Close one listener of ``pid`` without signalling it; return how (for the journal)."""
     copy, how = steer_away(pid, fd)
     try:
         try:
-            netstat.destroy(sock)
+            sockdiag.destroy(sock)
             return f"{how}, then destroyed (sock_diag)"
         except OSError as exc:
             destroy_error = exc.strerror or str(exc)
@@ -110,11 +110,11 @@ def close_listeners(pid: int, done: set[int]) -> None:
     Raises OSError when one cannot be closed from the kernel side.
     """
     try:
-        fds = netstat.socket_fds(pid)
+        fds = sockdiag.socket_fds(pid)
     except (FileNotFoundError, ProcessLookupError):
         return  # socat has exited
-    listening = netstat.sockets(1 << netstat.TcpState.LISTEN)
-    for sock in netstat.held_by(listening, fds.keys() - done):
+    listening = sockdiag.sockets(1 << sockdiag.TcpState.LISTEN)
+    for sock in sockdiag.held_by(listening, fds.keys() - done):
         how = close_listener(pid, sock, fds[sock.inode])
         done.add(sock.inode)
         log(f"listener {sock.local_address}:{sock.local_port} (socket {sock.inode}) {how}")

@@ -6,6 +6,7 @@ Every change is one transaction, so a crash or a full disk leaves the previous c
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class HistoryError(Exception):
@@ -24,7 +27,7 @@ class State(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
+    SWITCHED_BACK = "switched-back"  # after the switch, traffic went back to the old instance
     INTERRUPTED = "interrupted"
 
 
@@ -50,7 +53,7 @@ class Step(StrEnum):
     SWITCH = "switch"
     DRAIN = "drain"
     WATCH = "watch"
-    ROLLBACK = "rollback"
+    SWITCH_BACK = "switch-back"
     WORKERS = "workers"
     STOP_OLD = "stop-old"
 
@@ -126,6 +129,11 @@ _COLUMNS = ("id, ref, trigger, state, started_at, commit_sha, subject, author, p
             "previous_port, previous_release, finished_at, failed_step, reason, steps")
 
 
+# The former names of the switch back's state and step.
+_FORMER_STATE = "rolled-back"
+_FORMER_STEP = "rollback"
+
+
 def _row(row: tuple[Any, ...]) -> Deployment:
     (id_, ref, trigger, state, started_at, commit, subject, author, port, previous_port,
      previous_release, finished_at, failed_step, reason, steps) = row
@@ -146,6 +154,30 @@ class History:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA journal_size_limit=1048576")  # the WAL shrinks back after checkpoints
         self.db.executescript(SCHEMA)
+        try:
+            self._rename_switch_back()
+        except HistoryError as exc:
+            log.warning("%s; records keep the old step and state names until the next start", exc)
+
+    def _rename_switch_back(self) -> None:
+        """Give records of the automatic switch back written under its former name, the one of
+        a redeploy of an older release (step "rollback", state "rolled-back"), its own name."""
+        query = ("SELECT id, state, failed_step, steps FROM deployments "
+                 "WHERE state = ? OR failed_step = ? OR steps LIKE ?")
+        old = (_FORMER_STATE, _FORMER_STEP, f'%"{_FORMER_STEP}"%')
+        if self.db.execute(query, old).fetchone() is None:
+            return
+        with self._transaction() as db:
+            for id_, state, failed_step, steps in db.execute(query, old).fetchall():
+                timings = json.loads(steps)
+                for timing in timings:
+                    if timing["step"] == _FORMER_STEP:
+                        timing["step"] = str(Step.SWITCH_BACK)
+                db.execute(
+                    "UPDATE deployments SET state = ?, failed_step = ?, steps = ? WHERE id = ?",
+                    (str(State.SWITCHED_BACK) if state == _FORMER_STATE else state,
+                     str(Step.SWITCH_BACK) if failed_step == _FORMER_STEP else failed_step,
+                     json.dumps(timings), id_))
 
     def close(self) -> None:
         self.db.close()

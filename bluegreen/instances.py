@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import drainflag, netstat
+from bluegreen import drainflag, sockdiag
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
 
@@ -104,7 +104,7 @@ async def failure(systemd: Systemd, port: int) -> str | None:
 async def foreign_listener(systemd: Systemd, port: int) -> str | None:
     """Why 127.0.0.1:port is not served by the instance's own processes (None if it is)."""
     status = await systemd.status(unit(port))
-    listening = netstat.listeners(port)
+    listening = sockdiag.listeners(port)
     if not listening:
         return f"nothing listens on port {port}"
     strangers = [s for s in listening if status.uid < 0 or s.uid != status.uid]

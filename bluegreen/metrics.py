@@ -51,7 +51,7 @@ class Metrics:
             if step.finished is not None:
                 self.step_sum[step.step] = self.step_sum.get(step.step, 0.0) + step.finished - step.started
                 self.step_count[step.step] += 1
-        if record.state == State.ROLLED_BACK:
+        if record.state == State.SWITCHED_BACK:
             self.rollbacks["automatic"] += 1
         if record.trigger == Trigger.ROLLBACK and record.state == State.SUCCEEDED:
             self.rollbacks["manual"] += 1

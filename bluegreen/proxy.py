@@ -26,7 +26,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from bluegreen import netstat
+from bluegreen import sockdiag
 
 BUFFER = 256 * 1024
 
@@ -146,15 +146,15 @@ class Proxy:
         """Stop listening, wait for the connections in flight; return how many were cut.
 
         New connections go to the new forwarder's listener first, and this one keeps accepting
-        for netstat.STEER_GRACE, so that no handshake is in progress on it when it closes (see
-        netstat.prefer_second_listener).
+        for sockdiag.STEER_GRACE, so that no handshake is in progress on it when it closes (see
+        sockdiag.prefer_second_listener).
         """
         if self.listener is not None and not self.failed:
             try:
-                netstat.prefer_second_listener(self.listener)
+                sockdiag.prefer_second_listener(self.listener)
             except OSError as exc:
                 print(f"drain: new connections not steered away ({exc.strerror})", file=sys.stderr)
-            await asyncio.sleep(netstat.STEER_GRACE)
+            await asyncio.sleep(sockdiag.STEER_GRACE)
         if self.listener is not None:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()  # the kernel moves what is queued to the other listener

@@ -10,25 +10,16 @@ are recorded as interrupted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bluegreen import drainflag, forwarder, instances, workers
+from bluegreen import drainflag, forwarder, instances, ports, workers
 from bluegreen.config import Forwarder
-from bluegreen.deploy import Serving
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
+from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
-
-
-async def running_ports(systemd: Systemd, patterns: Sequence[str],
-                        port_of: Callable[[str], int | None]) -> list[int]:
-    """The ports named by the running units that match ``patterns``."""
-    ports = [port_of(status.name) for status in await systemd.list_units(*patterns)
-             if status.is_running]
-    return sorted(port for port in ports if port is not None)
 
 
 def mark_interrupted(history: History) -> None:
@@ -47,8 +38,8 @@ async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
     """What serves, as systemd runs it: the running forwarder whose instance runs and was
     started by the newest deployment. Changes nothing."""
     # Forwarders that run: normally one, two when the controller died during a switch.
-    targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
-    running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
+    targets = await ports.of_units(systemd, forwarder.PATTERNS, running_only=True)
+    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
@@ -65,8 +56,8 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None) -> No
     """Leave only ``serving``: drain-stop every other forwarder, stop every other instance and
     the workers of every other release."""
     keep = serving.port if serving is not None else None
-    targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
-    running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
+    targets = await ports.of_units(systemd, forwarder.PATTERNS, running_only=True)
+    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
     if keep is not None:
         # A controller that died during a switch may leave the kept forwarder still starting:
         # let it finish (joining its start job) before the others stop listening.

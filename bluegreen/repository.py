@@ -149,9 +149,6 @@ class Repository:
             raise UnknownRef(f"branch {self.branch!r} does not exist in {self.public_url}")
         raise UnknownRef(f"{ref!r} is no branch, tag or commit of {self.public_url}")
 
-    async def has_commit(self, sha: str) -> bool:
-        return (self.mirror / "HEAD").exists() and await self._rev_parse(sha) is not None
-
     async def commit(self, sha: str) -> Commit:
         out = await self._git("log", "-1", "--format=%H%x00%s%x00%an <%ae>%x00%ct",
                               "--end-of-options", sha)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from bluegreen import netstat
+from bluegreen import sockdiag
 from bluegreen.config import Applies, Config, ConfigError, ListenAddress, changed
 from bluegreen.history import History, HistoryError
 from bluegreen.systemd import Systemd, SystemdError
@@ -66,7 +66,7 @@ async def api_socket_pending(systemd: Systemd, listen: ListenAddress) -> bool:
     if state != "active":
         return False  # stopped on purpose: it binds what it says when started
     return not any(_same_host(sock.local_address, listen.host)
-                   for sock in netstat.listeners(listen.port))
+                   for sock in sockdiag.listeners(listen.port))
 
 
 def _same_host(bound: str, host: str) -> bool:

@@ -85,15 +85,11 @@ class JobFailed(SystemdError):
 @dataclass(frozen=True)
 class UnitStatus:
     name: str
-    load_state: str
     active_state: str
     sub_state: str
     result: str = ""
-    main_pid: int = 0
     exec_main_status: int = 0
     exec_main_code: int = 0
-    control_group: str = ""
-    active_enter_timestamp: int = 0
     uid: int = -1  # the user its processes run as (dynamic users included); -1: unknown
 
     @property
@@ -264,15 +260,11 @@ class Systemd:
 
         return UnitStatus(
             name=unit,
-            load_state=value(props, "LoadState", ""),
             active_state=value(props, "ActiveState", ""),
             sub_state=value(props, "SubState", ""),
             result=value(service, "Result", ""),
-            main_pid=value(service, "MainPID", 0),
             exec_main_status=value(service, "ExecMainStatus", 0),
             exec_main_code=value(service, "ExecMainCode", 0),
-            control_group=value(service, "ControlGroup", ""),
-            active_enter_timestamp=value(props, "ActiveEnterTimestamp", 0),
             uid=_uid(value(service, "UID", 0xFFFFFFFF)),
         )
 
@@ -287,7 +279,7 @@ class Systemd:
     async def list_units(self, *patterns: str) -> list[UnitStatus]:
         """Loaded units matching the glob patterns, whatever their state."""
         (units,) = await self._manager("ListUnitsByPatterns", "asas", [], list(patterns))
-        return [UnitStatus(name=u[0], load_state=u[2], active_state=u[3], sub_state=u[4])
+        return [UnitStatus(name=u[0], active_state=u[3], sub_state=u[4])
                 for u in units]
 
 

@@ -20,7 +20,7 @@ VERBS = (status, deploy, rollback, history, show, logs, reload)
 EPILOG = """\
 exit status:
   0  success
-  1  the deployment failed (the old release serves), or the call failed
+  1  the deployment failed or was switched back (the old release serves), or the call failed
   2  bad usage, or a ref or target that names nothing
   3  the configuration file is broken (reload): nothing changed
   4  no such deployment

@@ -21,8 +21,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(records)
         return 0
-    print(f"{'ID':>5}  {'STARTED':19}  {'STATE':11}  {'COMMIT':12}  {'TRIGGER':9}  {'PORT':>5}  REASON")
+    print(f"{'ID':>5}  {'STARTED':19}  {'STATE':13}  {'COMMIT':12}  {'TRIGGER':9}  {'PORT':>5}  REASON")
     for r in records:
-        print(f"{r['id']:>5}  {timestamp(r['started_at']):19}  {r['state']:11}  {r['commit'][:12]:12}  "
+        print(f"{r['id']:>5}  {timestamp(r['started_at']):19}  {r['state']:13}  {r['commit'][:12]:12}  "
               f"{r['trigger']:9}  {r['port'] or '-':>5}  {r['reason']}")
     return 0

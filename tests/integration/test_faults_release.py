@@ -74,7 +74,7 @@ def test_a_faulty_release_never_receives_traffic(box: Sandbox, app: App, case: s
     app.revert_to(good, f"Undo {case}")
 
 
-def test_a_release_that_dies_after_the_switch_is_rolled_back(box: Sandbox, app: App) -> None:
+def test_a_release_that_dies_after_the_switch_is_switched_back(box: Sandbox, app: App) -> None:
     before = wait_serving(box)
     app.commit("Dies after the switch")
     with Load(box, "--fast", "3", "--slow", "1") as load:
@@ -90,15 +90,15 @@ def test_a_release_that_dies_after_the_switch_is_rolled_back(box: Sandbox, app: 
             assert time.monotonic() < deadline + 30
             time.sleep(0.1)
     record = deployment(box, deploying)
-    assert record["state"] == "rolled-back", record
+    assert record["state"] == "switched-back", record
     assert "unhealthy after the switch" in record["reason"]
     after = properties(box)
     assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
-    rollback = next(started for step, started, _ in record["steps"] if step == "rollback")
+    switch_back = next(started for step, started, _ in record["steps"] if step == "switch-back")
     back = record["finished_at"] - killed
     failed = load.report["failed"]
     print(f"\nthe new release died; traffic was back on the old one {back:.2f} s later "
-          f"(rollback began {rollback - killed:.2f} s after the kill); requests failed meanwhile: "
+          f"(the switch-back began {switch_back - killed:.2f} s after the kill); requests failed meanwhile: "
           f"{failed} of {load.report['requests']} {load.report['failures_by_kind']}")
     assert back < 5
     # Requests failed only while the dead instance had the traffic.

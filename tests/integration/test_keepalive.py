@@ -180,7 +180,7 @@ def test_switch_back_keeps_connections_alive_again(box: Sandbox, serving: App) -
     print(f"\nswitch back: {report['requests']} requests, {report['failed']} failed, "
           f"{report['connection_close_responses']} responses with Connection: close; releases "
           f"seen by each busy client: {[[s[0] for s in c['segments']] for c in report['clients']]}")
-    assert record["state"] == "rolled-back", record
+    assert record["state"] == "switched-back", record
     assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
     for client in report["clients"]:
         if client["kind"] == "busy":  # moved to the souring release, then back

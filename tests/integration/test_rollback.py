@@ -91,21 +91,21 @@ def test_bad_rollback_targets_change_nothing(box: Sandbox, app: App, body: str, 
                                                                  before["ActiveRelease"])
 
 
-def test_a_release_that_sours_after_the_switch_is_rolled_back(box: Sandbox, app: App) -> None:
+def test_a_release_that_sours_after_the_switch_is_switched_back(box: Sandbox, app: App) -> None:
     before = wait_serving(box)
     original = (app.work / "app.py").read_text()
     sour = app.commit("Sours after the switch", {"app.py": SOURS_AFTER_START})
     try:
         with Load(box, "--fast", "4", "--slow", "1") as load:
             record = wait_deployment(box, call(box, "Deploy", "s", sour))
-        assert record["state"] == "rolled-back", record
+        assert record["state"] == "switched-back", record
         assert record["failed_step"] == "watch"
         assert "HTTP 500" in record["reason"] and before["ActiveRelease"][:12] in record["reason"]
         steps = [s[0] for s in record["steps"]]
-        assert steps[-3:] == ["drain", "watch", "rollback"]
-        rollback_started = record["steps"][-1][1]
+        assert steps[-3:] == ["drain", "watch", "switch-back"]
+        switch_back_started = record["steps"][-1][1]
         # A figure, not a bound: the step includes stopping the soured instance.
-        print(f"switch-back step took {record['finished_at'] - rollback_started:.2f} s")
+        print(f"switch-back step took {record['finished_at'] - switch_back_started:.2f} s")
         after = properties(box)
         assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"],
                                                                  before["ActivePort"])
@@ -158,7 +158,7 @@ def test_a_rollback_during_the_watch_switches_back_at_once(box: Sandbox, app: Ap
         record = wait_deployment(box, running)
     assert load.report["failed"] == 0, load.report["failures_by_kind"]
     assert result.stdout.strip() == running  # the watched deployment ends; no new one starts
-    assert record["state"] == "rolled-back", record
+    assert record["state"] == "switched-back", record
     assert "switched back by the operator (user root (uid 0) over cli)" in record["reason"], record
     assert properties(box)["ActiveRelease"] == before["commit"]
     assert properties(box)["LastDeployment"] == running

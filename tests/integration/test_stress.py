@@ -59,7 +59,7 @@ end
 # the new listener was there, when the old unit had stopped, and how the old unit ended.
 SWITCHER = """\
 import json, subprocess, sys, time
-from bluegreen import netstat
+from bluegreen import sockdiag
 
 kind = sys.argv[1]
 old, new, count, public = (int(arg) for arg in sys.argv[2:6])
@@ -70,11 +70,11 @@ def systemctl(*args):
     return subprocess.run(["systemctl", *args], check=True, capture_output=True, text=True).stdout
 
 for number in range(count):
-    before = {s.inode for s in netstat.listeners(public)}
+    before = {s.inode for s in sockdiag.listeners(public)}
     begin = time.time()
     systemctl("start", unit(new))
     deadline = time.monotonic() + 10
-    while not {s.inode for s in netstat.listeners(public)} - before:
+    while not {s.inode for s in sockdiag.listeners(public)} - before:
         if time.monotonic() > deadline:
             sys.exit(f"{unit(new)} does not listen after 10 s")
         time.sleep(0.002)

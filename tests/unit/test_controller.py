@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from bluegreen import forwarder, health, instances, netstat, ports
+from bluegreen import forwarder, health, instances, ports, sockdiag
 from bluegreen.config import Config
 from bluegreen.controller import Busy, Controller, Paths
-from bluegreen.deploy import DeployFailed, Serving
+from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
 from bluegreen.history import Deployment, History, State, Step, Trigger
 from bluegreen.repository import Commit
+from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
 
 OLD, NEW = "a" * 40, "b" * 40
@@ -48,7 +49,7 @@ class FakeSystemd:
 
     def _status(self, unit: str) -> UnitStatus:
         state = self.units.get(unit, "inactive")
-        return UnitStatus(unit, "loaded", state, "running" if state == "active" else "dead")
+        return UnitStatus(unit, state, "running" if state == "active" else "dead")
 
     async def start_unit(self, unit: str, **_: Any) -> None:
         if unit in self.refuse_start:
@@ -129,8 +130,8 @@ class World:
         monkeypatch.setattr(instances, "foreign_listener", no_stranger)
         monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
         monkeypatch.setattr(forwarder, "start", start_forwarder)
-        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
-        monkeypatch.setattr(netstat, "listeners", lambda port: [])
+        monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
+        monkeypatch.setattr(sockdiag, "listeners", lambda port: [])
         monkeypatch.setattr(ports, "pick", lambda *_: 8002)
 
     async def deploy(self, sha: str = NEW, trigger: Trigger = Trigger.DBUS) -> Deployment:
@@ -166,7 +167,7 @@ def fail_watch_status(world: World) -> None:
 def fail_drain_sock_diag(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(port: int) -> int:
         raise OSError(105, "No buffer space available")
-    monkeypatch.setattr(netstat, "served_connections", refuse)
+    monkeypatch.setattr(sockdiag, "served_connections", refuse)
 
 
 @pytest.mark.parametrize("fault", ["switch-back-start", "watch-status", "drain-sock-diag"])
@@ -192,7 +193,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
         # The next deploy starts from there: one forwarder again at its end.
         world.healthy = True
         world.systemd.unreadable.clear()
-        monkeypatch.setattr(netstat, "served_connections", lambda port: 0)
+        monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
         monkeypatch.setattr(ports, "pick", lambda *_: 8003)
         return record, await world.deploy(OLD)
 
@@ -206,7 +207,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
 def test_a_switch_back_that_works_keeps_the_old_release(world: World) -> None:
     world.healthy = False
     record = asyncio.run(world.deploy())
-    assert (record.state, record.failed_step) == (State.ROLLED_BACK, Step.WATCH)
+    assert (record.state, record.failed_step) == (State.SWITCHED_BACK, Step.WATCH)
     assert world.controller.serving == Serving(OLD_PORT, OLD)
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
 

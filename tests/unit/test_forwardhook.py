@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bluegreen import forwardhook, netstat
-from tests.unit.test_netstat import needs_net_admin
+from bluegreen import forwardhook, sockdiag
+from tests.unit.test_sockdiag import needs_net_admin
 
 # A stand-in for socat: listens (SO_REUSEPORT) on a port of its own, blocks in accept(), and
 # exits with the errno accept() fails with.
@@ -61,26 +61,26 @@ def test_the_old_listener_is_destroyed_and_its_owner_leaves_by_itself(
         acceptor: subprocess.Popen[str], sibling: socket.socket) -> None:
     needs_net_admin()
     port = sibling.getsockname()[1]
-    (old,) = [s.inode for s in netstat.listeners(port) if s.inode != inode_of(sibling)]
+    (old,) = [s.inode for s in sockdiag.listeners(port) if s.inode != inode_of(sibling)]
     closed: set[int] = set()
     forwardhook.close_listeners(acceptor.pid, closed)
     assert closed == {old}
     assert acceptor.wait(timeout=10) == errno.EINVAL  # no signal: accept() failed
-    assert [s.inode for s in netstat.listeners(port)] == [inode_of(sibling)]
+    assert [s.inode for s in sockdiag.listeners(port)] == [inode_of(sibling)]
     forwardhook.close_listeners(acceptor.pid, closed)  # nothing left to do, no error
 
 
 def test_without_sock_destroy_the_listener_is_shut_down_through_a_copy(
         acceptor: subprocess.Popen[str], sibling: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unsupported(sock: netstat.TcpSocket, attempts: int = 64) -> None:
+    def unsupported(sock: sockdiag.TcpSocket, attempts: int = 64) -> None:
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
-    monkeypatch.setattr(netstat, "destroy", unsupported)
+    monkeypatch.setattr(sockdiag, "destroy", unsupported)
     closed: set[int] = set()
     forwardhook.close_listeners(acceptor.pid, closed)
     assert len(closed) == 1
     assert acceptor.wait(timeout=10) == errno.EINVAL
-    assert [s.inode for s in netstat.listeners(sibling.getsockname()[1])] == [inode_of(sibling)]
+    assert [s.inode for s in sockdiag.listeners(sibling.getsockname()[1])] == [inode_of(sibling)]
 
 
 def test_copy_socket_refuses_a_socket_that_does_not_listen() -> None:
@@ -92,8 +92,8 @@ def test_copy_socket_refuses_a_socket_that_does_not_listen() -> None:
 def test_the_old_listener_gets_no_new_connection_once_steered(
         acceptor: subprocess.Popen[str], sibling: socket.socket) -> None:
     port = sibling.getsockname()[1]
-    fds = netstat.socket_fds(acceptor.pid)
-    (old,) = netstat.held_by(netstat.listeners(port), fds)
+    fds = sockdiag.socket_fds(acceptor.pid)
+    (old,) = sockdiag.held_by(sockdiag.listeners(port), fds)
     copy, how = forwardhook.steer_away(acceptor.pid, fds[old.inode])
     assert copy is not None and how == "new connections steered to the new listener"
     copy.close()
@@ -113,7 +113,7 @@ def test_when_no_way_works_close_listeners_says_why(
     def refused(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(netstat, "destroy", refused)
+    monkeypatch.setattr(sockdiag, "destroy", refused)
     monkeypatch.setattr(forwardhook, "copy_socket", refused)
     with pytest.raises(OSError) as failed:
         forwardhook.close_listeners(acceptor.pid, set())

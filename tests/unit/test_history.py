@@ -68,3 +68,31 @@ def test_prune_keeps_the_rollback_target_and_the_last_success(tmp_path: Path) ->
     assert target.id in kept and serving.id in kept and len(kept) == 4
     rollback = history.rollback_target("2" * 40)
     assert rollback is not None and rollback.id == target.id
+
+
+def test_records_of_a_switch_back_under_its_former_name_read_back_under_the_new_one(
+        tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    switched = history.begin("main", Trigger.DBUS, commit="1" * 40)
+    for step, now in ((Step.SWITCH, 1.0), (Step.DRAIN, 2.0), (Step.WATCH, 3.0), (Step.SWITCH_BACK, 4.0)):
+        switched = with_step(switched, step, now=now)
+    history.save(finished(switched, State.SWITCHED_BACK, failed_step=Step.WATCH, reason="sick", now=5.0))
+    unsettled = with_step(history.begin("main", Trigger.CLI, commit="2" * 40), Step.SWITCH_BACK, now=6.0)
+    history.save(finished(unsettled, State.FAILED, failed_step=Step.SWITCH_BACK, reason="masked", now=7.0))
+    rollback = history.begin("1" * 40, Trigger.ROLLBACK, commit="1" * 40)
+    history.save(finished(with_step(rollback, Step.START, now=8.0), State.SUCCEEDED, now=9.0))
+    history.db.execute("UPDATE deployments SET state = 'rolled-back' WHERE state = 'switched-back'")
+    history.db.execute("UPDATE deployments SET failed_step = 'rollback' WHERE failed_step = 'switch-back'")
+    history.db.execute("UPDATE deployments SET steps = replace(steps, '\"switch-back\"', '\"rollback\"')")
+    history.close()
+
+    again = History(tmp_path / "db.sqlite")
+    first, second, third = (again.get(record.id) for record in (switched, unsettled, rollback))
+    assert (first.state, first.failed_step, first.reason) == (State.SWITCHED_BACK, Step.WATCH, "sick")
+    assert [(s.step, s.started, s.finished) for s in first.steps] == [
+        ("switch", 1.0, 2.0), ("drain", 2.0, 3.0), ("watch", 3.0, 4.0), ("switch-back", 4.0, 5.0)]
+    assert (second.state, second.failed_step) == (State.FAILED, Step.SWITCH_BACK)
+    assert [s.step for s in second.steps] == ["switch-back"]
+    assert (third.trigger, third.state, [s.step for s in third.steps]) == (
+        Trigger.ROLLBACK, State.SUCCEEDED, ["start"])
+    assert not again.db.in_transaction

@@ -13,13 +13,13 @@ def record(state: State, trigger: Trigger, duration: float) -> Deployment:
 def test_prometheus_text() -> None:
     metrics = Metrics()
     metrics.deployment_finished(record(State.SUCCEEDED, Trigger.REFRESHER, 3.0))
-    metrics.deployment_finished(record(State.ROLLED_BACK, Trigger.CLI, 12.0))
+    metrics.deployment_finished(record(State.SWITCHED_BACK, Trigger.CLI, 12.0))
     metrics.deployment_finished(record(State.SUCCEEDED, Trigger.ROLLBACK, 4.0))
     metrics.health_check_failures = 7
     text = metrics.render("a" * 40, 8123, True)
     lines = set(text.splitlines())
     assert 'bluegreen_deployments_total{result="succeeded",trigger="refresher"} 1' in lines
-    assert 'bluegreen_deployments_total{result="rolled-back",trigger="cli"} 1' in lines
+    assert 'bluegreen_deployments_total{result="switched-back",trigger="cli"} 1' in lines
     assert 'bluegreen_deploy_duration_seconds_bucket{le="5"} 2' in lines
     assert 'bluegreen_deploy_duration_seconds_bucket{le="+Inf"} 3' in lines
     assert "bluegreen_deploy_duration_seconds_sum 19" in lines

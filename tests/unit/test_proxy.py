@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from bluegreen import netstat
+from bluegreen import sockdiag
 from bluegreen.proxy import Proxy
-from tests.unit.test_netstat import needs_net_admin
+from tests.unit.test_sockdiag import needs_net_admin
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
 try:
@@ -42,7 +42,7 @@ async def accept_then_drain(clients: list[socket.socket], iterations: int) -> in
         client.connect(("127.0.0.1", port))  # completed by the kernel, queued on the listener
         client.sendall(b"ping")
         client.shutdown(socket.SHUT_WR)  # the whole request: the relay ends once answered
-    while netstat.listeners(port)[0].rx_queue:
+    while sockdiag.listeners(port)[0].rx_queue:
         await asyncio.sleep(0)
     for _ in range(iterations):
         await asyncio.sleep(0)
@@ -81,8 +81,8 @@ def test_a_listener_closed_under_the_proxy_stops_it() -> None:
         proxy = Proxy(0, 9, on_failure=stopped.set)
         await proxy.start()
         assert proxy.listener is not None
-        (listener,) = netstat.listeners(proxy.listener.getsockname()[1])
-        netstat.destroy(listener)
+        (listener,) = sockdiag.listeners(proxy.listener.getsockname()[1])
+        sockdiag.destroy(listener)
         await asyncio.wait_for(stopped.wait(), 5)
         assert await proxy.drain(1) == 0
         return proxy
@@ -109,14 +109,14 @@ def test_at_max_connections_the_proxy_stops_accepting_until_one_ends() -> None:
         for _ in range(50):
             await asyncio.sleep(0.01)
         assert len(proxy.connections) == 2 and proxy.full
-        assert netstat.listeners(port)[0].rx_queue == 1  # the third waits in the queue
+        assert sockdiag.listeners(port)[0].rx_queue == 1  # the third waits in the queue
         first_reader, first_writer = clients[0]
         first_writer.write_eof()
         assert await first_reader.read() == b"ok"
         for _ in range(50):
             await asyncio.sleep(0.01)
         assert len(proxy.connections) == 2  # the third took the place of the first
-        assert netstat.listeners(port)[0].rx_queue == 0
+        assert sockdiag.listeners(port)[0].rx_queue == 0
         for reader, writer in clients[1:]:
             writer.write_eof()
             assert await reader.read() == b"ok"

@@ -55,7 +55,7 @@ def test_a_failed_job_names_the_unit_and_its_reason(monkeypatch: pytest.MonkeyPa
     systemd.bus.add_message_handler(systemd._on_message)
 
     async def status(unit: str) -> UnitStatus:
-        return UnitStatus(unit, "loaded", "failed", "failed", result="exit-code", exec_main_status=4)
+        return UnitStatus(unit, "failed", "failed", result="exit-code", exec_main_status=4)
 
     monkeypatch.setattr(systemd, "status", status)
     with pytest.raises(JobFailed, match=r"start of x\.service ended with job result 'failed': "

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import netstat, ports
+from bluegreen import ports, sockdiag
 from bluegreen.config import PortRange
-from bluegreen.netstat import TcpSocket, TcpState
+from bluegreen.sockdiag import TcpSocket, TcpState
 
 
 def test_listeners_and_connections_of_real_sockets() -> None:
@@ -17,26 +17,26 @@ def test_listeners_and_connections_of_real_sockets() -> None:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert not netstat.bindable(port)
-        (listener,) = netstat.listeners(port)
+        assert not sockdiag.bindable(port)
+        (listener,) = sockdiag.listeners(port)
         assert listener.state == TcpState.LISTEN and listener.local_address == "127.0.0.1"
         assert listener.uid == os.getuid() and listener.inode > 0
-        assert netstat.served_connections(port) == 0
+        assert sockdiag.served_connections(port) == 0
         with socket.create_connection(("127.0.0.1", port)) as client:
-            assert netstat.listeners(port)[0].rx_queue == 1  # waiting to be accepted
+            assert sockdiag.listeners(port)[0].rx_queue == 1  # waiting to be accepted
             conn, _ = server.accept()
-            assert netstat.served_connections(port) == 1
+            assert sockdiag.served_connections(port) == 1
             # the client's own socket is on another local port: not counted for this one
-            assert netstat.served_connections(client.getsockname()[1]) == 1
+            assert sockdiag.served_connections(client.getsockname()[1]) == 1
             conn.close()
-    assert netstat.listeners(port) == []
+    assert sockdiag.listeners(port) == []
 
 
 def test_ipv6_listeners_are_seen() -> None:
     with socket.socket(socket.AF_INET6) as server:
         server.bind(("::1", 0))
         server.listen()
-        (listener,) = netstat.listeners(server.getsockname()[1])
+        (listener,) = sockdiag.listeners(server.getsockname()[1])
         assert listener.local_address == "::1"
 
 
@@ -50,7 +50,7 @@ def test_the_port_filter_excludes_neighbours() -> None:
             b.listen()
         except OSError:
             return  # the neighbour port is taken by someone else; nothing to compare
-        assert [s.local_port for s in netstat.listeners(port)] == [port]
+        assert [s.local_port for s in sockdiag.listeners(port)] == [port]
 
 
 def test_pick_avoids_taken_and_bound_ports() -> None:
@@ -94,10 +94,10 @@ def reuseport_listener(port: int = 0, address: str = "127.0.0.1") -> socket.sock
 
 
 def test_parse_socket_link() -> None:
-    assert netstat.parse_socket_link("socket:[123456]") == 123456
+    assert sockdiag.parse_socket_link("socket:[123456]") == 123456
     for other in ("pipe:[123456]", "anon_inode:[eventpoll]", "/dev/null", "socket:[]", "socket:[12a]",
                   "socket:123"):
-        assert netstat.parse_socket_link(other) is None, other
+        assert sockdiag.parse_socket_link(other) is None, other
 
 
 def test_held_by_keeps_only_the_sockets_of_the_given_inodes() -> None:
@@ -105,16 +105,16 @@ def test_held_by_keeps_only_the_sockets_of_the_given_inodes() -> None:
         return TcpSocket("0.0.0.0", 5000, "0.0.0.0", 0, TcpState.LISTEN, 0, 999, inode, 0, inode + 100)
 
     old, new, unknown = listener(11), listener(22), listener(0)
-    assert netstat.held_by([old, new, unknown], {11, 33}) == [old]
-    assert netstat.held_by([old, new, unknown], {0}) == []  # a socket without inode is nobody's
-    assert netstat.held_by([old, new], []) == []
+    assert sockdiag.held_by([old, new, unknown], {11, 33}) == [old]
+    assert sockdiag.held_by([old, new, unknown], {0}) == []  # a socket without inode is nobody's
+    assert sockdiag.held_by([old, new], []) == []
 
 
 def test_an_inet_diag_message_gives_interface_and_cookie() -> None:
-    raw = netstat._MESSAGE.pack(socket.AF_INET, TcpState.LISTEN, 0, 0, (5000).to_bytes(2, "big"),
+    raw = sockdiag._MESSAGE.pack(socket.AF_INET, TcpState.LISTEN, 0, 0, (5000).to_bytes(2, "big"),
                                 (0).to_bytes(2, "big"), socket.inet_aton("127.0.0.1").ljust(16, b"\0"),
                                 bytes(16), 3, 0x1234_5678_9ABC, 0, 7, 1024, 999, 4242)
-    sock = netstat._socket(netstat._MESSAGE.unpack(raw))
+    sock = sockdiag._socket(sockdiag._MESSAGE.unpack(raw))
     assert sock == TcpSocket("127.0.0.1", 5000, "0.0.0.0", 0, TcpState.LISTEN, 7, 999, 4242, 3,
                              0x1234_5678_9ABC)
     assert sock.family == socket.AF_INET
@@ -123,33 +123,33 @@ def test_an_inet_diag_message_gives_interface_and_cookie() -> None:
 
 def test_a_destroy_request_names_the_socket_by_addresses_and_cookie() -> None:
     sock = TcpSocket("127.0.0.1", 5000, "0.0.0.0", 0, TcpState.LISTEN, 0, 999, 4242, 3, 0x1234_5678_9ABC)
-    request = netstat.destroy_request(sock, remote_port=7, sequence=9)
-    length, kind, flags, sequence, _pid = netstat._NLMSGHDR.unpack_from(request)
-    assert (length, kind, sequence) == (len(request), netstat.SOCK_DESTROY, 9)
-    assert flags == netstat.NLM_F_REQUEST | netstat.NLM_F_ACK
-    header = netstat._NLMSGHDR.size
-    family, protocol, _ext, _pad, _states, sockid = netstat._REQUEST.unpack_from(request, header)
+    request = sockdiag.destroy_request(sock, remote_port=7, sequence=9)
+    length, kind, flags, sequence, _pid = sockdiag._NLMSGHDR.unpack_from(request)
+    assert (length, kind, sequence) == (len(request), sockdiag.SOCK_DESTROY, 9)
+    assert flags == sockdiag.NLM_F_REQUEST | sockdiag.NLM_F_ACK
+    header = sockdiag._NLMSGHDR.size
+    family, protocol, _ext, _pad, _states, sockid = sockdiag._REQUEST.unpack_from(request, header)
     assert (family, protocol) == (socket.AF_INET, socket.IPPROTO_TCP)
-    sport, dport, src, dst = netstat._SOCKET_ID.unpack_from(sockid)
+    sport, dport, src, dst = sockdiag._SOCKET_ID.unpack_from(sockid)
     assert (sport, dport) == (5000, 7)  # ports in network order, the remote one replaced
     assert src == socket.inet_aton("127.0.0.1") + bytes(12) and dst == bytes(16)
-    assert netstat._SOCKET_ID_TAIL.unpack_from(sockid, netstat._SOCKET_ID.size) == (3, 0x1234_5678_9ABC)
+    assert sockdiag._SOCKET_ID_TAIL.unpack_from(sockid, sockdiag._SOCKET_ID.size) == (3, 0x1234_5678_9ABC)
     six = TcpSocket("::1", 5000, "::", 0, TcpState.LISTEN, 0, 999, 1, 0, 1)
-    assert netstat._REQUEST.unpack_from(netstat.destroy_request(six, 0), netstat._NLMSGHDR.size)[0] \
+    assert sockdiag._REQUEST.unpack_from(sockdiag.destroy_request(six, 0), sockdiag._NLMSGHDR.size)[0] \
         == socket.AF_INET6
 
 
 def test_socket_fds_lists_this_process_sockets_by_inode() -> None:
     with reuseport_listener() as server:
-        fds = netstat.socket_fds(os.getpid())
+        fds = sockdiag.socket_fds(os.getpid())
         assert fds[os.fstat(server.fileno()).st_ino] == server.fileno()
-        (listener,) = netstat.held_by(netstat.listeners(server.getsockname()[1]), fds)
+        (listener,) = sockdiag.held_by(sockdiag.listeners(server.getsockname()[1]), fds)
         assert listener.inode == os.fstat(server.fileno()).st_ino and listener.cookie != 0
 
 
 def test_socket_fds_of_a_process_that_is_gone() -> None:
     with pytest.raises(FileNotFoundError):
-        netstat.socket_fds(2**22 + 1)  # above pid_max's highest possible value
+        sockdiag.socket_fds(2**22 + 1)  # above pid_max's highest possible value
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::"])
@@ -162,10 +162,10 @@ def test_destroy_closes_exactly_the_listener_named_among_reuseport_siblings(addr
     try:
         for victim in (group[2], group[0], group[3], group[1]):
             inode = os.fstat(victim.fileno()).st_ino
-            before = {s.inode for s in netstat.listeners(port)}
-            (target,) = [s for s in netstat.listeners(port) if s.inode == inode]
-            netstat.destroy(target)
-            assert {s.inode for s in netstat.listeners(port)} == before - {inode}
+            before = {s.inode for s in sockdiag.listeners(port)}
+            (target,) = [s for s in sockdiag.listeners(port) if s.inode == inode]
+            sockdiag.destroy(target)
+            assert {s.inode for s in sockdiag.listeners(port)} == before - {inode}
             victim.settimeout(1)
             with pytest.raises(OSError) as failed:
                 victim.accept()  # what socat's blocked accept() gets
@@ -178,6 +178,6 @@ def test_destroy_closes_exactly_the_listener_named_among_reuseport_siblings(addr
 def test_destroy_of_a_socket_that_is_gone() -> None:
     needs_net_admin()
     with reuseport_listener() as server:
-        (listener,) = netstat.listeners(server.getsockname()[1])
+        (listener,) = sockdiag.listeners(server.getsockname()[1])
     with pytest.raises(FileNotFoundError):
-        netstat.destroy(listener, attempts=4)
+        sockdiag.destroy(listener, attempts=4)
