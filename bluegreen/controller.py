@@ -571,7 +571,8 @@ class Controller:
         except forwarder.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
         self.releases.remove_incomplete()
-        self.serving = await reconcile(self.systemd, self.paths.runtime, self.history)
+        self.serving = await reconcile(self.systemd, self.paths.runtime, self.history,
+                                       self.config.drain_timeout)
         if self.serving is not None:
             await self._adopt_workers(self.serving)
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="health-monitor"))

@@ -1,7 +1,8 @@
 """Reconciliation: after a start (a crash, an upgrade, a reboot), adopt what systemd runs.
 
-Exactly one forwarder and its instance may serve: the forwarder whose instance runs and was
-started by the newest deployment. Every other forwarder is drain-stopped, every other instance
+Exactly one forwarder target and its instance may serve: the target (a forwarder unit, or a
+server of haproxy's that takes requests) whose instance runs and was started by the newest
+deployment. Every other target is drain-stopped, every other instance
 and the workers of every other release stopped, and deployments a dead controller left running
 are recorded as interrupted.
 """
@@ -30,7 +31,8 @@ async def running_ports(systemd: Systemd, patterns: Sequence[str],
     return sorted(port for port in ports if port is not None)
 
 
-async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Serving | None:
+async def reconcile(systemd: Systemd, run_dir: Path, history: History,
+                    drain_timeout: float) -> Serving | None:
     try:
         interrupted = history.mark_interrupted("the controller stopped during this deployment")
     except HistoryError as exc:
@@ -40,15 +42,15 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
         log.warning("deployment %d was interrupted (the controller stopped at step %s)", record.id,
                     record.steps[-1].step if record.steps else "resolve",
                     extra=fields(deployment_id=record.id, release=record.commit))
-    # Forwarders that run: normally one, two when the controller died during a switch.
-    targets = await running_ports(systemd, forwarder.PATTERNS, forwarder.port_of)
+    # Normally one target, two when the controller died during a switch.
+    targets = await forwarder.targets(systemd, run_dir)
     running = await running_ports(systemd, (instances.PATTERN,), instances.port_of)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
         return int(value) if value.isdigit() else 0
 
-    live = [port for port in targets if port in running]
+    live = [port for port, taking in targets.items() if taking and port in running]
     keep = max(live, key=deployment_of) if live else None
     if keep is not None:
         # A controller that died during a switch may leave the kept forwarder still starting:
@@ -59,7 +61,10 @@ async def reconcile(systemd: Systemd, run_dir: Path, history: History) -> Servin
     for port in targets:
         if port != keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
-            await forwarder.drain_stop(systemd, port)
+            try:
+                await forwarder.drain_stop(systemd, run_dir, port, drain_timeout)
+            except forwarder.ForwarderError as exc:
+                log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:
         if port != keep:
             log.warning("stopping the orphaned instance on port %d", port,

@@ -27,8 +27,10 @@ def health():
 
 @app.get("/request")
 def request_seen():
-    """What the app believes about the request: its scheme and the client's address."""
-    return jsonify(scheme=request.scheme, remote_addr=request.remote_addr)
+    """What the app believes about the request: its scheme and the client's address (the
+    peer's, and the one a forwarder reports in X-Forwarded-For)."""
+    return jsonify(scheme=request.scheme, remote_addr=request.remote_addr,
+                   forwarded_for=request.headers.getlist("X-Forwarded-For"))
 
 
 @app.get("/slow")
