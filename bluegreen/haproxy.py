@@ -99,7 +99,9 @@ def serving_config(port: int) -> str:
     return f"""\
 # Written by bluegreen: the instance the public port reaches when haproxy starts.
 backend {BACKEND}
-    balance roundrobin
+    # Every request to the ready server of the lowest id, never two at once: a switch (new one
+    # ready, then the old one draining) moves each client once, never back and forth.
+    balance first
     server {server_name(port)} 127.0.0.1:{port}
 """
 

@@ -39,6 +39,8 @@ def test_the_client_cannot_choose_its_forwarded_headers() -> None:
 def test_the_serving_file_names_the_instance() -> None:
     text = haproxy.serving_config(8123)
     assert "backend app" in text and "server p8123 127.0.0.1:8123" in text
+    # Not round robin: with two servers ready during a switch, a client would go back and forth.
+    assert "balance first" in text
 
 
 def test_forwarder_env_writes_haproxys_listener_too(tmp_path: Path) -> None:
