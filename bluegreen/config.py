@@ -50,6 +50,7 @@ class Forwarder(StrEnum):
 
     SOCAT = "socat"
     PROXY = "proxy"
+    HAPROXY = "haproxy"
 
 
 @dataclass(frozen=True)
@@ -447,8 +448,10 @@ KEYS: tuple[Key, ...] = (
     Key("release", "keep", _integer(1, 1000),
         "Releases kept on disk, besides the serving one and the rollback target."),
     Key(None, "forwarder", _choice(Forwarder),
-        "What carries the public port to the instance: \"socat\" (a process per connection) or "
-        "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections)."),
+        "What carries the public port to the instance: \"socat\" (a process per connection), "
+        "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections) or "
+        "\"haproxy\" (Debian's haproxy, HTTP-aware: keep-alive clients move at their next "
+        "request, X-Forwarded-For, slow clients held off the app)."),
     Key(None, "drain_timeout", _number(0, 600),
         "Seconds the old release gets to finish its in-flight requests after the switch."),
     Key(None, "post_switch_watch", _number(0, 3600),

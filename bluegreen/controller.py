@@ -368,7 +368,8 @@ class Controller:
         serves, keep only it, and say which."""
         try:
             self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
-            await reconcile.settle(self.systemd, self.paths.runtime, self.serving)
+            await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
+                                   self.config.drain_timeout)
             if self.serving is not None:
                 await self._adopt_workers(self.serving)
         except Exception:
@@ -657,7 +658,8 @@ class Controller:
 
     async def _settle(self) -> None:
         try:
-            await reconcile.settle(self.systemd, self.paths.runtime, self.serving)
+            await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
+                                   self.config.drain_timeout)
             if self.serving is not None:
                 await self._adopt_workers(self.serving)
         finally:

@@ -152,7 +152,7 @@ class Deployer:
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
-            await forwarder.start(self.systemd, new_port, self.config.ports.public,
+            await forwarder.start(self.systemd, self.run_dir, new_port, self.config.ports.public,
                                   self.config.forwarder)
         except _STEP_ERRORS as exc:
             await self.abandon(new_port, staging)
@@ -234,8 +234,8 @@ class Deployer:
         record = await self.report(record, Step.DRAIN, old_port)
         deadline = time.monotonic() + self.config.drain_timeout
         try:
-            await forwarder.drain_stop(self.systemd, old_port)
-        except SystemdError as exc:
+            await forwarder.drain_stop(self.systemd, self.run_dir, old_port, self.config.drain_timeout)
+        except (SystemdError, ForwarderError) as exc:
             log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
                       extra=fields(deployment_id=record.id, port=old_port))
         left = await wait_until_idle(old_port, deadline)
@@ -279,10 +279,11 @@ class Deployer:
     async def switch_back(self, old_port: int, new_port: int) -> None:
         """Point the public port at the old instance again and retire the new one."""
         drainflag.clear(self.run_dir, old_port)
-        await forwarder.start(self.systemd, old_port, self.config.ports.public, self.config.forwarder)
+        await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
+                              self.config.forwarder)
         drainflag.put(self.run_dir, new_port)
         try:
-            await forwarder.drain_stop(self.systemd, new_port)
+            await forwarder.drain_stop(self.systemd, self.run_dir, new_port, self.config.drain_timeout)
         finally:
             await self.abandon(new_port, None)
 
@@ -340,7 +341,7 @@ class Deployer:
         return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
                             worker_class=app.worker_class, app_environment=env,
                             drain_file=drainflag.path(self.run_dir, port),
-                            forwarded_allow_ips=app.forwarded_allow_ips)
+                            forwarded_allow_ips=forwarder.trusted_proxies(self.config))
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

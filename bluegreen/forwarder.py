@@ -1,9 +1,12 @@
 """The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
-(socat, the default) or bluegreen-proxy@PORT.service (the built-in one, see proxy.py).
+(socat, the default), bluegreen-proxy@PORT.service (the built-in one, see proxy.py), or one
+bluegreen-haproxy.service for every port (see haproxy.py).
 
-Retargeting never closes the public port: the new forwarder starts listening beside the old
-one (SO_REUSEPORT), then the old one is stopped with a drain (see forwardhook.py). That needs
-net.ipv4.tcp_migrate_req=1, or the kernel resets the connections queued on the old listener.
+Retargeting never closes the public port. The TCP forwarders: the new one starts listening
+beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
+forwardhook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets the connections
+queued on the old listener. HAProxy keeps its listener: its runtime API adds the new instance
+and drains the old one. Whatever the kind, a switch is ``start`` then ``drain_stop``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import socket
 import time
 from pathlib import Path
 
-from bluegreen import sockdiag
-from bluegreen.config import Forwarder, PortsConfig
+from bluegreen import haproxy, sockdiag
+from bluegreen.config import Config, Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file
 from bluegreen.systemd import Systemd
 
@@ -35,12 +38,21 @@ class ForwarderError(Exception):
 
 
 def unit(port: int, kind: Forwarder = Forwarder.SOCAT) -> str:
-    return _TEMPLATE[kind].format(port)
+    return haproxy.UNIT if kind == Forwarder.HAPROXY else _TEMPLATE[kind].format(port)
 
 
 def port_of(name: str) -> int | None:
     match = _NAME.fullmatch(name)
     return int(match[1]) if match else None
+
+
+def trusted_proxies(config: Config) -> str:
+    """Whom the instances believe the X-Forwarded-* headers from (gunicorn's
+    --forwarded-allow-ips): app.forwarded_allow_ips, or haproxy on 127.0.0.1, which sets them
+    itself; a TCP forwarder passes on whatever the client sent, so then nobody by default."""
+    if config.app.forwarded_allow_ips or config.forwarder != Forwarder.HAPROXY:
+        return config.app.forwarded_allow_ips
+    return "127.0.0.1"
 
 
 def ensure_migrate_req(path: Path = MIGRATE_REQ) -> bool:
@@ -118,17 +130,27 @@ def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> str:
         "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
         "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
     }))
+    haproxy.write_config(run_dir, address, public_port, max_connections, drain_timeout)
     return address
 
 
-async def start(systemd: Systemd, port: int, public_port: int, kind: Forwarder = Forwarder.SOCAT,
-                timeout: float = 10.0) -> None:
-    """Start the forwarder to ``port``; return once it listens on the public port.
+async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
+                kind: Forwarder = Forwarder.SOCAT, timeout: float = 10.0) -> None:
+    """Make the public port reach ``port``; return once new connections get there.
 
-    Forwarders share one (dynamic) user, so the new listener is told from the old one by its
-    socket: it is the one that was not there before the start.
+    A running haproxy is switched over its runtime API. A forwarder unit that starts is
+    waited for until it listens: forwarders share one (dynamic) user, so the new listener is
+    told from the old one by its socket, the one that was not there before the start.
     """
     name = unit(port, kind)
+    if kind == Forwarder.HAPROXY:
+        haproxy.write_serving(run_dir, port)  # what it serves should it (re)start
+        if (await systemd.status(name)).is_running:
+            try:
+                await haproxy.switch(haproxy.RuntimeApi(run_dir), port)
+            except haproxy.HaproxyError as exc:
+                raise ForwarderError(str(exc)) from None
+            return
     before = {s.inode for s in sockdiag.listeners(public_port)}
     await systemd.reset_failed(name)
     await systemd.start_unit(name)
@@ -147,9 +169,48 @@ async def start(systemd: Systemd, port: int, public_port: int, kind: Forwarder =
         await asyncio.sleep(0.002)
 
 
-async def drain_stop(systemd: Systemd, port: int) -> None:
-    """Stop the forwarder to ``port`` (of either kind) after the requests it carries finish."""
-    for kind in Forwarder:
+async def targets(systemd: Systemd, run_dir: Path) -> dict[int, bool]:
+    """The instance ports forwarders reach now, each with whether new connections get there
+    (not so for a server haproxy drains)."""
+    found = {port: True for port in await _running_ports(systemd)}
+    if (await systemd.status(haproxy.UNIT)).is_running:
+        try:
+            servers = await haproxy.RuntimeApi(run_dir).servers()
+        except haproxy.HaproxyError as exc:
+            log.error("%s: its servers are not known", exc)
+            servers = {}
+        for server in servers.values():
+            found[server.port] = found.get(server.port, False) or server.ready
+    return found
+
+
+async def _running_ports(systemd: Systemd) -> list[int]:
+    ports = (port_of(status.name) for status in await systemd.list_units(*PATTERNS)
+             if status.is_running)
+    return [port for port in ports if port is not None]
+
+
+async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float) -> None:
+    """Stop forwarding to ``port`` (whatever the kind) once the requests it carries are done,
+    or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    for kind in _TEMPLATE:
         await systemd.stop_unit(unit(port, kind))
         await systemd.reset_failed(unit(port, kind))
-
+    if not (await systemd.status(haproxy.UNIT)).is_running:
+        return
+    api = haproxy.RuntimeApi(run_dir)
+    try:
+        servers = await api.servers()
+        if haproxy.server_name(port) not in servers:
+            return
+        if any(server.ready for server in servers.values() if server.port != port):
+            await haproxy.retire(api, port, deadline)
+            return
+    except haproxy.HaproxyError as exc:
+        raise ForwarderError(str(exc)) from None
+    # The public port has moved to another kind of forwarder: haproxy goes, letting the
+    # requests in flight finish (its stop signal is a soft stop).
+    await systemd.stop_unit(haproxy.UNIT)
+    await systemd.reset_failed(haproxy.UNIT)
+    await systemd.stop_unit(haproxy.SOCKET_UNIT)

@@ -1,8 +1,9 @@
 """Reconciliation: after a start (a crash, an upgrade, a reboot), or a deployment that failed
 past its switch, adopt what systemd runs.
 
-Exactly one forwarder and its instance may serve: the forwarder whose instance runs and was
-started by the newest deployment. Every other forwarder is drain-stopped, every other instance
+Exactly one forwarder target and its instance may serve: the target (a forwarder unit, or a
+server of haproxy's that takes requests) whose instance runs and was started by the newest
+deployment. Every other target is drain-stopped, every other instance
 and the workers of every other release stopped, and deployments a dead controller left running
 are recorded as interrupted.
 """
@@ -35,28 +36,29 @@ def mark_interrupted(history: History) -> None:
 
 
 async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
-    """What serves, as systemd runs it: the running forwarder whose instance runs and was
+    """What serves, as systemd runs it: the forwarder target new connections reach whose instance runs and was
     started by the newest deployment. Changes nothing."""
-    # Forwarders that run: normally one, two when the controller died during a switch.
-    targets = await ports.of_units(systemd, forwarder.PATTERNS, running_only=True)
+    # Normally one target, two when the controller died during a switch.
+    targets = await forwarder.targets(systemd, run_dir)
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
         return int(value) if value.isdigit() else 0
 
-    live = [port for port in targets if port in running]
+    live = [port for port, taking in targets.items() if taking and port in running]
     if not live:
         return None
     keep = max(live, key=deployment_of)
     return Serving(keep, instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", ""))
 
 
-async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None) -> None:
-    """Leave only ``serving``: drain-stop every other forwarder, stop every other instance and
-    the workers of every other release."""
+async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
+                 drain_timeout: float) -> None:
+    """Leave only ``serving``: drain-stop every other forwarder target, stop every other
+    instance and the workers of every other release."""
     keep = serving.port if serving is not None else None
-    targets = await ports.of_units(systemd, forwarder.PATTERNS, running_only=True)
+    targets = await forwarder.targets(systemd, run_dir)
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
     if keep is not None:
         # A controller that died during a switch may leave the kept forwarder still starting:
@@ -67,7 +69,10 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None) -> No
     for port in targets:
         if port != keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
-            await forwarder.drain_stop(systemd, port)
+            try:
+                await forwarder.drain_stop(systemd, run_dir, port, drain_timeout)
+            except forwarder.ForwarderError as exc:
+                log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:
         if port != keep:
             log.warning("stopping the orphaned instance on port %d", port,

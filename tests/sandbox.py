@@ -34,7 +34,8 @@ MASKED = ("postgresql.service", "postgresql@.service", "getty@.service", "consol
           "cron.service", "ssh.service", "systemd-timesyncd.service", "apt-daily.timer",
           "apt-daily-upgrade.timer", "man-db.timer", "e2scrub_all.timer", "fstrim.timer",
           "logrotate.timer", "exim4.service", "nginx.service", "redis-server.service",
-          "memcached.service", "docker.service", "containerd.service", "packagekit.service")
+          "memcached.service", "docker.service", "containerd.service", "packagekit.service",
+          "haproxy.service")
 
 
 class SandboxError(Exception):

@@ -6,7 +6,7 @@ bluegreen serves it with gunicorn as ``app:app``; each release says which commit
 import os
 import time
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, render_template_string, request
 
 app = Flask(__name__)
 
@@ -27,8 +27,24 @@ def health():
 
 @app.get("/request")
 def request_seen():
-    """What the app believes about the request: its scheme and the client's address."""
-    return jsonify(scheme=request.scheme, remote_addr=request.remote_addr)
+    """What the app believes about the request: its scheme and the client's address (the
+    peer's, and the one a forwarder reports in X-Forwarded-For)."""
+    return jsonify(scheme=request.scheme, remote_addr=request.remote_addr,
+                   forwarded_for=request.headers.getlist("X-Forwarded-For"))
+
+
+PAGE = """<!doctype html><title>Release {{ version }}</title><table>
+{% for row in rows %}<tr><td>{{ row.n }}</td><td>{{ row.name | title }}</td>
+<td>{{ "%.3f" | format(row.value) }}</td></tr>
+{% endfor %}</table>"""
+
+
+@app.get("/page")
+def page():
+    """A page that does some real work: a template of ?rows= (default 100) rows, a few ms of CPU."""
+    count = min(int(request.args.get("rows", "100")), 10000)
+    rows = [{"n": n, "name": f"item number {n}", "value": n / 7} for n in range(count)]
+    return render_template_string(PAGE, version=VERSION, rows=rows)
 
 
 @app.get("/slow")

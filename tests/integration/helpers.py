@@ -110,6 +110,15 @@ def configure(box: Sandbox, extra: str = "", repository: str = "watch = false\n"
     box.write("/etc/bluegreen/bluegreen.toml", f"{extra}\n[repository]\n{url}{repository}")
 
 
+def forwarder_unit(box: Sandbox, port: int) -> str:
+    """The unit that carries the public port to ``port``, by the forwarder bluegreen.toml names."""
+    text = box.path("/etc/bluegreen/bluegreen.toml").read_text()
+    if 'forwarder = "haproxy"' in text:
+        return "bluegreen-haproxy.service"
+    kind = "proxy" if 'forwarder = "proxy"' in text else "forward"
+    return f"bluegreen-{kind}@{port}.service"
+
+
 # --- D-Bus, through busctl inside the container ------------------------------------------
 
 def busctl(box: Sandbox, *args: str, check: bool = True,

@@ -33,7 +33,7 @@ def seen(box: Sandbox, host: str, headers: list[str] | None = None) -> dict[str,
         return None
     assert result.returncode == 0, result.stderr
     answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
+    return {key: answer[key] for key in ("scheme", "remote_addr")}
 
 
 def forwarder_argv(box: Sandbox, unit: str) -> list[str]:

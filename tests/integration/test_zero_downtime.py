@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, Load, call, public, wait_deployment, wait_serving
+from tests.integration.helpers import (
+    App,
+    Load,
+    call,
+    forwarder_unit,
+    public,
+    wait_deployment,
+    wait_serving,
+)
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -31,9 +39,7 @@ def step_time(record: dict[str, Any], name: str) -> float:
 def test_deploys_under_load_fail_no_request(box: Sandbox, app: App) -> None:
     box.run("systemctl", "start", "bluegreen.service")
     port = wait_serving(box)["ActivePort"]
-    kind = "proxy" if 'forwarder = "proxy"' in box.path("/etc/bluegreen/bluegreen.toml").read_text() \
-        else "forward"
-    assert box.run("systemctl", "is-active", f"bluegreen-{kind}@{port}.service").stdout.strip() == "active"
+    assert box.run("systemctl", "is-active", forwarder_unit(box, port)).stdout.strip() == "active"
     records = []
     with Load(box, "--fast", "4", "--slow", "2", "--slow-seconds", str(SLOW_SECONDS)) as load:
         for number in range(DEPLOYS):

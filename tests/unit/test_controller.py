@@ -118,7 +118,7 @@ class World:
         async def no_stranger(*_: Any) -> None:
             return None
 
-        async def start_forwarder(systemd: FakeSystemd, port: int, public_port: int,
+        async def start_forwarder(systemd: FakeSystemd, run_dir: Path, port: int, public_port: int,
                                   kind: Any = None, timeout: float = 10.0) -> None:
             await systemd.start_unit(forwarder.unit(port))
 

@@ -1,0 +1,136 @@
+"""The HAProxy forwarder (forwarder = "haproxy"): switched over its runtime API, rebuilt from
+what runs after a restart, the forwarded headers its own."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import App, call, properties, public, serving_app, wait_deployment
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+UNIT = "bluegreen-haproxy.service"
+CONFIG = 'forwarder = "haproxy"\npost_switch_watch = 0\ndrain_timeout = 5\n'
+
+
+@pytest.fixture(scope="module")
+def app(box: Sandbox) -> App:
+    return serving_app(box, CONFIG)
+
+
+def runtime_api(box: Sandbox, command: str) -> str:
+    return box.sh(f"echo '{command}' | socat - UNIX-CONNECT:/run/bluegreen/haproxy.sock").stdout
+
+
+def servers(box: Sandbox) -> dict[str, int]:
+    """haproxy's servers: name -> admin state (0: takes requests)."""
+    lines = runtime_api(box, "show servers state app").splitlines()
+    return {fields[3]: int(fields[6]) for fields in (line.split() for line in lines[2:]) if fields}
+
+
+def deploy(box: Sandbox, app: App) -> dict[str, Any]:
+    sha = app.commit("Another release")
+    record = wait_deployment(box, call(box, "Deploy", "s", ""))
+    assert record["state"] == "succeeded", record
+    assert record["commit"] == sha
+    return record
+
+
+def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App) -> None:
+    first = properties(box)["ActivePort"]
+    assert box.run("systemctl", "is-active", UNIT).stdout.strip() == "active"
+    assert servers(box) == {f"p{first}": 0}
+    # The runtime API is root's alone.
+    assert box.run("stat", "-c", "%U %a", "/run/bluegreen/haproxy.sock").stdout.split() == ["root", "600"]
+    assert box.run("socat", "-", "UNIX-CONNECT:/run/bluegreen/haproxy.sock", user="nobody",
+                   check=False, input="show info\n").returncode != 0
+    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+
+    deploy(box, app)
+    second = properties(box)["ActivePort"]
+    assert second != first
+    assert servers(box) == {f"p{second}": 0}
+    assert public(box)["version"] == str(app.version)
+    # No reload, no restart: the same haproxy switched.
+    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+    assert box.run("systemctl", "is-active", f"bluegreen-app@{first}.service",
+                   check=False).stdout.strip() == "inactive"
+    # What a restarted haproxy would serve.
+    assert f"server p{second} 127.0.0.1:{second}" in box.run(
+        "cat", "/run/bluegreen/haproxy-serving.cfg").stdout
+
+
+def test_a_restarted_haproxy_serves_the_serving_instance_at_once(box: Sandbox, app: App) -> None:
+    port = properties(box)["ActivePort"]
+    box.run("systemctl", "kill", "--signal=KILL", UNIT)
+    deadline = time.monotonic() + 30
+    while box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active":
+        assert time.monotonic() < deadline, box.journal("-u", UNIT, "-n", "30")
+        time.sleep(0.1)
+    assert public(box)["version"] == str(app.version)
+    assert servers(box) == {f"p{port}": 0}
+    deploy(box, app)  # and the controller switches it as before
+    assert servers(box) == {f"p{properties(box)['ActivePort']}": 0}
+
+
+def test_a_restarted_controller_rebuilds_the_state_from_haproxy(box: Sandbox, app: App) -> None:
+    port = properties(box)["ActivePort"]
+    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    box.run("systemctl", "restart", "bluegreen.service")
+    deadline = time.monotonic() + 60
+    while (props := properties(box))["State"] != "serving":
+        assert time.monotonic() < deadline, props
+        time.sleep(0.1)
+    assert props["ActivePort"] == port
+    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+    assert servers(box) == {f"p{port}": 0}
+    deploy(box, app)
+    assert servers(box) == {f"p{properties(box)['ActivePort']}": 0}
+
+
+def test_a_controller_that_died_during_a_drain_finishes_it(box: Sandbox, app: App) -> None:
+    """Both servers in haproxy, the old one draining: the restarted controller keeps the new
+    one and retires the old one, whose instance it stops."""
+    port = properties(box)["ActivePort"]
+    box.run("systemctl", "stop", "bluegreen.service")
+    old = port + 1 if port < 8999 else port - 1
+    box.sh(f"sed -e 's/^BLUEGREEN_PORT=.*/BLUEGREEN_PORT={old}/' "
+           f"-e 's/^BLUEGREEN_DEPLOYMENT_ID=.*/BLUEGREEN_DEPLOYMENT_ID=1/' "
+           f"/run/bluegreen/instances/{port}.env > /run/bluegreen/instances/{old}.env")
+    box.run("systemctl", "start", f"bluegreen-app@{old}.service")
+    runtime_api(box, f"add server app/p{old} 127.0.0.1:{old}")
+    runtime_api(box, f"set server app/p{old} state drain")
+    assert servers(box) == {f"p{port}": 0, f"p{old}": 8}
+    box.run("systemctl", "start", "bluegreen.service")
+    deadline = time.monotonic() + 60
+    while (props := properties(box))["State"] != "serving":
+        assert time.monotonic() < deadline, props
+        time.sleep(0.1)
+    assert props["ActivePort"] == port
+    assert servers(box) == {f"p{port}": 0}
+    assert box.run("systemctl", "is-active", f"bluegreen-app@{old}.service",
+                   check=False).stdout.strip() == "inactive"
+
+
+def seen(box: Sandbox, host: str, *headers: str) -> dict[str, Any]:
+    result = box.net("curl", "-sf", "-g", "--max-time", "10", *headers, f"http://{host}:5000/request")
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def test_the_app_sees_the_client_haproxy_saw_whatever_it_claims(box: Sandbox, app: App) -> None:
+    # A client from another address than haproxy's own to the instances (127.0.0.1).
+    box.net("ip", "addr", "add", "192.0.2.7/32", "dev", "lo")
+    lies = ("-H", "X-Forwarded-Proto: https", "-H", "X-Forwarded-For: 203.0.113.9")
+    assert seen(box, "192.0.2.7", *lies) == {
+        "scheme": "http", "remote_addr": "127.0.0.1", "forwarded_for": ["192.0.2.7"]}
+    assert seen(box, "[::1]", *lies)["forwarded_for"] == ["::1"]
+    # gunicorn believes haproxy, and haproxy alone (it set X-Forwarded-Proto: http above).
+    port = properties(box)["ActivePort"]
+    env = box.run("cat", f"/run/bluegreen/instances/{port}.env").stdout
+    assert 'BLUEGREEN_FORWARDED_ALLOW_IPS="127.0.0.1"\n' in env

@@ -1,0 +1,40 @@
+"""The keep-alive test again, with HAProxy (forwarder = "haproxy"): there, a client moves at its
+next request on the connection it has, which no switch closes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.helpers import App, call, wait_deployment
+from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
+    CONFIG,
+    Clients,
+    serving,
+    test_keepalive_clients_move_at_once_and_fail_no_request,
+    test_switch_back_keeps_connections_alive_again,
+)
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def config_extra() -> str:
+    return f'forwarder = "haproxy"\n{CONFIG}'
+
+
+def test_clients_keep_their_connections_through_deploys(box: Sandbox, serving: App) -> None:  # noqa: F811
+    """The old instance closes haproxy's connections to it (its drain flag); haproxy keeps the
+    clients' own: each busy client holds one connection and sees every release on it."""
+    with Clients(box, "--busy", "4", "--thinkers", "0") as clients:
+        for number in range(3):
+            record = wait_deployment(box, call(box, "Deploy", "s", serving.commit(f"Kept {number}")))
+            assert record["state"] == "succeeded", record
+    report = clients.report
+    print(f"\n{report['requests']} requests on {report['connections']} connections, "
+          f"{report['connection_close_responses']} responses with Connection: close")
+    assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+    assert report["connection_close_responses"] == 0
+    assert report["connections"] == 4
+    for client in report["clients"]:
+        assert len(client["segments"]) == 4, client  # the first release, then each new one
