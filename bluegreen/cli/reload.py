@@ -19,8 +19,9 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     changes = await client.reload()
     if args.json:
         print_json(changes)
-    elif not changes:
+        return 0
+    if not changes:
         print("No setting changed.")
-    for change in [] if args.json else changes:
+    for change in changes:
         print(f"{change['key']}: applies {change['applies']}")
     return 0
