@@ -33,6 +33,7 @@ class FakeSystemd:
         self.units: dict[str, str] = {}
         self.refuse_start: set[str] = set()
         self.unreadable: set[str] = set()
+        self.on_unit_state: list[Any] = []
 
     def active(self, pattern: str) -> list[str]:
         return sorted(name for name, state in self.units.items()
@@ -317,7 +318,8 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     attempts: list[int] = []
     real_deploy = world.controller.deployer.deploy
 
-    async def first_fails(deployment: Deployment, serving: Serving | None) -> Deployment:
+    async def first_fails(deployment: Deployment,
+                          serving: Serving | None) -> tuple[Deployment, Serving]:
         attempts.append(deployment.id)
         if len(attempts) == 1:
             raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")

@@ -105,7 +105,7 @@ def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
     async def on_change(healthy: bool, reason: str) -> None:
         changes.append((healthy, reason))
 
-    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: 8000, on_change)
+    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: (8000,), on_change)
 
     async def feed() -> None:
         for ok in (False, False, True, False, False, False, False, True):
