@@ -564,9 +564,8 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     )
     if config.ports.public in config.ports.range:
         raise error("ports", "public", f"{config.ports.public} lies inside ports.range {config.ports.range}")
-    if config.app.instances > 1 and config.forwarder == Forwarder.HAPROXY:
-        raise error("app", "instances", "more than one instance needs forwarder = \"socat\" "
-                    "or \"proxy\"")
+    if config.app.instances > 1 and config.forwarder != Forwarder.SOCAT:
+        raise error("app", "instances", "more than one instance needs forwarder = \"socat\"")
     if config.health.timeout > config.health.deadline:
         raise error("health", "timeout", "must not exceed health.deadline")
     return config
