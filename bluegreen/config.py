@@ -104,6 +104,7 @@ class AppConfig:
     wsgi: str = "app:app"
     health_path: str = "/health"
     workers: int = 2
+    instances: int = 1
     worker_class: str = "sync"
     team: str = ""
     health_host: str = "localhost"
@@ -397,6 +398,10 @@ KEYS: tuple[Key, ...] = (
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
         "Path probed on each instance; any 2xx answer is healthy."),
     Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),
+    Key("app", "instances", _integer(1, 16),
+        "Instances of the serving release, each with its own port and forwarder on the public "
+        "port (SO_REUSEPORT: the kernel spreads connections); the others carry the traffic while "
+        "systemd restarts one that died."),
     Key("app", "worker_class", _string(r"sync|gthread", "'sync' or 'gthread'"),
         "gunicorn worker class: sync (one request per worker) or gthread (keep-alive)."),
     Key("app", "team", _string(r"[A-Za-z0-9_-]*", "letters, digits, '-' or '_'"),
@@ -559,6 +564,8 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     )
     if config.ports.public in config.ports.range:
         raise error("ports", "public", f"{config.ports.public} lies inside ports.range {config.ports.range}")
+    if config.app.instances > 1 and config.forwarder != Forwarder.SOCAT:
+        raise error("app", "instances", "more than one instance needs forwarder = \"socat\"")
     if config.health.timeout > config.health.deadline:
         raise error("health", "timeout", "must not exceed health.deadline")
     return config

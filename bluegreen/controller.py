@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bluegreen import config as configuration
-from bluegreen import forwarder, health, instances, procfile, reconcile, refresher, settings, workers
+from bluegreen import (
+    forwarder,
+    health,
+    instances,
+    pool,
+    procfile,
+    reconcile,
+    refresher,
+    settings,
+    workers,
+)
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Unsettled
@@ -143,9 +153,12 @@ class Controller:
         self.current: Deployment | None = None
         self._preparing: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self.pool = pool.Pool(systemd, paths.runtime, lambda: self.config,
+                              lambda: self._busy)
+        systemd.on_unit_state.append(self._on_unit_state)
         self.monitor = health.Monitor(self.config.app.health_path, config.health,
                                       self._monitor_target, self._on_health_change,
-                                      self.config.app.health_host)
+                                      self.config.app.health_host, self.pool.probed)
         # The branch head whose deployment last reached an outcome: the refresher leaves it be.
         self._seen_head = self.history.get_setting(SEEN_HEAD)
         self.refresher = refresher.Refresher(
@@ -177,13 +190,21 @@ class Controller:
             return "idle"
         return "serving" if self.monitor.healthy else "unhealthy"
 
+    @property
+    def _busy(self) -> bool:
+        """A deployment, or the start-up's reconciliation, owns the units now."""
+        return self.current is not None or self._preparing is not None or self._settling
+
     def health(self) -> tuple[bool, str]:
         """Overall health: serving a release that passes its checks."""
         if self.serving is None:
             return False, "no release is serving"
         if not self.monitor.healthy:
             return False, f"the serving release is unhealthy: {self.monitor.reason}"
-        return True, f"release {self.serving.release[:12]} serves on port {self.serving.port}"
+        out = self.pool.out()
+        return True, (f"release {self.serving.release[:12]} serves on {self.serving.describe()}"
+                      + (f" (out until healthy again: port {', '.join(map(str, out))})"
+                         if out else ""))
 
     def last_deployment(self) -> Deployment | None:
         recent = self.history.recent(1)
@@ -324,14 +345,13 @@ class Controller:
     async def _run(self, deployment: Deployment) -> None:
         unsettled = False
         try:
-            record = await self.deployer.deploy(deployment, self.serving)
-            assert record.port
-            self.serving = Serving(record.port, record.commit)
+            record, self.serving = await self.deployer.deploy(deployment, self.serving)
+            self.pool.reset(self.serving)
             self._deployed_with(self.deployer.config)
             self.monitor.reset()
             record = finished(record, State.SUCCEEDED, reason=record.reason)
-            log.info("deployment %d succeeded: %s serves on port %d (%.2f s)", record.id,
-                     record.commit[:12], record.port, record.duration or 0,
+            log.info("deployment %d succeeded: %s serves on %s (%.2f s)", record.id,
+                     record.commit[:12], self.serving.describe(), record.duration or 0,
                      extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
                                   release=record.commit, port=record.port))
         except DeployFailed as exc:
@@ -370,8 +390,7 @@ class Controller:
             self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
                                    self.config.drain_timeout)
-            if self.serving is not None:
-                await self._adopt_workers(self.serving)
+            await self._adopt_pool()
         except Exception:
             log.exception("cannot tell which release serves")
             self.fatal.set()  # a restarted controller reconciles
@@ -380,7 +399,18 @@ class Controller:
             self.monitor.reset()
         if self.serving is None:
             return "no release serves"
-        return f"{self.serving.release[:12]} serves on port {self.serving.port}"
+        return f"{self.serving.release[:12]} serves on {self.serving.describe()}"
+
+    async def _adopt_pool(self) -> None:
+        """After a reconciliation: start the serving release's missing workers, and know which
+        of its instances the public port reaches."""
+        self.pool.reset(self.serving)
+        if self.serving is None:
+            return
+        await self._adopt_workers(self.serving)
+        targets = await forwarder.targets(self.systemd, self.paths.runtime)
+        self.pool.reset(self.serving, out=[port for port in self.serving.ports
+                                           if not targets.get(port)])
 
     def render_metrics(self) -> str:
         self.metrics.health_check_failures = self.monitor.failures_total
@@ -464,8 +494,8 @@ class Controller:
     def _changed(self) -> None:
         if self.current is None and self._preparing is None:
             if self.serving is not None:
-                self.notify_status(f"Serving {self.serving.release[:12]} on port "
-                                   f"{self.serving.port} via port {self.config.ports.public}")
+                self.notify_status(f"Serving {self.serving.release[:12]} on "
+                                   f"{self.serving.describe()} via port {self.config.ports.public}")
             else:
                 self.notify_status("Idle: no release serves")
         for observer in self.observers:
@@ -502,8 +532,13 @@ class Controller:
 
     # --- health monitoring and recovery ----------------------------------------------------
 
-    def _monitor_target(self) -> int | None:
-        return self.serving.port if self.serving and self.current is None else None
+    def _monitor_target(self) -> tuple[int, ...]:
+        return self.serving.ports if self.serving and self.current is None else ()
+
+    def _on_unit_state(self, unit: str, state: str) -> None:
+        """systemd's news of a unit: a serving instance that died is taken out at once."""
+        if instances.port_of(unit) in self.pool.members and state not in ("active", "reloading"):
+            self._spawn(self.pool.instance_state(unit, state), "instance-state", forever=False)
 
     async def _on_health_change(self, healthy: bool, reason: str) -> None:
         self._changed()
@@ -512,8 +547,8 @@ class Controller:
             if healthy:
                 log.info("the serving release is healthy again: %s", reason)
             return
-        log.warning("the serving release %s on port %d is unhealthy: %s", serving.release[:12],
-                    serving.port, reason,
+        log.warning("the serving release %s on %s is unhealthy: %s", serving.release[:12],
+                    serving.describe(), reason,
                     extra=fields(message_id=MessageId.UNHEALTHY, release=serving.release,
                                  port=serving.port, unit=instances.unit(serving.port)))
         if self._recovery is None or self._recovery.done():
@@ -650,6 +685,7 @@ class Controller:
         reconcile.mark_interrupted(self.history)
         self._forget_interrupted_head()
         self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
+        self.pool.reset(self.serving)
         self._settling = True
         self._spawn(self.monitor.run(), "health-monitor")
         self._spawn(self._settle(), "start-up", forever=False)
@@ -660,8 +696,7 @@ class Controller:
         try:
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
                                    self.config.drain_timeout)
-            if self.serving is not None:
-                await self._adopt_workers(self.serving)
+            await self._adopt_pool()
         finally:
             self._settling = False
             self._changed()

@@ -1,14 +1,15 @@
 """The deploy flow: one commit from the repository to serving on the public port.
 
     materialize the release -> verify it (its Python environment, build, import, check) ->
-    migrate: the release phase -> start bluegreen-app@PORT on a free port -> health-check it ->
-    switch: start the forwarder to PORT -> drain: stop the old forwarder, wait for the old
-    instance's connections to end -> watch the new release (the old instance still runs) ->
-    workers: start the new release's, stop the old one's -> stop the old instance
+    migrate: the release phase -> start bluegreen-app@PORT on a free port (app.instances of
+    them) -> health-check each -> switch: start the forwarder to each PORT -> drain: stop the
+    old forwarders, wait for the old instances' connections to end -> watch the new release
+    (the old instances still run) -> workers: start the new release's, stop the old one's ->
+    stop the old instances
 
-Until the switch, a failure stops the new instance and the old release never stops serving.
-If the new release turns unhealthy while watched, traffic goes back to the old instance,
-which is still warm. Trouble stopping the old instance is logged and left to the
+Until the switch, a failure stops the new instances and the old release never stops serving.
+If the new release turns unhealthy while watched, traffic goes back to the old instances,
+which are still warm. Trouble stopping the old instance is logged and left to the
 controller's reconciliation; any other failure past the switch raises Unsettled, and the
 controller reads back from systemd which release serves.
 """
@@ -90,8 +91,10 @@ class Deployer:
     switch_back_reason: str = ""
     watching: bool = False
 
-    async def deploy(self, deployment: Deployment, serving: Serving | None) -> Deployment:
-        """Run ``deployment`` (its commit already resolved); return the finished record.
+    async def deploy(self, deployment: Deployment,
+                     serving: Serving | None) -> tuple[Deployment, Serving]:
+        """Run ``deployment`` (its commit already resolved); return the finished record and
+        what serves now.
 
         Raises DeployFailed, with the old release serving, if a step fails before the switch
         or the new release fails its watch after it; Unsettled if a step fails past the switch
@@ -100,7 +103,7 @@ class Deployer:
         record = deployment
         self.switch_back_asked.clear()
         step = Step.MATERIALIZE
-        new_port: int | None = None
+        new_ports: list[int] = []
         staging: Path | None = None
         try:
             record = await self.report(record, step, 0)
@@ -130,20 +133,22 @@ class Deployer:
                     ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
 
             step = Step.START
-            record = await self.start_instance(record, env)
-            new_port = record.port
+            for _ in range(self.config.app.instances):
+                record = await self.start_instance(record, env, new_ports)
+                new_ports.append(record.port)
+            new = Serving.of(new_ports, record.commit)
+            record = replace(record, port=new.port)
 
             step = Step.HEALTH
-            record = await self.report(record, step, new_port)
-            await health.wait_healthy(new_port, self.config.app.health_path, self.config.health,
-                                      lambda: instances.failure(self.systemd, new_port),
-                                      self.config.app.health_host)
+            record = await self.report(record, step, new.port)
+            await asyncio.gather(*(self.wait_healthy(port) for port in new.ports))
 
             step = Step.SWITCH
-            record = await self.report(record, step, new_port)
-            stranger = await instances.foreign_listener(self.systemd, new_port)
-            if stranger:  # never route traffic to a process bluegreen did not start
-                raise ForwarderError(stranger)
+            record = await self.report(record, step, new.port)
+            for port in new.ports:
+                stranger = await instances.foreign_listener(self.systemd, port)
+                if stranger:  # never route traffic to a process bluegreen did not start
+                    raise ForwarderError(stranger)
             forwarder.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
@@ -152,67 +157,78 @@ class Deployer:
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
-            await forwarder.start(self.systemd, self.run_dir, new_port, self.config.ports.public,
-                                  self.config.forwarder)
+            for port in new.ports:
+                await forwarder.start(self.systemd, self.run_dir, port, self.config.ports.public,
+                                      self.config.forwarder)
         except _STEP_ERRORS as exc:
-            await self.abandon(new_port, staging)
+            await self.abandon(new_ports, staging)
             raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
         except asyncio.CancelledError:
-            await asyncio.shield(self.abandon(new_port, staging))
+            await asyncio.shield(self.abandon(new_ports, staging))
             raise
 
-        log.info("switched port %d to %s on port %d", self.config.ports.public, record.commit[:12],
-                 new_port, extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
-                                        deployment_id=record.id, release=record.commit,
-                                        port=new_port,
-                                        unit=forwarder.unit(new_port, self.config.forwarder)))
+        log.info("switched port %d to %s on %s", self.config.ports.public, record.commit[:12],
+                 new.describe(), extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
+                                              deployment_id=record.id, release=record.commit,
+                                              port=new.port,
+                                              unit=forwarder.unit(new.port, self.config.forwarder)))
         # Past the switch a failure can leave either release carrying the traffic: what
         # serves is then for the controller to read back from systemd.
         try:
-            if serving is None or serving.port == new_port:
+            if serving is None or serving.ports == new.ports:
                 step = Step.WORKERS
                 record = await self.swap_workers(record, processes, env)
-                return replace(record, state=State.SUCCEEDED)
+                return replace(record, state=State.SUCCEEDED), new
 
             step = Step.DRAIN
-            drainflag.put(self.run_dir, serving.port)  # keep-alive clients leave at their next request
-            record = await self.drain(record, serving.port)
+            for port in serving.ports:  # keep-alive clients leave at their next request
+                drainflag.put(self.run_dir, port)
+            record = await self.drain(record, serving.ports)
             if self.config.post_switch_watch > 0:
                 step = Step.WATCH
-                record = await self.report(record, step, new_port)
+                record = await self.report(record, step, new.port)
                 self.watching = True
                 try:
-                    trouble = await self.watch(new_port, serving.port)
+                    trouble = await self.watch(new.ports, serving.ports)
                 finally:
                     self.watching = False
                 if trouble:
                     step = Step.SWITCH_BACK
                     record = await self.report(record, step, serving.port)
-                    await self.switch_back(serving.port, new_port)
+                    await self.switch_back(serving.ports, new.ports)
                     why = (self.switch_back_reason if self.switch_back_asked.is_set()
                            else f"unhealthy after the switch ({trouble})")
                     raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
-                                       f"{serving.release[:12]} on port {serving.port}",
+                                       f"{serving.release[:12]} on {serving.describe()}",
                                        State.SWITCHED_BACK)
             step = Step.WORKERS
             record = await self.swap_workers(record, processes, env)
             step = Step.STOP_OLD
-            record = await self.stop_old(record, serving.port)
+            record = await self.stop_old(record, serving.ports)
         except _STEP_ERRORS as exc:
             raise Unsettled(step, self.repository.secrets.redact(_reason(exc))) from None
-        return replace(record, state=State.SUCCEEDED)
+        return replace(record, state=State.SUCCEEDED), new
 
-    async def start_instance(self, record: Deployment, env: dict[str, str]) -> Deployment:
-        """Start bluegreen-app@PORT on a free port; the record returned carries the port.
+    async def wait_healthy(self, port: int) -> None:
+        await health.wait_healthy(port, self.config.app.health_path, self.config.health,
+                                  lambda: instances.failure(self.systemd, port),
+                                  self.config.app.health_host)
+
+    async def start_instance(self, record: Deployment, env: dict[str, str],
+                             started: list[int]) -> Deployment:
+        """Start bluegreen-app@PORT on a free port (not one of the ``started`` instances of
+        this deploy); the record returned carries the port.
 
         Should another program bind the port between our look and gunicorn's bind, the
         instance fails to start: it is stopped and another port is tried.
         """
-        avoid: set[int] = set()
+        avoid: set[int] = set(started)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             in_use = await ports.of_units(self.systemd, (instances.PATTERN, *forwarder.PATTERNS))
             port = ports.pick(self.config.ports.range, avoid.union(in_use))
-            record = await self.report(replace(record, port=port), Step.START, port)
+            record = replace(record, port=port)
+            if not started:  # the step is reported once, with the first instance's port
+                record = await self.report(record, Step.START, port)
             instances.write_env(self.run_dir, self.instance_spec(port, env))
             try:
                 await self.systemd.set_properties(instances.unit(port),
@@ -221,7 +237,7 @@ class Deployer:
                 return record
             except SystemdError:
                 taken = bool(sockdiag.listeners(port))
-                await self.abandon(port, None)
+                await self.abandon([port], None)
                 if attempt == PORT_ATTEMPTS or not taken:
                     raise
             log.warning("port %d was taken by another program; trying another port", port,
@@ -229,40 +245,46 @@ class Deployer:
             avoid.add(port)
         raise AssertionError("unreachable")
 
-    async def drain(self, record: Deployment, old_port: int) -> Deployment:
-        """Stop the old forwarder once its requests are done; wait for the old instance's."""
-        record = await self.report(record, Step.DRAIN, old_port)
+    async def drain(self, record: Deployment, old_ports: tuple[int, ...]) -> Deployment:
+        """Stop the old forwarders once their requests are done; wait for the old instances'."""
+        record = await self.report(record, Step.DRAIN, old_ports[0])
         deadline = time.monotonic() + self.config.drain_timeout
-        try:
-            await forwarder.drain_stop(self.systemd, self.run_dir, old_port, self.config.drain_timeout)
-        except (SystemdError, ForwarderError) as exc:
-            log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
-                      extra=fields(deployment_id=record.id, port=old_port))
-        left = await wait_until_idle(old_port, deadline)
-        if left:
-            log.warning("%d connections to the old instance on port %d still open after "
-                        "drain_timeout (%g s)", left, old_port, self.config.drain_timeout,
-                        extra=fields(deployment_id=record.id, port=old_port))
+        for old_port in old_ports:
+            try:
+                await forwarder.drain_stop(self.systemd, self.run_dir, old_port,
+                                           self.config.drain_timeout)
+            except (SystemdError, ForwarderError) as exc:
+                log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
+                          extra=fields(deployment_id=record.id, port=old_port))
+        for old_port in old_ports:
+            left = await wait_until_idle(old_port, deadline)
+            if left:
+                log.warning("%d connections to the old instance on port %d still open after "
+                            "drain_timeout (%g s)", left, old_port, self.config.drain_timeout,
+                            extra=fields(deployment_id=record.id, port=old_port))
         return record
 
-    async def watch(self, new_port: int, old_port: int) -> str | None:
-        """Check the new release for post_switch_watch seconds; return why it is unhealthy."""
+    async def watch(self, new_ports: tuple[int, ...], old_ports: tuple[int, ...]) -> str | None:
+        """Check the new release for post_switch_watch seconds; return why it is unhealthy.
+
+        Every new instance is watched: one that fails here fails the release."""
         settings = self.config.health
         deadline = time.monotonic() + self.config.post_switch_watch
-        failures = 0
+        failures = dict.fromkeys(new_ports, 0)
         while time.monotonic() < deadline:
             if self.switch_back_asked.is_set():
                 return self.switch_back_reason
-            if await instances.failure(self.systemd, old_port):
+            if all([await instances.failure(self.systemd, port) for port in old_ports]):
                 return None  # nothing to go back to: keep the new release
-            failure = await instances.failure(self.systemd, new_port)
-            if failure:
-                return failure
-            result = await health.probe(new_port, self.config.app.health_path, settings.timeout,
-                                        self.config.app.health_host)
-            failures = 0 if result.ok else failures + 1
-            if failures >= settings.unhealthy_threshold:
-                return f"{failures} failed checks in a row: {result.reason}"
+            for new_port in new_ports:
+                failure = await instances.failure(self.systemd, new_port)
+                if failure:
+                    return failure
+                result = await health.probe(new_port, self.config.app.health_path,
+                                            settings.timeout, self.config.app.health_host)
+                failures[new_port] = 0 if result.ok else failures[new_port] + 1
+                if failures[new_port] >= settings.unhealthy_threshold:
+                    return f"{failures[new_port]} failed checks in a row: {result.reason}"
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.switch_back_asked.wait(), settings.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
@@ -276,16 +298,19 @@ class Deployer:
         self.switch_back_asked.set()
         return True
 
-    async def switch_back(self, old_port: int, new_port: int) -> None:
-        """Point the public port at the old instance again and retire the new one."""
-        drainflag.clear(self.run_dir, old_port)
-        await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
-                              self.config.forwarder)
-        drainflag.put(self.run_dir, new_port)
+    async def switch_back(self, old_ports: tuple[int, ...], new_ports: tuple[int, ...]) -> None:
+        """Point the public port at the old instances again and retire the new ones."""
+        for old_port in old_ports:
+            drainflag.clear(self.run_dir, old_port)
+            await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
+                                  self.config.forwarder)
         try:
-            await forwarder.drain_stop(self.systemd, self.run_dir, new_port, self.config.drain_timeout)
+            for new_port in new_ports:
+                drainflag.put(self.run_dir, new_port)
+                await forwarder.drain_stop(self.systemd, self.run_dir, new_port,
+                                           self.config.drain_timeout)
         finally:
-            await self.abandon(new_port, None)
+            await self.abandon(list(new_ports), None)
 
     async def swap_workers(self, record: Deployment, processes: Processes,
                            env: dict[str, str]) -> Deployment:
@@ -306,28 +331,29 @@ class Deployer:
             record = replace(record, reason=self.repository.secrets.redact(text))
         return record
 
-    async def stop_old(self, record: Deployment, old_port: int) -> Deployment:
-        record = await self.report(record, Step.STOP_OLD, old_port)
-        try:
-            await instances.stop(self.systemd, old_port)
-            instances.remove_env(self.run_dir, old_port)
-        except SystemdError as exc:
-            log.error("could not stop the old instance on port %d: %s", old_port, exc,
-                      extra=fields(deployment_id=record.id, port=old_port))
-            record = replace(record, reason=f"old instance on port {old_port} not stopped: {exc}")
+    async def stop_old(self, record: Deployment, old_ports: tuple[int, ...]) -> Deployment:
+        record = await self.report(record, Step.STOP_OLD, old_ports[0])
+        for old_port in old_ports:
+            try:
+                await instances.stop(self.systemd, old_port)
+                instances.remove_env(self.run_dir, old_port)
+            except SystemdError as exc:
+                log.error("could not stop the old instance on port %d: %s", old_port, exc,
+                          extra=fields(deployment_id=record.id, port=old_port))
+                record = replace(record,
+                                 reason=f"old instance on port {old_port} not stopped: {exc}")
         return record
 
-    async def abandon(self, port: int | None, staging: Path | None) -> None:
-        """Stop an instance that is not to serve, and drop an unfinished release."""
+    async def abandon(self, ports: list[int], staging: Path | None) -> None:
+        """Stop instances that are not to serve, and drop an unfinished release."""
         if staging is not None:
             self.releases.discard(staging)
-        if port is None:
-            return
-        try:
-            await instances.stop(self.systemd, port)
-        except SystemdError as exc:
-            log.error("could not stop the new instance on port %d: %s", port, exc)
-        instances.remove_env(self.run_dir, port)
+        for port in ports:
+            try:
+                await instances.stop(self.systemd, port)
+            except SystemdError as exc:
+                log.error("could not stop the new instance on port %d: %s", port, exc)
+            instances.remove_env(self.run_dir, port)
 
     def verifier(self, record: Deployment) -> Verifier:
         return Verifier(self.systemd, self.config, self.environments, record.id)

@@ -20,6 +20,9 @@ closed while the kernel completes a handshake on it can lose that connection, an
 later it has none left. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the
 listener is shut down through that copy (shutdown(SHUT_RD)), which closes it the same way.
 Only if both fail does socat get a SIGTERM, as before, and the journal says so.
+The steering program stays with the port's listeners: when several are left (a forwarder per
+instance, app.instances > 1), a copy of one of theirs makes the kernel spread new connections
+among them by its hash again.
 
 Kept free of heavy imports: it starts on every switch.
 """
@@ -118,6 +121,35 @@ def close_listeners(pid: int, done: set[int]) -> None:
         how = close_listener(pid, sock, fds[sock.inode])
         done.add(sock.inode)
         log(f"listener {sock.local_address}:{sock.local_port} (socket {sock.inode}) {how}")
+        spread_again(sock.local_port, pid)
+
+
+def spread_again(port: int, closed_by: int) -> None:
+    """With several listeners left on ``port``, undo the steering: they share new connections
+    by the kernel's hash again. Any one of them will do (the program belongs to the group)."""
+    left = {sock.inode for sock in sockdiag.listeners(port)}
+    if len(left) < 2:
+        return  # with one, the kernel already falls back to its hash
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == closed_by:
+            continue
+        try:
+            fds = sockdiag.socket_fds(name)
+        except OSError:
+            continue
+        for inode in fds.keys() & left:
+            try:
+                copy = copy_socket(int(name), fds[inode])
+            except OSError:
+                continue
+            try:
+                sockdiag.spread_by_hash(copy)
+            except OSError as exc:
+                log(f"the listeners left on port {port} stay steered ({exc.strerror})")
+            finally:
+                copy.close()
+            log(f"the {len(left)} listeners left on port {port} share new connections again")
+            return
 
 
 def drain(main_pid: int, timeout: float) -> int:

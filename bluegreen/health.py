@@ -90,25 +90,29 @@ async def wait_healthy(
 
 
 class Monitor:
-    """Watches the serving instance; reports a change of health to ``on_change``.
+    """Watches the serving instances; reports a change of health to ``on_change``.
 
-    ``on_change(healthy, reason)`` is called when the instance fails ``unhealthy_threshold``
-    checks in a row, and again when it passes after that.
+    The release is healthy while one of its instances passes its checks: ``on_change(healthy,
+    reason)`` is called when every instance has failed ``unhealthy_threshold`` checks in a
+    row, and again when one passes after that. ``on_probe(port, result)``, if given, hears
+    each instance's every check.
     """
 
     def __init__(
         self,
         path: str,
         settings: HealthConfig,
-        target: Callable[[], int | None],
+        target: Callable[[], tuple[int, ...]],
         on_change: Callable[[bool, str], Awaitable[None]],
         host: str = "localhost",
+        on_probe: Callable[[int, Probe], Awaitable[None]] | None = None,
     ) -> None:
         self.path = path
         self.host = host
         self.settings = settings
         self.target = target
         self.on_change = on_change
+        self.on_probe = on_probe
         self.healthy = True
         self.reason = ""
         self.failures = 0
@@ -117,14 +121,18 @@ class Monitor:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.interval)
-            port = self.target()
-            if port is None:
+            ports = self.target()
+            if not ports:
                 self.failures = 0
                 continue
-            result = await probe(port, self.path, self.settings.timeout, self.host)
-            if port != self.target():
+            results = await asyncio.gather(*(probe(port, self.path, self.settings.timeout,
+                                                   self.host) for port in ports))
+            if ports != self.target():
                 continue  # switched while probing: the result says nothing about the new one
-            await self.record(result)
+            if self.on_probe is not None:
+                for port, result in zip(ports, results, strict=True):
+                    await self.on_probe(port, result)
+            await self.record(best(ports, results))
 
     async def record(self, result: Probe) -> None:
         if result.ok:
@@ -142,3 +150,12 @@ class Monitor:
 
     def reset(self) -> None:
         self.healthy, self.reason, self.failures = True, "", 0
+
+
+def best(ports: tuple[int, ...], results: list[Probe]) -> Probe:
+    """The release's result: a passing instance's, or what each instance failed with."""
+    passed = [result for result in results if result.ok]
+    if passed or len(results) == 1:
+        return (passed or results)[0]
+    return Probe(False, "; ".join(f"port {port}: {result.reason}"
+                                  for port, result in zip(ports, results, strict=True)))

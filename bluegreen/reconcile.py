@@ -1,9 +1,10 @@
 """Reconciliation: after a start (a crash, an upgrade, a reboot), or a deployment that failed
 past its switch, adopt what systemd runs.
 
-Exactly one forwarder target and its instance may serve: the target (a forwarder unit, or a
-server of haproxy's that takes requests) whose instance runs and was started by the newest
-deployment. Every other target is drain-stopped, every other instance
+Exactly one deployment's instances may serve: the newest deployment with a forwarder target (a
+forwarder unit, or a server of haproxy's that takes requests) whose instance runs. Its running
+instances are kept, with or without a forwarder (app.instances > 1: one being restarted has
+none until it is healthy again). Every other target is drain-stopped, every other instance
 and the workers of every other release stopped, and deployments a dead controller left running
 are recorded as interrupted.
 """
@@ -36,9 +37,10 @@ def mark_interrupted(history: History) -> None:
 
 
 async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
-    """What serves, as systemd runs it: the forwarder target new connections reach whose instance runs and was
-    started by the newest deployment. Changes nothing."""
-    # Normally one target, two when the controller died during a switch.
+    """What serves, as systemd runs it: the running instances of the newest deployment whose
+    instance a forwarder target new connections reach runs. Changes nothing."""
+    # Normally one target per instance of the serving release, more when the controller died
+    # during a switch.
     targets = await forwarder.targets(systemd, run_dir)
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
 
@@ -46,43 +48,50 @@ async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
         return int(value) if value.isdigit() else 0
 
+    def release_of(port: int) -> str:
+        return instances.read_env(run_dir, port).get("BLUEGREEN_RELEASE", "")
+
     live = [port for port, taking in targets.items() if taking and port in running]
     if not live:
         return None
-    keep = max(live, key=deployment_of)
-    return Serving(keep, instances.read_env(run_dir, keep).get("BLUEGREEN_RELEASE", ""))
+    first = max(live, key=deployment_of)
+    newest = deployment_of(first)
+    keep = [port for port in running if newest and deployment_of(port) == newest
+            and release_of(port) == release_of(first)] or [first]
+    return Serving.of(keep, release_of(first))
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
                  drain_timeout: float) -> None:
     """Leave only ``serving``: drain-stop every other forwarder target, stop every other
     instance and the workers of every other release."""
-    keep = serving.port if serving is not None else None
+    keep = serving.ports if serving is not None else ()
     targets = await forwarder.targets(systemd, run_dir)
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
-    if keep is not None:
-        # A controller that died during a switch may leave the kept forwarder still starting:
-        # let it finish (joining its start job) before the others stop listening.
-        for status in await systemd.list_units(*(forwarder.unit(keep, kind) for kind in Forwarder)):
-            if status.active_state == "activating":
-                await systemd.start_unit(status.name)
+    # A controller that died during a switch may leave a kept forwarder still starting: let it
+    # finish (joining its start job) before the others stop listening.
+    kept_forwarders = [forwarder.unit(port, kind) for port in keep for kind in Forwarder]
+    for status in await systemd.list_units(*kept_forwarders) if kept_forwarders else []:
+        if status.active_state == "activating":
+            await systemd.start_unit(status.name)
     for port in targets:
-        if port != keep:
+        if port not in keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
             try:
                 await forwarder.drain_stop(systemd, run_dir, port, drain_timeout)
             except forwarder.ForwarderError as exc:
                 log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:
-        if port != keep:
+        if port not in keep:
             log.warning("stopping the orphaned instance on port %d", port,
                         extra=fields(unit=instances.unit(port), port=port))
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
-    await workers.stop(systemd, run_dir, keep=keep)
+    await workers.stop(systemd, run_dir, keep=serving.port if serving is not None else None)
     if serving is None:
         return
-    drainflag.clear(run_dir, serving.port)  # it may have been draining when the controller stopped
-    log.info("adopted release %s serving on port %d", serving.release[:12], serving.port,
+    for port in serving.ports:  # it may have been draining when the controller stopped
+        drainflag.clear(run_dir, port)
+    log.info("adopted release %s serving on %s", serving.release[:12], serving.describe(),
              extra=fields(message_id=MessageId.RECONCILED, release=serving.release,
                           port=serving.port))

@@ -39,6 +39,8 @@ _SOCKET_ID_TAIL = struct.Struct("=IQ")  # its interface index and cookie
 SO_ATTACH_REUSEPORT_CBPF = 51
 # One classic BPF instruction, BPF_RET | BPF_K 1: "the listener at index 1 of the group".
 _SECOND_LISTENER = struct.pack("=HBBI", 0x06, 0, 0, 1)
+# BPF_RET | BPF_K with an index no group has: the kernel picks by its hash, as without a program.
+_BY_HASH = struct.pack("=HBBI", 0x06, 0, 0, 0xFFFFFFFF)
 _RTATTR = struct.Struct("=HH")
 _OP = struct.Struct("=BBH")
 
@@ -224,7 +226,18 @@ def prefer_second_listener(sock: socket.socket) -> None:
     request), then inet_csk_reqsk_queue_add finds it closed and drops the new connection.
     Once no new connection reaches the old listener, a moment later it has no handshake left.
     """
-    code = array.array("B", _SECOND_LISTENER)
+    _attach(sock, _SECOND_LISTENER)
+
+
+def spread_by_hash(sock: socket.socket) -> None:
+    """Make the SO_REUSEPORT group of listening ``sock`` spread new connections by the
+    kernel's hash again, undoing prefer_second_listener: for a group that keeps several
+    listeners after a switch (one forwarder per instance, app.instances > 1)."""
+    _attach(sock, _BY_HASH)
+
+
+def _attach(sock: socket.socket, instruction: bytes) -> None:
+    code = array.array("B", instruction)
     program = struct.pack("@HP", 1, code.buffer_info()[0])  # struct sock_fprog: length, filter
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
 

@@ -2,7 +2,8 @@
 
 Jobs are tracked the race-free way: the ``JobRemoved`` handler is installed (and the manager
 subscribed) before any ``StartUnit``/``StopUnit`` call, and results of jobs that finish before
-their method reply is read are kept until the caller asks for them.
+their method reply is read are kept until the caller asks for them. Changes of a unit's
+ActiveState (systemd's PropertiesChanged signals) go to the listeners of ``on_unit_state``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -27,6 +29,7 @@ UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 SOCKET = "org.freedesktop.systemd1.Socket"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+UNIT_PATHS = "/org/freedesktop/systemd1/unit"
 
 
 class JobMode(StrEnum):
@@ -127,6 +130,8 @@ class Systemd:
         # Jobs that finished before anyone waited for them (their reply was still in flight).
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._subscribed = False
+        # Called with (unit name, new ActiveState) whenever a unit's active state changes.
+        self.on_unit_state: list[Callable[[str, str], None]] = []
 
     async def subscribe(self) -> None:
         """Install the JobRemoved handler and subscribe; call once before any job."""
@@ -137,6 +142,11 @@ class Systemd:
             "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
             [f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',interface='{MANAGER}',"
              "member='JobRemoved'"],
+        )
+        await self._call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+            [f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
+             f"member='PropertiesChanged',path_namespace='{UNIT_PATHS}',arg0='{UNIT}'"],
         )
         await self._manager("Subscribe")
         self._subscribed = True
@@ -153,6 +163,17 @@ class Systemd:
                 self._finished[job] = result
                 while len(self._finished) > 256:
                     self._finished.popitem(last=False)
+        elif (message.message_type == MessageType.SIGNAL and message.interface == PROPERTIES
+                and message.member == "PropertiesChanged" and message.body
+                and message.body[0] == UNIT and "ActiveState" in message.body[1]
+                and (message.path or "").startswith(UNIT_PATHS + "/")):
+            name = unit_name_of_path(message.path)
+            state = message.body[1]["ActiveState"].value
+            for listener in self.on_unit_state:
+                try:
+                    listener(name, state)
+                except Exception:
+                    log.exception("a listener of %s's state failed", name)
         return False
 
     async def _call(self, destination: str, path: str, interface: str, member: str,
@@ -281,6 +302,22 @@ class Systemd:
         (units,) = await self._manager("ListUnitsByPatterns", "asas", [], list(patterns))
         return [UnitStatus(name=u[0], active_state=u[3], sub_state=u[4])
                 for u in units]
+
+
+def unit_name_of_path(path: str) -> str:
+    """The unit an object path of systemd's names (its last element, each byte that is not a
+    letter or digit escaped as _XX)."""
+    escaped = path.rsplit("/", 1)[-1]
+    out = bytearray()
+    i = 0
+    while i < len(escaped):
+        if escaped[i] == "_" and i + 2 < len(escaped):
+            out.append(int(escaped[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out += escaped[i].encode()
+            i += 1
+    return out.decode(errors="replace")
 
 
 def _uid(value: int) -> int:

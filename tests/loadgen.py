@@ -55,11 +55,15 @@ class Recorder:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.fast: list[tuple[float, float, str, str]] = []
+        self.instances: Counter[str] = Counter()
         self.slow: list[tuple[float, float, str]] = []
 
-    def add_fast(self, start: float, end: float, outcome: str, version: str) -> None:
+    def add_fast(self, start: float, end: float, outcome: str, version: str,
+                 instance: str = "") -> None:
         with self.lock:
             self.fast.append((start, end, outcome, version))
+            if instance:
+                self.instances[f"{version}@{instance}"] += 1
 
     def add_slow(self, start: float, end: float, outcome: str) -> None:
         with self.lock:
@@ -70,13 +74,14 @@ def fast_worker(args: argparse.Namespace, recorder: Recorder) -> None:
     while not stop.is_set():
         start = time.time()
         ok, outcome, body = request(args.host, args.port, "/", args.timeout)
-        version = ""
+        version = instance = ""
         if ok:
             try:
-                version = str(json.loads(body).get("version", ""))
+                answer = json.loads(body)
+                version, instance = str(answer.get("version", "")), str(answer.get("instance", ""))
             except ValueError:
                 outcome = "bad-body"
-        recorder.add_fast(start, time.time(), outcome, version)
+        recorder.add_fast(start, time.time(), outcome, version, instance)
         if not ok:
             time.sleep(0.005)
 
@@ -109,6 +114,8 @@ def report(recorder: Recorder, started: float) -> dict[str, Any]:
         "requests_per_second": len(fast) / duration if duration else 0,
         "longest_gap": max(gaps, default=0.0),
         "versions": dict(versions),
+        # Successes by VERSION@INSTANCE, for apps that name the instance (its port) that answered.
+        "instances": dict(recorder.instances),
         "slow": [{"start": s, "end": e, "outcome": o} for s, e, o in sorted(recorder.slow)],
     }
 

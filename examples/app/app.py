@@ -17,7 +17,8 @@ RELEASE = os.environ.get("BLUEGREEN_RELEASE", "unknown")
 
 @app.get("/")
 def index():
-    return jsonify(version=VERSION, release=RELEASE, pid=os.getpid())
+    return jsonify(version=VERSION, release=RELEASE, pid=os.getpid(),
+                   instance=os.environ.get("BLUEGREEN_PORT", ""))
 
 
 @app.get("/health")

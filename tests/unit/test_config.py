@@ -203,6 +203,9 @@ def test_environment_and_processes_tables(tmp_path: Path) -> None:
     ('[processes]\nweb = "gunicorn"\n', ":2: processes.web: 'web' is not a worker"),
     ('[processes]\n"a b" = "x"\n', "processes.a b: not a process name"),
     ('[app]\nnetwork = "none"\n', ":2: app.network:"),
+    ('forwarder = "proxy"\n[app]\ninstances = 2\n', ':3: app.instances: more than one instance '
+     'needs forwarder = "socat"'),
+    ('[app]\ninstances = 17\n', ":2: app.instances:"),
 ])
 def test_bad_tables_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bluegreen.toml"

@@ -33,6 +33,7 @@ class FakeSystemd:
         self.units: dict[str, str] = {}
         self.refuse_start: set[str] = set()
         self.unreadable: set[str] = set()
+        self.on_unit_state: list[Any] = []
 
     def active(self, pattern: str) -> list[str]:
         return sorted(name for name, state in self.units.items()
@@ -317,7 +318,8 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     attempts: list[int] = []
     real_deploy = world.controller.deployer.deploy
 
-    async def first_fails(deployment: Deployment, serving: Serving | None) -> Deployment:
+    async def first_fails(deployment: Deployment,
+                          serving: Serving | None) -> tuple[Deployment, Serving]:
         attempts.append(deployment.id)
         if len(attempts) == 1:
             raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")
@@ -372,3 +374,85 @@ def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
         await controller.stop()
 
     asyncio.run(scenario())
+
+
+def with_instances(world: World, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """app.instances = count, and instance ports picked in order from 8002."""
+    controller = world.controller
+    controller.loaded = replace(controller.loaded,
+                                app=replace(controller.loaded.app, instances=count))
+    monkeypatch.setattr(ports, "pick", lambda _range, taken, *_: min(
+        port for port in range(8002, 8100) if port not in taken))
+
+
+def test_a_deploy_starts_and_switches_in_every_instance(world: World,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with_instances(world, monkeypatch, 2)
+    record = asyncio.run(world.deploy())
+    assert record.state == State.SUCCEEDED, record
+    assert record.port == 8002
+    assert world.controller.serving == Serving(8002, NEW, (8003,))
+    assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
+                                                           forwarder.unit(8003)]
+
+
+def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with_instances(world, monkeypatch, 2)
+    world.systemd.refuse_start.add(instances.unit(8003))
+    record = asyncio.run(world.deploy())
+    assert record.state == State.FAILED, record
+    assert world.controller.serving == Serving(OLD_PORT, OLD)
+    assert world.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+
+
+def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    with_instances(world, monkeypatch, 2)
+
+    async def scenario() -> None:
+        await world.deploy()
+        controller, systemd = world.controller, world.systemd
+        systemd.units[instances.unit(8003)] = "activating"  # systemd restarts it
+        for listener in systemd.on_unit_state:
+            listener(instances.unit(8003), "deactivating")
+        while forwarder.unit(8003) in systemd.active("bluegreen-forward@*"):
+            await asyncio.sleep(0.01)
+        assert controller.pool.out() == [8003]
+        assert controller.health() == (True, f"release {NEW[:12]} serves on ports 8002, 8003 "
+                                       "(out until healthy again: port 8003)")
+        # The last one that takes traffic stays, sick or not.
+        await controller.pool.take_out(8002, "killed")
+        assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
+        # Restarted and healthy again: back on the public port.
+        systemd.units[instances.unit(8003)] = "active"
+        await controller.pool.probed(8003, health.Probe(True, "HTTP 200"))
+        assert controller.pool.out() == []
+        assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
+                                                         forwarder.unit(8003)]
+        await controller.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = World(tmp_path, monkeypatch)
+    with_instances(first, monkeypatch, 2)
+    asyncio.run(first.deploy())
+    first.systemd.units[forwarder.unit(8003)] = "inactive"  # taken out when the controller died
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)
+
+    async def restarted() -> None:
+        controller = second.controller
+        await controller.start()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert controller.serving == Serving(8002, NEW, (8003,))
+        assert controller.pool.out() == [8003]
+        await controller.stop()
+
+    asyncio.run(restarted())
+    assert first.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bluegreen.config import HealthConfig
-from bluegreen.health import Monitor, NotHealthy, Probe, probe, wait_healthy
+from bluegreen.health import Monitor, NotHealthy, Probe, best, probe, wait_healthy
 
 
 class Server:
@@ -105,7 +105,7 @@ def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
     async def on_change(healthy: bool, reason: str) -> None:
         changes.append((healthy, reason))
 
-    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: 8000, on_change)
+    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: (8000,), on_change)
 
     async def feed() -> None:
         for ok in (False, False, True, False, False, False, False, True):
@@ -114,3 +114,11 @@ def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
     asyncio.run(feed())
     assert changes == [(False, "3 failed checks in a row: HTTP 500 from /health"), (True, "HTTP 200")]
     assert monitor.healthy
+
+
+def test_a_release_is_healthy_while_one_instance_passes() -> None:
+    failing, passing = Probe(False, "Connection refused"), Probe(True, "HTTP 200")
+    assert best((8001, 8002), [failing, passing]) == passing
+    assert best((8001,), [failing]) == failing
+    assert best((8001, 8002), [failing, failing]).reason == (
+        "port 8001: Connection refused; port 8002: Connection refused")

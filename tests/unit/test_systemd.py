@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from dbus_next import Message
+from dbus_next import Message, Variant
 
 from bluegreen.systemd import JobFailed, Systemd, UnitStatus
 
@@ -61,3 +61,15 @@ def test_a_failed_job_names_the_unit_and_its_reason(monkeypatch: pytest.MonkeyPa
     with pytest.raises(JobFailed, match=r"start of x\.service ended with job result 'failed': "
                                         r"exited with status 4"):
         asyncio.run(systemd.start_unit("x.service", timeout=1))
+
+
+def test_a_units_active_state_change_reaches_the_listeners() -> None:
+    systemd = Systemd(Bus(early=True))  # type: ignore[arg-type]
+    heard: list[tuple[str, str]] = []
+    systemd.on_unit_state.append(lambda unit, state: heard.append((unit, state)))
+    changed = Message.new_signal(
+        "/org/freedesktop/systemd1/unit/bluegreen_2dapp_408123_2eservice",
+        "org.freedesktop.DBus.Properties", "PropertiesChanged", "sa{sv}as",
+        ["org.freedesktop.systemd1.Unit", {"ActiveState": Variant("s", "deactivating")}, []])
+    systemd._on_message(changed)
+    assert heard == [("bluegreen-app@8123.service", "deactivating")]

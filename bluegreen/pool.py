@@ -1,0 +1,108 @@
+"""The serving release's instances, and which of them the public port reaches.
+
+With app.instances > 1 every instance has a forwarder of its own on the public port. When one
+dies (systemd says its unit left "active", or it failed ``unhealthy_threshold`` checks in a
+row), its forwarder is drain-stopped at once: new connections go to the others while systemd
+restarts it (the unit's Restart=). Once it passes a health check again, its forwarder starts
+again. The last instance that takes traffic is never taken out: with nothing else to carry
+it, the health monitor and its recovery take over, as with one instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from pathlib import Path
+
+from bluegreen import forwarder, health, instances
+from bluegreen.config import Config
+from bluegreen.log import fields
+from bluegreen.serving import Serving
+from bluegreen.systemd import Systemd, SystemdError
+
+log = logging.getLogger(__name__)
+
+
+class Member(StrEnum):
+    IN = "in"  # its forwarder takes connections
+    OUT = "out"  # its forwarder is stopped until the instance is healthy again
+
+
+class Pool:
+    def __init__(self, systemd: Systemd, run_dir: Path, config: Callable[[], Config],
+                 busy: Callable[[], bool]) -> None:
+        self.systemd = systemd
+        self.run_dir = run_dir
+        self.config = config  # the settings the serving release was deployed with
+        self.busy = busy  # a deployment or the start-up owns the forwarders meanwhile
+        self.serving: Serving | None = None
+        self.members: dict[int, Member] = {}
+        self.failures: dict[int, int] = {}
+        self._lock = asyncio.Lock()
+
+    def reset(self, serving: Serving | None, out: Iterable[int] = ()) -> None:
+        """``serving`` serves now, every instance taking traffic but those ``out``."""
+        self.serving = serving
+        down = set(out)
+        self.members = {port: Member.OUT if port in down else Member.IN
+                        for port in (serving.ports if serving else ())}
+        self.failures = dict.fromkeys(self.members, 0)
+
+    def out(self) -> list[int]:
+        return sorted(port for port, member in self.members.items() if member == Member.OUT)
+
+    async def instance_state(self, unit: str, state: str) -> None:
+        """systemd's news of an instance's unit: one that is no longer active is taken out."""
+        port = instances.port_of(unit)
+        if port is None or port not in self.members or state in ("active", "reloading"):
+            return
+        await self.take_out(port, f"{unit} is {state}")
+
+    async def probed(self, port: int, result: health.Probe) -> None:
+        """A health check's result: put a healthy instance back, take a failing one out."""
+        if port not in self.members:
+            return
+        if result.ok:
+            self.failures[port] = 0
+            if self.members[port] == Member.OUT:
+                await self.put_back(port)
+            return
+        self.failures[port] = self.failures.get(port, 0) + 1
+        if self.failures[port] >= self.config().health.unhealthy_threshold:
+            await self.take_out(port, f"{self.failures[port]} failed checks in a row: "
+                                f"{result.reason}")
+
+    async def take_out(self, port: int, why: str) -> None:
+        async with self._lock:
+            if self.busy() or self.members.get(port) != Member.IN:
+                return
+            if sum(member == Member.IN for member in self.members.values()) < 2:
+                return  # the last one: better a sick instance than none
+            self.members[port] = Member.OUT
+            log.warning("taking the instance on port %d out of the public port: %s", port, why,
+                        extra=fields(unit=instances.unit(port), port=port))
+            try:
+                await forwarder.drain_stop(self.systemd, self.run_dir, port,
+                                           self.config().drain_timeout)
+            except (SystemdError, forwarder.ForwarderError) as exc:
+                log.error("the forwarder to port %d is not stopped: %s", port, exc)
+
+    async def put_back(self, port: int) -> None:
+        async with self._lock:
+            if self.busy() or self.members.get(port) != Member.OUT:
+                return
+            if await instances.failure(self.systemd, port):
+                return  # answered, but its unit is on its way out
+            config = self.config()
+            try:
+                await forwarder.start(self.systemd, self.run_dir, port, config.ports.public,
+                                      config.forwarder)
+            except (SystemdError, forwarder.ForwarderError) as exc:
+                log.error("the instance on port %d stays out: its forwarder did not start: %s",
+                          port, exc)
+                return
+            self.members[port] = Member.IN
+            log.info("the instance on port %d is healthy again and back on the public port",
+                     port, extra=fields(unit=instances.unit(port), port=port))
