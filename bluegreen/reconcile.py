@@ -1,11 +1,12 @@
 """Reconciliation: after a start (a crash, an upgrade, a reboot), or a deployment that failed
 past its switch, adopt what systemd runs.
 
-Exactly one forwarder target and its instance may serve: the target (a forwarder unit, or a
-server of haproxy's that takes requests) whose instance runs and was started by the newest
-deployment. Every other target is drain-stopped, every other instance
-and the workers of every other release stopped, and deployments a dead controller left running
-are recorded as interrupted.
+Each app on its own: its units are told apart by the app their settings name, and nothing
+here touches another app's. Exactly one forwarder target of the app and its instance may
+serve: the target (a forwarder unit, or a server of haproxy's that takes requests) whose
+instance runs and was started by the newest deployment. Every other target is drain-stopped,
+every other instance and the workers of every other release stopped, and deployments a dead
+controller left running are recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ def mark_interrupted(history: History) -> None:
                     extra=fields(deployment_id=record.id, release=record.commit))
 
 
-async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
-    """What serves, as systemd runs it: the forwarder target new connections reach whose instance runs and was
-    started by the newest deployment. Changes nothing."""
-    # Normally one target, two when the controller died during a switch.
-    targets = await forwarder.targets(systemd, run_dir)
+async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> list[int]:
+    """The ports of the app's running instances."""
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
+    return [port for port in running if instances.app_of(run_dir, port) == app]
+
+
+async def adopt(systemd: Systemd, run_dir: Path, app: str = "default") -> Serving | None:
+    """What serves the app, as systemd runs it: the forwarder target new connections reach
+    whose instance runs and was started by the newest deployment. Changes nothing."""
+    # Normally one target, two when the controller died during a switch.
+    targets = await forwarder.targets(systemd, run_dir, app)
+    running = await running_instances(systemd, run_dir, app)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
@@ -54,12 +61,12 @@ async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
-                 drain_timeout: float) -> None:
-    """Leave only ``serving``: drain-stop every other forwarder target, stop every other
-    instance and the workers of every other release."""
+                 drain_timeout: float, app: str = "default") -> None:
+    """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
+    its every other instance and the workers of its every other release."""
     keep = serving.port if serving is not None else None
-    targets = await forwarder.targets(systemd, run_dir)
-    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
+    targets = await forwarder.targets(systemd, run_dir, app)
+    running = await running_instances(systemd, run_dir, app)
     if keep is not None:
         # A controller that died during a switch may leave the kept forwarder still starting:
         # let it finish (joining its start job) before the others stop listening.
@@ -79,7 +86,7 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
                         extra=fields(unit=instances.unit(port), port=port))
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
-    await workers.stop(systemd, run_dir, keep=keep)
+    await workers.stop(systemd, run_dir, keep=keep, app=app)
     if serving is None:
         return
     drainflag.clear(run_dir, serving.port)  # it may have been draining when the controller stopped

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import forwarder, health, instances, ports, sockdiag
+from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen.config import Config
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
@@ -78,13 +78,14 @@ class World:
     """A controller whose old release serves on OLD_PORT, and the knobs of its deploys."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                 systemd: FakeSystemd | None = None) -> None:
+                 systemd: FakeSystemd | None = None, app: str = "default") -> None:
         base = Config()
         config = replace(base, repository=replace(base.repository, url="/srv/app.git", watch=False),
                          health=replace(base.health, interval=0.01, unhealthy_threshold=2),
-                         drain_timeout=1.0, post_switch_watch=0.3)
+                         drain_timeout=1.0, post_switch_watch=0.3, app_name=app,
+                         ports=replace(base.ports, public=base.ports.public + len(app)))
         self.systemd = systemd or FakeSystemd()
-        self.paths = Paths(state=tmp_path / "state", runtime=tmp_path / "run")
+        self.paths = Paths(state=tmp_path / f"state-{app}", runtime=tmp_path / "run")
         self.controller = Controller(config, self.systemd, self.paths)  # type: ignore[arg-type]
         self.healthy = True
         self.remote_head: str | None = NEW
@@ -119,7 +120,8 @@ class World:
             return None
 
         async def start_forwarder(systemd: FakeSystemd, run_dir: Path, port: int, public_port: int,
-                                  kind: Any = None, timeout: float = 10.0) -> None:
+                                  kind: Any = None, timeout: float = 10.0, app: str = "default") -> None:
+            forwarder._link(run_dir, port, app)
             await systemd.start_unit(forwarder.unit(port))
 
         monkeypatch.setattr(self.controller.repository, "resolve", resolve)
@@ -132,7 +134,9 @@ class World:
         monkeypatch.setattr(forwarder, "start", start_forwarder)
         monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
         monkeypatch.setattr(sockdiag, "listeners", lambda port: [])
-        monkeypatch.setattr(ports, "pick", lambda *_: 8002)
+        # The lowest free port from 8002, so that the test knows which a deploy takes.
+        monkeypatch.setattr(ports, "pick", lambda _range, taken: min(set(range(8002, 8100)) - set(taken)))
+        monkeypatch.setattr(appenv, "prepare_data_dir", lambda app: None)
 
     async def deploy(self, sha: str = NEW, trigger: Trigger = Trigger.DBUS) -> Deployment:
         record = await self.controller.request_deploy(sha, trigger)
@@ -370,5 +374,47 @@ def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
         assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002)]
         assert controller.state == "serving"
         await controller.stop()
+
+    asyncio.run(scenario())
+
+
+def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default app serves on OLD_PORT; a second app starts beside it, deploys, restarts
+    (its controller reconciles), and the default app deploys: each one's reconciliation and
+    deploys stop only its own units."""
+    default = World(tmp_path, monkeypatch)
+    default.systemd.units[workers.unit(OLD_PORT, "clock")] = "active"
+    staging = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+    staging.controller.releases.path(NEW).mkdir(parents=True)
+
+    async def settled(controller: Controller) -> None:
+        await controller.start()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        await settled(staging.controller)  # nothing of its own serves: it deploys the branch
+        assert default.systemd.active("bluegreen-app@*")[0] == instances.unit(OLD_PORT)
+        assert default.systemd.active("bluegreen-forward@*")[0] == forwarder.unit(OLD_PORT)
+        assert default.systemd.active("bluegreen-worker@*") == [workers.unit(OLD_PORT, "clock")]
+        while staging.controller.state != "serving":
+            await asyncio.sleep(0.01)
+        assert staging.controller.serving == Serving(8002, NEW)
+        assert instances.app_of(staging.paths.runtime, 8002) == "staging"
+        assert forwarder.app_of(staging.paths.runtime, 8002) == "staging"
+        await staging.controller.stop()
+
+        restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+        await settled(restarted.controller)
+        assert restarted.controller.serving == Serving(8002, NEW)
+        record = await default.deploy(NEW)
+        assert record.state == State.SUCCEEDED, record.reason
+        assert default.controller.serving == Serving(8003, NEW)
+        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002), forwarder.unit(8003)]
+        assert default.systemd.active("bluegreen-worker@*") == []
+        await restarted.controller.remove()  # its file is gone: its units stop, the other's stay
+        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8003)]
 
     asyncio.run(scenario())
