@@ -71,8 +71,9 @@ def environment(config: Config, release: str, release_dir: Path, environment_dir
 
 
 def prepare_data_dir(app_name: str) -> None:
-    """Make the data directory of an app other than the default one (the units' StateDirectory=
-    makes only their parent), the app's user's own."""
+    """Make the data directory of an app other than the default one, the app's user's own
+    (the default app's is its units' StateDirectory=). Its parent stays root's, so that the
+    controller, root without CAP_DAC_OVERRIDE, can look into it."""
     directory = apps.data_dir(app_name)
     if app_name == apps.DEFAULT or directory.is_dir():
         return
@@ -80,7 +81,8 @@ def prepare_data_dir(app_name: str) -> None:
         user = pwd.getpwnam(APP_USER)
     except KeyError:
         raise FileNotFoundError(f"the user {APP_USER} does not exist") from None
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
     os.chown(directory, user.pw_uid, user.pw_gid)
 
 

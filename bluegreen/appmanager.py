@@ -42,7 +42,7 @@ class AppManager:
         self.notify = notify
         self.controllers: dict[str, Controller] = {}
         self._interfaces: dict[str, ManagerInterface] = {}
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         # Set when any app's controller meets an internal error: the daemon exits.
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
@@ -73,7 +73,7 @@ class AppManager:
         self._interfaces[name] = interface
         if self.bus is not None:
             self.bus.export(object_path(name), interface)
-        self._watchers.append(asyncio.create_task(self._watch(controller), name=f"fatal-{name}"))
+        self._watchers[name] = asyncio.create_task(self._watch(controller), name=f"fatal-{name}")
         return controller
 
     async def _watch(self, controller: Controller) -> None:
@@ -111,6 +111,7 @@ class AppManager:
     async def remove(self, name: str) -> None:
         controller = self.controllers.pop(name)
         interface = self._interfaces.pop(name)
+        self._watchers.pop(name).cancel()
         if self.bus is not None:
             self.bus.unexport(object_path(name), interface)
         log.info("reload: the app %s is gone; its records, releases and data stay in %s",
@@ -118,7 +119,7 @@ class AppManager:
         await controller.remove()
 
     async def stop(self) -> None:
-        for task in self._watchers:
+        for task in self._watchers.values():
             task.cancel()
         for controller in self.controllers.values():
             with contextlib.suppress(Exception):

@@ -26,7 +26,7 @@ DEFAULT = "default"
 APPS_DIR = Path("/etc/bluegreen/apps")
 STATE_DIR = Path("/var/lib/bluegreen")
 SECRETS_DIR = Path("/etc/bluegreen/secrets")
-# The data directories of the apps but the default one: one StateDirectory= of their units.
+# The data directories of the apps but the default one (ReadWritePaths= of their units).
 APP_DATA_STATE_DIRECTORY = "bluegreen/app-data"
 
 # Lower-case letters, digits and '_': safe in unit names, D-Bus object paths, URLs, file names

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
-from bluegreen.config import Config
+from bluegreen.appmanager import AppManager
+from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
@@ -416,5 +417,38 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         await restarted.controller.remove()  # its file is gone: its units stop, the other's stay
         assert default.systemd.active("bluegreen-app@*") == [instances.unit(8003)]
         assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8003)]
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
+    apps_dir = tmp_path / "apps"
+    apps_dir.mkdir()
+    (tmp_path / "bluegreen.toml").write_text("")
+    paths = Paths(state=tmp_path / "state", runtime=tmp_path / "run", config=tmp_path / "bluegreen.toml")
+    manager = AppManager(FakeSystemd(), paths, apps_dir)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        for config in manager.load().values():
+            manager.add(config)
+        await manager.start()
+        (apps_dir / "staging.toml").write_text("[ports]\npublic = 5100\n")
+        assert await manager.reload() == [("app staging", "added")]
+        assert manager.controllers["staging"].paths.state == tmp_path / "state" / "apps" / "staging"
+        (apps_dir / "beta.toml").write_text("[ports]\npublic = 5100\n")
+        with pytest.raises(ConfigError, match=r"staging\.toml:2: ports\.public: 5100 is already the "
+                           r"public port of the app beta"):
+            await manager.reload()
+        assert list(manager.controllers) == ["default", "staging"]
+        (apps_dir / "beta.toml").unlink()
+        (apps_dir / "staging.toml").write_text("[ports]\npublic = 5200\n")
+        assert await manager.reload() == [("staging: ports.public", "at the next deploy")]
+        (apps_dir / "staging.toml").unlink()
+        changes = await manager.reload()
+        assert changes == [("app staging", "removed: its units are stopped, its data kept")]
+        assert list(manager.controllers) == ["default"]
+        await manager.stop()
 
     asyncio.run(scenario())
