@@ -8,8 +8,10 @@ Python environment and its network.
   unit's environment;
 - the secrets, never in any unit's environment or on disk outside /etc/bluegreen/secrets:
   systemd loads the directory as credentials (``LoadCredential=secrets:/etc/bluegreen/secrets``)
-  and ``with-secrets`` exports them as the process starts;
-- the data directory /var/lib/bluegreen/data (``StateDirectory=bluegreen/data``, mode 0700);
+  and ``with-secrets`` exports the app's own (BLUEGREEN_APP: the default app's files, or those
+  of its subdirectory NAME) as the process starts;
+- the data directory /var/lib/bluegreen/data (``StateDirectory=bluegreen/data``, mode 0700),
+  /var/lib/bluegreen/app-data/NAME for the app NAME (see apps.py);
 - the release's Python environment first on ``PATH``.
 
 The unit files bluegreen-app@.service and bluegreen-worker@.service say the same in their own
@@ -18,18 +20,20 @@ words; this module says it for transient units and for the files those units rea
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 from collections.abc import Mapping
 from pathlib import Path
 
-from bluegreen.config import DATA_DIR, Config
+from bluegreen import apps
+from bluegreen.config import Config, ConfigError
 from bluegreen.environments import SYSTEM_PYTHON
 from bluegreen.transient import Command
 
 APP_USER = "bluegreen-app"
-SECRETS_DIR = Path("/etc/bluegreen/secrets")
-SECRETS_CREDENTIAL = "secrets"
+SECRETS_DIR = apps.SECRETS_DIR
 WITH_SECRETS = "/usr/libexec/bluegreen/with-secrets"
-DATA_STATE_DIRECTORY = "bluegreen/data"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Tasks the app's user may own when a command of the app starts more: its serving instances
 # and workers (a process, or a thread, each) count too.
@@ -54,16 +58,49 @@ def environment(config: Config, release: str, release_dir: Path, environment_dir
         "PYTHONDONTWRITEBYTECODE": "1",
         "BLUEGREEN_RELEASE": release,
         "BLUEGREEN_RELEASE_DIR": str(release_dir),
-        "BLUEGREEN_DATA_DIR": str(DATA_DIR),
+        "BLUEGREEN_DATA_DIR": str(apps.data_dir(config.app_name)),
         "BLUEGREEN_PYTHON": str(python),
         "BLUEGREEN_DEPLOYMENT_ID": str(deployment_id),
+        "BLUEGREEN_APP": config.app_name,
     })
+    if config.app_name == apps.DEFAULT:
+        # The default app's units load every app's secrets (a directory is read with its
+        # subdirectories): with-secrets leaves out those of the other apps.
+        values["BLUEGREEN_OTHER_APPS"] = " ".join(other_apps())
     return values
 
 
-def credentials() -> list[tuple[str, str]]:
-    """LoadCredential= of the secrets (none while the directory is missing)."""
-    return [(SECRETS_CREDENTIAL, str(SECRETS_DIR))] if SECRETS_DIR.is_dir() else []
+def prepare_data_dir(app_name: str) -> None:
+    """Make the data directory of an app other than the default one, the app's user's own
+    (the default app's is its units' StateDirectory=). Its parent stays root's, so that the
+    controller, root without CAP_DAC_OVERRIDE, can look into it."""
+    directory = apps.data_dir(app_name)
+    if app_name == apps.DEFAULT or directory.is_dir():
+        return
+    try:
+        user = pwd.getpwnam(APP_USER)
+    except KeyError:
+        raise FileNotFoundError(f"the user {APP_USER} does not exist") from None
+    directory.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.chown(directory, user.pw_uid, user.pw_gid)
+
+
+def other_apps() -> list[str]:
+    """The names under which the default app's units may find other apps' secrets: the app
+    files', and the secrets directory's subdirectories."""
+    names: set[str] = set()
+    with contextlib.suppress(ConfigError):
+        names.update(apps.files())
+    with contextlib.suppress(OSError):
+        names.update(path.name for path in SECRETS_DIR.iterdir() if path.is_dir())
+    return sorted(names)
+
+
+def credentials(app_name: str = apps.DEFAULT) -> list[tuple[str, str]]:
+    """LoadCredential= of the app's secrets (none while the directory is missing)."""
+    directory = apps.secrets_dir(app_name)
+    return [(apps.credential(app_name), str(directory))] if directory.is_dir() else []
 
 
 def command(config: Config, what: str, kind: str, argv: list[str], directory: Path,
@@ -72,5 +109,6 @@ def command(config: Config, what: str, kind: str, argv: list[str], directory: Pa
     return Command(
         what=what, kind=kind, argv=[WITH_SECRETS, *argv],
         directory=directory, user=APP_USER, timeout=config.release.timeout, environment=env,
-        state_directories=[DATA_STATE_DIRECTORY], credentials=credentials(),
+        state_directories=[apps.data_state_directory(config.app_name)],
+        credentials=credentials(config.app_name),
         network=config.app.network, tasks_max=APP_TASKS_MAX)

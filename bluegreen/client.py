@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from bluegreen.dbusapi import BUS_NAME, INTERFACE, OBJECT_PATH
+from bluegreen.dbusapi import APPS_INTERFACE, BUS_NAME, DEFAULT_APP, INTERFACE, OBJECT_PATH, object_path
 
 T = TypeVar("T")
 
@@ -50,20 +50,28 @@ def deployment(raw: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# What the bus answers for an object nobody exports (dbus-next's words for it).
+_NO_OBJECT = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.Error.UnknownMethod")
+
+
 class Client:
-    def __init__(self, bus: MessageBus) -> None:
+    """A connection to the API of one app (``app``; "default": bluegreen.toml's)."""
+
+    def __init__(self, bus: MessageBus, app: str = DEFAULT_APP) -> None:
         self.bus = bus
+        self.app = app
+        self.path = object_path(app)
 
     @classmethod
-    async def connect(cls) -> Client:
-        return cls(await MessageBus(bus_type=BusType.SYSTEM).connect())
+    async def connect(cls, app: str = DEFAULT_APP) -> Client:
+        return cls(await MessageBus(bus_type=BusType.SYSTEM).connect(), app)
 
     def close(self) -> None:
         self.bus.disconnect()
 
     async def _call(self, member: str, signature: str = "", body: list[Any] | None = None,
-                    interface: str = INTERFACE) -> list[Any]:
-        reply = await self.bus.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
+                    interface: str = INTERFACE, path: str = "") -> list[Any]:
+        reply = await self.bus.call(Message(destination=BUS_NAME, path=path or self.path,
                                             interface=interface, member=member,
                                             signature=signature, body=body or []))
         assert reply is not None
@@ -71,8 +79,16 @@ class Client:
             text = reply.body[0] if reply.body else reply.error_name
             if reply.error_name == "org.freedesktop.DBus.Error.ServiceUnknown":
                 text = "bluegreen is not running (start it with: systemctl start bluegreen)"
+            elif reply.error_name in _NO_OBJECT and not path and self.app != DEFAULT_APP:
+                raise ApiError("org.bluegreen1.Error.NoSuchApp",
+                               f"no app {self.app!r} (bluegreenctl apps lists them)")
             raise ApiError(reply.error_name or "", str(text))
         return list(reply.body)
+
+    async def apps(self) -> list[str]:
+        """The names of the apps, the default app first."""
+        (raw,) = await self._call("ListApps", interface=APPS_INTERFACE, path=OBJECT_PATH)
+        return [name for name, _path in raw]
 
     async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
@@ -135,7 +151,8 @@ class Client:
         events: asyncio.Queue[tuple[str, list[Any]]] = asyncio.Queue()
 
         def handler(message: Message) -> bool:
-            if message.message_type == MessageType.SIGNAL and message.interface == INTERFACE:
+            if (message.message_type == MessageType.SIGNAL and message.interface == INTERFACE
+                    and message.path == self.path):  # ids are per app: another app's are not ours
                 events.put_nowait((message.member or "", list(message.body)))
             return False
 
@@ -143,7 +160,7 @@ class Client:
         await self.bus.call(Message(
             destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-            body=[f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}'"]))
+            body=[f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}',path='{self.path}'"]))
         try:
             deployment_id = await start()
             while True:
@@ -164,11 +181,11 @@ class Client:
             self.bus.remove_message_handler(handler)
 
 
-def call(function: Callable[[Client], Awaitable[T]]) -> T:
+def call(function: Callable[[Client], Awaitable[T]], app: str = DEFAULT_APP) -> T:
     """Run one async client call from synchronous code, on a connection of its own."""
 
     async def once() -> T:
-        client = await Client.connect()
+        client = await Client.connect(app)
         try:
             return await function(client)
         finally:

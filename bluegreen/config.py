@@ -149,6 +149,8 @@ class Config:
     history_limit: int = 1000
     processes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source: str = "built-in defaults"
+    # Which app these settings are (apps.py): the file's name, "default" for bluegreen.toml.
+    app_name: str = "default"
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)
@@ -604,7 +606,14 @@ def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> str:
     return f"{path}:{number}: {section}{key[1]}: {reason}" if key else f"{path}:{number}: {reason}"
 
 
-def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
+def line_of(text: str, dotted: str) -> int | None:
+    """The line of a key (SECTION.NAME or NAME) in a file's text, for error messages."""
+    section, _, name = dotted.rpartition(".")
+    return _line_of(text, section or None, name)
+
+
+def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None,
+         data_dir: Path = DATA_DIR, app_name: str = "default") -> Config:
     """Read the config file (a missing file means all defaults), then apply the environment."""
     environ = os.environ if environ is None else environ
     try:
@@ -629,9 +638,9 @@ def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None) ->
             break  # reported by load_mapping below
         table[name] = _environment_value(variable, raw)
 
-    config = load_mapping(data, source=str(path), text=text)
+    config = dataclasses.replace(load_mapping(data, source=str(path), text=text), app_name=app_name)
     if "{data_dir}" in "".join(config.app.environment.values()):
-        environment = {name: value.replace("{data_dir}", str(DATA_DIR))
+        environment = {name: value.replace("{data_dir}", str(data_dir))
                        for name, value in config.app.environment.items()}
         config = dataclasses.replace(config, app=dataclasses.replace(config.app, environment=environment))
     if config.app.team and "{team}" in config.repository.url:

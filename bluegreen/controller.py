@@ -1,4 +1,4 @@
-"""The controller: owns what serves, the deployment in progress and the records.
+"""The controller of one app: owns what serves, the deployment in progress and the records.
 
 Every entry point (D-Bus, and through it HTTP and the CLI; the refresher; the health monitor)
 asks this object; it alone starts deployments, so at most one runs. At start-up it reconciles
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -19,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from bluegreen import config as configuration
 from bluegreen import (
+    apps,
     forwarder,
     health,
     instances,
@@ -31,6 +32,8 @@ from bluegreen import (
     settings,
     workers,
 )
+from bluegreen import config as configuration
+from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Unsettled
@@ -86,8 +89,8 @@ class Observer(Protocol):
 
 @dataclass(frozen=True)
 class Paths:
-    state: Path = Path("/var/lib/bluegreen")
-    runtime: Path = Path("/run/bluegreen")
+    state: Path = Path("/var/lib/bluegreen")  # the app's own (apps.state_dir)
+    runtime: Path = Path("/run/bluegreen")  # every app's: units are named by port
     config: Path = configuration.DEFAULT_PATH
 
     @property
@@ -133,6 +136,7 @@ class Controller:
                  notify: Callable[[str], None] = lambda line: None) -> None:
         self.systemd = systemd
         self.paths = paths
+        self.app = config.app_name
         self.secrets = secrets or Secrets()
         self.history = History(paths.database)
         # The file's settings (``loaded``), and those in effect (``config``): the file's, but
@@ -219,6 +223,7 @@ class Controller:
         Busy while another deployment runs (unless ``wait``: then it waits for that one to
         end first), NotConfigured without a repository.
         """
+        logsetup.APP.set(self.app)
         validate_ref(ref)
         await self._claim_when_idle(ref or self.config.repository.branch, wait)
         try:
@@ -248,6 +253,7 @@ class Controller:
         while a deployment watches its new release (the old instance still warm) for that old
         release, it ends that deployment at once with a switch-back and returns its record.
         """
+        logsetup.APP.set(self.app)
         current = self.current
         if current is not None and self._is_switch_back(current, target):
             reason = "switched back by the operator" + (f" ({who})" if who else "")
@@ -387,9 +393,9 @@ class Controller:
         """After a failure that may have moved the traffic, find out from systemd which release
         serves, keep only it, and say which."""
         try:
-            self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
+            self.serving = await reconcile.adopt(self.systemd, self.paths.runtime, self.app)
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
-                                   self.config.drain_timeout)
+                                   self.config.drain_timeout, self.app)
             await self._adopt_pool()
         except Exception:
             log.exception("cannot tell which release serves")
@@ -408,7 +414,7 @@ class Controller:
         if self.serving is None:
             return
         await self._adopt_workers(self.serving)
-        targets = await forwarder.targets(self.systemd, self.paths.runtime)
+        targets = await forwarder.targets(self.systemd, self.paths.runtime, self.app)
         self.pool.reset(self.serving, out=[port for port in self.serving.ports
                                            if not targets.get(port)])
 
@@ -437,7 +443,8 @@ class Controller:
         self.metrics.deployment_finished(record)
         self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
-            forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
+            forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
+                                self.app)
         # The refresher leaves a pushed head alone once its deployment has an outcome; an
         # interrupted one is tried again.
         if record.state != State.INTERRUPTED and (
@@ -592,18 +599,22 @@ class Controller:
 
     # --- the configuration -----------------------------------------------------------------
 
-    def reload(self) -> list[tuple[str, str]]:
-        """Read the configuration file again and apply it; return each changed key with when
-        it takes effect (at once, at the next deploy, or after what the admin must run).
+    def reload(self, loaded: Config | None = None) -> list[tuple[str, str]]:
+        """Read the configuration file again (unless given, read already) and apply it; return
+        each changed key with when it takes effect (at once, at the next deploy, or after what
+        the admin must run).
 
         A bad file raises ConfigError (FILE:LINE: KEY: REASON) and changes nothing.
         """
+        logsetup.APP.set(self.app)
         # Before READY=1 at start-up, systemd is not told about the reload.
         notify = self.notify if self._started else (lambda line: None)
         notify("RELOADING=1")
         try:
             try:
-                loaded = configuration.load(self.paths.config)
+                if loaded is None:
+                    loaded = (configuration.load(self.paths.config) if self.app == apps.DEFAULT
+                              else apps.load_app(self.app, self.paths.config))
             except configuration.ConfigError as exc:
                 log.error("reload refused, the settings stay as they were: %s", exc)
                 raise
@@ -637,7 +648,7 @@ class Controller:
         interval = self.refresher.interval
         self.refresher.interval = config.repository.poll_interval
         if old.drain_timeout != config.drain_timeout or old.ports != config.ports:
-            forwarder.write_env(self.paths.runtime, config.ports, config.drain_timeout)
+            forwarder.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
         if old.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
             self._write_known_hosts()
         if self._started and not self._settling:  # else the start-up's end watches the remote
@@ -674,7 +685,8 @@ class Controller:
         """Adopt what systemd runs; the rest of the start-up (stopping what must not run, a
         deployment if nothing serves, the refresher) goes on in the background, so that the
         controller is ready at once."""
-        forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout)
+        forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
+                                self.app)
         self._write_known_hosts()
         try:
             if forwarder.ensure_migrate_req():
@@ -684,7 +696,7 @@ class Controller:
         self.releases.remove_incomplete()
         reconcile.mark_interrupted(self.history)
         self._forget_interrupted_head()
-        self.serving = await reconcile.adopt(self.systemd, self.paths.runtime)
+        self.serving = await reconcile.adopt(self.systemd, self.paths.runtime, self.app)
         self.pool.reset(self.serving)
         self._settling = True
         self._spawn(self.monitor.run(), "health-monitor")
@@ -695,7 +707,7 @@ class Controller:
     async def _settle(self) -> None:
         try:
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
-                                   self.config.drain_timeout)
+                                   self.config.drain_timeout, self.app)
             await self._adopt_pool()
         finally:
             self._settling = False
@@ -717,7 +729,9 @@ class Controller:
         """Run ``work`` in the background. Should it fail (or, ``forever``, end at all) while
         the controller is not stopping, the daemon exits and systemd restarts it: a background
         loop never dies silently."""
-        task = asyncio.create_task(work, name=name)
+        context = contextvars.copy_context()
+        context.run(logsetup.APP.set, self.app)  # its log lines name the app
+        task = asyncio.create_task(work, name=name, context=context)
         self._tasks.append(task)
         task.add_done_callback(lambda done: self._task_done(done, forever))
         return task
@@ -748,14 +762,14 @@ class Controller:
         except procfile.ProcfileError as exc:
             log.error("workers of %s not adopted: %s", serving.release[:12], exc)
             return
-        running = {w.name for w in await workers.listing(self.systemd, self.paths.runtime)
+        running = {w.name for w in await workers.listing(self.systemd, self.paths.runtime, self.app)
                    if w.port == serving.port and w.state.startswith(("active", "activating"))}
         missing = {name: command for name, command in wanted.items() if name not in running}
         if missing:
             log.warning("starting the workers %s of the serving release %s", ", ".join(missing),
                         serving.release[:12])
             await workers.start(self.systemd, self.paths.runtime, serving.port, missing, env,
-                                self.config.app.network)
+                                self.config.app.network, self.app)
 
     async def _startup_deploy(self) -> None:
         last = self.history.last_succeeded()
@@ -764,6 +778,15 @@ class Controller:
             await self.request_deploy(ref, Trigger.STARTUP)
         except (RepositoryError, Busy, NotConfigured, HistoryError) as exc:
             log.error("nothing serves and no deployment could start: %s", exc)
+
+    async def remove(self) -> None:
+        """The app is gone from the configuration: stop the controller's work, then every unit
+        of the app (its data, releases and records stay)."""
+        await self.stop()
+        logsetup.APP.set(self.app)
+        log.warning("the app's file is gone: stopping its forwarders, instances and workers")
+        await reconcile.settle(self.systemd, self.paths.runtime, None, self.config.drain_timeout,
+                               self.app)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -1,7 +1,8 @@
 """bluegreen.service: the controller daemon (``python3 -m bluegreen.daemon``).
 
-Start-up: read the config (refuse to start on a bad one), connect to the system bus, export
-the API and take the bus name, adopt what systemd runs, then tell systemd READY=1; the rest of
+Start-up: read the config of every app (refuse to start on a bad one), connect to the system
+bus, export the API and take the bus name, adopt what systemd runs for each app, then tell
+systemd READY=1; the rest of
 the reconciliation, a deployment if nothing serves and the refresher go on in the background.
 The watchdog is fed from the event loop, so a stuck loop gets the daemon restarted, and a
 background task of the controller that ends unexpectedly makes it exit with status 1 (systemd
@@ -26,11 +27,13 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import RequestNameReply
 from systemd import daemon as sd
 
+from bluegreen import apps
 from bluegreen import config as configuration
 from bluegreen import log as logsetup
-from bluegreen.controller import Controller, Paths
+from bluegreen.appmanager import AppManager
+from bluegreen.controller import Paths
 from bluegreen.credentials import Secrets
-from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, ManagerInterface, remember_sender
+from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, AppsInterface, remember_sender
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger("bluegreen")
@@ -58,22 +61,24 @@ def _quiet_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, An
     loop.default_exception_handler(context)
 
 
-def reload_quietly(controller: Controller) -> None:
+async def reload_quietly(manager: AppManager) -> None:
     """SIGHUP: reload as ``bluegreenctl reload`` does; a bad file is logged and changes nothing."""
     with contextlib.suppress(configuration.ConfigError):
-        controller.reload()
+        await manager.reload()
 
 
-async def serve(config: configuration.Config, paths: Paths) -> int:
+async def serve(configs: dict[str, configuration.Config], paths: Paths, apps_dir: Path) -> int:
+    config = configs[apps.DEFAULT]
     # File descriptors ride on the bus: release commands' output comes back over a pipe.
     bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     systemd = Systemd(bus)
     await systemd.subscribe()
-    controller = Controller(config, systemd, paths,
-                            notify_status=lambda text: notify(f"STATUS={text}"),
-                            secrets=Secrets.load(), notify=notify)
+    manager = AppManager(systemd, paths, apps_dir, bus, secrets=Secrets.load(),
+                         notify_status=lambda text: notify(f"STATUS={text}"), notify=notify)
     bus.add_message_handler(remember_sender)
-    bus.export(OBJECT_PATH, ManagerInterface(controller, bus))
+    for app_config in configs.values():
+        manager.add(app_config)
+    bus.export(OBJECT_PATH, AppsInterface(lambda: list(manager.controllers)))
     reply = await bus.request_name(BUS_NAME)
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("cannot own the bus name %s (%s): is another bluegreen running?", BUS_NAME,
@@ -85,21 +90,31 @@ async def serve(config: configuration.Config, paths: Paths) -> int:
     loop.set_exception_handler(_quiet_replied_errors)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_quietly, controller)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:
+        task = asyncio.create_task(reload_quietly(manager), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     watchdog = asyncio.create_task(feed_watchdog(), name="watchdog")
     disconnected = asyncio.create_task(bus.wait_for_disconnect(), name="bus")
 
-    await controller.start()
+    await manager.start()
     notify("READY=1")
     log.info("bluegreen is ready: public port %d, repository %s", config.ports.public,
              config.repository.url or "(none configured)")
+    for name, other in list(manager.controllers.items())[1:]:
+        log.info("app %s is ready: public port %d, repository %s", name, other.config.ports.public,
+                 other.config.repository.url or "(none configured)")
 
     stopping = asyncio.create_task(stop.wait(), name="stop")
-    broken = asyncio.create_task(controller.fatal.wait(), name="fatal")
+    broken = asyncio.create_task(manager.fatal.wait(), name="fatal")
     done, _ = await asyncio.wait({stopping, disconnected, broken},
                                  return_when=asyncio.FIRST_COMPLETED)
     notify("STOPPING=1", "STATUS=Stopping")
-    await controller.stop()
+    await manager.stop()
     watchdog.cancel()
     if disconnected in done:
         log.error("lost the connection to the system bus")
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="bluegreen", description="The bluegreen controller (run by bluegreen.service).")
     parser.add_argument("--config", type=Path, default=configuration.DEFAULT_PATH,
                         help="configuration file (default: %(default)s)")
+    parser.add_argument("--apps-directory", type=Path, default=apps.APPS_DIR,
+                        help="the other apps' files, NAME.toml (default: %(default)s)")
     parser.add_argument("--state-directory", type=Path,
                         default=Path(os.environ.get("STATE_DIRECTORY", "/var/lib/bluegreen")),
                         help="where releases and records live (default: $STATE_DIRECTORY)")
@@ -130,16 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logsetup.setup(verbose=args.verbose)
     try:
-        config = configuration.load(args.config)
+        configs = apps.load(args.config, args.apps_directory)
     except configuration.ConfigError as exc:
         log.error("refusing to start: %s", exc)
         notify(f"STATUS=Bad configuration: {exc}")
         return 78  # EX_CONFIG
     if args.check_config:
-        print(config.to_json())
+        for config in configs.values():
+            print(config.to_json())
         return 0
     paths = Paths(state=args.state_directory, runtime=args.runtime_directory, config=args.config)
-    return asyncio.run(serve(config, paths))
+    return asyncio.run(serve(configs, paths, args.apps_directory))
 
 
 if __name__ == "__main__":

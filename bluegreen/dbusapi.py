@@ -1,12 +1,16 @@
-"""The D-Bus API: org.bluegreen1.Manager at /org/bluegreen1 on the system bus.
+"""The D-Bus API: org.bluegreen1.Manager at /org/bluegreen1 on the system bus (the default
+app), and at /org/bluegreen1/app/NAME for each other app; org.bluegreen1.Apps at
+/org/bluegreen1 lists them.
 
 Root and the bluegreen group may deploy; everyone may read (see org.bluegreen1.conf).
-Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentStep signal.
+Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentStep signal,
+sent from the object of the deployment's app.
 """
 
 from __future__ import annotations
 
 import pwd
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -23,6 +27,13 @@ from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
 BUS_NAME = "org.bluegreen1"
 OBJECT_PATH = "/org/bluegreen1"
 INTERFACE = "org.bluegreen1.Manager"
+APPS_INTERFACE = "org.bluegreen1.Apps"
+DEFAULT_APP = "default"
+
+
+def object_path(app: str) -> str:
+    """The object of an app's Manager interface."""
+    return OBJECT_PATH if app == DEFAULT_APP else f"{OBJECT_PATH}/app/{app}"
 
 
 class Error:
@@ -36,6 +47,7 @@ class Error:
     BAD_SIGNATURE = "org.bluegreen1.Error.BadSignature"
     BAD_CONFIGURATION = "org.bluegreen1.Error.BadConfiguration"
     RECORDS = "org.bluegreen1.Error.Records"
+    NO_SUCH_APP = "org.bluegreen1.Error.NoSuchApp"
     INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
@@ -51,7 +63,8 @@ _SENDER: ContextVar[str] = ContextVar("sender", default="")
 
 
 def remember_sender(message: Message) -> bool:
-    if message.message_type == MessageType.METHOD_CALL and message.interface == INTERFACE:
+    if message.message_type == MessageType.METHOD_CALL and message.interface in (INTERFACE,
+                                                                                   APPS_INTERFACE):
         _SENDER.set(message.sender or "")
     return False
 
@@ -89,11 +102,16 @@ def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
     }
 
 
+Reload = Callable[[], Awaitable[list[tuple[str, str]]]]
+
+
 class ManagerInterface(ServiceInterface):
-    def __init__(self, controller: Controller, bus: MessageBus | None = None) -> None:
+    def __init__(self, controller: Controller, bus: MessageBus | None = None,
+                 reload: Reload | None = None) -> None:
         super().__init__(INTERFACE)
         self.controller = controller
         self.bus = bus
+        self._reload = reload
         self._last: dict[str, Any] = {}
         controller.observers.append(self)
 
@@ -209,6 +227,8 @@ class ManagerInterface(ServiceInterface):
         "at the next deploy", or the commands that apply it). A bad file changes nothing and
         fails with BadConfiguration, naming the file, line, key and reason."""
         try:
+            if self._reload is not None:  # every app's file, not this app's alone
+                return [list(change) for change in await self._reload()]
             return [list(change) for change in self.controller.reload()]
         except ConfigError as exc:
             raise DBusError(Error.BAD_CONFIGURATION, str(exc)) from None
@@ -240,12 +260,12 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def ListInstances(self) -> "a(qss)":
-        """Every loaded app instance: port, systemd state, release."""
+        """Every loaded instance of the app: port, systemd state, release."""
         c = self.controller
         result = []
         for status in await c.systemd.list_units(instances.PATTERN):
             port = instances.port_of(status.name)
-            if port is None:
+            if port is None or instances.app_of(c.paths.runtime, port) != c.app:
                 continue
             release = instances.read_env(c.paths.runtime, port).get("BLUEGREEN_RELEASE", "")
             result.append([port, status.active_state, release])
@@ -253,12 +273,18 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def ListWorkers(self) -> "a(qsss)":
-        """Every loaded worker unit: its release's port, process type, systemd state, release."""
+        """Every loaded worker unit of the app: its release's port, process type, systemd
+        state, release."""
         c = self.controller
         return [[w.port, w.name, w.state, w.release]
-                for w in await workers.listing(c.systemd, c.paths.runtime)]
+                for w in await workers.listing(c.systemd, c.paths.runtime, c.app)]
 
     # --- properties ------------------------------------------------------------------------
+
+    @dbus_property(access=PropertyAccess.READ)
+    def App(self) -> "s":
+        """The app's name ("default": bluegreen.toml's)."""
+        return self.controller.app
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
@@ -325,3 +351,16 @@ class ManagerInterface(ServiceInterface):
     def DeploymentFinished(self, deployment_id: "s", state: "s", failed_step: "s",
                            reason: "s") -> "ssss":
         return [deployment_id, state, failed_step, reason]
+
+
+class AppsInterface(ServiceInterface):
+    """org.bluegreen1.Apps at /org/bluegreen1: the apps this controller runs."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        super().__init__(APPS_INTERFACE)
+        self.names = names
+
+    @method()
+    def ListApps(self) -> "a(so)":
+        """Each app's name and the object of its Manager interface, the default app first."""
+        return [[name, object_path(name)] for name in self.names()]

@@ -133,6 +133,7 @@ class Deployer:
                     ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
 
             step = Step.START
+            appenv.prepare_data_dir(self.config.app_name)
             for _ in range(self.config.app.instances):
                 record = await self.start_instance(record, env, new_ports)
                 new_ports.append(record.port)
@@ -152,14 +153,15 @@ class Deployer:
             forwarder.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
-            address = forwarder.write_env(self.run_dir, ports, self.config.drain_timeout)
+            address = forwarder.write_env(self.run_dir, ports, self.config.drain_timeout,
+                                          self.config.app_name)
             if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
             for port in new.ports:
                 await forwarder.start(self.systemd, self.run_dir, port, self.config.ports.public,
-                                      self.config.forwarder)
+                                      self.config.forwarder, app=self.config.app_name)
         except _STEP_ERRORS as exc:
             await self.abandon(new_ports, staging)
             raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
@@ -225,11 +227,14 @@ class Deployer:
         avoid: set[int] = set(started)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             in_use = await ports.of_units(self.systemd, (instances.PATTERN, *forwarder.PATTERNS))
+            # Another app's deploy may have picked a port whose unit is not loaded yet: its
+            # settings file, written in the same step as the pick, says so.
+            in_use.extend(instances.ports_with_env(self.run_dir))
             port = ports.pick(self.config.ports.range, avoid.union(in_use))
+            instances.write_env(self.run_dir, self.instance_spec(port, env))
             record = replace(record, port=port)
             if not started:  # the step is reported once, with the first instance's port
                 record = await self.report(record, Step.START, port)
-            instances.write_env(self.run_dir, self.instance_spec(port, env))
             try:
                 await self.systemd.set_properties(instances.unit(port),
                                                   transient.network_properties(self.config.app.network))
@@ -303,7 +308,7 @@ class Deployer:
         for old_port in old_ports:
             drainflag.clear(self.run_dir, old_port)
             await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
-                                  self.config.forwarder)
+                                  self.config.forwarder, app=self.config.app_name)
         try:
             for new_port in new_ports:
                 drainflag.put(self.run_dir, new_port)
@@ -320,12 +325,13 @@ class Deployer:
         healthy, stays.
         """
         assert record.port
-        if not processes.workers and not await self.systemd.list_units(workers.PATTERN):
+        app = self.config.app_name
+        if not processes.workers and not await workers.listing(self.systemd, self.run_dir, app):
             return record
         record = await self.report(record, Step.WORKERS, record.port)
         problems = await workers.start(self.systemd, self.run_dir, record.port, processes.workers,
-                                       env, self.config.app.network)
-        await workers.stop(self.systemd, self.run_dir, keep=record.port)
+                                       env, self.config.app.network, app)
+        await workers.stop(self.systemd, self.run_dir, keep=record.port, app=app)
         if problems:
             text = "; ".join(f"worker {name}: {why}" for name, why in problems.items())
             record = replace(record, reason=self.repository.secrets.redact(text))

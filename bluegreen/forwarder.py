@@ -7,6 +7,11 @@ beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
 forwardhook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets the connections
 queued on the old listener. HAProxy keeps its listener: its runtime API adds the new instance
 and drains the old one. Whatever the kind, a switch is ``start`` then ``drain_stop``.
+
+The forwarder units read the default app's settings (public port, address, drain timeout) from
+``forwarder.env``; a forwarder of another app reads its app's ``apps/NAME/forwarder.env`` too,
+through the link ``forwarders/PORT.env`` made before it starts: that is also how it is known
+to be that app's. HAProxy serves the default app only.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import socket
 import time
 from pathlib import Path
 
-from bluegreen import haproxy, sockdiag
+from bluegreen import haproxy, instances, sockdiag
 from bluegreen.config import Config, Forwarder, PortsConfig
-from bluegreen.files import atomic_write, environment_file
+from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -119,23 +124,58 @@ def socat_listen(address: str, port: int) -> str:
     return f"TCP4-LISTEN:{port},bind={address}"
 
 
-def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> str:
-    """Write what the forwarder units read; return the address they will listen on."""
+DEFAULT_APP = "default"
+
+
+def env_path(run_dir: Path, app: str = DEFAULT_APP) -> Path:
+    """The settings file of an app's forwarders."""
+    return run_dir / "forwarder.env" if app == DEFAULT_APP else run_dir / "apps" / app / "forwarder.env"
+
+
+def link_path(run_dir: Path, port: int) -> Path:
+    """What the forwarder to ``port`` reads after forwarder.env: its app's settings (a link)."""
+    return run_dir / "forwarders" / f"{port}.env"
+
+
+def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float,
+              app: str = DEFAULT_APP) -> str:
+    """Write what the app's forwarder units read; return the address they will listen on."""
     public_port, max_connections = ports.public, ports.max_connections
     address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
-    atomic_write(run_dir / "forwarder.env", environment_file({
+    path = env_path(run_dir, app)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, environment_file({
+        "BLUEGREEN_APP": app,
         "BLUEGREEN_PUBLIC_PORT": str(public_port),
         "BLUEGREEN_PUBLIC_ADDRESS": address,
         "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
         "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
         "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
     }))
-    haproxy.write_config(run_dir, address, public_port, max_connections, drain_timeout)
+    if app == DEFAULT_APP:
+        haproxy.write_config(run_dir, address, public_port, max_connections, drain_timeout)
     return address
 
 
+def _link(run_dir: Path, port: int, app: str) -> None:
+    """Point the forwarder to ``port`` at its app's settings (the default app's: no link)."""
+    link = link_path(run_dir, port)
+    link.unlink(missing_ok=True)
+    if app != DEFAULT_APP:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(env_path(run_dir, app))
+
+
+def app_of(run_dir: Path, port: int) -> str:
+    """The app a forwarder to ``port`` carries: its instance's, else the one its link names,
+    else (a forwarder of an older version) the default app."""
+    env = instances.read_env(run_dir, port) or read_environment_file(link_path(run_dir, port))
+    return env.get("BLUEGREEN_APP", DEFAULT_APP)
+
+
 async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
-                kind: Forwarder = Forwarder.SOCAT, timeout: float = 10.0) -> None:
+                kind: Forwarder = Forwarder.SOCAT, timeout: float = 10.0,
+                app: str = DEFAULT_APP) -> None:
     """Make the public port reach ``port``; return once new connections get there.
 
     A running haproxy is switched over its runtime API. A forwarder unit that starts is
@@ -152,6 +192,7 @@ async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
                 raise ForwarderError(str(exc)) from None
             return
     before = {s.inode for s in sockdiag.listeners(public_port)}
+    _link(run_dir, port, app)
     await systemd.reset_failed(name)
     await systemd.start_unit(name)
     deadline = time.monotonic() + timeout
@@ -169,11 +210,11 @@ async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
         await asyncio.sleep(0.002)
 
 
-async def targets(systemd: Systemd, run_dir: Path) -> dict[int, bool]:
-    """The instance ports forwarders reach now, each with whether new connections get there
-    (not so for a server haproxy drains)."""
-    found = {port: True for port in await _running_ports(systemd)}
-    if (await systemd.status(haproxy.UNIT)).is_running:
+async def targets(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> dict[int, bool]:
+    """The instance ports the app's forwarders reach now, each with whether new connections
+    get there (not so for a server haproxy drains)."""
+    found = {port: True for port in await _running_ports(systemd) if app_of(run_dir, port) == app}
+    if app == DEFAULT_APP and (await systemd.status(haproxy.UNIT)).is_running:
         try:
             servers = await haproxy.RuntimeApi(run_dir).servers()
         except haproxy.HaproxyError as exc:
@@ -197,6 +238,7 @@ async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float)
     for kind in _TEMPLATE:
         await systemd.stop_unit(unit(port, kind))
         await systemd.reset_failed(unit(port, kind))
+    link_path(run_dir, port).unlink(missing_ok=True)
     if not (await systemd.status(haproxy.UNIT)).is_running:
         return
     api = haproxy.RuntimeApi(run_dir)

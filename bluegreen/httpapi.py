@@ -1,24 +1,32 @@
 """The HTTP API (bluegreen-api.service): Flask, a thin client of the D-Bus API.
 
 Every answer is JSON; errors are ``{"error": NAME, "message": TEXT}`` with a 4xx or 5xx status.
+The routes are the default app's; ``/apps/NAME/...`` are the same routes for the app NAME, and
+``GET /apps`` lists the apps.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from bluegreen import apiauth, client, credentials
 from bluegreen.client import ApiError, Client
+from bluegreen.dbusapi import DEFAULT_APP
 
 MAX_BODY = 64 * 1024
 MAX_HOOK_BODY = 5 * 1024 * 1024  # push payloads list the commits pushed
 
 app = Flask("bluegreen")
 app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY
+# The routes of one app, at / for the default app and at /apps/NAME/ for the others.
+routes = Blueprint("api", "bluegreen")
+
+T = TypeVar("T")
 
 # D-Bus error (short name) -> HTTP status
 _STATUS = {
@@ -31,6 +39,7 @@ _STATUS = {
     "BadSignature": 401,
     "Repository": 502,
     "Records": 507,
+    "NoSuchApp": 404,
     "AccessDenied": 403,
     "ServiceUnknown": 503,
     "NoReply": 504,
@@ -61,7 +70,7 @@ def _require_privilege() -> Response | None:
     """Changing anything takes proof of privilege (webhooks carry a signature of their own):
     on the unix socket the caller's credentials, on TCP the API token. Which one is decided by
     the socket the request came in on, never by the configuration."""
-    if request.method in ("GET", "HEAD") or request.path == "/hooks/push":
+    if request.method in ("GET", "HEAD") or (request.endpoint or "").endswith(".push_hook"):
         return None
     connection = request.environ.get("gunicorn.socket")
     if apiauth.is_unix(connection):
@@ -82,6 +91,16 @@ def _require_privilege() -> Response | None:
         response.headers["WWW-Authenticate"] = 'Bearer realm="bluegreen"'
         return response
     return None
+
+
+@app.url_value_preprocessor
+def _app_of_the_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    g.app = (values or {}).pop("app", DEFAULT_APP)
+
+
+def _call(function: Callable[[Client], Awaitable[T]]) -> T:
+    """A call to the D-Bus API of the route's app."""
+    return client.call(function, g.get("app", DEFAULT_APP))
 
 
 @app.errorhandler(ApiError)
@@ -112,28 +131,29 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@app.get("/")
+@routes.get("/")
 def index() -> Response:
-    status = client.call(lambda c: c.status())
+    status = _call(lambda c: c.status())
     summary = _summary(status)
     summary["service"] = "bluegreen"
-    summary["endpoints"] = ["GET /health", "GET /status", "GET /metrics", "POST /deploy",
+    summary["app"] = status["App"]
+    summary["endpoints"] = ["GET /apps", "GET /health", "GET /status", "GET /metrics", "POST /deploy",
                             "POST /rollback", "POST /hooks/push", "GET /history",
                             "GET /deployments/ID"]
     return reply(summary)
 
 
-@app.get("/health")
+@routes.get("/health")
 def health() -> Response:
     try:
-        status = client.call(lambda c: c.status())
+        status = _call(lambda c: c.status())
     except ApiError as exc:
         return reply({"healthy": False, "reason": exc.message}, 503)
     healthy = bool(status["Healthy"])
     return reply({"healthy": healthy, "reason": status["HealthReason"]}, 200 if healthy else 503)
 
 
-@app.get("/status")
+@routes.get("/status")
 def status() -> Response:
     async def gather(c: Client) -> dict[str, Any]:
         status = await c.status()
@@ -147,7 +167,7 @@ def status() -> Response:
         result["last_deployment"] = await c.deployment(last) if last else None
         return result
 
-    return reply(client.call(gather))
+    return reply(_call(gather))
 
 
 def _json_request(field: str) -> tuple[str, bool]:
@@ -187,45 +207,64 @@ def _accepted(deployment_id: str) -> Response:
     return response
 
 
-@app.post("/deploy")
+@routes.post("/deploy")
 def deploy() -> Response:
     ref, wait = _json_request("ref")
-    return _accepted(client.call(lambda c: c.deploy(ref, trigger="http", wait=wait)))
+    return _accepted(_call(lambda c: c.deploy(ref, trigger="http", wait=wait)))
 
 
-@app.post("/rollback")
+@routes.post("/rollback")
 def rollback() -> Response:
     """Roll back to the previous good release, or to {"target": DEPLOYMENT_ID or COMMIT}."""
     target, wait = _json_request("target")
-    return _accepted(client.call(lambda c: c.rollback(target, trigger="http", wait=wait)))
+    return _accepted(_call(lambda c: c.rollback(target, trigger="http", wait=wait)))
 
 
-@app.post("/hooks/push")
+@routes.post("/hooks/push")
 def push_hook() -> Response:
     """A push webhook (GitHub's format): signed with the shared secret, it triggers a poll."""
     signature = request.headers.get("X-Hub-Signature-256", "")
     if not signature:
         raise BadRequest("the X-Hub-Signature-256 header is missing", 401)
     payload = request.get_data(cache=False)
-    client.call(lambda c: c.notify_push(payload, signature))
+    _call(lambda c: c.notify_push(payload, signature))
     return reply({"refreshing": True}, 202)
 
 
-@app.get("/deployments/<deployment_id>")
+@routes.get("/deployments/<deployment_id>")
 def deployment(deployment_id: str) -> Response:
-    return reply(client.call(lambda c: c.deployment(deployment_id)))
+    return reply(_call(lambda c: c.deployment(deployment_id)))
 
 
-@app.get("/metrics")
+@routes.get("/metrics")
 def metrics() -> Response:
     """Prometheus text format."""
-    text = client.call(lambda c: c.metrics())
+    text = _call(lambda c: c.metrics())
     return Response(text, mimetype="text/plain", content_type="text/plain; version=0.0.4")
 
 
-@app.get("/history")
+@routes.get("/history")
 def history() -> Response:
     raw = request.args.get("limit", "20")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise BadRequest("limit must be an integer from 1 to 1000")
-    return reply(client.call(lambda c: c.deployments(int(raw))))
+    return reply(_call(lambda c: c.deployments(int(raw))))
+
+
+@app.get("/apps")
+def app_list() -> Response:
+    """Every app with what serves it; each one's routes are under its "api"."""
+    async def gather(c: Client) -> list[dict[str, Any]]:
+        result = []
+        for name in await c.apps():
+            summary = _summary(await Client(c.bus, name).status())
+            summary["name"] = name
+            summary["api"] = "/" if name == DEFAULT_APP else f"/apps/{name}/"
+            result.append(summary)
+        return result
+
+    return reply(client.call(gather))
+
+
+app.register_blueprint(routes)
+app.register_blueprint(routes, url_prefix="/apps/<app>", name="apps")

@@ -70,6 +70,21 @@ def read_env(run_dir: Path, port: int) -> dict[str, str]:
     return read_environment_file(env_path(run_dir, port))
 
 
+def app_of(run_dir: Path, port: int) -> str:
+    """The app the instance on ``port`` belongs to (an instance of an older version, or one
+    whose settings are gone: the default app)."""
+    return read_env(run_dir, port).get("BLUEGREEN_APP", "default")
+
+
+def ports_with_env(run_dir: Path) -> set[int]:
+    """The ports whose settings file exists: an instance runs there or is about to start."""
+    try:
+        return {int(path.stem) for path in (run_dir / "instances").glob("*.env")
+                if path.stem.isdigit()}
+    except OSError:
+        return set()
+
+
 def read_app_environment(run_dir: Path, port: int) -> dict[str, str]:
     """The release's environment an instance was started with, less what is the instance's
     own: what its release's other processes (workers) get."""

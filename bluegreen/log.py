@@ -2,7 +2,9 @@
 
 Key events carry a fixed MESSAGE_ID, so ``journalctl MESSAGE_ID=<id>`` lists, say, every
 failed deployment; per-event fields (DEPLOYMENT_ID, RELEASE, PORT, UNIT, STEP) ride on
-``extra=`` and show with ``journalctl -o verbose``.
+``extra=`` and show with ``journalctl -o verbose``. Lines about an app other than the default
+one start with its name and carry APP=NAME (``journalctl APP=staging``): each app's work runs
+in tasks whose context names the app (``APP``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from enum import StrEnum
 from typing import Any
 
@@ -26,6 +29,20 @@ class MessageId(StrEnum):
 
 
 log = logging.getLogger("bluegreen")
+
+# The app whose work the current task does ("default": bluegreen.toml's).
+APP: ContextVar[str] = ContextVar("app", default="default")
+
+
+class _AppFilter(logging.Filter):
+    """Names the app of each line about an app other than the default one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        app = APP.get()
+        if app != "default" and not hasattr(record, "APP"):
+            record.APP = app
+            record.msg = f"{app}: {record.msg}"
+        return True
 
 
 def fields(**values: Any) -> dict[str, Any]:
@@ -62,6 +79,7 @@ def setup(verbose: bool = False, sender_function: Callable[..., Any] | None = No
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(levelname)s %(message)s"))
+    handler.addFilter(_AppFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -98,7 +98,7 @@ class Pool:
             config = self.config()
             try:
                 await forwarder.start(self.systemd, self.run_dir, port, config.ports.public,
-                                      config.forwarder)
+                                      config.forwarder, app=config.app_name)
             except (SystemdError, forwarder.ForwarderError) as exc:
                 log.error("the instance on port %d stays out: its forwarder did not start: %s",
                           port, exc)

@@ -1,12 +1,13 @@
 """Reconciliation: after a start (a crash, an upgrade, a reboot), or a deployment that failed
 past its switch, adopt what systemd runs.
 
-Exactly one deployment's instances may serve: the newest deployment with a forwarder target (a
-forwarder unit, or a server of haproxy's that takes requests) whose instance runs. Its running
-instances are kept, with or without a forwarder (app.instances > 1: one being restarted has
-none until it is healthy again). Every other target is drain-stopped, every other instance
-and the workers of every other release stopped, and deployments a dead controller left running
-are recorded as interrupted.
+Each app on its own: its units are told apart by the app their settings name, and nothing
+here touches another app's. Exactly one deployment's instances of the app may serve: the newest
+deployment with a forwarder target (a forwarder unit, or a server of haproxy's that takes
+requests) whose instance runs. Its running instances are kept, with or without a forwarder
+(app.instances > 1: one being restarted has none until it is healthy again). Every other
+target of the app is drain-stopped, every other instance and the workers of every other
+release stopped, and deployments a dead controller left running are recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ def mark_interrupted(history: History) -> None:
                     extra=fields(deployment_id=record.id, release=record.commit))
 
 
-async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
-    """What serves, as systemd runs it: the running instances of the newest deployment whose
-    instance a forwarder target new connections reach runs. Changes nothing."""
+async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> list[int]:
+    """The ports of the app's running instances."""
+    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
+    return [port for port in running if instances.app_of(run_dir, port) == app]
+
+
+async def adopt(systemd: Systemd, run_dir: Path, app: str = "default") -> Serving | None:
+    """What serves the app, as systemd runs it: the running instances of the newest deployment
+    whose instance a forwarder target new connections reach runs. Changes nothing."""
     # Normally one target per instance of the serving release, more when the controller died
     # during a switch.
-    targets = await forwarder.targets(systemd, run_dir)
-    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
+    targets = await forwarder.targets(systemd, run_dir, app)
+    running = await running_instances(systemd, run_dir, app)
 
     def deployment_of(port: int) -> int:
         value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
@@ -62,12 +69,12 @@ async def adopt(systemd: Systemd, run_dir: Path) -> Serving | None:
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
-                 drain_timeout: float) -> None:
-    """Leave only ``serving``: drain-stop every other forwarder target, stop every other
-    instance and the workers of every other release."""
+                 drain_timeout: float, app: str = "default") -> None:
+    """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
+    its every other instance and the workers of its every other release."""
     keep = serving.ports if serving is not None else ()
-    targets = await forwarder.targets(systemd, run_dir)
-    running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
+    targets = await forwarder.targets(systemd, run_dir, app)
+    running = await running_instances(systemd, run_dir, app)
     # A controller that died during a switch may leave a kept forwarder still starting: let it
     # finish (joining its start job) before the others stop listening.
     kept_forwarders = [forwarder.unit(port, kind) for port in keep for kind in Forwarder]
@@ -87,7 +94,7 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
                         extra=fields(unit=instances.unit(port), port=port))
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
-    await workers.stop(systemd, run_dir, keep=serving.port if serving is not None else None)
+    await workers.stop(systemd, run_dir, keep=serving.port if serving is not None else None, app=app)
     if serving is None:
         return
     for port in serving.ports:  # it may have been draining when the controller stopped

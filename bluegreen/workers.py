@@ -1,8 +1,10 @@
 """The app's workers: bluegreen-worker@PORT-NAME.service units, one per process type of the
-serving release (its Procfile's, or the configuration's ``[processes]``).
+serving release (its Procfile's, or the configuration's ``[processes]``);
+bluegreen-worker@APP-PORT-NAME.service for an app other than the default one.
 
 PORT is the port of the release's instance, so the workers of a release are found by its port,
-and the unit of each reads ``/run/bluegreen/workers/PORT-NAME.env``. After a switch the new
+and the unit of each reads ``/run/bluegreen/workers/INSTANCE.env`` (INSTANCE: the unit's
+instance name, PORT-NAME or APP-PORT-NAME). After a switch the new
 release's workers start, then the old release's workers stop (SIGTERM, then TimeoutStopSec=).
 A worker that fails to start is logged and shown, but never rolls a healthy web release back.
 """
@@ -23,21 +25,28 @@ from bluegreen.transient import network_properties
 log = logging.getLogger(__name__)
 
 PATTERN = "bluegreen-worker@*.service"
-_NAME = re.compile(r"bluegreen-worker@(\d{1,5})-([A-Za-z0-9][A-Za-z0-9_-]{0,31})\.service")
+DEFAULT_APP = "default"
+# An app's name starts with a letter, a port with a digit: the app part cannot be mistaken.
+_NAME = re.compile(r"bluegreen-worker@(?:([a-z][a-z0-9_]{0,31})-)?(\d{1,5})-"
+                   r"([A-Za-z0-9][A-Za-z0-9_-]{0,31})\.service")
 
 
-def unit(port: int, name: str) -> str:
-    return f"bluegreen-worker@{port}-{name}.service"
+def instance(port: int, name: str, app: str = DEFAULT_APP) -> str:
+    return f"{port}-{name}" if app == DEFAULT_APP else f"{app}-{port}-{name}"
 
 
-def parse_unit(unit_name: str) -> tuple[int, str] | None:
-    """(port, process type) of a worker unit's name."""
+def unit(port: int, name: str, app: str = DEFAULT_APP) -> str:
+    return f"bluegreen-worker@{instance(port, name, app)}.service"
+
+
+def parse_unit(unit_name: str) -> tuple[str, int, str] | None:
+    """(app, port, process type) of a worker unit's name."""
     match = _NAME.fullmatch(unit_name)
-    return (int(match[1]), match[2]) if match else None
+    return (match[1] or DEFAULT_APP, int(match[2]), match[3]) if match else None
 
 
-def env_path(run_dir: Path, port: int, name: str) -> Path:
-    return run_dir / "workers" / f"{port}-{name}.env"
+def env_path(run_dir: Path, port: int, name: str, app: str = DEFAULT_APP) -> Path:
+    return run_dir / "workers" / f"{instance(port, name, app)}.env"
 
 
 @dataclass(frozen=True)
@@ -46,23 +55,25 @@ class Worker:
     name: str
     state: str  # systemd's ActiveState/SubState, e.g. "active/running", "failed/failed"
     release: str
+    app: str = DEFAULT_APP
 
     @property
     def unit(self) -> str:
-        return unit(self.port, self.name)
+        return unit(self.port, self.name, self.app)
 
 
 async def start(systemd: Systemd, run_dir: Path, port: int, commands: Mapping[str, str],
-                environment: Mapping[str, str], network: Network) -> dict[str, str]:
+                environment: Mapping[str, str], network: Network,
+                app: str = DEFAULT_APP) -> dict[str, str]:
     """Start the workers of the release on ``port``; return {name: why} for those that failed."""
     problems = {}
     for name, command in commands.items():
         values = {**environment, "BLUEGREEN_PROCESS": name, "BLUEGREEN_COMMAND": command}
-        atomic_write(env_path(run_dir, port, name), environment_file(values), mode=0o600)
+        atomic_write(env_path(run_dir, port, name, app), environment_file(values), mode=0o600)
         try:
-            await systemd.set_properties(unit(port, name), network_properties(network))
-            await systemd.reset_failed(unit(port, name))
-            await systemd.start_unit(unit(port, name))
+            await systemd.set_properties(unit(port, name, app), network_properties(network))
+            await systemd.reset_failed(unit(port, name, app))
+            await systemd.start_unit(unit(port, name, app))
         except SystemdError as exc:
             problems[name] = str(exc)
             log.error("worker %s of the release on port %d did not start: %s", name, port, exc)
@@ -70,11 +81,12 @@ async def start(systemd: Systemd, run_dir: Path, port: int, commands: Mapping[st
 
 
 async def stop(systemd: Systemd, run_dir: Path, port: int | None = None,
-               keep: int | None = None) -> None:
-    """Stop the workers of the release on ``port`` (None: of every release but ``keep``)."""
+               keep: int | None = None, app: str = DEFAULT_APP) -> None:
+    """Stop the app's workers of the release on ``port`` (None: of every release but ``keep``)."""
     for status in await systemd.list_units(PATTERN):
         parsed = parse_unit(status.name)
-        if parsed is None or parsed[0] == keep or (port is not None and parsed[0] != port):
+        if parsed is None or parsed[0] != app or parsed[1] == keep or (
+                port is not None and parsed[1] != port):
             continue
         try:
             await systemd.stop_unit(status.name)
@@ -82,16 +94,17 @@ async def stop(systemd: Systemd, run_dir: Path, port: int | None = None,
         except SystemdError as exc:
             log.error("could not stop %s: %s", status.name, exc)
             continue
-        env_path(run_dir, *parsed).unlink(missing_ok=True)
+        env_path(run_dir, parsed[1], parsed[2], app).unlink(missing_ok=True)
 
 
-async def listing(systemd: Systemd, run_dir: Path) -> list[Worker]:
-    """Every loaded worker unit with its state and release."""
+async def listing(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> list[Worker]:
+    """Every loaded worker unit of the app with its state and release."""
     found = []
     for status in await systemd.list_units(PATTERN):
         parsed = parse_unit(status.name)
-        if parsed is None:
+        if parsed is None or parsed[0] != app:
             continue
-        release = read_environment_file(env_path(run_dir, *parsed)).get("BLUEGREEN_RELEASE", "")
-        found.append(Worker(parsed[0], parsed[1], f"{status.active_state}/{status.sub_state}", release))
+        _, port, name = parsed
+        release = read_environment_file(env_path(run_dir, port, name, app)).get("BLUEGREEN_RELEASE", "")
+        found.append(Worker(port, name, f"{status.active_state}/{status.sub_state}", release, app))
     return sorted(found, key=lambda w: (w.port, w.name))

@@ -22,6 +22,7 @@ _EXIT_FOR_ERROR = {
     "NoRollbackTarget": EXIT_USAGE,
     "BadConfiguration": EXIT_BAD_CONFIGURATION,
     "NoSuchDeployment": EXIT_NO_SUCH,
+    "NoSuchApp": EXIT_NO_SUCH,
     "Busy": EXIT_BUSY,
     "ServiceUnknown": EXIT_NOT_RUNNING,
     "NameHasNoOwner": EXIT_NOT_RUNNING,

@@ -22,7 +22,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", default="", help="deployment id (default: the last one)")
 
 
-def entries(record: dict[str, Any]) -> list[dict[str, Any]]:
+def entries(record: dict[str, Any], app: str = "default") -> list[dict[str, Any]]:
     from systemd import journal
 
     reader = journal.Reader()
@@ -39,6 +39,8 @@ def entries(record: dict[str, Any]) -> list[dict[str, Any]]:
             break
         if entry.get("DEPLOYMENT_ID") not in (None, record["id"]):
             continue
+        if "DEPLOYMENT_ID" in entry and entry.get("APP", "default") != app:
+            continue  # deployment ids are each app's own
         found.append({
             "time": when.timestamp(),
             "identifier": entry.get("SYSLOG_IDENTIFIER", ""),
@@ -56,7 +58,7 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         print("bluegreenctl: no deployment yet", file=sys.stderr)
         return EXIT_FAILED
     record = await client.deployment(deployment_id)
-    found = entries(record)
+    found = entries(record, client.app)
     if args.json:
         print_json(found)
         return 0

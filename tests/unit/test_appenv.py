@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from bluegreen import appenv, config, transient, workers
@@ -52,8 +53,54 @@ def test_with_secrets_refuses_every_name_the_configuration_reserves() -> None:
 
 def test_worker_unit_names() -> None:
     assert workers.unit(8123, "worker") == "bluegreen-worker@8123-worker.service"
-    assert workers.parse_unit("bluegreen-worker@8123-mail-out.service") == (8123, "mail-out")
+    assert workers.parse_unit("bluegreen-worker@8123-mail-out.service") == ("default", 8123, "mail-out")
     assert workers.parse_unit("bluegreen-app@8123.service") is None
+
+
+def test_worker_units_of_other_apps_carry_the_app() -> None:
+    name = workers.unit(8123, "mail-out", "staging")
+    assert name == "bluegreen-worker@staging-8123-mail-out.service"
+    assert workers.parse_unit(name) == ("staging", 8123, "mail-out")
+    # A process type may start with a digit: the port is the first all-digit part.
+    assert workers.parse_unit("bluegreen-worker@eu_2-8123-9to5.service") == ("eu_2", 8123, "9to5")
+
+
+def test_environment_names_the_app_and_its_data_directory() -> None:
+    cfg = replace(config.load(Path("/nonexistent"), environ={}, app_name="staging",
+                              data_dir=Path("/var/lib/bluegreen/app-data/staging")),
+                  app=AppConfig(environment={"DB": "{data_dir}/x.db"}))
+    env = appenv.environment(cfg, "c" * 40, Path("/r/c"), None, 3)
+    assert env["BLUEGREEN_APP"] == "staging"
+    assert env["BLUEGREEN_DATA_DIR"] == "/var/lib/bluegreen/app-data/staging"
+    assert "BLUEGREEN_OTHER_APPS" not in env
+    loaded = Path("/nonexistent")
+    assert config.load(loaded, environ={}, data_dir=Path("/d"), app_name="staging").app_name == "staging"
+
+
+def _with_secrets(credentials: Path, **env: str) -> tuple[dict[str, str], str]:
+    result = subprocess.run(
+        [str(WITH_SECRETS), "/usr/bin/env"], capture_output=True, text=True, check=True,
+        env={"PATH": os.environ["PATH"], "CREDENTIALS_DIRECTORY": str(credentials), **env})
+    return dict(line.split("=", 1) for line in result.stdout.splitlines()), result.stderr
+
+
+def test_with_secrets_gives_each_app_its_own_secrets(tmp_path: Path) -> None:
+    # What systemd makes of /etc/bluegreen/secrets/{TOKEN,staging/TOKEN,staging/ONLY_STAGING}:
+    # the default app's units load the directory with its subdirectory.
+    (tmp_path / "secrets_TOKEN").write_text("production\n")
+    (tmp_path / "secrets_staging_TOKEN").write_text("staging\n")
+    (tmp_path / "secrets_staging_ONLY_STAGING").write_text("x\n")
+    default, _ = _with_secrets(tmp_path, BLUEGREEN_APP="default", BLUEGREEN_OTHER_APPS="beta staging")
+    assert default["TOKEN"] == "production"
+    assert not any(name.startswith("staging_") for name in default)
+    staging, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging")
+    assert staging["TOKEN"] == "staging" and staging["ONLY_STAGING"] == "x"
+    other, _ = _with_secrets(tmp_path, BLUEGREEN_APP="beta")
+    assert "TOKEN" not in other and "ONLY_STAGING" not in other
+
+
+def test_transient_units_of_an_app_load_its_secrets_under_its_own_credential() -> None:
+    assert appenv.credentials("staging") in ([], [("secrets_staging", "/etc/bluegreen/secrets/staging")])
 
 
 def test_network_properties_lock_down_or_open_up() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from bluegreen import forwarder, health, instances, ports, sockdiag
-from bluegreen.config import Config
+from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen.appmanager import AppManager
+from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
@@ -79,13 +80,14 @@ class World:
     """A controller whose old release serves on OLD_PORT, and the knobs of its deploys."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                 systemd: FakeSystemd | None = None) -> None:
+                 systemd: FakeSystemd | None = None, app: str = "default") -> None:
         base = Config()
         config = replace(base, repository=replace(base.repository, url="/srv/app.git", watch=False),
                          health=replace(base.health, interval=0.01, unhealthy_threshold=2),
-                         drain_timeout=1.0, post_switch_watch=0.3)
+                         drain_timeout=1.0, post_switch_watch=0.3, app_name=app,
+                         ports=replace(base.ports, public=base.ports.public + len(app)))
         self.systemd = systemd or FakeSystemd()
-        self.paths = Paths(state=tmp_path / "state", runtime=tmp_path / "run")
+        self.paths = Paths(state=tmp_path / f"state-{app}", runtime=tmp_path / "run")
         self.controller = Controller(config, self.systemd, self.paths)  # type: ignore[arg-type]
         self.healthy = True
         self.remote_head: str | None = NEW
@@ -120,7 +122,8 @@ class World:
             return None
 
         async def start_forwarder(systemd: FakeSystemd, run_dir: Path, port: int, public_port: int,
-                                  kind: Any = None, timeout: float = 10.0) -> None:
+                                  kind: Any = None, timeout: float = 10.0, app: str = "default") -> None:
+            forwarder._link(run_dir, port, app)
             await systemd.start_unit(forwarder.unit(port))
 
         monkeypatch.setattr(self.controller.repository, "resolve", resolve)
@@ -133,7 +136,9 @@ class World:
         monkeypatch.setattr(forwarder, "start", start_forwarder)
         monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
         monkeypatch.setattr(sockdiag, "listeners", lambda port: [])
-        monkeypatch.setattr(ports, "pick", lambda *_: 8002)
+        # The lowest free port from 8002, so that the test knows which a deploy takes.
+        monkeypatch.setattr(ports, "pick", lambda _range, taken: min(set(range(8002, 8100)) - set(taken)))
+        monkeypatch.setattr(appenv, "prepare_data_dir", lambda app: None)
 
     async def deploy(self, sha: str = NEW, trigger: Trigger = Trigger.DBUS) -> Deployment:
         record = await self.controller.request_deploy(sha, trigger)
@@ -437,6 +442,48 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
     asyncio.run(scenario())
 
 
+def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default app serves on OLD_PORT; a second app starts beside it, deploys, restarts
+    (its controller reconciles), and the default app deploys: each one's reconciliation and
+    deploys stop only its own units."""
+    default = World(tmp_path, monkeypatch)
+    default.systemd.units[workers.unit(OLD_PORT, "clock")] = "active"
+    staging = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+    staging.controller.releases.path(NEW).mkdir(parents=True)
+
+    async def settled(controller: Controller) -> None:
+        await controller.start()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        await settled(staging.controller)  # nothing of its own serves: it deploys the branch
+        assert default.systemd.active("bluegreen-app@*")[0] == instances.unit(OLD_PORT)
+        assert default.systemd.active("bluegreen-forward@*")[0] == forwarder.unit(OLD_PORT)
+        assert default.systemd.active("bluegreen-worker@*") == [workers.unit(OLD_PORT, "clock")]
+        while staging.controller.state != "serving":
+            await asyncio.sleep(0.01)
+        assert staging.controller.serving == Serving(8002, NEW)
+        assert instances.app_of(staging.paths.runtime, 8002) == "staging"
+        assert forwarder.app_of(staging.paths.runtime, 8002) == "staging"
+        await staging.controller.stop()
+
+        restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+        await settled(restarted.controller)
+        assert restarted.controller.serving == Serving(8002, NEW)
+        record = await default.deploy(NEW)
+        assert record.state == State.SUCCEEDED, record.reason
+        assert default.controller.serving == Serving(8003, NEW)
+        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002), forwarder.unit(8003)]
+        assert default.systemd.active("bluegreen-worker@*") == []
+        await restarted.controller.remove()  # its file is gone: its units stop, the other's stay
+        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8003)]
+
+    asyncio.run(scenario())
+
+
 def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = World(tmp_path, monkeypatch)
@@ -456,3 +503,36 @@ def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
 
     asyncio.run(restarted())
     assert first.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+
+
+def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
+    apps_dir = tmp_path / "apps"
+    apps_dir.mkdir()
+    (tmp_path / "bluegreen.toml").write_text("")
+    paths = Paths(state=tmp_path / "state", runtime=tmp_path / "run", config=tmp_path / "bluegreen.toml")
+    manager = AppManager(FakeSystemd(), paths, apps_dir)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        for config in manager.load().values():
+            manager.add(config)
+        await manager.start()
+        (apps_dir / "staging.toml").write_text("[ports]\npublic = 5100\n")
+        assert await manager.reload() == [("app staging", "added")]
+        assert manager.controllers["staging"].paths.state == tmp_path / "state" / "apps" / "staging"
+        (apps_dir / "beta.toml").write_text("[ports]\npublic = 5100\n")
+        with pytest.raises(ConfigError, match=r"staging\.toml:2: ports\.public: 5100 is already the "
+                           r"public port of the app beta"):
+            await manager.reload()
+        assert list(manager.controllers) == ["default", "staging"]
+        (apps_dir / "beta.toml").unlink()
+        (apps_dir / "staging.toml").write_text("[ports]\npublic = 5200\n")
+        assert await manager.reload() == [("staging: ports.public", "at the next deploy")]
+        (apps_dir / "staging.toml").unlink()
+        changes = await manager.reload()
+        assert changes == [("app staging", "removed: its units are stopped, its data kept")]
+        assert list(manager.controllers) == ["default"]
+        await manager.stop()
+
+    asyncio.run(scenario())

@@ -24,6 +24,7 @@ class StubClient:
     def __init__(self) -> None:
         self.deployed: list[tuple[str, str]] = []
         self.error: ApiError | None = None
+        self.apps: list[str] = []  # the app of each call
 
     async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         if self.error:
@@ -36,7 +37,8 @@ class StubClient:
         return "13"
 
     async def status(self) -> dict[str, Any]:
-        return {"State": "serving", "ActiveRelease": "a" * 40, "ActivePort": 8123, "PublicPort": 5000,
+        return {"App": "default", "State": "serving", "ActiveRelease": "a" * 40, "ActivePort": 8123,
+                "PublicPort": 5000,
                 "Healthy": False, "HealthReason": "the serving release is unhealthy: HTTP 500",
                 "Repository": "https://example.com/app.git", "Branch": "main",
                 "CurrentDeployment": "", "LastDeployment": ""}
@@ -46,7 +48,8 @@ class StubClient:
 def stub(monkeypatch: pytest.MonkeyPatch) -> StubClient:
     instance = StubClient()
 
-    def call(function: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    def call(function: Callable[[Any], Coroutine[Any, Any, Any]], app: str = "default") -> Any:
+        instance.apps.append(app)
         return asyncio.run(function(instance))
 
     monkeypatch.setattr(client, "call", call)
@@ -176,7 +179,8 @@ def stubbed() -> Iterator[FlaskClient]:
     test, which a function-scoped fixture would not reset)."""
     instance = StubClient()
 
-    def call(function: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    def call(function: Callable[[Any], Coroutine[Any, Any, Any]], app: str = "default") -> Any:
+        instance.apps.append(app)
         return asyncio.run(function(instance))
 
     original = client.call
@@ -261,3 +265,20 @@ def test_root_and_members_of_the_group_are_privileged(peer: apiauth.Peer, allowe
     group = grp.getgrgid(0).gr_name
     assert apiauth.privileged(peer, group) is allowed
     assert not apiauth.privileged(apiauth.Peer(1, 4242, 0, frozenset()), "no-such-group-here")
+
+
+def test_the_routes_of_another_app_reach_its_object(stub: StubClient) -> None:
+    with on_unix_socket_of_own_group() as web:
+        assert web.post("/apps/staging/deploy", json={"ref": "v2"}).status_code == 202
+        assert web.get("/apps/staging/health").status_code == 503
+        assert web.post("/deploy").status_code == 202
+    assert stub.deployed == [("v2", "http"), ("", "http")]
+    assert stub.apps == ["staging", "staging", "default"]
+
+
+def test_an_unknown_app_is_404(stub: StubClient) -> None:
+    stub.error = ApiError("org.bluegreen1.Error.NoSuchApp", "no app 'nope'")
+    with on_unix_socket_of_own_group() as web:
+        response = web.post("/apps/nope/deploy")
+    assert response.status_code == 404
+    assert (response.get_json() or {})["error"] == "NoSuchApp"

@@ -1,0 +1,126 @@
+"""One controller, many apps: a Controller per app, on the bus at /org/bluegreen1 (the default
+app) and /org/bluegreen1/app/NAME (each other app).
+
+The apps run side by side: deployments of different apps may run at once, each app still one
+at a time. A reload reads every file again and applies them all or nothing: a new app file adds
+the app (its controller starts, deploying its branch), a removed one stops the app's units
+(its records, releases and data stay until the admin deletes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from dbus_next.aio import MessageBus
+
+from bluegreen import apps
+from bluegreen.config import Config, ConfigError
+from bluegreen.controller import Controller, Paths
+from bluegreen.credentials import Secrets
+from bluegreen.dbusapi import ManagerInterface, object_path
+from bluegreen.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+
+class AppManager:
+    def __init__(self, systemd: Systemd, paths: Paths, apps_dir: Path = apps.APPS_DIR,
+                 bus: MessageBus | None = None, secrets: Secrets | None = None,
+                 notify_status: Callable[[str], None] = lambda text: None,
+                 notify: Callable[[str], None] = lambda line: None) -> None:
+        self.systemd = systemd
+        self.paths = paths  # the default app's
+        self.apps_dir = apps_dir
+        self.bus = bus
+        self.secrets = secrets or Secrets()
+        self.notify_status = notify_status
+        self.notify = notify
+        self.controllers: dict[str, Controller] = {}
+        self._interfaces: dict[str, ManagerInterface] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        # Set when any app's controller meets an internal error: the daemon exits.
+        self.fatal = asyncio.Event()
+        self._reloading = asyncio.Lock()
+
+    @property
+    def default(self) -> Controller:
+        return self.controllers[apps.DEFAULT]
+
+    def load(self) -> dict[str, Config]:
+        """Every app's settings; raises ConfigError (nothing changes then)."""
+        return apps.load(self.paths.config, self.apps_dir)
+
+    def add(self, config: Config) -> Controller:
+        """A Controller for the app (not started yet), on the bus."""
+        name = config.app_name
+        if name == apps.DEFAULT:
+            paths, status, notify = self.paths, self.notify_status, self.notify
+        else:
+            # The daemon's status line and reload notifications are the default app's.
+            paths = replace(self.paths, state=apps.state_dir(name, self.paths.state),
+                            config=self.apps_dir / f"{name}.toml")
+            status, notify = (lambda text: None), (lambda line: None)
+        paths.state.mkdir(parents=True, exist_ok=True)
+        controller = Controller(config, self.systemd, paths, notify_status=status,
+                                secrets=self.secrets, notify=notify)
+        self.controllers[name] = controller
+        interface = ManagerInterface(controller, self.bus, reload=self.reload)
+        self._interfaces[name] = interface
+        if self.bus is not None:
+            self.bus.export(object_path(name), interface)
+        self._watchers[name] = asyncio.create_task(self._watch(controller), name=f"fatal-{name}")
+        return controller
+
+    async def _watch(self, controller: Controller) -> None:
+        await controller.fatal.wait()
+        self.fatal.set()
+
+    async def start(self) -> None:
+        """Start every app added: each adopts what systemd runs of it."""
+        await asyncio.gather(*(controller.start() for controller in self.controllers.values()))
+
+    async def reload(self) -> list[tuple[str, str]]:
+        """Read every file again; return each change ("NAME: KEY" for an app other than the
+        default one) with when it applies. A bad file raises ConfigError: nothing changes."""
+        async with self._reloading:
+            try:
+                configs = self.load()
+            except ConfigError as exc:
+                log.error("reload refused, the settings stay as they were: %s", exc)
+                raise
+            changes: list[tuple[str, str]] = []
+            for name, config in configs.items():
+                controller = self.controllers.get(name)
+                if controller is None:
+                    log.info("reload: new app %s (%s)", name, config.source)
+                    await self.add(config).start()
+                    changes.append((f"app {name}", "added"))
+                    continue
+                for key, when in controller.reload(config):
+                    changes.append((key if name == apps.DEFAULT else f"{name}: {key}", when))
+            for name in [name for name in self.controllers if name not in configs]:
+                await self.remove(name)
+                changes.append((f"app {name}", "removed: its units are stopped, its data kept"))
+            return changes
+
+    async def remove(self, name: str) -> None:
+        controller = self.controllers.pop(name)
+        interface = self._interfaces.pop(name)
+        self._watchers.pop(name).cancel()
+        if self.bus is not None:
+            self.bus.unexport(object_path(name), interface)
+        log.info("reload: the app %s is gone; its records, releases and data stay in %s",
+                 name, controller.paths.state)
+        await controller.remove()
+
+    async def stop(self) -> None:
+        for task in self._watchers.values():
+            task.cancel()
+        for controller in self.controllers.values():
+            with contextlib.suppress(Exception):
+                await controller.stop()

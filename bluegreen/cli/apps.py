@@ -1,0 +1,31 @@
+"""bluegreenctl apps: the apps this host runs, and what serves each."""
+
+from __future__ import annotations
+
+import argparse
+
+from bluegreen.cli.common import print_json
+from bluegreen.client import Client
+
+NAME = "apps"
+HELP = "the apps (bluegreen.toml's default app, /etc/bluegreen/apps/NAME.toml) and what serves each"
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+async def run(client: Client, args: argparse.Namespace) -> int:
+    found = []
+    for name in await client.apps():
+        status = await Client(client.bus, name).status()
+        found.append({"name": name, "state": status["State"], "public_port": status["PublicPort"],
+                      "release": status["ActiveRelease"] or None, "repository": status["Repository"]})
+    if args.json:
+        print_json(found)
+        return 0
+    print(f"{'APP':<16} {'STATE':<10} {'PORT':>5}  {'RELEASE':<12}  REPOSITORY")
+    for app in found:
+        print(f"{app['name']:<16} {app['state']:<10} {app['public_port']:>5}  "
+              f"{(app['release'] or '-')[:12]:<12}  {app['repository'] or '-'}")
+    return 0
