@@ -247,19 +247,21 @@ def test_three_releases_under_load_lose_no_request(box: Sandbox, notes: Notes) -
     assert timings["migrate"][1] <= timings["start"][0]
     assert index["schema"] == "0002"
 
-    # The time of a code-only verify, measured without the load generator on the same two cores
-    # (under load it took 1.2-6 s, as fast as the machine's spare CPU allows): the environment
-    # is there, so verify is the import check alone.
+    # A code-only release finds its environment there, so verify is the import check alone:
+    # no dependency is installed. Its time is a figure, not a test (the machine's spare CPU
+    # decides it): printed with and without the load generator on the same cores.
     notes.releases["3"] = notes.edit("app.py", 'APP_VERSION = "3"', 'APP_VERSION = "3"  # again',
                                      "Release 3, code only again")
     again = deploy(box)
     assert again["state"] == "succeeded", again
     assert environments(box) == before
+    assert "built environment" in box.journal(f"DEPLOYMENT_ID={second['id']}")  # new dependencies
     for name, record in (("under load", third), ("alone", again)):
+        told = box.journal(f"DEPLOYMENT_ID={record['id']}")
+        assert "has the dependencies already" in told, told[-2000:]
+        assert "installing the dependencies" not in told and "built environment" not in told, told[-2000:]
         verify = steps(record)["verify"]
         print(f"code-only release ({name}): verify took {verify[1] - verify[0]:.2f} s")
-    verify = steps(again)["verify"]
-    assert verify[1] - verify[0] < 2.0, again["steps"]
 
     note = public(box, f"/notes/{notes.note_id}")
     assert note["text"] == "written under release 1" and note["release"] == notes.releases["1"]
