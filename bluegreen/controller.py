@@ -63,6 +63,10 @@ SEEN_HEAD = "refresher.seen_head"
 
 # Recovery tries again while the serving release stays unhealthy, waiting longer each time.
 RECOVERY_BACKOFF_MAX = 300.0
+# A request that comes during the start-up's clean-up waits this long for it to end before it is
+# refused as busy (a stale forwarder's drain can take drain_timeout; a D-Bus call gives up
+# after 25 s).
+SETTLE_WAIT = 10.0
 
 
 class Busy(Exception):
@@ -274,6 +278,11 @@ class Controller:
         return target == "" or (len(target) >= 7 and current.previous_release.startswith(target))
 
     async def _claim_when_idle(self, what: str, wait: bool) -> None:
+        # Right after a (re)start, the clean-up of what was left over is usually done in a few
+        # milliseconds: `systemctl restart bluegreen && bluegreenctl deploy` must not be refused.
+        deadline = time.monotonic() + SETTLE_WAIT
+        while self._settling and not wait and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         while True:
             if wait:
                 await self._wait_until_idle()

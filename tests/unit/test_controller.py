@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import controller as controller_module
 from bluegreen.appmanager import AppManager
 from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
@@ -347,9 +348,11 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     assert world.controller.monitor.healthy
 
 
-def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
+def test_start_returns_once_what_serves_is_adopted(world: World,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Draining a stale forwarder can take drain_timeout: it happens after READY, and no
-    deployment starts meanwhile."""
+    deployment starts meanwhile (a request waits SETTLE_WAIT for it, then is refused)."""
+    monkeypatch.setattr(controller_module, "SETTLE_WAIT", 0.2)
     world.systemd.units[instances.unit(8002)] = "active"
     world.systemd.units[forwarder.unit(8002)] = "active"
     write_instance_env(world.paths.runtime, 8002, NEW, 2)  # the newer deployment: it stays
@@ -379,6 +382,39 @@ def test_start_returns_once_what_serves_is_adopted(world: World) -> None:
         await controller.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_deploy_asked_for_during_the_start_up_clean_up_waits_for_it(world: World) -> None:
+    """`systemctl restart bluegreen && bluegreenctl deploy`: the request comes while the
+    controller still settles what it found; it waits for that, then deploys."""
+    world.systemd.units[instances.unit(8002)] = "active"
+    world.systemd.units[forwarder.unit(8002)] = "active"
+    write_instance_env(world.paths.runtime, 8002, OLD, 2)  # the newer deployment: it stays
+    drained = asyncio.Event()
+    stop_unit = world.systemd.stop_unit
+
+    async def slow_stop(unit: str, **options: Any) -> None:
+        if unit == forwarder.unit(OLD_PORT):
+            await drained.wait()
+        await stop_unit(unit, **options)
+
+    world.systemd.stop_unit = slow_stop  # type: ignore[method-assign]
+
+    async def scenario() -> Deployment:
+        controller = world.controller
+        await controller.start()
+        assert controller.state == "starting"
+        asked = asyncio.create_task(world.deploy(NEW))
+        await asyncio.sleep(0.1)
+        assert not asked.done()
+        drained.set()
+        record = await asyncio.wait_for(asked, 10)
+        await controller.stop()
+        return record
+
+    record = asyncio.run(scenario())
+    assert record.state == State.SUCCEEDED, record
+    assert world.controller.serving is not None and world.controller.serving.release == NEW
 
 
 def with_instances(world: World, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
