@@ -15,7 +15,7 @@ if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
 Only the listeners socat's main process holds are closed, found by their inodes in
 /proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Before that, new
 connections are steered to the new listener through a copy of socat's descriptor (pidfd_getfd
-and a one-instruction reuseport BPF program, see sockdiag.prefer_second_listener): a listener
+and a one-instruction reuseport BPF program, see sockdiag.prefer_last_joined): a listener
 closed while the kernel completes a handshake on it can lose that connection, and a moment
 later it has none left. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the
 listener is shut down through that copy (shutdown(SHUT_RD)), which closes it the same way.
@@ -67,9 +67,9 @@ def copy_socket(pid: int, fd: int) -> socket.socket:
     return sock
 
 
-def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
-    """Send new connections to the new forwarder's listener rather than to ``fd`` of ``pid``,
-    then give the handshakes already begun on it sockdiag.STEER_GRACE to complete.
+def steer_away(pid: int, sock: sockdiag.TcpSocket, fd: int) -> tuple[socket.socket | None, str]:
+    """Send new connections to the newest forwarder's listener rather than to ``sock``, ``fd``
+    of ``pid``, then give the handshakes already begun on it sockdiag.STEER_GRACE to complete.
 
     Returns a copy of the listener (None if it could not be had) and what was done.
     """
@@ -77,8 +77,10 @@ def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
         copy = copy_socket(pid, fd)
     except OSError as exc:
         return None, f"not steered ({exc.strerror})"
+    group = [other for other in sockdiag.listeners(sock.local_port)
+             if (other.family, other.local_address, other.uid) == (sock.family, sock.local_address, sock.uid)]
     try:
-        sockdiag.prefer_second_listener(copy)
+        sockdiag.prefer_last_joined(copy, len(group))
     except OSError as exc:
         return copy, f"not steered ({exc.strerror})"
     time.sleep(sockdiag.STEER_GRACE)
@@ -87,7 +89,7 @@ def steer_away(pid: int, fd: int) -> tuple[socket.socket | None, str]:
 
 def close_listener(pid: int, sock: sockdiag.TcpSocket, fd: int) -> str:
     """Close one listener of ``pid`` without signalling it; return how (for the journal)."""
-    copy, how = steer_away(pid, fd)
+    copy, how = steer_away(pid, sock, fd)
     try:
         try:
             sockdiag.destroy(sock)

@@ -37,8 +37,14 @@ _MESSAGE = struct.Struct("=BBBB2s2s16s16sIQIIIII")  # inet_diag_msg
 _SOCKET_ID = struct.Struct(">HH16s16s")  # inet_diag_sockid up to the interface: ports, addresses
 _SOCKET_ID_TAIL = struct.Struct("=IQ")  # its interface index and cookie
 SO_ATTACH_REUSEPORT_CBPF = 51
-# One classic BPF instruction, BPF_RET | BPF_K 1: "the listener at index 1 of the group".
-_SECOND_LISTENER = struct.pack("=HBBI", 0x06, 0, 0, 1)
+
+
+def _return(index: int) -> bytes:
+    """One classic BPF instruction, BPF_RET | BPF_K: "the listener at ``index`` of the group"."""
+    return struct.pack("=HBBI", 0x06, 0, 0, index)
+
+
+_SECOND_LISTENER = _return(1)
 # BPF_RET | BPF_K with an index no group has: the kernel picks by its hash, as without a program.
 _BY_HASH = struct.pack("=HBBI", 0x06, 0, 0, 0xFFFFFFFF)
 _RTATTR = struct.Struct("=HH")
@@ -227,6 +233,20 @@ def prefer_second_listener(sock: socket.socket) -> None:
     Once no new connection reaches the old listener, a moment later it has no handshake left.
     """
     _attach(sock, _SECOND_LISTENER)
+
+
+def prefer_last_joined(sock: socket.socket, group_size: int) -> None:
+    """Make the SO_REUSEPORT group of listening ``sock``, of ``group_size`` listeners, give
+    every new connection to the one that joined it last: prefer_second_listener for a group of
+    any size (several instances: the old forwarders, then the new ones).
+
+    The kernel keeps a group's listeners in an array in the order they joined, and fills the
+    slot of one that leaves with the last one. At a switch every new listener joined after
+    every old one, so while the old ones leave, one by one, the last slot holds a new listener
+    as long as the new ones are at least as many. "The second" would be an old listener there,
+    possibly the one closing, which then takes every new connection while it closes.
+    """
+    _attach(sock, _return(max(group_size - 1, 0)))
 
 
 def spread_by_hash(sock: socket.socket) -> None:
