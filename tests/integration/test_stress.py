@@ -63,7 +63,9 @@ from pathlib import Path
 from bluegreen import haproxy, sockdiag
 
 kind = sys.argv[1]
-old, new, count, public = (int(arg) for arg in sys.argv[2:6])
+# A set of ports on each side, comma-separated: one forwarder per instance (app.instances).
+old, new = ([int(port) for port in arg.split(",")] for arg in sys.argv[2:4])
+count, public = int(sys.argv[4]), int(sys.argv[5])
 pause = float(sys.argv[6])
 unit = ("bluegreen-forward@{}.service" if kind == "socat" else "bluegreen-proxy@{}.service").format
 api = haproxy.RuntimeApi(Path("/run/bluegreen"))
@@ -74,24 +76,26 @@ def systemctl(*args):
 for number in range(count):
     begin = time.time()
     if kind == "haproxy":  # what forwarder.start and drain_stop do: the runtime API
-        asyncio.run(haproxy.switch(api, new))
+        asyncio.run(haproxy.switch(api, new[0]))
         listening = time.time()
-        asyncio.run(haproxy.retire(api, old, time.monotonic() + 30))
+        asyncio.run(haproxy.retire(api, old[0], time.monotonic() + 30))
         stopped = time.time()
         show = {"servers": sorted(asyncio.run(api.servers()))}
-    else:
-        before = {s.inode for s in sockdiag.listeners(public)}
-        systemctl("start", unit(new))
-        deadline = time.monotonic() + 10
-        while not {s.inode for s in sockdiag.listeners(public)} - before:
-            if time.monotonic() > deadline:
-                sys.exit(f"{unit(new)} does not listen after 10 s")
-            time.sleep(0.002)
+    else:  # what a deploy does: every new forwarder listens, then the old ones drain in turn
+        for port in new:
+            before = {s.inode for s in sockdiag.listeners(public)}
+            systemctl("start", unit(port))
+            deadline = time.monotonic() + 10
+            while not {s.inode for s in sockdiag.listeners(public)} - before:
+                if time.monotonic() > deadline:
+                    sys.exit(f"{unit(port)} does not listen after 10 s")
+                time.sleep(0.002)
         listening = time.time()
-        systemctl("stop", unit(old))
+        for port in old:
+            systemctl("stop", unit(port))
         stopped = time.time()
         show = dict(line.split("=", 1) for line in systemctl(
-            "show", "-p", "ActiveState,Result,ExecMainStatus,NRestarts", unit(old)).split())
+            "show", "-p", "ActiveState,Result,ExecMainStatus,NRestarts", unit(old[-1])).split())
     print(json.dumps({"begin": begin, "listening": listening, "stopped": stopped, **show}), flush=True)
     old, new = new, old
     time.sleep(pause)
@@ -121,21 +125,30 @@ def answers(box: Sandbox, port: int) -> bool:
 
 def two_instances(box: Sandbox) -> tuple[int, int]:
     """Two instances of the sample app, the first served by a socat forwarder; no controller."""
+    first, second = more_instances(box, 2)
+    return first, second
+
+
+def more_instances(box: Sandbox, count: int) -> list[int]:
+    """``count`` instances of the sample app on consecutive ports, the first served by a socat
+    forwarder; no controller."""
     serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 3\n[health]\ninterval = 0.2\n")
     first = int(wait_serving(box)["ActivePort"])
     box.run("systemctl", "stop", "bluegreen.service")
-    second = first + 1 if first < 8999 else first - 1
-    shell(box, f"sed 's/^BLUEGREEN_PORT=.*/BLUEGREEN_PORT={second}/' "
-               f"/run/bluegreen/instances/{first}.env > /run/bluegreen/instances/{second}.env")
-    box.run("systemctl", "start", f"bluegreen-app@{second}.service")
+    step = 1 if first + count <= 9000 else -1
+    ports = [first + step * number for number in range(count)]
+    for port in ports[1:]:
+        shell(box, f"sed 's/^BLUEGREEN_PORT=.*/BLUEGREEN_PORT={port}/' "
+                   f"/run/bluegreen/instances/{first}.env > /run/bluegreen/instances/{port}.env")
+        box.run("systemctl", "start", f"bluegreen-app@{port}.service")
     deadline = time.monotonic() + 30
-    while not (answers(box, first) and answers(box, second)):
-        assert time.monotonic() < deadline, box.journal("-u", f"bluegreen-app@{second}.service")
+    while not all(answers(box, port) for port in ports):
+        assert time.monotonic() < deadline, box.journal("-u", "bluegreen-app@*")
         time.sleep(0.1)
-    for port in (first, second):
+    for port in ports:
         assert box.run("systemctl", "is-active", f"bluegreen-app@{port}.service").stdout.strip() == "active"
     assert box.run("systemctl", "is-active", f"bluegreen-forward@{first}.service").stdout.strip() == "active"
-    return first, second
+    return ports
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +185,10 @@ class Wrk:
         self.report["failed"] = sum(self.report[k] for k in ("connect", "read", "write", "status", "timeout"))
 
 
-def switch(box: Sandbox, kind: str, old: int, new: int, count: int) -> list[dict[str, Any]]:
-    result = box.run("/usr/bin/python3", "-c", SWITCHER, kind, str(old), str(new), str(count),
-                     str(PUBLIC_PORT), str(PAUSE), timeout=60 + 10 * count)
+def switch(box: Sandbox, kind: str, old: list[int], new: list[int], count: int) -> list[dict[str, Any]]:
+    result = box.run("/usr/bin/python3", "-c", SWITCHER, kind, ",".join(map(str, old)),
+                     ",".join(map(str, new)), str(count), str(PUBLIC_PORT), str(PAUSE),
+                     timeout=60 + 10 * count)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -184,25 +198,27 @@ def unit(kind: str, port: int) -> str:
     return f"bluegreen-{'forward' if kind == 'socat' else 'proxy'}@{port}.service"
 
 
-def serve_with(box: Sandbox, kind: str, port: int) -> None:
-    """Make a ``kind`` forwarder to ``port`` the only one on the public port."""
-    wanted = unit(kind, port)
+def serve_with(box: Sandbox, kind: str, ports: list[int]) -> None:
+    """Make ``kind`` forwarders to ``ports`` the only ones on the public port."""
+    wanted = [unit(kind, port) for port in ports]
     if kind == "haproxy":  # its listener settings were written by the controller
         box.run("/usr/bin/python3", "-c", "from pathlib import Path; from bluegreen import haproxy; "
-                f"haproxy.write_serving(Path('/run/bluegreen'), {port})")
-    box.run("systemctl", "start", wanted)
+                f"haproxy.write_serving(Path('/run/bluegreen'), {ports[0]})")
+    for name in wanted:
+        box.run("systemctl", "start", name)
     time.sleep(0.5)
     running = box.run("systemctl", "list-units", "--state=active", "--plain", "--no-legend",
                       "bluegreen-forward@*", "bluegreen-proxy@*", "bluegreen-haproxy.service").stdout.split()
     for name in running:
-        if name.endswith(".service") and name != wanted:
+        if name.endswith(".service") and name not in wanted:
             box.run("systemctl", "stop", name)
 
 
-def stress(box: Sandbox, kind: str, ports: tuple[int, int], switches: int,
-           script: Path) -> dict[str, Any]:
-    """``switches`` switches of ``kind`` forwarders between the two ports under wrk's load."""
-    old, new = ports
+def stress(box: Sandbox, kind: str, ports: tuple[int, int] | tuple[list[int], list[int]],
+           switches: int, script: Path) -> dict[str, Any]:
+    """``switches`` switches of ``kind`` forwarders between two ports (or two sets of ports,
+    one forwarder each) under wrk's load."""
+    old, new = ([side] if isinstance(side, int) else side for side in ports)
     serve_with(box, kind, old)
     script.write_text(WRK_REPORT)
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
@@ -262,6 +278,24 @@ def test_switches_under_connection_per_request_load_lose_nothing(
         assert not [line for line in hook if "SIGTERM instead" in line]
         assert sum("steered to the new listener, then destroyed (sock_diag)" in line
                    for line in hook) >= SWITCHES
+
+
+@pytest.mark.stress
+def test_switches_of_two_instances_each_lose_nothing(box: Sandbox, wrk_script: Path) -> None:
+    """app.instances = 2: two socat forwarders start, then the two old ones drain one after the
+    other, as a deploy does. With the drain steering to "the second listener" of the port,
+    the second old forwarder took every new connection while it closed (see
+    sockdiag.prefer_last_joined)."""
+    ports = more_instances(box, 4)
+    report = stress(box, "socat", (ports[:2], ports[2:]), SWITCHES, wrk_script)
+    records = report["switches"]
+    print(summary("socat, two instances", report))
+    assert len(records) == SWITCHES
+    assert report["failed"] == 0, {k: v for k, v in report.items() if k != "switches"}
+    assert report["per_second"] >= MIN_CONNECTIONS_PER_SECOND, (
+        f"{report['per_second']:.0f} connections/s: too few to stress the switch (busy machine?)")
+    for record in records:
+        assert record["Result"] == "success", record
 
 
 # In a network namespace of its own: a backend, the old forwarder (socat under strace, its first
