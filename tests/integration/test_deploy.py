@@ -65,6 +65,7 @@ def test_units_pass_systemd_analyze_verify(box: Sandbox) -> None:
     ("bluegreen-worker@8123-worker.service", 2.0),
     ("bluegreen-forward@8123.service", 2.0),
     ("bluegreen-proxy@8123.service", 2.0),
+    ("bluegreen-haproxy.service", 2.0),
     ("bluegreen-api.service", 2.0),
     ("bluegreen.service", 5.0),
 ])
