@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return f'forwarder = "haproxy"\n{CONFIG}'
+    # haproxy's drain ends as soon as its old server is idle, so the watch can start within a
+    # second of the instance; a 3 s watch could then end before the souring release (unhealthy
+    # 2.5 s after it started) fails three checks, and the switch-back test saw it succeed.
+    return f'forwarder = "haproxy"\n{CONFIG.replace("post_switch_watch = 3", "post_switch_watch = 6")}'
 
 
 def test_clients_keep_their_connections_through_deploys(box: Sandbox, serving: App) -> None:  # noqa: F811
