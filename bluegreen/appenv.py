@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bluegreen import apps
-from bluegreen.config import Config, ConfigError
+from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.environments import SYSTEM_PYTHON
 from bluegreen.transient import Command
 
@@ -63,7 +63,7 @@ def environment(config: Config, release: str, release_dir: Path, environment_dir
         "BLUEGREEN_DEPLOYMENT_ID": str(deployment_id),
         "BLUEGREEN_APP": config.app_name,
     })
-    if config.app_name == apps.DEFAULT:
+    if config.app_name == DEFAULT_APP:
         # The default app's units load every app's secrets (a directory is read with its
         # subdirectories): with-secrets leaves out those of the other apps.
         values["BLUEGREEN_OTHER_APPS"] = " ".join(other_apps())
@@ -75,7 +75,7 @@ def prepare_data_dir(app_name: str) -> None:
     (the default app's is its units' StateDirectory=). Its parent stays root's, so that the
     controller, root without CAP_DAC_OVERRIDE, can look into it."""
     directory = apps.data_dir(app_name)
-    if app_name == apps.DEFAULT or directory.is_dir():
+    if app_name == DEFAULT_APP or directory.is_dir():
         return
     try:
         user = pwd.getpwnam(APP_USER)
@@ -97,7 +97,7 @@ def other_apps() -> list[str]:
     return sorted(names)
 
 
-def credentials(app_name: str = apps.DEFAULT) -> list[tuple[str, str]]:
+def credentials(app_name: str = DEFAULT_APP) -> list[tuple[str, str]]:
     """LoadCredential= of the app's secrets (none while the directory is missing)."""
     directory = apps.secrets_dir(app_name)
     return [(apps.credential(app_name), str(directory))] if directory.is_dir() else []

@@ -19,7 +19,7 @@ from pathlib import Path
 from dbus_next.aio import MessageBus
 
 from bluegreen import apps
-from bluegreen.config import Config, ConfigError
+from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.controller import Controller, Paths
 from bluegreen.credentials import Secrets
 from bluegreen.dbusapi import ManagerInterface, object_path
@@ -49,7 +49,7 @@ class AppManager:
 
     @property
     def default(self) -> Controller:
-        return self.controllers[apps.DEFAULT]
+        return self.controllers[DEFAULT_APP]
 
     def load(self) -> dict[str, Config]:
         """Every app's settings; raises ConfigError (nothing changes then)."""
@@ -58,7 +58,7 @@ class AppManager:
     def add(self, config: Config) -> Controller:
         """A Controller for the app (not started yet), on the bus."""
         name = config.app_name
-        if name == apps.DEFAULT:
+        if name == DEFAULT_APP:
             paths, status, notify = self.paths, self.notify_status, self.notify
         else:
             # The daemon's status line and reload notifications are the default app's.
@@ -102,7 +102,7 @@ class AppManager:
                     changes.append((f"app {name}", "added"))
                     continue
                 for key, when in controller.reload(config):
-                    changes.append((key if name == apps.DEFAULT else f"{name}: {key}", when))
+                    changes.append((key if name == DEFAULT_APP else f"{name}: {key}", when))
             for name in [name for name in self.controllers if name not in configs]:
                 await self.remove(name)
                 changes.append((f"app {name}", "removed: its units are stopped, its data kept"))

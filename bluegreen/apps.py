@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bluegreen import config as configuration
-from bluegreen.config import Config, ConfigError, Forwarder
+from bluegreen.config import DEFAULT_APP, Config, ConfigError, Forwarder
 
-DEFAULT = "default"
 APPS_DIR = Path("/etc/bluegreen/apps")
 STATE_DIR = Path("/var/lib/bluegreen")
 SECRETS_DIR = Path("/etc/bluegreen/secrets")
@@ -39,23 +38,23 @@ def name_problem(name: str) -> str | None:
     if not NAME.fullmatch(name):
         return ("not an app name (a lower-case letter, then lower-case letters, digits or '_'; "
                 "at most 32)")
-    if name == DEFAULT:
-        return f"{DEFAULT!r} is the app of {configuration.DEFAULT_PATH}"
+    if name == DEFAULT_APP:
+        return f"{DEFAULT_APP!r} is the app of {configuration.DEFAULT_PATH}"
     return None
 
 
 def state_dir(name: str, root: Path = STATE_DIR) -> Path:
     """Where the app's records, mirror, releases and environments live."""
-    return root if name == DEFAULT else root / "apps" / name
+    return root if name == DEFAULT_APP else root / "apps" / name
 
 
 def secrets_dir(name: str) -> Path:
-    return SECRETS_DIR if name == DEFAULT else SECRETS_DIR / name
+    return SECRETS_DIR if name == DEFAULT_APP else SECRETS_DIR / name
 
 
 def data_state_directory(name: str) -> str:
     """The app's data directory, as systemd's StateDirectory= names it (under /var/lib)."""
-    return "bluegreen/data" if name == DEFAULT else f"{APP_DATA_STATE_DIRECTORY}/{name}"
+    return "bluegreen/data" if name == DEFAULT_APP else f"{APP_DATA_STATE_DIRECTORY}/{name}"
 
 
 def data_dir(name: str) -> Path:
@@ -66,7 +65,7 @@ def credential(name: str) -> str:
     """The credential ID the app's secrets directory is loaded as: each file NAME of it is
     then the credential ID_NAME (the default app's units load every app's secrets, since
     systemd reads a directory with its subdirectories: with-secrets picks the app's own)."""
-    return "secrets" if name == DEFAULT else f"secrets_{name}"
+    return "secrets" if name == DEFAULT_APP else f"secrets_{name}"
 
 
 def files(apps_dir: Path = APPS_DIR) -> dict[str, Path]:
@@ -106,7 +105,7 @@ def load(default_path: Path = configuration.DEFAULT_PATH, apps_dir: Path = APPS_
          environ: Mapping[str, str] | None = None) -> dict[str, Config]:
     """Every app's settings, the default app's first; raises ConfigError for a bad file or
     two apps on one public port."""
-    configs = {DEFAULT: configuration.load(default_path, environ)}
+    configs = {DEFAULT_APP: configuration.load(default_path, environ)}
     for name, path in files(apps_dir).items():
         configs[name] = load_app(name, path)
     check_public_ports(configs)

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from bluegreen.dbusapi import APPS_INTERFACE, BUS_NAME, DEFAULT_APP, INTERFACE, OBJECT_PATH, object_path
+from bluegreen.config import DEFAULT_APP
+from bluegreen.dbusapi import APPS_INTERFACE, BUS_NAME, INTERFACE, OBJECT_PATH, object_path
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ _NO_OBJECT = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.
 
 
 class Client:
-    """A connection to the API of one app (``app``; "default": bluegreen.toml's)."""
+    """A connection to the API of one app (``app``; DEFAULT_APP: bluegreen.toml's)."""
 
     def __init__(self, bus: MessageBus, app: str = DEFAULT_APP) -> None:
         self.bus = bus

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PATH = Path("/etc/bluegreen/bluegreen.toml")
+# The app of bluegreen.toml; every other app is a file of /etc/bluegreen/apps (apps.py).
+DEFAULT_APP = "default"
 # The app's own data, kept across releases (StateDirectory=bluegreen/data of its units).
 DATA_DIR = Path("/var/lib/bluegreen/data")
 
@@ -149,8 +151,8 @@ class Config:
     history_limit: int = 1000
     processes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source: str = "built-in defaults"
-    # Which app these settings are (apps.py): the file's name, "default" for bluegreen.toml.
-    app_name: str = "default"
+    # Which app these settings are (apps.py): the file's name, DEFAULT_APP for bluegreen.toml.
+    app_name: str = DEFAULT_APP
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)
@@ -613,7 +615,7 @@ def line_of(text: str, dotted: str) -> int | None:
 
 
 def load(path: Path = DEFAULT_PATH, environ: Mapping[str, str] | None = None,
-         data_dir: Path = DATA_DIR, app_name: str = "default") -> Config:
+         data_dir: Path = DATA_DIR, app_name: str = DEFAULT_APP) -> Config:
     """Read the config file (a missing file means all defaults), then apply the environment."""
     environ = os.environ if environ is None else environ
     try:

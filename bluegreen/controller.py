@@ -622,7 +622,7 @@ class Controller:
         try:
             try:
                 if loaded is None:
-                    loaded = (configuration.load(self.paths.config) if self.app == apps.DEFAULT
+                    loaded = (configuration.load(self.paths.config) if self.app == configuration.DEFAULT_APP
                               else apps.load_app(self.app, self.paths.config))
             except configuration.ConfigError as exc:
                 log.error("reload refused, the settings stay as they were: %s", exc)

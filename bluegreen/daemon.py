@@ -68,7 +68,7 @@ async def reload_quietly(manager: AppManager) -> None:
 
 
 async def serve(configs: dict[str, configuration.Config], paths: Paths, apps_dir: Path) -> int:
-    config = configs[apps.DEFAULT]
+    config = configs[configuration.DEFAULT_APP]
     # File descriptors ride on the bus: release commands' output comes back over a pipe.
     bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     systemd = Systemd(bus)

@@ -19,7 +19,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from bluegreen import instances, workers
-from bluegreen.config import ConfigError
+from bluegreen.config import DEFAULT_APP, ConfigError
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
@@ -28,7 +28,6 @@ BUS_NAME = "org.bluegreen1"
 OBJECT_PATH = "/org/bluegreen1"
 INTERFACE = "org.bluegreen1.Manager"
 APPS_INTERFACE = "org.bluegreen1.Apps"
-DEFAULT_APP = "default"
 
 
 def object_path(app: str) -> str:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bluegreen import haproxy, instances, sockdiag
-from bluegreen.config import Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
 
@@ -124,7 +124,6 @@ def socat_listen(address: str, port: int) -> str:
     return f"TCP4-LISTEN:{port},bind={address}"
 
 
-DEFAULT_APP = "default"
 
 
 def env_path(run_dir: Path, app: str = DEFAULT_APP) -> Path:

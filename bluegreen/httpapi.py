@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from bluegreen import apiauth, client, credentials
 from bluegreen.client import ApiError, Client
-from bluegreen.dbusapi import DEFAULT_APP
+from bluegreen.config import DEFAULT_APP
 
 MAX_BODY = 64 * 1024
 MAX_HOOK_BODY = 5 * 1024 * 1024  # push payloads list the commits pushed

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bluegreen import drainflag, sockdiag
+from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
 
@@ -73,7 +74,7 @@ def read_env(run_dir: Path, port: int) -> dict[str, str]:
 def app_of(run_dir: Path, port: int) -> str:
     """The app the instance on ``port`` belongs to (an instance of an older version, or one
     whose settings are gone: the default app)."""
-    return read_env(run_dir, port).get("BLUEGREEN_APP", "default")
+    return read_env(run_dir, port).get("BLUEGREEN_APP", DEFAULT_APP)
 
 
 def ports_with_env(run_dir: Path) -> set[int]:

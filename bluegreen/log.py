@@ -17,6 +17,8 @@ from contextvars import ContextVar
 from enum import StrEnum
 from typing import Any
 
+from bluegreen.config import DEFAULT_APP
+
 
 class MessageId(StrEnum):
     DEPLOY_STARTED = "d47ccfad8db24f448805ccc68191458d"
@@ -30,8 +32,8 @@ class MessageId(StrEnum):
 
 log = logging.getLogger("bluegreen")
 
-# The app whose work the current task does ("default": bluegreen.toml's).
-APP: ContextVar[str] = ContextVar("app", default="default")
+# The app whose work the current task does (DEFAULT_APP: bluegreen.toml's).
+APP: ContextVar[str] = ContextVar("app", default=DEFAULT_APP)
 
 
 class _AppFilter(logging.Filter):
@@ -39,7 +41,7 @@ class _AppFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         app = APP.get()
-        if app != "default" and not hasattr(record, "APP"):
+        if app != DEFAULT_APP and not hasattr(record, "APP"):
             record.APP = app
             record.msg = f"{app}: {record.msg}"
         return True

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from bluegreen import drainflag, forwarder, instances, ports, workers
-from bluegreen.config import Forwarder
+from bluegreen.config import DEFAULT_APP, Forwarder
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
 from bluegreen.serving import Serving
@@ -43,7 +43,7 @@ async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> list[i
     return [port for port in running if instances.app_of(run_dir, port) == app]
 
 
-async def adopt(systemd: Systemd, run_dir: Path, app: str = "default") -> Serving | None:
+async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serving | None:
     """What serves the app, as systemd runs it: the running instances of the newest deployment
     whose instance a forwarder target new connections reach runs. Changes nothing."""
     # Normally one target per instance of the serving release, more when the controller died
@@ -69,7 +69,7 @@ async def adopt(systemd: Systemd, run_dir: Path, app: str = "default") -> Servin
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
-                 drain_timeout: float, app: str = "default") -> None:
+                 drain_timeout: float, app: str = DEFAULT_APP) -> None:
     """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
     its every other instance and the workers of its every other release."""
     keep = serving.ports if serving is not None else ()

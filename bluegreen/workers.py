@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen.config import Network
+from bluegreen.config import DEFAULT_APP, Network
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd, SystemdError
 from bluegreen.transient import network_properties
@@ -25,7 +25,6 @@ from bluegreen.transient import network_properties
 log = logging.getLogger(__name__)
 
 PATTERN = "bluegreen-worker@*.service"
-DEFAULT_APP = "default"
 # An app's name starts with a letter, a port with a digit: the app part cannot be mistaken.
 _NAME = re.compile(r"bluegreen-worker@(?:([a-z][a-z0-9_]{0,31})-)?(\d{1,5})-"
                    r"([A-Za-z0-9][A-Za-z0-9_-]{0,31})\.service")

@@ -16,6 +16,7 @@ from bluegreen import apps as appnames
 from bluegreen.cli import apps, deploy, history, logs, reload, rollback, show, status
 from bluegreen.cli.common import EXIT_NOT_RUNNING, exit_status_for
 from bluegreen.client import ApiError, Client
+from bluegreen.config import DEFAULT_APP
 
 VERBS = (status, deploy, rollback, history, show, logs, reload, apps)
 
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="bluegreenctl", description="Control bluegreen, the blue-green deployment service.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("-a", "--app", default=appnames.DEFAULT, type=app_name, metavar="NAME",
+    top.add_argument("-a", "--app", default=DEFAULT_APP, type=app_name, metavar="NAME",
                      help="the app to act on (default: %(default)s, that of bluegreen.toml)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -49,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def app_name(value: str) -> str:
-    problem = appnames.name_problem(value) if value != appnames.DEFAULT else None
+    problem = appnames.name_problem(value) if value != DEFAULT_APP else None
     if problem:
         raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
     return value

@@ -13,6 +13,7 @@ from typing import Any
 
 from bluegreen.cli.common import EXIT_FAILED, print_json
 from bluegreen.client import Client
+from bluegreen.config import DEFAULT_APP
 
 NAME = "logs"
 HELP = "the journal entries of one deployment (default: the last)"
@@ -22,7 +23,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", default="", help="deployment id (default: the last one)")
 
 
-def entries(record: dict[str, Any], app: str = "default") -> list[dict[str, Any]]:
+def entries(record: dict[str, Any], app: str = DEFAULT_APP) -> list[dict[str, Any]]:
     from systemd import journal
 
     reader = journal.Reader()
@@ -39,7 +40,7 @@ def entries(record: dict[str, Any], app: str = "default") -> list[dict[str, Any]
             break
         if entry.get("DEPLOYMENT_ID") not in (None, record["id"]):
             continue
-        if "DEPLOYMENT_ID" in entry and entry.get("APP", "default") != app:
+        if "DEPLOYMENT_ID" in entry and entry.get("APP", DEFAULT_APP) != app:
             continue  # deployment ids are each app's own
         found.append({
             "time": when.timestamp(),
