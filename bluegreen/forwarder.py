@@ -169,7 +169,7 @@ def app_of(run_dir: Path, port: int) -> str:
     """The app a forwarder to ``port`` carries: its instance's, else the one its link names,
     else (a forwarder of an older version) the default app."""
     env = instances.read_env(run_dir, port) or read_environment_file(link_path(run_dir, port))
-    return env.get("BLUEGREEN_APP", DEFAULT_APP)
+    return instances.app_named(env)
 
 
 async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,

@@ -37,10 +37,12 @@ def mark_interrupted(history: History) -> None:
                     extra=fields(deployment_id=record.id, release=record.commit))
 
 
-async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> list[int]:
-    """The ports of the app's running instances."""
+async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> dict[int, dict[str, str]]:
+    """The app's running instances: each one's port and settings (its instances/PORT.env)."""
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
-    return [port for port in running if instances.app_of(run_dir, port) == app]
+    settings = {port: instances.read_env(run_dir, port) for port in running}
+    return {port: env for port, env in settings.items()
+            if instances.app_named(env) == app}
 
 
 async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serving | None:
@@ -52,20 +54,17 @@ async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serv
     running = await running_instances(systemd, run_dir, app)
 
     def deployment_of(port: int) -> int:
-        value = instances.read_env(run_dir, port).get("BLUEGREEN_DEPLOYMENT_ID", "0")
+        value = running[port].get("BLUEGREEN_DEPLOYMENT_ID", "0")
         return int(value) if value.isdigit() else 0
-
-    def release_of(port: int) -> str:
-        return instances.read_env(run_dir, port).get("BLUEGREEN_RELEASE", "")
 
     live = [port for port, taking in targets.items() if taking and port in running]
     if not live:
         return None
     first = max(live, key=deployment_of)
-    newest = deployment_of(first)
-    keep = [port for port in running if newest and deployment_of(port) == newest
-            and release_of(port) == release_of(first)] or [first]
-    return Serving.of(keep, release_of(first))
+    newest, release = deployment_of(first), running[first].get("BLUEGREEN_RELEASE", "")
+    keep = [port for port, env in running.items() if newest and deployment_of(port) == newest
+            and env.get("BLUEGREEN_RELEASE", "") == release] or [first]
+    return Serving.of(keep, release)
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
