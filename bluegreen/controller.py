@@ -296,7 +296,7 @@ class Controller:
     async def _wait_until_idle(self) -> None:
         """Until no deployment runs or is being prepared (another waiter may win the race:
         the claim that follows raises Busy then)."""
-        while self.current is not None or self._preparing is not None or self._settling:
+        while self._busy:
             task = self._task
             if task is not None:
                 await asyncio.wait([task])
@@ -419,8 +419,8 @@ class Controller:
     async def _adopt_pool(self) -> None:
         """After a reconciliation: start the serving release's missing workers, and know which
         of its instances the public port reaches."""
-        self.pool.reset(self.serving)
         if self.serving is None:
+            self.pool.reset(None)
             return
         await self._adopt_workers(self.serving)
         targets = await forwarder.targets(self.systemd, self.paths.runtime, self.app)
@@ -453,7 +453,7 @@ class Controller:
         self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
             forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
-                                self.app)
+                            self.app)
         # The refresher leaves a pushed head alone once its deployment has an outcome; an
         # interrupted one is tried again.
         if record.state != State.INTERRUPTED and (
@@ -576,7 +576,7 @@ class Controller:
         resets the monitor), waiting longer after each attempt that did not help."""
         attempts = 0
         while self._serving_unhealthy():
-            if self.current is None and self._preparing is None and not self._settling:
+            if not self._busy:
                 if attempts:
                     why = f"still unhealthy after {attempts} recovery attempts"
                 attempts += 1
@@ -695,7 +695,7 @@ class Controller:
         deployment if nothing serves, the refresher) goes on in the background, so that the
         controller is ready at once."""
         forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
-                                self.app)
+                            self.app)
         self._write_known_hosts()
         try:
             if forwarder.ensure_migrate_req():
@@ -799,6 +799,11 @@ class Controller:
 
     async def stop(self) -> None:
         self._stopping = True
+        # An app removed by a reload stops for good: its units are no longer its to watch
+        # (another app may start instances on their ports).
+        with contextlib.suppress(ValueError):
+            self.systemd.on_unit_state.remove(self._on_unit_state)
+        self.pool.reset(None)
         for task in list(self._tasks):
             task.cancel()
         if self._task is not None:

@@ -474,6 +474,9 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
         assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
                                                          forwarder.unit(8003)]
         await controller.stop()
+        # Stopped (an app removed by a reload), it no longer hears of its instances' units.
+        assert controller._on_unit_state not in systemd.on_unit_state
+        assert controller.pool.members == {}
 
     asyncio.run(scenario())
 
