@@ -63,10 +63,10 @@ def environment(config: Config, release: str, release_dir: Path, environment_dir
         "BLUEGREEN_DEPLOYMENT_ID": str(deployment_id),
         "BLUEGREEN_APP": config.app_name,
     })
-    if config.app_name == DEFAULT_APP:
-        # The default app's units load every app's secrets (a directory is read with its
-        # subdirectories): with-secrets leaves out those of the other apps.
-        values["BLUEGREEN_OTHER_APPS"] = " ".join(other_apps())
+    # An app's units load its secrets directory with its subdirectories: every other app's
+    # for the default app, those of an app named like this one plus "_..." for the others.
+    # with-secrets leaves those out.
+    values["BLUEGREEN_OTHER_APPS"] = " ".join(name for name in other_apps() if name != config.app_name)
     return values
 
 
@@ -87,8 +87,8 @@ def prepare_data_dir(app_name: str) -> None:
 
 
 def other_apps() -> list[str]:
-    """The names under which the default app's units may find other apps' secrets: the app
-    files', and the secrets directory's subdirectories."""
+    """The names under which an app's units may find other apps' secrets: the app files', and
+    the secrets directory's subdirectories."""
     names: set[str] = set()
     with contextlib.suppress(ConfigError):
         names.update(apps.files())

@@ -72,7 +72,7 @@ def test_environment_names_the_app_and_its_data_directory() -> None:
     env = appenv.environment(cfg, "c" * 40, Path("/r/c"), None, 3)
     assert env["BLUEGREEN_APP"] == "staging"
     assert env["BLUEGREEN_DATA_DIR"] == "/var/lib/bluegreen/app-data/staging"
-    assert "BLUEGREEN_OTHER_APPS" not in env
+    assert "staging" not in env["BLUEGREEN_OTHER_APPS"].split()
     loaded = Path("/nonexistent")
     assert config.load(loaded, environ={}, data_dir=Path("/d"), app_name="staging").app_name == "staging"
 
@@ -97,6 +97,19 @@ def test_with_secrets_gives_each_app_its_own_secrets(tmp_path: Path) -> None:
     assert staging["TOKEN"] == "staging" and staging["ONLY_STAGING"] == "x"
     other, _ = _with_secrets(tmp_path, BLUEGREEN_APP="beta")
     assert "TOKEN" not in other and "ONLY_STAGING" not in other
+
+
+def test_an_app_named_like_another_plus_a_suffix_keeps_its_secrets_to_itself(tmp_path: Path) -> None:
+    """secrets/staging/TOKEN and secrets/staging_eu/TOKEN are the credentials secrets_staging_TOKEN
+    and secrets_staging_eu_TOKEN: staging must not take the second as "eu_TOKEN"."""
+    (tmp_path / "secrets_staging_TOKEN").write_text("staging\n")
+    (tmp_path / "secrets_staging_eu_TOKEN").write_text("eu\n")
+    staging, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging", BLUEGREEN_OTHER_APPS="staging_eu")
+    assert staging["TOKEN"] == "staging" and "eu_TOKEN" not in staging
+    eu, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging_eu", BLUEGREEN_OTHER_APPS="staging")
+    assert eu["TOKEN"] == "eu"
+    default, _ = _with_secrets(tmp_path, BLUEGREEN_APP="default", BLUEGREEN_OTHER_APPS="staging staging_eu")
+    assert not any(name.startswith("staging") for name in default)
 
 
 def test_transient_units_of_an_app_load_its_secrets_under_its_own_credential() -> None:
