@@ -3,10 +3,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
-from bluegreen import appenv, config, transient, workers
+import pytest
+
+from bluegreen import appenv, apps, config, transient, workers
 from bluegreen.config import AppConfig, Config, Network
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -66,9 +67,8 @@ def test_worker_units_of_other_apps_carry_the_app() -> None:
 
 
 def test_environment_names_the_app_and_its_data_directory() -> None:
-    cfg = replace(config.load(Path("/nonexistent"), environ={}, app_name="staging",
-                              data_dir=Path("/var/lib/bluegreen/app-data/staging")),
-                  app=AppConfig(environment={"DB": "{data_dir}/x.db"}))
+    cfg = config.load(Path("/nonexistent"), environ={}, app_name="staging",
+                      data_dir=Path("/var/lib/bluegreen/app-data/staging"))
     env = appenv.environment(cfg, "c" * 40, Path("/r/c"), None, 3)
     assert env["BLUEGREEN_APP"] == "staging"
     assert env["BLUEGREEN_DATA_DIR"] == "/var/lib/bluegreen/app-data/staging"
@@ -112,8 +112,13 @@ def test_an_app_named_like_another_plus_a_suffix_keeps_its_secrets_to_itself(tmp
     assert not any(name.startswith("staging") for name in default)
 
 
-def test_transient_units_of_an_app_load_its_secrets_under_its_own_credential() -> None:
-    assert appenv.credentials("staging") in ([], [("secrets_staging", "/etc/bluegreen/secrets/staging")])
+def test_transient_units_of_an_app_load_its_secrets_under_its_own_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path)
+    assert appenv.credentials("staging") == []  # no directory: nothing to load
+    (tmp_path / "staging").mkdir()
+    assert appenv.credentials("staging") == [("secrets_staging", str(tmp_path / "staging"))]
+    assert appenv.credentials("default") == [("secrets", str(tmp_path))]
 
 
 def test_network_properties_lock_down_or_open_up() -> None:
