@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from bluegreen import apiauth, client, credentials
+from bluegreen import apiauth, apps, client, credentials
 from bluegreen.client import ApiError, Client
 from bluegreen.config import DEFAULT_APP
 
@@ -96,6 +96,8 @@ def _require_privilege() -> Response | None:
 @app.url_value_preprocessor
 def _app_of_the_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
     g.app = (values or {}).pop("app", DEFAULT_APP)
+    if g.app != DEFAULT_APP and apps.name_problem(g.app):  # nor a D-Bus object path
+        raise ApiError("org.bluegreen1.Error.NoSuchApp", f"no app {g.app!r} (GET /apps lists them)")
 
 
 def _call(function: Callable[[Client], Awaitable[T]]) -> T:

@@ -282,3 +282,11 @@ def test_an_unknown_app_is_404(stub: StubClient) -> None:
         response = web.post("/apps/nope/deploy")
     assert response.status_code == 404
     assert (response.get_json() or {})["error"] == "NoSuchApp"
+
+
+def test_a_route_naming_no_possible_app_is_404_without_a_call(stub: StubClient) -> None:
+    with on_unix_socket_of_own_group() as web:
+        response = web.get("/apps/Foo-bar/status")  # not even a D-Bus object path
+    assert response.status_code == 404
+    assert (response.get_json() or {})["error"] == "NoSuchApp"
+    assert stub.apps == []
