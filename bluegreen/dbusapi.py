@@ -264,10 +264,11 @@ class ManagerInterface(ServiceInterface):
         result = []
         for status in await c.systemd.list_units(instances.PATTERN):
             port = instances.port_of(status.name)
-            if port is None or instances.app_of(c.paths.runtime, port) != c.app:
+            if port is None:
                 continue
-            release = instances.read_env(c.paths.runtime, port).get("BLUEGREEN_RELEASE", "")
-            result.append([port, status.active_state, release])
+            settings = instances.read_env(c.paths.runtime, port)
+            if instances.app_named(settings) == c.app:
+                result.append([port, status.active_state, settings.get("BLUEGREEN_RELEASE", "")])
         return sorted(result)
 
     @method()

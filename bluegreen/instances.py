@@ -71,12 +71,6 @@ def read_env(run_dir: Path, port: int) -> dict[str, str]:
     return read_environment_file(env_path(run_dir, port))
 
 
-def app_of(run_dir: Path, port: int) -> str:
-    """The app the instance on ``port`` belongs to (an instance of an older version, or one
-    whose settings are gone: the default app)."""
-    return app_named(read_env(run_dir, port))
-
-
 def app_named(settings: Mapping[str, str]) -> str:
     """The app a settings file names (one of an older version names none: the default app)."""
     return settings.get("BLUEGREEN_APP", DEFAULT_APP)

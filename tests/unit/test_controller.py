@@ -503,7 +503,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         while staging.controller.state != "serving":
             await asyncio.sleep(0.01)
         assert staging.controller.serving == Serving(8002, NEW)
-        assert instances.app_of(staging.paths.runtime, 8002) == "staging"
+        assert instances.app_named(instances.read_env(staging.paths.runtime, 8002)) == "staging"
         assert forwarder.app_of(staging.paths.runtime, 8002) == "staging"
         await staging.controller.stop()
 
