@@ -19,6 +19,7 @@ from pathlib import Path
 from dbus_next.aio import MessageBus
 
 from bluegreen import apps
+from bluegreen import log as logsetup
 from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.controller import Controller, Paths
 from bluegreen.credentials import Secrets
@@ -26,6 +27,10 @@ from bluegreen.dbusapi import ManagerInterface, object_path
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
+
+
+def _unsaid(text: str) -> None:
+    pass
 
 
 class AppManager:
@@ -46,6 +51,7 @@ class AppManager:
         # Set when any app's controller meets an internal error: the daemon exits.
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
+        self._started = False  # READY=1 sent: a reload then tells systemd it is reloading
 
     @property
     def default(self) -> Controller:
@@ -58,18 +64,17 @@ class AppManager:
     def add(self, config: Config) -> Controller:
         """A Controller for the app (not started yet), on the bus."""
         name = config.app_name
-        if name == DEFAULT_APP:
-            paths, status, notify = self.paths, self.notify_status, self.notify
-        else:
-            # The daemon's status line and reload notifications are the default app's.
+        paths = self.paths
+        if name != DEFAULT_APP:
             paths = replace(self.paths, state=apps.state_dir(name, self.paths.state),
                             config=self.apps_dir / f"{name}.toml")
-            status, notify = (lambda text: None), (lambda line: None)
         paths.state.mkdir(parents=True, exist_ok=True)
+        # The daemon's status line is the default app's.
+        status = self.notify_status if name == DEFAULT_APP else _unsaid
         controller = Controller(config, self.systemd, paths, notify_status=status,
-                                secrets=self.secrets, notify=notify)
+                                secrets=self.secrets)
         self.controllers[name] = controller
-        interface = ManagerInterface(controller, self.bus, reload=self.reload)
+        interface = ManagerInterface(controller, self.reload, self.bus)
         self._interfaces[name] = interface
         if self.bus is not None:
             self.bus.export(object_path(name), interface)
@@ -82,7 +87,14 @@ class AppManager:
 
     async def start(self) -> None:
         """Start every app added: each adopts what systemd runs of it."""
-        await asyncio.gather(*(controller.start() for controller in self.controllers.values()))
+        await asyncio.gather(*(self._start(name, controller)
+                               for name, controller in self.controllers.items()))
+        self._started = True  # the daemon sends READY=1 next
+
+    @staticmethod
+    async def _start(name: str, controller: Controller) -> None:
+        with logsetup.app_label(name):
+            await controller.start()
 
     async def reload(self) -> list[tuple[str, str]]:
         """Read every file again; return each change ("NAME: KEY" for an app other than the
@@ -93,9 +105,19 @@ class AppManager:
             except ConfigError as exc:
                 log.error("reload refused, the settings stay as they were: %s", exc)
                 raise
-            changes: list[tuple[str, str]] = []
-            for name, config in configs.items():
-                controller = self.controllers.get(name)
+            # Before READY=1 at start-up, systemd is not told about the reload.
+            notify = self.notify if self._started else (lambda line: None)
+            notify("RELOADING=1")
+            try:
+                return await self._apply(configs)
+            finally:
+                notify("READY=1")
+
+    async def _apply(self, configs: dict[str, Config]) -> list[tuple[str, str]]:
+        changes: list[tuple[str, str]] = []
+        for name, config in configs.items():
+            controller = self.controllers.get(name)
+            with logsetup.app_label(name):
                 if controller is None:
                     log.info("reload: new app %s (%s)", name, config.source)
                     await self.add(config).start()
@@ -103,10 +125,11 @@ class AppManager:
                     continue
                 for key, when in controller.reload(config):
                     changes.append((key if name == DEFAULT_APP else f"{name}: {key}", when))
-            for name in [name for name in self.controllers if name not in configs]:
+        for name in [name for name in self.controllers if name not in configs]:
+            with logsetup.app_label(name):
                 await self.remove(name)
-                changes.append((f"app {name}", "removed: its units are stopped, its data kept"))
-            return changes
+            changes.append((f"app {name}", "removed: its units are stopped, its data kept"))
+        return changes
 
     async def remove(self, name: str) -> None:
         controller = self.controllers.pop(name)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from bluegreen import config as configuration
 from bluegreen import (
-    apps,
     forwarder,
     health,
     instances,
@@ -32,7 +32,6 @@ from bluegreen import (
     settings,
     workers,
 )
-from bluegreen import config as configuration
 from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
@@ -136,8 +135,7 @@ _STEP_TEXT = {
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
                  notify_status: Callable[[str], None] = lambda text: None,
-                 secrets: Secrets | None = None,
-                 notify: Callable[[str], None] = lambda line: None) -> None:
+                 secrets: Secrets | None = None) -> None:
         self.systemd = systemd
         self.paths = paths
         self.app = config.app_name
@@ -148,7 +146,6 @@ class Controller:
         self.loaded = config
         self.deployed = settings.load_deployed(self.history) or config
         self.config = configuration.with_deployed(config, self.deployed)
-        self.notify = notify
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
                                      self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
@@ -174,7 +171,7 @@ class Controller:
             lambda: self._seen_head)
         self._tasks: list[asyncio.Task[None]] = []
         self._refresher_task: asyncio.Task[None] | None = None
-        # Set once READY=1 is sent: a reload then tells systemd it is reloading.
+        # Set once what serves is adopted (the daemon sends READY=1 then).
         self._started = False
         self._recovery: asyncio.Task[None] | None = None
         # Set while the start-up's reconciliation stops what must not run: no deployment yet.
@@ -608,33 +605,16 @@ class Controller:
 
     # --- the configuration -----------------------------------------------------------------
 
-    def reload(self, loaded: Config | None = None) -> list[tuple[str, str]]:
-        """Read the configuration file again (unless given, read already) and apply it; return
-        each changed key with when it takes effect (at once, at the next deploy, or after what
-        the admin must run).
-
-        A bad file raises ConfigError (FILE:LINE: KEY: REASON) and changes nothing.
-        """
-        logsetup.APP.set(self.app)
-        # Before READY=1 at start-up, systemd is not told about the reload.
-        notify = self.notify if self._started else (lambda line: None)
-        notify("RELOADING=1")
-        try:
-            try:
-                if loaded is None:
-                    loaded = (configuration.load(self.paths.config) if self.app == configuration.DEFAULT_APP
-                              else apps.load_app(self.app, self.paths.config))
-            except configuration.ConfigError as exc:
-                log.error("reload refused, the settings stay as they were: %s", exc)
-                raise
-            changes = [(key.dotted, str(key.applies))
-                       for key in configuration.changed(self.loaded, loaded)]
-            self.loaded = loaded
-            if self.current is None:
-                self.deployer.config = loaded
-            self._apply(configuration.with_deployed(loaded, self.deployed if self.serving else loaded))
-        finally:
-            notify("READY=1")
+    def reload(self, loaded: Config) -> list[tuple[str, str]]:
+        """Apply the app's settings as read again (appmanager.py reads every app's file);
+        return each changed key with when it takes effect (at once, at the next deploy, or
+        after what the admin must run)."""
+        changes = [(key.dotted, str(key.applies))
+                   for key in configuration.changed(self.loaded, loaded)]
+        self.loaded = loaded
+        if self.current is None:
+            self.deployer.config = loaded
+        self._apply(configuration.with_deployed(loaded, self.deployed if self.serving else loaded))
         for key, when in changes:
             log.info("reload: %s changed; it applies %s", key, when)
         if not changes:
@@ -792,7 +772,6 @@ class Controller:
         """The app is gone from the configuration: stop the controller's work, then every unit
         of the app (its data, releases and records stay)."""
         await self.stop()
-        logsetup.APP.set(self.app)
         log.warning("the app's file is gone: stopping its forwarders, instances and workers")
         await reconcile.settle(self.systemd, self.paths.runtime, None, self.config.drain_timeout,
                                self.app)

@@ -105,8 +105,8 @@ Reload = Callable[[], Awaitable[list[tuple[str, str]]]]
 
 
 class ManagerInterface(ServiceInterface):
-    def __init__(self, controller: Controller, bus: MessageBus | None = None,
-                 reload: Reload | None = None) -> None:
+    def __init__(self, controller: Controller, reload: Reload,
+                 bus: MessageBus | None = None) -> None:
         super().__init__(INTERFACE)
         self.controller = controller
         self.bus = bus
@@ -225,10 +225,8 @@ class ManagerInterface(ServiceInterface):
         """Read bluegreen.toml again; return each changed key with when it applies ("at once",
         "at the next deploy", or the commands that apply it). A bad file changes nothing and
         fails with BadConfiguration, naming the file, line, key and reason."""
-        try:
-            if self._reload is not None:  # every app's file, not this app's alone
-                return [list(change) for change in await self._reload()]
-            return [list(change) for change in self.controller.reload()]
+        try:  # every app's file, not this app's alone
+            return [list(change) for change in await self._reload()]
         except ConfigError as exc:
             raise DBusError(Error.BAD_CONFIGURATION, str(exc)) from None
 

@@ -9,10 +9,11 @@ in tasks whose context names the app (``APP``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from enum import StrEnum
 from typing import Any
@@ -34,6 +35,16 @@ log = logging.getLogger("bluegreen")
 
 # The app whose work the current task does (DEFAULT_APP: bluegreen.toml's).
 APP: ContextVar[str] = ContextVar("app", default=DEFAULT_APP)
+
+
+@contextlib.contextmanager
+def app_label(app: str) -> Iterator[None]:
+    """The lines logged inside are about ``app``; after, about what they were about before."""
+    token = APP.set(app)
+    try:
+        yield
+    finally:
+        APP.reset(token)
 
 
 class _AppFilter(logging.Filter):

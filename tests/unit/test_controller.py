@@ -14,6 +14,7 @@ import pytest
 
 from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
+from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
 from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
@@ -559,6 +560,7 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         await manager.start()
         (apps_dir / "staging.toml").write_text("[ports]\npublic = 5100\n")
         assert await manager.reload() == [("app staging", "added")]
+        assert logsetup.APP.get() == "default"  # what follows is not about staging
         assert manager.controllers["staging"].paths.state == tmp_path / "state" / "apps" / "staging"
         (apps_dir / "beta.toml").write_text("[ports]\npublic = 5100\n")
         with pytest.raises(ConfigError, match=r"staging\.toml:2: ports\.public: 5100 is already the "
@@ -568,6 +570,7 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         (apps_dir / "beta.toml").unlink()
         (apps_dir / "staging.toml").write_text("[ports]\npublic = 5200\n")
         assert await manager.reload() == [("staging: ports.public", "at the next deploy")]
+        assert logsetup.APP.get() == "default"  # staging's reload labelled its lines only
         (apps_dir / "staging.toml").unlink()
         changes = await manager.reload()
         assert changes == [("app staging", "removed: its units are stopped, its data kept")]
