@@ -82,12 +82,13 @@ class World:
     """A controller whose old release serves on OLD_PORT, and the knobs of its deploys."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                 systemd: FakeSystemd | None = None, app: str = "default") -> None:
+                 systemd: FakeSystemd | None = None, app: str = "default",
+                 public: int = 5000) -> None:
         base = Config()
         config = replace(base, repository=replace(base.repository, url="/srv/app.git", watch=False),
                          health=replace(base.health, interval=0.01, unhealthy_threshold=2),
                          drain_timeout=1.0, post_switch_watch=0.3, app_name=app,
-                         ports=replace(base.ports, public=base.ports.public + len(app)))
+                         ports=replace(base.ports, public=public))
         self.systemd = systemd or FakeSystemd()
         self.paths = Paths(state=tmp_path / f"state-{app}", runtime=tmp_path / "run")
         self.controller = Controller(config, self.systemd, self.paths)  # type: ignore[arg-type]
@@ -349,14 +350,12 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     assert world.controller.monitor.healthy
 
 
-def test_start_returns_once_what_serves_is_adopted(world: World,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Draining a stale forwarder can take drain_timeout: it happens after READY, and no
-    deployment starts meanwhile (a request waits SETTLE_WAIT for it, then is refused)."""
-    monkeypatch.setattr(controller_module, "SETTLE_WAIT", 0.2)
+def hold_stale_forwarder(world: World, release: str) -> asyncio.Event:
+    """A newer deployment of ``release`` serves on 8002 beside OLD_PORT's forwarder, whose
+    drain at start-up hangs until the event returned is set."""
     world.systemd.units[instances.unit(8002)] = "active"
     world.systemd.units[forwarder.unit(8002)] = "active"
-    write_instance_env(world.paths.runtime, 8002, NEW, 2)  # the newer deployment: it stays
+    write_instance_env(world.paths.runtime, 8002, release, 2)  # the newer deployment: it stays
     drained = asyncio.Event()
     stop_unit = world.systemd.stop_unit
 
@@ -366,6 +365,15 @@ def test_start_returns_once_what_serves_is_adopted(world: World,
         await stop_unit(unit, **options)
 
     world.systemd.stop_unit = slow_stop  # type: ignore[method-assign]
+    return drained
+
+
+def test_start_returns_once_what_serves_is_adopted(world: World,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draining a stale forwarder can take drain_timeout: it happens after READY, and no
+    deployment starts meanwhile (a request waits SETTLE_WAIT for it, then is refused)."""
+    monkeypatch.setattr(controller_module, "SETTLE_WAIT", 0.2)
+    drained = hold_stale_forwarder(world, NEW)
 
     async def scenario() -> None:
         controller = world.controller
@@ -388,18 +396,7 @@ def test_start_returns_once_what_serves_is_adopted(world: World,
 def test_a_deploy_asked_for_during_the_start_up_clean_up_waits_for_it(world: World) -> None:
     """`systemctl restart bluegreen && bluegreenctl deploy`: the request comes while the
     controller still settles what it found; it waits for that, then deploys."""
-    world.systemd.units[instances.unit(8002)] = "active"
-    world.systemd.units[forwarder.unit(8002)] = "active"
-    write_instance_env(world.paths.runtime, 8002, OLD, 2)  # the newer deployment: it stays
-    drained = asyncio.Event()
-    stop_unit = world.systemd.stop_unit
-
-    async def slow_stop(unit: str, **options: Any) -> None:
-        if unit == forwarder.unit(OLD_PORT):
-            await drained.wait()
-        await stop_unit(unit, **options)
-
-    world.systemd.stop_unit = slow_stop  # type: ignore[method-assign]
+    drained = hold_stale_forwarder(world, OLD)
 
     async def scenario() -> Deployment:
         controller = world.controller
@@ -408,6 +405,7 @@ def test_a_deploy_asked_for_during_the_start_up_clean_up_waits_for_it(world: Wor
         asked = asyncio.create_task(world.deploy(NEW))
         await asyncio.sleep(0.1)
         assert not asked.done()
+        assert controller.current is None and instances.unit(8003) not in world.systemd.units
         drained.set()
         record = await asyncio.wait_for(asked, 10)
         await controller.stop()
@@ -418,18 +416,16 @@ def test_a_deploy_asked_for_during_the_start_up_clean_up_waits_for_it(world: Wor
     assert world.controller.serving is not None and world.controller.serving.release == NEW
 
 
-def with_instances(world: World, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
-    """app.instances = count, and instance ports picked in order from 8002."""
+def with_instances(world: World, count: int) -> None:
+    """app.instances = count (World.patch picks instance ports in order from 8002)."""
     controller = world.controller
     controller.loaded = replace(controller.loaded,
                                 app=replace(controller.loaded.app, instances=count))
-    monkeypatch.setattr(ports, "pick", lambda _range, taken, *_: min(
-        port for port in range(8002, 8100) if port not in taken))
 
 
 def test_a_deploy_starts_and_switches_in_every_instance(world: World,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    with_instances(world, monkeypatch, 2)
+    with_instances(world, 2)
     record = asyncio.run(world.deploy())
     assert record.state == State.SUCCEEDED, record
     assert record.port == 8002
@@ -441,7 +437,7 @@ def test_a_deploy_starts_and_switches_in_every_instance(world: World,
 
 def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    with_instances(world, monkeypatch, 2)
+    with_instances(world, 2)
     world.systemd.refuse_start.add(instances.unit(8003))
     record = asyncio.run(world.deploy())
     assert record.state == State.FAILED, record
@@ -452,7 +448,7 @@ def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
 
 def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    with_instances(world, monkeypatch, 2)
+    with_instances(world, 2)
 
     async def scenario() -> None:
         await world.deploy()
@@ -488,7 +484,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
     deploys stop only its own units."""
     default = World(tmp_path, monkeypatch)
     default.systemd.units[workers.unit(OLD_PORT, "clock")] = "active"
-    staging = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+    staging = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging", public=5100)
     staging.controller.releases.path(NEW).mkdir(parents=True)
 
     async def settled(controller: Controller) -> None:
@@ -508,7 +504,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         assert forwarder.app_of(staging.paths.runtime, 8002) == "staging"
         await staging.controller.stop()
 
-        restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging")
+        restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging", public=5100)
         await settled(restarted.controller)
         assert restarted.controller.serving == Serving(8002, NEW)
         record = await default.deploy(NEW)
@@ -527,7 +523,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
 def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = World(tmp_path, monkeypatch)
-    with_instances(first, monkeypatch, 2)
+    with_instances(first, 2)
     asyncio.run(first.deploy())
     first.systemd.units[forwarder.unit(8003)] = "inactive"  # taken out when the controller died
     second = World(tmp_path, monkeypatch, systemd=first.systemd)
