@@ -230,6 +230,15 @@ def wait_serving(box: Sandbox, timeout: float = 60) -> dict[str, Any]:
                          f"{box.journal('-u', 'bluegreen*', '-n', '60')}")
 
 
+def clone_instance(box: Sandbox, source: int, port: int, **settings: str) -> None:
+    """Start an instance on ``port`` with the settings of the one on ``source`` (those named
+    changed: BLUEGREEN_KEY=value), as the controller would."""
+    edits = {"BLUEGREEN_PORT": str(port), **settings}
+    script = " ".join(f"-e 's/^{key}=.*/{key}={value}/'" for key, value in edits.items())
+    box.sh(f"sed {script} /run/bluegreen/instances/{source}.env > /run/bluegreen/instances/{port}.env")
+    box.run("systemctl", "start", f"bluegreen-app@{port}.service")
+
+
 def kill_controller(box: Sandbox) -> None:
     pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
     # The controller's process dies, as in a crash. (Killing the whole cgroup at once sometimes

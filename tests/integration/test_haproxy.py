@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, properties, public, serving_app, wait_deployment
+from tests.integration.helpers import (
+    App,
+    call,
+    clone_instance,
+    properties,
+    public,
+    serving_app,
+    wait_deployment,
+    wait_serving,
+)
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -82,11 +91,7 @@ def test_a_restarted_controller_rebuilds_the_state_from_haproxy(box: Sandbox, ap
     port = properties(box)["ActivePort"]
     pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
     box.run("systemctl", "restart", "bluegreen.service")
-    deadline = time.monotonic() + 60
-    while (props := properties(box))["State"] != "serving":
-        assert time.monotonic() < deadline, props
-        time.sleep(0.1)
-    assert props["ActivePort"] == port
+    assert wait_serving(box)["ActivePort"] == port
     assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
     assert servers(box) == {f"p{port}": 0}
     deploy(box, app)
@@ -99,19 +104,12 @@ def test_a_controller_that_died_during_a_drain_finishes_it(box: Sandbox, app: Ap
     port = properties(box)["ActivePort"]
     box.run("systemctl", "stop", "bluegreen.service")
     old = port + 1 if port < 8999 else port - 1
-    box.sh(f"sed -e 's/^BLUEGREEN_PORT=.*/BLUEGREEN_PORT={old}/' "
-           f"-e 's/^BLUEGREEN_DEPLOYMENT_ID=.*/BLUEGREEN_DEPLOYMENT_ID=1/' "
-           f"/run/bluegreen/instances/{port}.env > /run/bluegreen/instances/{old}.env")
-    box.run("systemctl", "start", f"bluegreen-app@{old}.service")
+    clone_instance(box, port, old, BLUEGREEN_DEPLOYMENT_ID="1")
     runtime_api(box, f"add server app/p{old} 127.0.0.1:{old}")
     runtime_api(box, f"set server app/p{old} state drain")
     assert servers(box) == {f"p{port}": 0, f"p{old}": 8}
     box.run("systemctl", "start", "bluegreen.service")
-    deadline = time.monotonic() + 60
-    while (props := properties(box))["State"] != "serving":
-        assert time.monotonic() < deadline, props
-        time.sleep(0.1)
-    assert props["ActivePort"] == port
+    assert wait_serving(box)["ActivePort"] == port
     assert servers(box) == {f"p{port}": 0}
     assert box.run("systemctl", "is-active", f"bluegreen-app@{old}.service",
                    check=False).stdout.strip() == "inactive"
