@@ -214,6 +214,15 @@ def wait_for_commit(box: Sandbox, sha: str, timeout: float = 60) -> dict[str, An
                          f"{box.journal('-u', 'bluegreen.service', '-n', '30')}")
 
 
+def deploy_new_release(box: Sandbox, app: App, message: str) -> dict[str, Any]:
+    """Commit a release, deploy the branch over D-Bus; its record, which succeeded with it."""
+    sha = app.commit(message)
+    record = wait_deployment(box, call(box, "Deploy", "s", ""))
+    assert record["state"] == "succeeded", record
+    assert record["commit"] == sha
+    return record
+
+
 def wait_serving(box: Sandbox, timeout: float = 60) -> dict[str, Any]:
     """Wait until bluegreen serves a release and no deployment runs."""
     deadline = time.monotonic() + timeout

@@ -202,7 +202,11 @@ def test_staging_deploys_rollbacks_and_breakage_leave_production_alone(
     # its release again; production never notices.
     port = props(box, "staging")["ActivePort"]
     box.run("systemctl", "kill", "--signal=SIGKILL", f"bluegreen-app@{port}.service")
-    time.sleep(2)
+    deadline = time.monotonic() + 90
+    while (answer := http(box, "GET", "/", port=STAGING_PORT)).status != 200 or \
+            answer.body["release"] != first:  # refused or reset while it is restarted
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.2)
     wait_state(box, "staging")
     assert props(box, "staging")["ActiveRelease"] == first
     staging.revert_to(first, "Back to the first release")

@@ -11,12 +11,11 @@ import pytest
 
 from tests.integration.helpers import (
     App,
-    call,
     clone_instance,
+    deploy_new_release,
     properties,
     public,
     serving_app,
-    wait_deployment,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -42,14 +41,6 @@ def servers(box: Sandbox) -> dict[str, int]:
     return {fields[3]: int(fields[6]) for fields in (line.split() for line in lines[2:]) if fields}
 
 
-def deploy(box: Sandbox, app: App) -> dict[str, Any]:
-    sha = app.commit("Another release")
-    record = wait_deployment(box, call(box, "Deploy", "s", ""))
-    assert record["state"] == "succeeded", record
-    assert record["commit"] == sha
-    return record
-
-
 def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App) -> None:
     first = properties(box)["ActivePort"]
     assert box.run("systemctl", "is-active", UNIT).stdout.strip() == "active"
@@ -60,7 +51,7 @@ def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App)
                    check=False, input="show info\n").returncode != 0
     pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
 
-    deploy(box, app)
+    deploy_new_release(box, app, "Another release")
     second = properties(box)["ActivePort"]
     assert second != first
     assert servers(box) == {f"p{second}": 0}
@@ -83,7 +74,7 @@ def test_a_restarted_haproxy_serves_the_serving_instance_at_once(box: Sandbox, a
         time.sleep(0.1)
     assert public(box)["version"] == str(app.version)
     assert servers(box) == {f"p{port}": 0}
-    deploy(box, app)  # and the controller switches it as before
+    deploy_new_release(box, app, "Another release")  # and the controller switches it as before
     assert servers(box) == {f"p{properties(box)['ActivePort']}": 0}
 
 
@@ -94,7 +85,7 @@ def test_a_restarted_controller_rebuilds_the_state_from_haproxy(box: Sandbox, ap
     assert wait_serving(box)["ActivePort"] == port
     assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
     assert servers(box) == {f"p{port}": 0}
-    deploy(box, app)
+    deploy_new_release(box, app, "Another release")
     assert servers(box) == {f"p{properties(box)['ActivePort']}": 0}
 
 

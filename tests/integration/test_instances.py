@@ -12,6 +12,7 @@ from tests.integration.helpers import (
     App,
     Load,
     call,
+    deploy_new_release,
     public,
     wait_deployment,
     wait_serving,
@@ -56,11 +57,7 @@ def test_deploys_under_load_fail_no_request_and_spread_it(box: Sandbox, app: App
     records = []
     with Load(box, "--fast", "4", "--slow", "2") as load:
         for number in range(DEPLOYS):
-            sha = app.commit(f"Release {number + 2}")
-            record = wait_deployment(box, call(box, "Deploy", "s", ""))
-            assert record["state"] == "succeeded", record
-            assert record["commit"] == sha
-            records.append(record)
+            records.append(deploy_new_release(box, app, f"Release {number + 2}"))
             time.sleep(1.0)  # the release serves a while before the next one replaces it
         ports = running_instances(box)
     report = load.report
@@ -74,6 +71,7 @@ def test_deploys_under_load_fail_no_request_and_spread_it(box: Sandbox, app: App
     assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
     assert all(s["outcome"] == "ok" for s in report["slow"])
     assert len(report["versions"]) == DEPLOYS + 1, report["versions"]
+    assert set(by_version) == set(report["versions"]), by_version
     # Every release ran on two instances, and clients reached both.
     for version, counts in by_version.items():
         assert len(counts) == 2 and min(counts.values()) > 0, (version, counts)
@@ -111,6 +109,9 @@ def test_a_killed_instance_costs_fewer_requests_with_two(box: Sandbox, app: App)
     # Taken out while systemd restarted it (no recovery deploy), back on the public port once
     # healthy.
     wait_forwarder(box, victim)
+    told = box.journal("-u", "bluegreen.service", "-o", "cat")
+    assert f"taking the instance on port {victim} out of the public port" in told, told[-3000:]
+    assert f"the instance on port {victim} is healthy again and back on the public port" in told
     assert active(box, f"bluegreen-app@{victim}.service")
     assert running_instances(box) == two
     assert wait_serving(box)["ActiveRelease"] == props["ActiveRelease"]

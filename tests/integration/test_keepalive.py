@@ -31,6 +31,7 @@ from tests.integration.helpers import (
     App,
     Load,
     call,
+    deploy_new_release,
     properties,
     public,
     wait_deployment,
@@ -45,8 +46,15 @@ DEPLOYS = 10
 DRAIN_TIMEOUT = 10.0
 STREAM_SECONDS = 6 * DRAIN_TIMEOUT  # as good as endless: any switch cuts them
 MAX_LAG = 1.0
-CONFIG = (f"post_switch_watch = 3\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
-          '[app]\nworkers = 2\nworker_class = "gthread"\n[health]\ninterval = 0.2\n')
+
+
+def config(watch: float = 3.0) -> str:
+    """The module's settings, with a post-switch watch of ``watch`` seconds."""
+    return (f"post_switch_watch = {watch:g}\ndrain_timeout = {DRAIN_TIMEOUT:g}\n"
+            '[app]\nworkers = 2\nworker_class = "gthread"\n[health]\ninterval = 0.2\n')
+
+
+CONFIG = config()
 # gthread's default is one thread per worker: a stream would hold a whole worker.
 THREADS = "[Service]\nEnvironment=GUNICORN_CMD_ARGS=--threads=8\n"
 
@@ -94,11 +102,7 @@ def test_keepalive_clients_move_at_once_and_fail_no_request(box: Sandbox, servin
             if number == DEPLOYS // 2:
                 stack.enter_context(streams)
                 time.sleep(2)  # both streams under way
-            sha = app.commit(f"Release {number + 2}")
-            record = wait_deployment(box, call(box, "Deploy", "s", ""))
-            assert record["state"] == "succeeded", record
-            assert record["commit"] == sha
-            records.append(record)
+            records.append(deploy_new_release(box, app, f"Release {number + 2}"))
     report = clients.report
     streamed = streams.report["streams"]
     report["streams"] = streamed

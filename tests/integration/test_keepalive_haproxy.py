@@ -7,8 +7,8 @@ import pytest
 
 from tests.integration.helpers import App, call, wait_deployment
 from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
-    CONFIG,
     Clients,
+    config,
     serving,
     test_keepalive_clients_move_at_once_and_fail_no_request,
     test_switch_back_keeps_connections_alive_again,
@@ -23,7 +23,7 @@ def config_extra() -> str:
     # haproxy's drain ends as soon as its old server is idle, so the watch can start within a
     # second of the instance; a 3 s watch could then end before the souring release (unhealthy
     # 2.5 s after it started) fails three checks, and the switch-back test saw it succeed.
-    return f'forwarder = "haproxy"\n{CONFIG.replace("post_switch_watch = 3", "post_switch_watch = 6")}'
+    return f'forwarder = "haproxy"\n{config(watch=6)}'
 
 
 def test_clients_keep_their_connections_through_deploys(box: Sandbox, serving: App) -> None:  # noqa: F811
@@ -39,5 +39,6 @@ def test_clients_keep_their_connections_through_deploys(box: Sandbox, serving: A
     assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
     assert report["connection_close_responses"] == 0
     assert report["connections"] == 4
+    assert len(report["clients"]) == 4, report["clients"]
     for client in report["clients"]:
         assert len(client["segments"]) == 4, client  # the first release, then each new one

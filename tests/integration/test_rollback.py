@@ -13,6 +13,7 @@ from tests.integration.helpers import (
     App,
     Load,
     call,
+    deploy_new_release,
     deployment,
     git,
     http,
@@ -40,16 +41,9 @@ def app(box: Sandbox) -> App:
                        f"unhealthy_threshold = 3\n[release]\nkeep = {KEEP}\n")
 
 
-def deploy(box: Sandbox, app: App, message: str) -> dict[str, object]:
-    app.commit(message)
-    record = wait_deployment(box, call(box, "Deploy", "s", ""))
-    assert record["state"] == "succeeded", record
-    return record
-
-
 def test_cli_rollback_under_load(box: Sandbox, app: App) -> None:
     first = wait_serving(box)["ActiveRelease"]
-    second = deploy(box, app, "Second")
+    second = deploy_new_release(box, app, "Second")
     with Load(box, "--fast", "4", "--slow", "2") as load:
         result = box.run("bluegreenctl", "rollback", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,8 +57,8 @@ def test_cli_rollback_under_load(box: Sandbox, app: App) -> None:
 
 
 def test_http_rollback_to_a_deployment_under_load(box: Sandbox, app: App) -> None:
-    target = deploy(box, app, "Third")
-    deploy(box, app, "Fourth")
+    target = deploy_new_release(box, app, "Third")
+    deploy_new_release(box, app, "Fourth")
     with Load(box, "--fast", "4", "--slow", "2") as load:
         response = http(box, "POST", "/rollback", json.dumps({"target": target["id"]}), unix=True)
         assert response.status == 202, response
@@ -119,7 +113,7 @@ def test_a_release_that_sours_after_the_switch_is_switched_back(box: Sandbox, ap
 
 def test_retention_keeps_the_newest_releases_and_the_rollback_target(box: Sandbox, app: App) -> None:
     for number in range(3):
-        deploy(box, app, f"Retention {number}")
+        deploy_new_release(box, app, f"Retention {number}")
     serving = properties(box)["ActiveRelease"]
     on_disk = sorted(p.name for p in box.path("/var/lib/bluegreen/releases").iterdir())
     succeeded = []
@@ -145,7 +139,7 @@ def wait_for_step(box: Sandbox, deployment_id: str, step: str, timeout: float = 
 
 
 def test_a_rollback_during_the_watch_switches_back_at_once(box: Sandbox, app: App) -> None:
-    before = deploy(box, app, "Before the watch")
+    before = deploy_new_release(box, app, "Before the watch")
     app.commit("Watched")
     with Load(box, "--fast", "4", "--slow", "2") as load:
         running = call(box, "Deploy", "s", "")
@@ -183,12 +177,12 @@ def test_wait_queues_a_deploy_behind_the_running_one(box: Sandbox, app: App) -> 
 
 
 def test_a_rollback_needs_no_git_when_the_release_is_on_disk(box: Sandbox, app: App) -> None:
-    gone = str(deploy(box, app, "Soon force-pushed away")["commit"])
+    gone = str(deploy_new_release(box, app, "Soon force-pushed away")["commit"])
     # The remote forgets it (a force-push, then its reflogs expire and gc prunes it), and so
     # does the mirror once it has fetched.
     git(app.work, "reset", "-q", "--hard", "HEAD~1")
     git(app.work, "push", "-q", "--force", str(app.bare), "main")
-    later = str(deploy(box, app, "Replaces the force-pushed commit")["commit"])
+    later = str(deploy_new_release(box, app, "Replaces the force-pushed commit")["commit"])
     mirror = box.path("/var/lib/bluegreen/repository.git")
     for repository in (app.bare, mirror):
         git(repository, "reflog", "expire", "--expire=now", "--all")
@@ -218,7 +212,7 @@ def active_forwarders(box: Sandbox) -> list[str]:
 def test_a_switch_back_that_fails_leaves_the_truth_in_status(box: Sandbox, app: App) -> None:
     """The old forwarder cannot start again (masked) when the operator asks for the switch
     back: the new release goes on carrying the traffic, and the controller says so."""
-    before = deploy(box, app, "Before the failed switch-back")
+    before = deploy_new_release(box, app, "Before the failed switch-back")
     old_forwarder = f"bluegreen-forward@{before['port']}.service"
     new = app.commit("Switched to, and stays")
     with Load(box, "--fast", "4", "--slow", "1") as load:
@@ -239,7 +233,7 @@ def test_a_switch_back_that_fails_leaves_the_truth_in_status(box: Sandbox, app: 
         assert json.loads(box.run("bluegreenctl", "status", "--json").stdout)["ActiveRelease"] == new
         assert public(box)["release"] == new
         assert active_forwarders(box) == [f"bluegreen-forward@{record['port']}.service"]
-        after = deploy(box, app, "After the failed switch-back")
+        after = deploy_new_release(box, app, "After the failed switch-back")
         assert active_forwarders(box) == [f"bluegreen-forward@{after['port']}.service"]
         assert public(box)["release"] == after["commit"]
     assert load.report["failed"] == 0, (load.report["failures_by_kind"], load.report["failures"][:5])

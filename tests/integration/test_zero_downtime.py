@@ -9,10 +9,9 @@ import pytest
 from tests.integration.helpers import (
     App,
     Load,
-    call,
+    deploy_new_release,
     forwarder_unit,
     public,
-    wait_deployment,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -43,11 +42,7 @@ def test_deploys_under_load_fail_no_request(box: Sandbox, app: App) -> None:
     records = []
     with Load(box, "--fast", "4", "--slow", "2", "--slow-seconds", str(SLOW_SECONDS)) as load:
         for number in range(DEPLOYS):
-            sha = app.commit(f"Release {number + 2}")
-            record = wait_deployment(box, call(box, "Deploy", "s", ""))
-            assert record["state"] == "succeeded", record
-            assert record["commit"] == sha
-            records.append(record)
+            records.append(deploy_new_release(box, app, f"Release {number + 2}"))
     report = load.report
     slow = report["slow"]
     print(f"\n{report['requests']} requests ({report['requests_per_second']:.0f}/s), "
