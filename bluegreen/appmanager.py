@@ -10,7 +10,6 @@ the app (its controller starts, deploying its branch), a removed one stops the a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -46,16 +45,10 @@ class AppManager:
         self.notify_status = notify_status
         self.notify = notify
         self.controllers: dict[str, Controller] = {}
-        self._interfaces: dict[str, ManagerInterface] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
         # Set when any app's controller meets an internal error: the daemon exits.
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._started = False  # READY=1 sent: a reload then tells systemd it is reloading
-
-    @property
-    def default(self) -> Controller:
-        return self.controllers[DEFAULT_APP]
 
     def load(self) -> dict[str, Config]:
         """Every app's settings; raises ConfigError (nothing changes then)."""
@@ -72,18 +65,12 @@ class AppManager:
         # The daemon's status line is the default app's.
         status = self.notify_status if name == DEFAULT_APP else _unsaid
         controller = Controller(config, self.systemd, paths, notify_status=status,
-                                secrets=self.secrets)
+                                secrets=self.secrets, fatal=self.fatal)
         self.controllers[name] = controller
         interface = ManagerInterface(controller, self.reload, self.bus)
-        self._interfaces[name] = interface
         if self.bus is not None:
             self.bus.export(object_path(name), interface)
-        self._watchers[name] = asyncio.create_task(self._watch(controller), name=f"fatal-{name}")
         return controller
-
-    async def _watch(self, controller: Controller) -> None:
-        await controller.fatal.wait()
-        self.fatal.set()
 
     async def start(self) -> None:
         """Start every app added: each adopts what systemd runs of it."""
@@ -133,17 +120,15 @@ class AppManager:
 
     async def remove(self, name: str) -> None:
         controller = self.controllers.pop(name)
-        interface = self._interfaces.pop(name)
-        self._watchers.pop(name).cancel()
         if self.bus is not None:
-            self.bus.unexport(object_path(name), interface)
+            self.bus.unexport(object_path(name))
         log.info("reload: the app %s is gone; its records, releases and data stay in %s",
                  name, controller.paths.state)
         await controller.remove()
 
     async def stop(self) -> None:
-        for task in self._watchers.values():
-            task.cancel()
-        for controller in self.controllers.values():
-            with contextlib.suppress(Exception):
+        for name, controller in self.controllers.items():
+            try:
                 await controller.stop()
+            except Exception:  # the others still stop
+                log.exception("the app %s did not stop cleanly", name)

@@ -135,7 +135,7 @@ _STEP_TEXT = {
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
                  notify_status: Callable[[str], None] = lambda text: None,
-                 secrets: Secrets | None = None) -> None:
+                 secrets: Secrets | None = None, fatal: asyncio.Event | None = None) -> None:
         self.systemd = systemd
         self.paths = paths
         self.app = config.app_name
@@ -177,8 +177,9 @@ class Controller:
         # Set while the start-up's reconciliation stops what must not run: no deployment yet.
         self._settling = False
         self._stopping = False
-        # Set when a background task ended unexpectedly: the daemon exits, systemd restarts it.
-        self.fatal = asyncio.Event()
+        # Set when a background task ended unexpectedly: the daemon exits, systemd restarts it
+        # (one event for every app's controller: the app manager's).
+        self.fatal = fatal or asyncio.Event()
         self.metrics = Metrics()
         last = self.history.last_succeeded()
         self.metrics.last_success = (last.finished_at or 0.0) if last else 0.0
