@@ -91,6 +91,10 @@ class Client:
         (raw,) = await self._call("ListApps", interface=APPS_INTERFACE, path=OBJECT_PATH)
         return [name for name, _path in raw]
 
+    async def app_statuses(self) -> dict[str, dict[str, Any]]:
+        """Every app's status (its Manager object's properties), by name, the default app first."""
+        return {name: await Client(self.bus, name).status() for name in await self.apps()}
+
     async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
         (deployment_id,) = await self._call("DeployWithOptions", "sa{sv}", [ref, options])

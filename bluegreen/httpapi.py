@@ -257,13 +257,9 @@ def history() -> Response:
 def app_list() -> Response:
     """Every app with what serves it; each one's routes are under its "api"."""
     async def gather(c: Client) -> list[dict[str, Any]]:
-        result = []
-        for name in await c.apps():
-            summary = _summary(await Client(c.bus, name).status())
-            summary["name"] = name
-            summary["api"] = "/" if name == DEFAULT_APP else f"/apps/{name}/"
-            result.append(summary)
-        return result
+        return [{**_summary(status), "name": name,
+                 "api": "/" if name == DEFAULT_APP else f"/apps/{name}/"}
+                for name, status in (await c.app_statuses()).items()]
 
     return reply(client.call(gather))
 

@@ -16,11 +16,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(client: Client, args: argparse.Namespace) -> int:
-    found = []
-    for name in await client.apps():
-        status = await Client(client.bus, name).status()
-        found.append({"name": name, "state": status["State"], "public_port": status["PublicPort"],
-                      "release": status["ActiveRelease"] or None, "repository": status["Repository"]})
+    found = [{"name": name, "state": status["State"], "public_port": status["PublicPort"],
+              "release": status["ActiveRelease"] or None, "repository": status["Repository"]}
+             for name, status in (await client.app_statuses()).items()]
     if args.json:
         print_json(found)
         return 0
