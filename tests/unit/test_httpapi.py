@@ -43,6 +43,9 @@ class StubClient:
                 "Repository": "https://example.com/app.git", "Branch": "main",
                 "CurrentDeployment": "", "LastDeployment": ""}
 
+    async def app_statuses(self) -> dict[str, dict[str, Any]]:
+        return {"default": await self.status(), "staging": {**await self.status(), "App": "staging"}}
+
 
 @pytest.fixture()
 def stub(monkeypatch: pytest.MonkeyPatch) -> StubClient:
@@ -290,3 +293,10 @@ def test_a_route_naming_no_possible_app_is_404_without_a_call(stub: StubClient) 
     assert response.status_code == 404
     assert (response.get_json() or {})["error"] == "NoSuchApp"
     assert stub.apps == []
+
+
+def test_the_app_list_names_each_app_with_its_routes(stub: StubClient) -> None:
+    with on_unix_socket_of_own_group() as web:
+        listed = web.get("/apps").get_json() or []
+    assert [(app["name"], app["api"]) for app in listed] == [("default", "/"), ("staging", "/apps/staging/")]
+    assert all(app["release"] == "a" * 40 for app in listed), listed
