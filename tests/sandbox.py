@@ -13,6 +13,7 @@ on exit, whatever happened inside.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -307,14 +308,31 @@ def cleanup_stale() -> None:
         _unmount(base)
 
 
-def build_deb(version: str | None = None) -> Path:
-    """Build the package with scripts/build-deb (lintian included); return the .deb's path."""
-    argv = [str(ROOT / "scripts/build-deb"), *(["--version", version] if version else [])]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise SandboxError(f"scripts/build-deb failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    built = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("built ")]
-    return ROOT / built[-1]
+def build_deb(version: str | None = None, run: str | None = None) -> Path:
+    """Build the package with scripts/build-deb (lintian included); return the .deb's path.
+
+    Builds wait for each other: two would write the same file in dist/. With ``run`` (the test
+    run's id, which every pytest-xdist worker shares), the first worker builds and the others
+    take its package, which none of them overwrites while another installs it."""
+    dist = ROOT / "dist"
+    dist.mkdir(exist_ok=True)
+    stamp = dist / f".built-{run}-{version or 'changelog'}"
+    with open(dist / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if run is not None and stamp.exists() and Path(stamp.read_text()).exists():
+            return Path(stamp.read_text())
+        argv = [str(ROOT / "scripts/build-deb"), *(["--version", version] if version else [])]
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+        if result.returncode != 0:
+            raise SandboxError(
+                f"scripts/build-deb failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        built = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("built ")]
+        if run is not None:
+            for old in dist.glob(".built-*"):
+                if not old.name.startswith(f".built-{run}-"):
+                    old.unlink(missing_ok=True)
+            stamp.write_text(str(ROOT / built[-1]))
+        return ROOT / built[-1]
 
 
 def require_root() -> None:

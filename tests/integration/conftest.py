@@ -24,10 +24,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def deb() -> Path:
-    """The package, built once per test run from this tree (scripts/build-deb, with lintian)."""
+    """The package, built once per test run from this tree (scripts/build-deb, with lintian),
+    also when pytest-xdist runs the modules in several workers."""
     if os.geteuid() != 0:
         pytest.fail("integration tests boot a container and need root (run scripts/test)")
-    return build_deb()
+    return build_deb(run=os.environ.get("PYTEST_XDIST_TESTRUNUID"))
 
 
 @pytest.fixture(scope="module")

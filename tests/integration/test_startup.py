@@ -13,11 +13,15 @@ from tests.sandbox import ROOT, Sandbox
 pytestmark = pytest.mark.integration
 
 PORT = 7097
-HANG = 120.0  # longer than systemd's default start timeout (90 s)
+START_TIMEOUT = 10  # the unit's TimeoutStartSec= here: systemd's default (90 s) makes a slow test
+HANG = 15.0  # longer than the start timeout
 
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
+    box.write("/etc/systemd/system/bluegreen.service.d/start-timeout.conf",
+              f"[Service]\nTimeoutStartSec={START_TIMEOUT}\n")
+    box.run("systemctl", "daemon-reload")
     application = App(box)
     application.create()
     return application
