@@ -26,7 +26,7 @@ from pathlib import Path
 from bluegreen import haproxy, instances, sockdiag
 from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file, read_environment_file
-from bluegreen.systemd import Systemd
+from bluegreen.systemd import Systemd, SystemdError
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
         haproxy.write_serving(run_dir, port)  # what it serves should it (re)start
         if (await systemd.status(name)).is_running:
             try:
-                await haproxy.switch(haproxy.RuntimeApi(run_dir), port)
-            except haproxy.HaproxyError as exc:
+                await _switch_haproxy(systemd, run_dir, port, timeout)
+            except (haproxy.HaproxyError, SystemdError) as exc:
                 raise ForwarderError(str(exc)) from None
             return
     before = {s.inode for s in sockdiag.listeners(public_port)}
@@ -207,6 +207,35 @@ async def start(systemd: Systemd, run_dir: Path, port: int, public_port: int,
             raise ForwarderError(f"{name} does not listen on port {public_port} "
                                  f"after {timeout:g} s")
         await asyncio.sleep(0.002)
+
+
+async def _switch_haproxy(systemd: Systemd, run_dir: Path, port: int, timeout: float) -> None:
+    """Switch a running haproxy to ``port``: over its runtime API, or, when its settings are
+    no longer the ones written (the public port, say), by a reload. Its new worker then serves
+    ``port`` alone (haproxy-serving.cfg) on the new settings, while the old one lets the
+    requests it carries finish (drain_stop waits for it) and hands over or closes its
+    listener."""
+    api = haproxy.RuntimeApi(run_dir)
+    info = await api.info()
+    wanted = haproxy.written_description(run_dir)
+    if info.get("description") == wanted:
+        await haproxy.switch(api, port)
+        return
+    log.info("reloading %s for its new settings", haproxy.UNIT)
+    await systemd.reload_unit(haproxy.UNIT)
+    await haproxy.reloaded(api, info.get("Pid", ""), wanted, time.monotonic() + timeout)
+
+
+async def _old_haproxy_workers(systemd: Systemd, api: haproxy.RuntimeApi, deadline: float) -> None:
+    """Wait until no worker an earlier reload left runs (or ``deadline``): they still carry
+    requests to the instances they served."""
+    while time.monotonic() < deadline:
+        worker = int((await api.info()).get("Pid", "0") or 0)
+        main, pids = await systemd.processes(haproxy.UNIT)
+        if not pids - {main, worker}:
+            return
+        await asyncio.sleep(haproxy.POLL)
+    log.warning("%s: a worker of its last reload still runs at the drain timeout", haproxy.UNIT)
 
 
 async def targets(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> dict[int, bool]:
@@ -244,6 +273,7 @@ async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float)
     try:
         servers = await api.servers()
         if haproxy.server_name(port) not in servers:
+            await _old_haproxy_workers(systemd, api, deadline)  # a reload took it out
             return
         if any(server.ready for server in servers.values() if server.port != port):
             await haproxy.retire(api, port, deadline)

@@ -12,12 +12,19 @@ Switches go through its runtime API, with no reload: ``add server`` for the new 
 ``set server ... state ready``, the others to ``drain``; once a drained server carries no
 request, ``maint`` and ``del server``. The API's socket is bluegreen-haproxy.socket's,
 root's alone; haproxy gets it as descriptor 3.
+
+Settings haproxy.cfg holds (the public port and address, maxconn, the drain timeout) change
+with a reload, at the next switch: the new worker serves the new instance alone, the old
+worker finishes its requests and exits (forwarder.py waits for it before the old instance
+stops). ``description`` in haproxy.cfg, a digest of the rest, tells whether the running
+haproxy has the settings written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +41,7 @@ CONFIG = "haproxy.cfg"
 SERVING = "haproxy-serving.cfg"
 BACKEND = "app"
 POLL = 0.05
+DESCRIPTION = "bluegreen-settings-"
 
 
 class HaproxyError(Exception):
@@ -58,7 +66,16 @@ def bind_line(address: str, port: int) -> str:
 
 
 def config(address: str, public_port: int, max_connections: int, drain_timeout: float) -> str:
-    """The global, defaults and frontend sections (the backend is in haproxy-serving.cfg)."""
+    """The global, defaults and frontend sections (the backend is in haproxy-serving.cfg).
+
+    Its ``description`` is a digest of the rest: ``show info`` tells which settings the
+    running haproxy has, and a switch reloads it when they are not the ones written."""
+    settings = _settings(address, public_port, max_connections, drain_timeout)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return settings.replace("global\n", f"global\n    description {DESCRIPTION}{digest}\n", 1)
+
+
+def _settings(address: str, public_port: int, max_connections: int, drain_timeout: float) -> str:
     return f"""\
 # Written by bluegreen for bluegreen-haproxy.service: changes are overwritten.
 global
@@ -113,6 +130,24 @@ def write_config(run_dir: Path, address: str, public_port: int, max_connections:
 
 def write_serving(run_dir: Path, port: int) -> None:
     atomic_write(run_dir / SERVING, serving_config(port))
+
+
+def written_description(run_dir: Path) -> str:
+    """The description of the settings written for haproxy ("" if none are)."""
+    try:
+        text = (run_dir / CONFIG).read_text()
+    except FileNotFoundError:
+        return ""
+    for line in text.splitlines():
+        if line.strip().startswith("description "):
+            return line.split(None, 1)[1].strip()
+    return ""
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """``show info``: a "Name: value" line each."""
+    return {name.strip(): value.strip() for name, sep, value in
+            (line.partition(":") for line in text.splitlines()) if sep}
 
 
 @dataclass(frozen=True)
@@ -184,6 +219,9 @@ class RuntimeApi:
             raise HaproxyError(f"haproxy refused {line!r}: {answer}")
         return answer
 
+    async def info(self) -> dict[str, str]:
+        return parse_info(await self.command("show info"))
+
     async def servers(self) -> dict[str, Server]:
         return parse_servers_state(await self.command(f"show servers state {BACKEND}"))
 
@@ -213,6 +251,22 @@ async def switch(api: RuntimeApi, port: int) -> None:
     for other in servers.values():
         if other.name != name and other.ready:
             await api.set_state(other.name, "drain")
+
+
+async def reloaded(api: RuntimeApi, old_worker: str, description: str, deadline: float) -> None:
+    """Wait until a new worker, with the settings of ``description``, answers the runtime API
+    (the old worker closes its end of the socket as it begins to stop)."""
+    while True:
+        try:
+            info = await api.info()
+        except HaproxyError:
+            info = {}
+        if info.get("Pid", old_worker) != old_worker and info.get("description") == description:
+            return
+        if time.monotonic() >= deadline:
+            raise HaproxyError(f"haproxy did not reload: its worker {info.get('Pid', '?')} has "
+                               f"settings {info.get('description', '?')!r}, not {description!r}")
+        await asyncio.sleep(POLL)
 
 
 async def retire(api: RuntimeApi, port: int, deadline: float) -> bool:

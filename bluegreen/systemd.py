@@ -229,6 +229,24 @@ class Systemd:
         if result != JobResult.DONE:
             raise JobFailed(unit, "stop", result)
 
+    async def reload_unit(self, unit: str, *, timeout: float = 60.0) -> None:
+        """Reload a unit (its ExecReload=) and wait for the job."""
+        result = await self._run_job("ReloadUnit", unit, JobMode.REPLACE, timeout)
+        if result != JobResult.DONE:
+            status = await self.status(unit)
+            raise JobFailed(unit, "reload", result, status.describe_failure())
+
+    async def processes(self, unit: str) -> tuple[int, set[int]]:
+        """A service's main process and every process of its control group (0 and none once
+        it is stopped)."""
+        (path,) = await self._manager("LoadUnit", "s", unit)
+        (main,) = await self._call(SYSTEMD, path, PROPERTIES, "Get", "ss", [SERVICE, "MainPID"])
+        try:
+            (processes,) = await self._manager("GetUnitProcesses", "s", unit)
+        except SystemdError:  # not active: no control group
+            return 0, set()
+        return main.value, {pid for _cgroup, pid, _command in processes}
+
     async def run_transient(self, unit: str, properties: list[tuple[str, Variant]], *,
                             unix_fds: list[int] | None = None, timeout: float = 900.0) -> None:
         """Start a transient unit (a Type=oneshot service) and wait until its command is done.

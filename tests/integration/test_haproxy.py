@@ -11,8 +11,11 @@ import pytest
 
 from tests.integration.helpers import (
     App,
+    Load,
     clone_instance,
+    configure,
     deploy_new_release,
+    http,
     properties,
     public,
     serving_app,
@@ -68,7 +71,9 @@ def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App)
 def test_a_restarted_haproxy_serves_the_serving_instance_at_once(box: Sandbox, app: App) -> None:
     port = properties(box)["ActivePort"]
     killed = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
-    box.run("systemctl", "kill", "--signal=KILL", UNIT)
+    # systemd may report an error for a worker that dies of the master's death meanwhile
+    # ("Failed to send signal SIGKILL to auxiliary processes"): the wait below tells.
+    box.run("systemctl", "kill", "--signal=KILL", UNIT, check=False)
     deadline = time.monotonic() + 30
     # Restarted: another main process, active (right after the kill it may still say active).
     while (box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() in (killed, "0")
@@ -126,3 +131,55 @@ def test_the_app_sees_the_client_haproxy_saw_whatever_it_claims(box: Sandbox, ap
     port = properties(box)["ActivePort"]
     env = box.run("cat", f"/run/bluegreen/instances/{port}.env").stdout
     assert 'BLUEGREEN_FORWARDED_ALLOW_IPS="127.0.0.1"\n' in env
+
+
+def settings_digest(box: Sandbox) -> str:
+    """The description of the settings the running haproxy has (show info)."""
+    info = dict(line.split(": ", 1) for line in runtime_api(box, "show info").splitlines() if ": " in line)
+    return info["description"]
+
+
+def haproxy_processes(box: Sandbox) -> list[str]:
+    return box.run("pgrep", "-x", "haproxy").stdout.split()
+
+
+def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox, app: App) -> None:
+    """A longer drain_timeout, then another public port: each takes a reload of haproxy at the
+    next deploy, under load, with a slow request in flight at the switch."""
+    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    before = settings_digest(box)
+    configure(box, CONFIG.replace("drain_timeout = 5", "drain_timeout = 8"))
+    box.run("systemctl", "reload", "bluegreen.service")
+    assert settings_digest(box) == before  # nothing changes before the deploy
+    old = properties(box)["ActivePort"]
+    with Load(box, "--fast", "4", "--slow", "2", "--slow-seconds", "3") as load:
+        deploy_new_release(box, app, "New drain timeout")
+    report = load.report
+    print(f"\n{report['requests']} requests, {report['failed']} failed, slow: "
+          f"{[s['outcome'] for s in report['slow']]}")
+    assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+    assert report["slow"] and all(s["outcome"] == "ok" for s in report["slow"]), report["slow"]
+    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid  # reloaded
+    after = settings_digest(box)
+    assert after != before
+    assert f"description {after}" in box.run("cat", "/run/bluegreen/haproxy.cfg").stdout
+    assert "hard-stop-after 8s" in box.run("cat", "/run/bluegreen/haproxy.cfg").stdout
+    assert len(haproxy_processes(box)) == 2  # the master and its new worker: the old one is done
+    assert box.run("systemctl", "is-active", f"bluegreen-app@{old}.service",
+                   check=False).stdout.strip() == "inactive"
+    assert "reloading bluegreen-haproxy.service for its new settings" in box.journal(
+        "-u", "bluegreen.service", "-n", "100")
+
+    try:
+        configure(box, CONFIG + "[ports]\npublic = 5050\n")
+        box.run("systemctl", "reload", "bluegreen.service")
+        deploy_new_release(box, app, "Another public port")
+        moved = http(box, "GET", "/", port=5050)
+        assert moved.status == 200 and moved.body["version"] == str(app.version), moved
+        assert box.net("curl", "-s", "--max-time", "5", "http://127.0.0.1:5000/", check=False).returncode == 7
+        assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+    finally:
+        configure(box, CONFIG)
+        box.run("systemctl", "reload", "bluegreen.service")
+    deploy_new_release(box, app, "Back on port 5000")
+    assert public(box)["version"] == str(app.version)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from bluegreen import forwarder, haproxy
-from bluegreen.config import AppConfig, Config, Forwarder
+from bluegreen.config import AppConfig, Config, Forwarder, PortsConfig
 
 STATE_HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
                 "srv_uweight srv_iweight srv_time_since_last_change\n")
@@ -82,9 +82,13 @@ class FakeHaproxy:
         self.servers = dict(servers)  # port -> admin state
         self.busy = dict(busy or {})  # port -> `show stat` polls with a session left
         self.commands: list[str] = []
+        self.infos: list[dict[str, str]] = []  # what each `show info` answers (the last one stays)
 
     def answer(self, line: str) -> str:
         self.commands.append(line)
+        if line == "show info":
+            info = self.infos.pop(0) if len(self.infos) > 1 else self.infos[0]
+            return "".join(f"{name}: {value}\n" for name, value in info.items())
         words = line.split()
         port = int(words[2].split("/p")[1]) if len(words) > 2 and "/p" in words[2] else 0
         if line == "show servers state app":
@@ -169,3 +173,34 @@ def test_retiring_stops_waiting_at_the_deadline(tmp_path: Path, monkeypatch: pyt
 def test_an_api_that_does_not_answer_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(haproxy.HaproxyError, match="runtime API"):
         asyncio.run(haproxy.RuntimeApi(tmp_path).servers())
+
+
+def test_the_settings_carry_a_digest_that_show_info_reports(tmp_path: Path) -> None:
+    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    first = haproxy.written_description(tmp_path)
+    assert first.startswith(haproxy.DESCRIPTION)
+    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    assert haproxy.written_description(tmp_path) == first  # the same settings, the same digest
+    for ports, drain in ((PortsConfig(public=5100), 30), (PortsConfig(public=5000, max_connections=99), 30),
+                         (PortsConfig(public=5000), 5)):
+        forwarder.write_env(tmp_path, ports, drain)
+        assert haproxy.written_description(tmp_path) != first, (ports, drain)
+    info = haproxy.parse_info("Name: HAProxy\nPid: 12627\nnode: vm\ndescription: " + first + "\n")
+    assert info["Pid"] == "12627" and info["description"] == first
+
+
+def test_a_reload_is_over_once_a_new_worker_has_the_new_settings(tmp_path: Path) -> None:
+    fake = FakeHaproxy({8001: 0})
+    fake.infos = [{"Pid": "10", "description": "old"}, {"Pid": "10", "description": "old"},
+                  {"Pid": "11", "description": "new"}]
+    run_with(fake, tmp_path, lambda api: haproxy.reloaded(api, "10", "new", time.monotonic() + 30))
+    assert fake.commands == ["show info"] * 3
+
+
+def test_a_reload_that_does_not_happen_is_a_clear_error(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeHaproxy({8001: 0})
+    fake.infos = [{"Pid": "10", "description": "old"}]
+    monkeypatch.setattr(haproxy, "POLL", 0)
+    with pytest.raises(haproxy.HaproxyError, match="did not reload: its worker 10 has settings 'old'"):
+        run_with(fake, tmp_path, lambda api: haproxy.reloaded(api, "10", "new", time.monotonic() + 0.2))
