@@ -101,9 +101,13 @@ class ReleaseConfig:
     keep: int = 5
 
 
+DEFAULT_WSGI = "app:app"
+WSGI_APP = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*")
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    wsgi: str = "app:app"
+    wsgi: str = ""  # "": the Procfile's web line's, else DEFAULT_WSGI (deploy.py)
     health_path: str = "/health"
     workers: int = 2
     instances: int = 1
@@ -397,8 +401,9 @@ KEYS: tuple[Key, ...] = (
     Key("repository", "ssh_known_hosts", _known_hosts,
         "The ssh host keys of an ssh repository.url, as known_hosts lines (ssh-keyscan "
         "HOST); ssh accepts no other. The key is the credential ssh-key."),
-    Key("app", "wsgi", _string(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*", "MODULE:CALLABLE"),
-        "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release."),
+    Key("app", "wsgi", _string(WSGI_APP.pattern, "MODULE:CALLABLE", empty_ok=True),
+        "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release; "
+        "unset: the one the Procfile's web line gives gunicorn, else app:app."),
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
         "Path probed on each instance; any 2xx answer is healthy."),
     Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),

@@ -36,7 +36,7 @@ from bluegreen import (
     transient,
     workers,
 )
-from bluegreen.config import Config
+from bluegreen.config import DEFAULT_WSGI, Config
 from bluegreen.environments import Environments
 from bluegreen.forwarder import ForwarderError
 from bluegreen.history import Deployment, State, Step, Trigger
@@ -113,15 +113,17 @@ class Deployer:
 
             step = Step.VERIFY
             record = await self.report(record, step, 0)
+            processes = procfile.processes(staging or release_dir, self.config.release.migrate_command,
+                                           self.config.processes)
+            wsgi = self.wsgi(record, processes)
             verifier = self.verifier(record)
             environment_dir = await verifier.environment(staging or release_dir)
             if staging is not None:
-                await verifier.verify(staging, self.app_environment(record, staging, environment_dir))
+                await verifier.verify(staging, self.app_environment(record, staging, environment_dir),
+                                      wsgi)
                 release_dir = self.releases.publish(staging, record.commit)
                 staging = None
             env = self.app_environment(record, release_dir, environment_dir)
-            processes = procfile.processes(release_dir, self.config.release.migrate_command,
-                                           self.config.processes)
 
             # An older release cannot "upgrade" to a schema it has never heard of: rollbacks
             # run no release phase.
@@ -135,7 +137,7 @@ class Deployer:
             step = Step.START
             appenv.prepare_data_dir(self.config.app_name)
             for _ in range(self.config.app.instances):
-                record = await self.start_instance(record, env, new_ports)
+                record = await self.start_instance(record, env, wsgi, new_ports)
                 new_ports.append(record.port)
             new = Serving.of(new_ports, record.commit)
             record = replace(record, port=new.port)
@@ -216,7 +218,7 @@ class Deployer:
                                   lambda: instances.failure(self.systemd, port),
                                   self.config.app.health_host)
 
-    async def start_instance(self, record: Deployment, env: dict[str, str],
+    async def start_instance(self, record: Deployment, env: dict[str, str], wsgi: str,
                              started: list[int]) -> Deployment:
         """Start bluegreen-app@PORT on a free port (not one of the ``started`` instances of
         this deploy); the record returned carries the port.
@@ -231,7 +233,7 @@ class Deployer:
             # settings file, written in the same step as the pick, says so.
             in_use.extend(instances.ports_with_env(self.run_dir))
             port = ports.pick(self.config.ports.range, avoid.union(in_use))
-            instances.write_env(self.run_dir, self.instance_spec(port, env))
+            instances.write_env(self.run_dir, self.instance_spec(port, env, wsgi))
             record = replace(record, port=port)
             if not started:  # the step is reported once, with the first instance's port
                 record = await self.report(record, Step.START, port)
@@ -368,9 +370,20 @@ class Deployer:
                         environment_dir: Path | None) -> dict[str, str]:
         return appenv.environment(self.config, record.commit, release_dir, environment_dir, record.id)
 
-    def instance_spec(self, port: int, env: dict[str, str]) -> InstanceSpec:
+    def wsgi(self, record: Deployment, processes: Processes) -> str:
+        """The WSGI app to serve: app.wsgi, else the one the Procfile's web line names, else
+        app:app."""
+        if self.config.app.wsgi:
+            return self.config.app.wsgi
+        if processes.web:
+            log.info("serving %s, the app the Procfile's web line names", processes.web,
+                     extra=fields(deployment_id=record.id))
+            return processes.web
+        return DEFAULT_WSGI
+
+    def instance_spec(self, port: int, env: dict[str, str], wsgi: str) -> InstanceSpec:
         app = self.config.app
-        return InstanceSpec(port=port, wsgi=app.wsgi, workers=app.workers,
+        return InstanceSpec(port=port, wsgi=wsgi, workers=app.workers,
                             worker_class=app.worker_class, app_environment=env,
                             drain_file=drainflag.path(self.run_dir, port),
                             forwarded_allow_ips=forwarder.trusted_proxies(self.config))

@@ -1,18 +1,21 @@
 """The app's process types: its ``Procfile`` (as Heroku, Dokku and piku read it), merged with
 the ``[processes]`` table of the configuration.
 
-``web`` is what bluegreen serves itself (gunicorn on the instance's port), ``release`` is the
-release phase (``release.migrate_command`` wins over it); every other type is a worker.
+``web`` is what bluegreen serves itself (gunicorn on the instance's port): a ``gunicorn``
+command there names the WSGI app, used unless ``app.wsgi`` names one; its options are not
+(bluegreen sets the port, workers and worker class). ``release`` is the release phase
+(``release.migrate_command`` wins over it); every other type is a worker.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bluegreen.config import PROCESS_NAME
+from bluegreen.config import PROCESS_NAME, WSGI_APP
 
 FILENAME = "Procfile"
 _LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*)")
@@ -22,10 +25,53 @@ class ProcfileError(Exception):
     """The Procfile cannot be used; the message names the line and the reason."""
 
 
+# gunicorn's options that take a value as the next word (a value is never the app).
+_VALUED = frozenset(("-b", "--bind", "-w", "--workers", "-k", "--worker-class", "-t", "--timeout",
+    "-c", "--config", "--threads", "--worker-connections", "--max-requests",
+    "--max-requests-jitter", "--graceful-timeout", "--keep-alive", "--limit-request-line",
+    "--limit-request-fields", "--limit-request-field_size", "--backlog", "-u", "--user", "-g",
+    "--group", "-m", "--umask", "--chdir", "--pythonpath", "-e", "--env", "-n", "--name",
+    "--log-level", "--log-file", "--error-logfile", "--access-logfile", "--access-logformat",
+    "--log-config", "--log-syslog-to", "--log-syslog-prefix", "--log-syslog-facility",
+    "--statsd-host", "--statsd-prefix", "--forwarded-allow-ips", "--proxy-allow-from", "--pid",
+    "-p", "--worker-tmp-dir", "--certfile", "--keyfile", "--ca-certs", "--ssl-version",
+    "--ciphers", "--cert-reqs", "--paste", "--paster", "--reload-engine", "--reload-extra-file",
+    "--logger-class", "--dogstatsd-tags", "--raw-env", "--header-map"))
+
+
 @dataclass(frozen=True)
 class Processes:
     release: str = ""
     workers: Mapping[str, str] = field(default_factory=dict)
+    web: str = ""  # the WSGI app the web line's gunicorn names ("" if none)
+
+
+def web_app(command: str) -> str:
+    """The WSGI app (MODULE:CALLABLE) a ``web`` command's gunicorn serves, "" if the command
+    is not gunicorn's or names none. A bare MODULE is gunicorn's MODULE:application."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return ""
+    while words and ("=" in words[0] and not words[0].startswith("-")):
+        words.pop(0)  # VAR=value before the command
+    if words[:1] == ["exec"]:
+        words.pop(0)
+    if len(words) >= 3 and words[0].startswith("python") and words[1:3] == ["-m", "gunicorn"]:
+        words = words[2:]
+    if not words or words[0].rsplit("/", 1)[-1] != "gunicorn":
+        return ""
+    skip = False
+    for word in words[1:]:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in _VALUED
+        elif WSGI_APP.fullmatch(word):
+            return word
+        elif re.fullmatch(r"[A-Za-z_][\w.]*", word):
+            return f"{word}:application"
+    return ""
 
 
 def parse(text: str) -> dict[str, str]:
@@ -59,7 +105,7 @@ def processes(release: Path, migrate_command: str, overrides: Mapping[str, str])
     types = parse(text)
     release_command = migrate_command or types.pop("release", "")
     types.pop("release", None)
-    types.pop("web", None)
+    web = web_app(types.pop("web", ""))
     types.update(overrides)
     workers = {name: command for name, command in sorted(types.items()) if command}
-    return Processes(release=release_command, workers=workers)
+    return Processes(release=release_command, workers=workers, web=web)

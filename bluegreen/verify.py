@@ -117,11 +117,12 @@ class Verifier:
                  extra=fields(deployment_id=self.deployment_id))
         return directory
 
-    async def verify(self, directory: Path, env: Mapping[str, str]) -> None:
-        """Build and check the release in ``directory``; ``env`` is the app's environment."""
+    async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str) -> None:
+        """Build and check the release in ``directory``, which serves ``wsgi``; ``env`` is the
+        app's environment."""
         release = self.config.release
         tools = {name: env[name] for name in ("PATH", "VIRTUAL_ENV") if name in env}
-        build_env = {**tools, "HOME": str(directory), "BLUEGREEN_WSGI": self.config.app.wsgi}
+        build_env = {**tools, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
         if release.build_command:
             give_tree(directory, *build_identity())
             try:
@@ -132,7 +133,6 @@ class Verifier:
                     writable=[directory], network=Network.ANY))
             finally:
                 give_tree(directory, 0, 0)
-        wsgi = self.config.app.wsgi
         await self._run(appenv.command(
             self.config, f"importing {wsgi}", "check",
             [env["BLUEGREEN_PYTHON"], "-c", IMPORT_CHECK, wsgi], directory, env))

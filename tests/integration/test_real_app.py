@@ -46,10 +46,10 @@ DATABASE = "notes-from-config.db"
 STEPS = ["resolve", "materialize", "verify", "migrate", "start", "health", "switch", "drain",
          "watch", "workers", "stop-old"]
 # The app answers only the Host names it trusts (Flask 3.1's TRUSTED_HOSTS): the health checks
-# must send health_host. [processes] adds a second worker to the Procfile's one.
+# must send health_host. [processes] adds a second worker to the Procfile's one. No app.wsgi:
+# the Procfile's web line names the app, as it does for Heroku.
 CONFIG = f"""post_switch_watch = 1
 [app]
-wsgi = "app:app"
 health_host = "notes.internal"
 [app.environment]
 DATABASE_URL = "sqlite:///{{data_dir}}/{DATABASE}"
@@ -194,6 +194,11 @@ def test_release_1_runs_with_its_own_dependencies_secret_and_data(box: Sandbox, 
     assert names[:7] == STEPS[:7], names  # nothing served before: no drain or stop-old
     verify = steps(record)["verify"]
     print(f"\nfirst build of the environment: verify took {verify[1] - verify[0]:.2f} s")
+
+    assert "serving app:app, the app the Procfile's web line names" in box.journal(
+        "-u", "bluegreen.service", "-n", "200")
+    assert 'BLUEGREEN_WSGI="app:app"' in box.run(
+        "cat", f"/run/bluegreen/instances/{props['ActivePort']}.env").stdout
 
     index = public(box)
     assert index["version"] == "1" and index["release"] == notes.releases["1"]

@@ -21,7 +21,7 @@ def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
     loaded = config.load(tmp_path / "absent.toml", environ={})
     assert loaded.repository.branch == "main"
     assert loaded.repository.poll_interval == 10
-    assert loaded.app.wsgi == "app:app"
+    assert loaded.app.wsgi == ""  # the Procfile's web line names it, else app:app (deploy.py)
     assert loaded.app.health_path == "/health"
     assert loaded.ports.public == 5000
     assert loaded.ports.range == PortRange(8000, 8999)

@@ -164,6 +164,20 @@ def test_a_deploy_that_succeeds_serves_the_new_release(world: World) -> None:
     assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
 
 
+@pytest.mark.parametrize(("configured", "served"), [
+    ("", "shop.wsgi:application"),  # the Procfile's web line names it
+    ("shop.api:app", "shop.api:app"),  # app.wsgi wins
+])
+def test_the_procfiles_web_line_names_the_app_unless_app_wsgi_does(world: World, configured: str,
+                                                                  served: str) -> None:
+    (world.controller.releases.path(NEW) / "Procfile").write_text(
+        "web: gunicorn --workers 3 --bind 0.0.0.0:$PORT shop.wsgi\n")
+    config = world.controller.config
+    world.controller.reload(replace(config, app=replace(config.app, wsgi=configured)))
+    assert asyncio.run(world.deploy()).state == State.SUCCEEDED
+    assert instances.read_env(world.paths.runtime, 8002)["BLUEGREEN_WSGI"] == served
+
+
 def fail_switch_back(world: World) -> None:
     world.healthy = False  # the watch sees it, and the switch back cannot start the old forwarder
     world.systemd.refuse_start.add(forwarder.unit(OLD_PORT))
