@@ -1,5 +1,6 @@
 """The keep-alive test again, with HAProxy (forwarder = "haproxy"): there, a client moves at its
-next request on the connection it has, which no switch closes."""
+next request on the connection it has, which no switch closes. Four deploys here, ten in
+test_keepalive_haproxy_stress.py (scripts/test --stress)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from tests.integration.test_keepalive import (  # noqa: F401 (collected and used
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
+QUICK_DEPLOYS = 4  # two without long-lived responses, two with
+
+
+@pytest.fixture(scope="module")
+def deploys() -> int:
+    return QUICK_DEPLOYS
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The keep-alive test again, with the built-in forwarder (forwarder = "proxy")."""
+"""The keep-alive test again, with the built-in forwarder (forwarder = "proxy"): four deploys
+here, ten in test_keepalive_proxy_stress.py (scripts/test --stress)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ from tests.integration.test_keepalive import (  # noqa: F401 (collected and used
 )
 
 pytestmark = pytest.mark.integration
+QUICK_DEPLOYS = 4  # two without long-lived responses, two with
 
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
     return f'forwarder = "proxy"\n{CONFIG}'
+
+
+@pytest.fixture(scope="module")
+def deploys() -> int:
+    return QUICK_DEPLOYS
