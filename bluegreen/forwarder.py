@@ -124,8 +124,6 @@ def socat_listen(address: str, port: int) -> str:
     return f"TCP4-LISTEN:{port},bind={address}"
 
 
-
-
 def env_path(run_dir: Path, app: str = DEFAULT_APP) -> Path:
     """The settings file of an app's forwarders."""
     return run_dir / "forwarder.env" if app == DEFAULT_APP else run_dir / "apps" / app / "forwarder.env"

@@ -319,8 +319,8 @@ def build_deb(version: str | None = None, run: str | None = None) -> Path:
     stamp = dist / f".built-{run}-{version or 'changelog'}"
     with open(dist / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if run is not None and stamp.exists() and Path(stamp.read_text()).exists():
-            return Path(stamp.read_text())
+        if run is not None and stamp.exists() and (built_before := Path(stamp.read_text())).exists():
+            return built_before
         argv = [str(ROOT / "scripts/build-deb"), *(["--version", version] if version else [])]
         result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
