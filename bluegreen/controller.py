@@ -35,7 +35,7 @@ from bluegreen import (
 from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
-from bluegreen.deploy import Deployer, DeployFailed, Unsettled
+from bluegreen.deploy import Deployer, DeployFailed, Unsettled, no_release_phase
 from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.files import atomic_write
 from bluegreen.history import (
@@ -358,7 +358,10 @@ class Controller:
     async def _run(self, deployment: Deployment) -> None:
         unsettled = False
         try:
-            record, self.serving = await self.deployer.deploy(deployment, self.serving)
+            skip = no_release_phase(Trigger(deployment.trigger),
+                                    ran_before=self.history.release_phase_ran(deployment.commit),
+                                    served_before=self.history.served(deployment.commit))
+            record, self.serving = await self.deployer.deploy(deployment, self.serving, skip)
             self.pool.reset(self.serving)
             self._deployed_with(self.deployer.config)
             self.monitor.reset()

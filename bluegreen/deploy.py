@@ -91,10 +91,11 @@ class Deployer:
     switch_back_reason: str = ""
     watching: bool = False
 
-    async def deploy(self, deployment: Deployment,
-                     serving: Serving | None) -> tuple[Deployment, Serving]:
+    async def deploy(self, deployment: Deployment, serving: Serving | None,
+                     skip_release_phase: str | None = None) -> tuple[Deployment, Serving]:
         """Run ``deployment`` (its commit already resolved); return the finished record and
-        what serves now.
+        what serves now. ``skip_release_phase``: why the release, not moving forward, runs no
+        release phase (see no_release_phase); None when it runs it.
 
         Raises DeployFailed, with the old release serving, if a step fails before the switch
         or the new release fails its watch after it; Unsettled if a step fails past the switch
@@ -125,14 +126,21 @@ class Deployer:
                 staging = None
             env = self.app_environment(record, release_dir, environment_dir)
 
-            # An older release cannot "upgrade" to a schema it has never heard of: rollbacks
-            # run no release phase.
-            if processes.release and record.trigger != Trigger.ROLLBACK:
+            if processes.release and skip_release_phase is not None:
+                log.info("release phase of %s not run: %s", record.commit[:12], skip_release_phase,
+                         extra=fields(deployment_id=record.id, release=record.commit))
+            elif processes.release:
                 step = Step.MIGRATE
                 record = await self.report(record, step, 0)
-                await transient.run(self.systemd, appenv.command(
-                    self.config, "the release phase", "migrate",
-                    ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
+                try:
+                    await transient.run(self.systemd, appenv.command(
+                        self.config, "the release phase", "migrate",
+                        ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
+                except transient.CommandFailed as exc:
+                    raise transient.CommandFailed(
+                        f"{exc.reason}. If this release is older than the app's data (its "
+                        f"migrations behind the database's), `bluegreenctl rollback "
+                        f"{record.commit[:12]}` serves it without its release phase") from None
 
             step = Step.START
             appenv.prepare_data_dir(self.config.app_name)
@@ -387,6 +395,23 @@ class Deployer:
                             worker_class=app.worker_class, app_environment=env,
                             drain_file=drainflag.path(self.run_dir, port),
                             forwarded_allow_ips=forwarder.trusted_proxies(self.config))
+
+
+def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:
+    """Why a deployment runs no release phase, or None when it moves its release forward and
+    runs it. An older release cannot "upgrade" to a schema it has never heard of, and one that
+    served here before finds its schema (or a newer one) in place: so never for a rollback or a
+    recovery, nor for a start-up deploy of a release that served before, nor twice for a
+    release whose release phase ran to its end on this host."""
+    if trigger == Trigger.ROLLBACK:
+        return "a rollback runs none"
+    if trigger == Trigger.RECOVERY:
+        return "a recovery redeploys the serving release"
+    if ran_before:
+        return "it ran to its end on this host before"
+    if trigger == Trigger.STARTUP and served_before:
+        return "the start-up deploy serves again a release that served before"
+    return None
 
 
 async def wait_until_idle(port: int, deadline: float, poll: float = 0.05) -> int:

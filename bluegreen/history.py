@@ -123,7 +123,17 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Releases whose release phase ran to its end on this host: kept when their records are pruned.
+CREATE TABLE IF NOT EXISTS release_phases (
+    commit_sha TEXT PRIMARY KEY,
+    deployment_id INTEGER NOT NULL,
+    finished_at REAL NOT NULL
+);
 """
+
+# A record whose steps go on past the release phase ran it to its end (a failed one ends there).
+_PAST_RELEASE_PHASE = (f'steps LIKE \'%"step": "{Step.MIGRATE}"%\' '
+                       f'AND steps LIKE \'%"step": "{Step.START}"%\'')
 
 _COLUMNS = ("id, ref, trigger, state, started_at, commit_sha, subject, author, port, "
             "previous_port, previous_release, finished_at, failed_step, reason, steps")
@@ -154,6 +164,9 @@ class History:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA journal_size_limit=1048576")  # the WAL shrinks back after checkpoints
         self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO release_phases (commit_sha, deployment_id, finished_at) "
+                        "SELECT commit_sha, MIN(id), MIN(started_at) FROM deployments "
+                        f"WHERE {_PAST_RELEASE_PHASE} GROUP BY commit_sha")
         try:
             self._rename_switch_back()
         except HistoryError as exc:
@@ -230,6 +243,10 @@ class History:
                  deployment.port, deployment.previous_port, deployment.previous_release,
                  deployment.finished_at, deployment.failed_step, deployment.reason,
                  json.dumps([asdict(s) for s in deployment.steps]), deployment.id))
+            if _past_release_phase(deployment):
+                db.execute("INSERT OR IGNORE INTO release_phases (commit_sha, deployment_id, "
+                           "finished_at) VALUES (?, ?, ?)",
+                           (deployment.commit, deployment.id, _step_end(deployment, Step.MIGRATE)))
 
     def recent(self, limit: int = 20) -> list[Deployment]:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM deployments ORDER BY id DESC LIMIT ?",
@@ -247,6 +264,16 @@ class History:
             "SELECT commit_sha FROM deployments WHERE state = ? GROUP BY commit_sha "
             "ORDER BY MAX(id) DESC LIMIT ?", (str(State.SUCCEEDED), limit)).fetchall()
         return [row[0] for row in rows]
+
+    def release_phase_ran(self, commit: str) -> bool:
+        """Whether the release phase of ``commit`` ran to its end on this host."""
+        return self.db.execute("SELECT 1 FROM release_phases WHERE commit_sha = ?",
+                               (commit,)).fetchone() is not None
+
+    def served(self, commit: str) -> bool:
+        """Whether a deployment of ``commit`` ever succeeded here."""
+        return self.db.execute("SELECT 1 FROM deployments WHERE commit_sha = ? AND state = ?",
+                               (commit, str(State.SUCCEEDED))).fetchone() is not None
 
     def newest_of(self, commit: str) -> Deployment | None:
         """The newest record of a deployment of ``commit`` that got as far as resolving it."""
@@ -292,6 +319,17 @@ class History:
             self.save(replace(deployment, state=State.INTERRUPTED, finished_at=now,
                               reason=reason))
         return running
+
+
+def _past_release_phase(deployment: Deployment) -> bool:
+    names = [timing.step for timing in deployment.steps]
+    return Step.MIGRATE in names and Step.START in names[names.index(Step.MIGRATE):]
+
+
+def _step_end(deployment: Deployment, step: Step) -> float:
+    timing = deployment.step_time(step)
+    assert timing is not None
+    return timing.finished or timing.started
 
 
 def with_step(deployment: Deployment, step: Step, now: float | None = None) -> Deployment:

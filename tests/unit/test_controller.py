@@ -286,7 +286,7 @@ def test_an_interrupted_deploy_of_a_pushed_head_is_retried_after_a_restart(
     first = World(tmp_path, monkeypatch)
     blocked = asyncio.Event()
 
-    async def hang(deployment: Deployment, serving: Serving | None) -> Deployment:
+    async def hang(deployment: Deployment, serving: Serving | None, skip: str | None) -> Deployment:
         blocked.set()
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
@@ -340,12 +340,12 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     attempts: list[int] = []
     real_deploy = world.controller.deployer.deploy
 
-    async def first_fails(deployment: Deployment,
-                          serving: Serving | None) -> tuple[Deployment, Serving]:
+    async def first_fails(deployment: Deployment, serving: Serving | None,
+                          skip: str | None) -> tuple[Deployment, Serving]:
         attempts.append(deployment.id)
         if len(attempts) == 1:
             raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")
-        return await real_deploy(deployment, serving)
+        return await real_deploy(deployment, serving, skip)
 
     monkeypatch.setattr(world.controller.deployer, "deploy", first_fails)
 

@@ -96,3 +96,37 @@ def test_records_of_a_switch_back_under_its_former_name_read_back_under_the_new_
     assert (third.trigger, third.state, [s.step for s in third.steps]) == (
         Trigger.ROLLBACK, State.SUCCEEDED, ["start"])
     assert not again.db.in_transaction
+
+
+def _through(history: History, commit: str, *steps: Step, state: State = State.SUCCEEDED) -> None:
+    record = history.begin("main", Trigger.CLI, commit=commit, now=100.0)
+    for offset, step in enumerate(steps):
+        record = with_step(record, step, now=101.0 + offset)
+        history.save(record)
+    history.save(finished(record, state, now=110.0))
+
+
+def test_a_release_phase_that_ran_to_its_end_is_remembered_past_pruning(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    _through(history, "1" * 40, Step.VERIFY, Step.MIGRATE, Step.START, Step.HEALTH,
+             state=State.FAILED)  # failed later: its release phase had run all the same
+    _through(history, "2" * 40, Step.VERIFY, Step.MIGRATE, state=State.FAILED)
+    _through(history, "3" * 40, Step.VERIFY, Step.START)  # a release without one
+    assert history.release_phase_ran("1" * 40)
+    assert not history.release_phase_ran("2" * 40) and not history.release_phase_ran("3" * 40)
+    assert history.served("3" * 40) and not history.served("1" * 40)
+    for _ in range(3):
+        _through(history, "4" * 40, Step.VERIFY, Step.START)
+    assert history.prune(keep=1) > 0
+    with pytest.raises(KeyError):
+        history.get(1)
+    assert History(tmp_path / "db.sqlite").release_phase_ran("1" * 40)
+
+
+def test_records_written_before_the_release_phases_were_kept_count(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    _through(history, "1" * 40, Step.VERIFY, Step.MIGRATE, Step.START)
+    _through(history, "2" * 40, Step.VERIFY, Step.MIGRATE, state=State.FAILED)
+    history.db.execute("DELETE FROM release_phases")
+    reopened = History(tmp_path / "db.sqlite")
+    assert reopened.release_phase_ran("1" * 40) and not reopened.release_phase_ran("2" * 40)
