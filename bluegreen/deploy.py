@@ -173,9 +173,13 @@ class Deployer:
                 await forwarder.start(self.systemd, self.run_dir, port, self.config.ports.public,
                                       self.config.forwarder, app=self.config.app_name)
         except _STEP_ERRORS as exc:
+            if step == Step.SWITCH:
+                await self.undo_switch(new_ports, serving)
             await self.abandon(new_ports, staging)
             raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
         except asyncio.CancelledError:
+            if step == Step.SWITCH:
+                await asyncio.shield(self.undo_switch(new_ports, serving))
             await asyncio.shield(self.abandon(new_ports, staging))
             raise
 
@@ -359,6 +363,14 @@ class Deployer:
                 record = replace(record,
                                  reason=f"old instance on port {old_port} not stopped: {exc}")
         return record
+
+    async def undo_switch(self, new_ports: list[int], serving: Serving | None) -> None:
+        """After a failed switch, what forwards is what serves: the old release alone."""
+        try:
+            await forwarder.undo_switch(self.systemd, self.run_dir, self.config.forwarder, new_ports,
+                                        serving.ports if serving else (), self.config.drain_timeout)
+        except (SystemdError, ForwarderError) as exc:
+            log.error("the forwarders of the failed switch are not all undone: %s", exc)
 
     async def abandon(self, ports: list[int], staging: Path | None) -> None:
         """Stop instances that are not to serve, and drop an unfinished release."""

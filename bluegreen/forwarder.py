@@ -21,6 +21,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bluegreen import haproxy, instances, sockdiag
@@ -257,14 +258,53 @@ async def _running_ports(systemd: Systemd) -> list[int]:
     return [port for port in ports if port is not None]
 
 
-async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float) -> None:
-    """Stop forwarding to ``port`` (whatever the kind) once the requests it carries are done,
-    or after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def _stop_units(systemd: Systemd, run_dir: Path, port: int) -> None:
+    """Stop the forwarder units to ``port``, of every kind (a socat unit's stop drains it)."""
     for kind in _TEMPLATE:
         await systemd.stop_unit(unit(port, kind))
         await systemd.reset_failed(unit(port, kind))
     link_path(run_dir, port).unlink(missing_ok=True)
+
+
+async def undo_switch(systemd: Systemd, run_dir: Path, kind: Forwarder, new_ports: Sequence[int],
+                      served: Sequence[int], timeout: float) -> None:
+    """A switch failed part way: forward to the ``served`` ports alone again, as before it.
+
+    The forwarders started for ``new_ports`` stop; haproxy's serving file names what serves
+    again, should it restart, and a running haproxy makes the old server ready again and
+    retires the new ones, or stops if it served nothing before this switch started it.
+    """
+    for port in new_ports:
+        await _stop_units(systemd, run_dir, port)
+    if kind != Forwarder.HAPROXY:
+        return
+    if served:
+        haproxy.write_serving(run_dir, served[0])
+    else:
+        haproxy.forget_serving(run_dir)
+    if not (await systemd.status(haproxy.UNIT)).is_running:
+        return
+    api = haproxy.RuntimeApi(run_dir)
+    try:
+        servers = await api.servers()
+        if served and haproxy.server_name(served[0]) in servers:
+            await haproxy.switch(api, served[0])
+            deadline = time.monotonic() + timeout
+            for port in new_ports:
+                await haproxy.retire(api, port, deadline)
+            return
+    except haproxy.HaproxyError as exc:
+        raise ForwarderError(str(exc)) from None
+    await systemd.stop_unit(haproxy.UNIT)  # this switch started it: it carried nothing before
+    await systemd.reset_failed(haproxy.UNIT)
+    await systemd.stop_unit(haproxy.SOCKET_UNIT)
+
+
+async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float) -> None:
+    """Stop forwarding to ``port`` (whatever the kind) once the requests it carries are done,
+    or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    await _stop_units(systemd, run_dir, port)
     if not (await systemd.status(haproxy.UNIT)).is_running:
         return
     api = haproxy.RuntimeApi(run_dir)

@@ -132,6 +132,10 @@ def write_serving(run_dir: Path, port: int) -> None:
     atomic_write(run_dir / SERVING, serving_config(port))
 
 
+def forget_serving(run_dir: Path) -> None:
+    (run_dir / SERVING).unlink(missing_ok=True)
+
+
 def written_description(run_dir: Path) -> str:
     """The description of the settings written for haproxy ("" if none are)."""
     try:

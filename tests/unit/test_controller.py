@@ -588,3 +588,15 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_second_forwarder_that_fails_to_start_leaves_only_the_old_release_forwarded(
+        world: World) -> None:
+    loaded = world.controller.loaded
+    world.controller.loaded = replace(loaded, app=replace(loaded.app, instances=2))
+    world.systemd.refuse_start.add(forwarder.unit(8003))
+    record = asyncio.run(world.deploy())
+    assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
+    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert world.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert world.controller.serving == Serving(OLD_PORT, OLD)

@@ -12,6 +12,7 @@ import pytest
 
 from bluegreen import forwarder, haproxy
 from bluegreen.config import AppConfig, Config, Forwarder, PortsConfig
+from bluegreen.systemd import UnitStatus
 
 STATE_HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
                 "srv_uweight srv_iweight srv_time_since_last_change\n")
@@ -204,3 +205,63 @@ def test_a_reload_that_does_not_happen_is_a_clear_error(tmp_path: Path,
     monkeypatch.setattr(haproxy, "POLL", 0)
     with pytest.raises(haproxy.HaproxyError, match="did not reload: its worker 10 has settings 'old'"):
         run_with(fake, tmp_path, lambda api: haproxy.reloaded(api, "10", "new", time.monotonic() + 0.2))
+
+
+class RefusingHaproxy(FakeHaproxy):
+    """Refuses to make the server of one port ready: a runtime switch that fails half way."""
+
+    def __init__(self, servers: dict[int, int], refuse: int) -> None:
+        super().__init__(servers)
+        self.refuse = refuse
+
+    def answer(self, line: str) -> str:
+        if line == f"set server app/p{self.refuse} state ready":
+            self.commands.append(line)
+            return "Can't set state: the server is being deleted."
+        return super().answer(line)
+
+
+class RunningHaproxy:
+    """systemd with haproxy running and nothing else."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    async def status(self, unit: str) -> UnitStatus:
+        running = unit == haproxy.UNIT and unit not in self.stopped
+        return UnitStatus(unit, "active" if running else "inactive", "running" if running else "dead")
+
+    async def stop_unit(self, unit: str, **_: object) -> None:
+        self.stopped.append(unit)
+
+    async def reset_failed(self, unit: str) -> None:
+        pass
+
+
+def test_a_failed_runtime_switch_is_undone_in_haproxy_and_in_its_serving_file(tmp_path: Path) -> None:
+    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    haproxy.write_serving(tmp_path, 8001)
+    fake = RefusingHaproxy({8001: 0}, refuse=8002)
+    fake.infos = [{"Pid": "10", "description": haproxy.written_description(tmp_path)}]
+    systemd = RunningHaproxy()
+
+    async def failed_switch(api: haproxy.RuntimeApi) -> None:
+        with pytest.raises(forwarder.ForwarderError, match="Can't set state"):
+            await forwarder.start(systemd, tmp_path, 8002, 5000, Forwarder.HAPROXY)  # type: ignore[arg-type]
+        await forwarder.undo_switch(systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0)  # type: ignore[arg-type]
+
+    run_with(fake, tmp_path, failed_switch)
+    assert (tmp_path / haproxy.SERVING).read_text() == haproxy.serving_config(8001)  # a restart serves 8001
+    assert fake.servers == {8001: 0}  # ready again, the new server gone
+    assert haproxy.UNIT not in systemd.stopped
+
+
+def test_a_haproxy_the_failed_switch_started_stops_again(tmp_path: Path) -> None:
+    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    haproxy.write_serving(tmp_path, 8002)
+    fake = FakeHaproxy({8002: 0})  # started by the switch: it knows only the new server
+    systemd = RunningHaproxy()
+    run_with(fake, tmp_path, lambda api: forwarder.undo_switch(  # type: ignore[arg-type]
+        systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0))
+    assert haproxy.UNIT in systemd.stopped and haproxy.SOCKET_UNIT in systemd.stopped
+    assert (tmp_path / haproxy.SERVING).read_text() == haproxy.serving_config(8001)
