@@ -261,7 +261,7 @@ def test_a_haproxy_the_failed_switch_started_stops_again(tmp_path: Path) -> None
     haproxy.write_serving(tmp_path, 8002)
     fake = FakeHaproxy({8002: 0})  # started by the switch: it knows only the new server
     systemd = RunningHaproxy()
-    run_with(fake, tmp_path, lambda api: forwarder.undo_switch(  # type: ignore[arg-type]
-        systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0))
+    run_with(fake, tmp_path, lambda api: forwarder.undo_switch(
+        systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0))  # type: ignore[arg-type]
     assert haproxy.UNIT in systemd.stopped and haproxy.SOCKET_UNIT in systemd.stopped
     assert (tmp_path / haproxy.SERVING).read_text() == haproxy.serving_config(8001)
