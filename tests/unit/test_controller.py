@@ -588,3 +588,54 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_reload_refuses_a_public_port_another_app_still_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default app serves on 5000; its file moves it to 6000, which applies at its next
+    deploy, and a new app's file takes 5000 in the same reload: that app would join the
+    listeners that serve the default app."""
+    default = World(tmp_path, monkeypatch)
+    config_file = tmp_path / "bluegreen.toml"
+    config_file.write_text('[repository]\nurl = "/srv/app.git"\nwatch = false\n'
+                           "[ports]\npublic = 6000\n")
+    apps_dir = tmp_path / "apps"
+    apps_dir.mkdir()
+    (apps_dir / "beta.toml").write_text("[ports]\npublic = 5000\n")
+    manager = AppManager(default.systemd, replace(default.paths, config=config_file),  # type: ignore[arg-type]
+                         apps_dir)
+    manager.controllers["default"] = default.controller
+
+    with pytest.raises(ConfigError) as error:
+        asyncio.run(manager.reload())
+    message = str(error.value)
+    assert message.startswith(f"{apps_dir / 'beta.toml'}:2: ports.public: "), message
+    assert "the app beta" in message and "the app default" in message, message
+    assert list(manager.controllers) == ["default"]
+    assert default.controller.loaded.ports.public == 5000  # nothing changed
+    assert default.controller.config.ports.public == 5000
+
+
+def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = World(tmp_path, monkeypatch)
+    manager = AppManager(default.systemd, default.paths, tmp_path / "apps")  # type: ignore[arg-type]
+    manager.controllers["default"] = default.controller
+    beta_config = replace(default.controller.loaded, app_name="beta")  # public port 5000 too
+    beta = manager.add(beta_config)
+    World.patch(default, monkeypatch)  # the stand-ins for git, health and the forwarders
+    monkeypatch.setattr(beta.repository, "resolve", default.controller.repository.resolve)
+    monkeypatch.setattr(beta.deployer, "verifier", default.controller.deployer.verifier)
+    beta.releases.path(NEW).mkdir(parents=True)
+
+    async def scenario() -> Deployment:
+        record = await beta.request_deploy(NEW, Trigger.DBUS)
+        assert beta._task is not None
+        await beta._task
+        return beta.history.get(record.id)
+
+    record = asyncio.run(scenario())
+    assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
+    assert "the app default" in record.reason and "the app beta" in record.reason, record.reason
+    assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert default.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
