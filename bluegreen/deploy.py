@@ -33,6 +33,7 @@ from bluegreen import (
     ports,
     procfile,
     sockdiag,
+    switchback,
     transient,
     workers,
 )
@@ -213,7 +214,10 @@ class Deployer:
                 if trouble:
                     step = Step.SWITCH_BACK
                     record = await self.report(record, step, serving.port)
+                    # Before it acts: a controller that dies during it then finishes it.
+                    switchback.record(self.run_dir, self.config.app_name, record.id)
                     await self.switch_back(serving.ports, new.ports)
+                    switchback.clear(self.run_dir, self.config.app_name)
                     why = (self.switch_back_reason if self.switch_back_asked.is_set()
                            else f"unhealthy after the switch ({trouble})")
                     raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "

@@ -20,7 +20,7 @@ from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
-from bluegreen.history import Deployment, History, State, Step, Trigger
+from bluegreen.history import Deployment, History, State, Step, Trigger, finished
 from bluegreen.repository import Commit
 from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
@@ -639,3 +639,55 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     assert "the app default" in record.reason and "the app beta" in record.reason, record.reason
     assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
     assert default.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+
+
+def test_a_controller_killed_while_switching_back_keeps_the_old_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new release turned unhealthy in its watch; the old forwarder listens again and the
+    new one drains (a long request in flight) when the controller dies. Both forwarders run,
+    the new deployment's the newer: the restarted controller must still finish the
+    switch-back, not adopt the release it was leaving."""
+    first = World(tmp_path, monkeypatch)
+    old = first.controller.history.begin("main", Trigger.CLI, commit=OLD)  # deployment 1: OLD's
+    first.controller.history.save(finished(old, State.SUCCEEDED))
+    first.healthy = False
+    drain_stop = forwarder.drain_stop
+    draining_new = asyncio.Event()
+
+    async def slow_drain(systemd: FakeSystemd, run_dir: Path, port: int, timeout: float) -> None:
+        if port == 8002:
+            draining_new.set()
+            await asyncio.Event().wait()  # the request in flight never ends before the kill
+        await drain_stop(systemd, run_dir, port, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forwarder, "drain_stop", slow_drain)
+
+    async def until_the_new_forwarder_drains() -> int:
+        record = await first.controller.request_deploy(NEW, Trigger.DBUS)
+        await draining_new.wait()
+        return record.id
+
+    dead = asyncio.new_event_loop()  # the controller's loop: it never runs again (SIGKILL)
+    deployment_id = dead.run_until_complete(until_the_new_forwarder_drains())
+    assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT),
+                                                           forwarder.unit(8002)]
+    monkeypatch.setattr(forwarder, "drain_stop", drain_stop)
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)
+
+    async def restarted() -> None:
+        controller = second.controller
+        await controller.start()
+        assert controller.serving == Serving(OLD_PORT, OLD)
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert controller.history.get(deployment_id).state == State.INTERRUPTED
+        await controller.stop()
+
+    asyncio.run(restarted())
+    assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert first.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    pending = asyncio.all_tasks(dead)  # the dead controller's: only so that none is left pending
+    for task in pending:
+        task.cancel()
+    dead.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    dead.close()
