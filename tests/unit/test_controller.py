@@ -641,38 +641,52 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     assert default.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
 
 
+@pytest.mark.parametrize("moment", ["old-forwarder-starting", "new-forwarders-draining"])
 def test_a_controller_killed_while_switching_back_keeps_the_old_release(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The new release turned unhealthy in its watch; the old forwarder listens again and the
-    new one drains (a long request in flight) when the controller dies. Both forwarders run,
-    the new deployment's the newer: the restarted controller must still finish the
-    switch-back, not adopt the release it was leaving."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """The new release turned unhealthy in its watch, and the controller dies during the
+    switch-back: while the old forwarder's start job runs (it counts as a target already), or,
+    with two instances, while the first new forwarder drains and the second still listens.
+    Both releases then have a forwarder target, the new deployment the newer: the restarted
+    controller must finish the switch-back, not adopt the release it was leaving."""
     first = World(tmp_path, monkeypatch)
     old = first.controller.history.begin("main", Trigger.CLI, commit=OLD)  # deployment 1: OLD's
     first.controller.history.save(finished(old, State.SUCCEEDED))
     first.healthy = False
-    drain_stop = forwarder.drain_stop
-    draining_new = asyncio.Event()
+    start, drain_stop = forwarder.start, forwarder.drain_stop
+    killed_here = asyncio.Event()
+
+    async def slow_start(systemd: FakeSystemd, run_dir: Path, port: int, *args: Any,
+                         **kwargs: Any) -> None:
+        if port == OLD_PORT:  # the switch-back's
+            systemd.units[forwarder.unit(port)] = "activating"
+            killed_here.set()
+            await asyncio.Event().wait()
+        await start(systemd, run_dir, port, *args, **kwargs)  # type: ignore[arg-type]
 
     async def slow_drain(systemd: FakeSystemd, run_dir: Path, port: int, timeout: float) -> None:
-        if port == 8002:
-            draining_new.set()
-            await asyncio.Event().wait()  # the request in flight never ends before the kill
+        if port == 8002 and first.controller.current and first.controller.current.steps[-1].step \
+                == Step.SWITCH_BACK:
+            systemd.units[forwarder.unit(port)] = "deactivating"  # its stop job drains
+            killed_here.set()
+            await asyncio.Event().wait()
         await drain_stop(systemd, run_dir, port, timeout)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(forwarder, "drain_stop", slow_drain)
+    if moment == "old-forwarder-starting":
+        monkeypatch.setattr(forwarder, "start", slow_start)
+    else:
+        with_instances(first, 2)
+        monkeypatch.setattr(forwarder, "drain_stop", slow_drain)
 
-    async def until_the_new_forwarder_drains() -> int:
+    async def until_killed() -> int:
         record = await first.controller.request_deploy(NEW, Trigger.DBUS)
-        await draining_new.wait()
+        await killed_here.wait()
         return record.id
 
     dead = asyncio.new_event_loop()  # the controller's loop: it never runs again (SIGKILL)
-    deployment_id = dead.run_until_complete(until_the_new_forwarder_drains())
-    assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT),
-                                                           forwarder.unit(8002)]
+    deployment_id = dead.run_until_complete(until_killed())
     monkeypatch.setattr(forwarder, "drain_stop", drain_stop)
-    second = World(tmp_path, monkeypatch, systemd=first.systemd)
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)  # its stand-in for start too
 
     async def restarted() -> None:
         controller = second.controller
