@@ -72,7 +72,7 @@ def choose(targets: Mapping[int, bool], running: Mapping[int, Mapping[str, str]]
     live = [port for port, taking in targets.items() if taking and port in running]
     if not live:
         return None
-    staying = [port for port in live if _deployment_of(running[port]) != retiring]
+    staying = [port for port in live if _deployment_of(running[port]) != retiring] if retiring else live
     first = max(staying or live, key=lambda port: _deployment_of(running[port]))
     newest, release = _deployment_of(running[first]), running[first].get("BLUEGREEN_RELEASE", "")
     keep = [port for port, env in running.items() if newest and _deployment_of(env) == newest
