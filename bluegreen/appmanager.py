@@ -4,20 +4,25 @@ app) and /org/bluegreen1/app/NAME (each other app).
 The apps run side by side: deployments of different apps may run at once, each app still one
 at a time. A reload reads every file again and applies them all or nothing: a new app file adds
 the app (its controller starts, deploying its branch), a removed one stops the app's units
-(its records, releases and data stay until the admin deletes them).
+(its records, releases and data stay until the admin deletes them). Apps removed go first, so
+that a new app may take over the public port of one it replaces.
+
+A public port serves one app: a reload whose files would put an app on a port another app
+still serves (a changed ports.public applies at the next deploy) is refused, and so is a
+deploy that would start forwarders there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
 from dbus_next.aio import MessageBus
 
-from bluegreen import apps
+from bluegreen import apps, forwarder
 from bluegreen import log as logsetup
 from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.controller import Controller, Paths
@@ -65,7 +70,7 @@ class AppManager:
         # The daemon's status line is the default app's.
         status = self.notify_status if name == DEFAULT_APP else _unsaid
         controller = Controller(config, self.systemd, paths, notify_status=status,
-                                secrets=self.secrets, fatal=self.fatal)
+                                secrets=self.secrets, fatal=self.fatal, port_user=self.port_user)
         self.controllers[name] = controller
         interface = ManagerInterface(controller, self.reload, self.bus)
         if self.bus is not None:
@@ -89,6 +94,7 @@ class AppManager:
         async with self._reloading:
             try:
                 configs = self.load()
+                apps.check_served_ports(configs, await self.served_ports(staying=configs))
             except ConfigError as exc:
                 log.error("reload refused, the settings stay as they were: %s", exc)
                 raise
@@ -100,8 +106,36 @@ class AppManager:
             finally:
                 notify("READY=1")
 
+    async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:
+        """The public ports each app's forwarders serve, or will serve: while a release serves,
+        the port in effect; while a deployment runs, the one it switches to as well; while any
+        of its forwarders runs, the one their settings name (systemd restarts one there).
+        Apps not ``staying`` (a reload removes them first) are left out."""
+        served: dict[str, set[int]] = {}
+        for name, controller in self.controllers.items():
+            if staying is not None and name not in staying:
+                continue
+            ports = served[name] = set()
+            if controller.serving is not None or controller.current is not None:
+                ports.add(controller.config.ports.public)
+            if controller.current is not None:
+                ports.add(controller.deployer.config.ports.public)
+            runtime = controller.paths.runtime
+            if await forwarder.targets(self.systemd, runtime, name):
+                ports.add(forwarder.written_public_port(runtime, name) or controller.config.ports.public)
+        return served
+
+    async def port_user(self, app: str, port: int) -> str | None:
+        """The other app whose forwarders serve ``port``, if any (a deploy of ``app`` must not
+        start its forwarders there)."""
+        return apps.port_user(app, port, await self.served_ports())
+
     async def _apply(self, configs: dict[str, Config]) -> list[tuple[str, str]]:
         changes: list[tuple[str, str]] = []
+        for name in [name for name in self.controllers if name not in configs]:
+            with logsetup.app_label(name):
+                await self.remove(name)
+            changes.append((f"app {name}", "removed: its units are stopped, its data kept"))
         for name, config in configs.items():
             controller = self.controllers.get(name)
             with logsetup.app_label(name):
@@ -112,10 +146,6 @@ class AppManager:
                     continue
                 for key, when in controller.reload(config):
                     changes.append((key if name == DEFAULT_APP else f"{name}: {key}", when))
-        for name in [name for name in self.controllers if name not in configs]:
-            with logsetup.app_label(name):
-                await self.remove(name)
-            changes.append((f"app {name}", "removed: its units are stopped, its data kept"))
         return changes
 
     async def remove(self, name: str) -> None:

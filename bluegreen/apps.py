@@ -16,7 +16,7 @@ the default app), so that an app's reconciliation never touches another's units.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from bluegreen import config as configuration
@@ -127,6 +127,24 @@ def check_public_ports(configs: Mapping[str, Config]) -> None:
             if other is not config and config.ports.public in other.ports.range:
                 raise _port_error(config, f"{config.ports.public} lies inside ports.range "
                                   f"{other.ports.range} of the app {other.app_name} ({other.source})")
+
+
+def port_user(app: str, port: int, served: Mapping[str, Collection[int]]) -> str | None:
+    """The other app whose forwarders serve ``port`` (None if none does)."""
+    return next((other for other, ports in served.items() if other != app and port in ports), None)
+
+
+def check_served_ports(configs: Mapping[str, Config], served: Mapping[str, Collection[int]]) -> None:
+    """No app's public port may be one that another app's forwarders serve (``served``, by
+    app). The files alone do not say it: a changed ports.public applies at the app's next
+    deploy, and until then its old port still serves. A listener of another app joining it
+    there would share its traffic."""
+    for config in configs.values():
+        user = port_user(config.app_name, config.ports.public, served)
+        if user is not None:
+            raise _port_error(config, f"the app {config.app_name} cannot take port "
+                              f"{config.ports.public}: the app {user} still serves on it "
+                              "(a new ports.public applies at the app's next deploy)")
 
 
 def _port_error(config: Config, reason: str) -> ConfigError:

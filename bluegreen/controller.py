@@ -35,7 +35,14 @@ from bluegreen import (
 from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
-from bluegreen.deploy import Deployer, DeployFailed, Unsettled, no_release_phase
+from bluegreen.deploy import (
+    Deployer,
+    DeployFailed,
+    PortUser,
+    Unsettled,
+    no_port_user,
+    no_release_phase,
+)
 from bluegreen.environments import DependencyError, Environments, dependencies
 from bluegreen.files import atomic_write
 from bluegreen.history import (
@@ -135,7 +142,8 @@ _STEP_TEXT = {
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
                  notify_status: Callable[[str], None] = lambda text: None,
-                 secrets: Secrets | None = None, fatal: asyncio.Event | None = None) -> None:
+                 secrets: Secrets | None = None, fatal: asyncio.Event | None = None,
+                 port_user: PortUser = no_port_user) -> None:
         self.systemd = systemd
         self.paths = paths
         self.app = config.app_name
@@ -151,7 +159,7 @@ class Controller:
         self.releases = Releases(paths.releases)
         self.environments = Environments(paths.environments)
         self.deployer = Deployer(self.loaded, systemd, self.repository, self.releases,
-                                 self.environments, paths.runtime, self._on_step)
+                                 self.environments, paths.runtime, self._on_step, port_user)
         self.observers: list[Observer] = []
         self.notify_status = notify_status
         self.serving: Serving | None = None

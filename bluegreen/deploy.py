@@ -33,6 +33,7 @@ from bluegreen import (
     ports,
     procfile,
     sockdiag,
+    switchback,
     transient,
     workers,
 )
@@ -71,6 +72,14 @@ class Unsettled(DeployFailed):
 # step noted (and saved).
 StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
 
+# Given an app and a public port: the other app whose forwarders serve that port, if any.
+PortUser = Callable[[str, int], Awaitable[str | None]]
+
+
+async def no_port_user(app: str, port: int) -> str | None:
+    return None
+
+
 PORT_ATTEMPTS = 3
 
 _STEP_ERRORS = (SystemdError, health.NotHealthy, ports.NoFreePort, RepositoryError, CommandError,
@@ -86,6 +95,7 @@ class Deployer:
     environments: Environments
     run_dir: Path
     report: StepReporter
+    port_user: PortUser = no_port_user
     # Set by an operator's rollback while the new release is watched: switch back at once.
     switch_back_asked: asyncio.Event = field(default_factory=asyncio.Event)
     switch_back_reason: str = ""
@@ -160,6 +170,11 @@ class Deployer:
                 stranger = await instances.foreign_listener(self.systemd, port)
                 if stranger:  # never route traffic to a process bluegreen did not start
                     raise ForwarderError(stranger)
+            app, public = self.config.app_name, self.config.ports.public
+            user = await self.port_user(app, public)
+            if user:  # its listeners would share that app's traffic
+                raise ForwarderError(f"port {public} is still served by the app {user}: the app "
+                                     f"{app} cannot start its forwarders there")
             forwarder.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
@@ -211,7 +226,10 @@ class Deployer:
                 if trouble:
                     step = Step.SWITCH_BACK
                     record = await self.report(record, step, serving.port)
+                    # Before it acts: a controller that dies during it then finishes it.
+                    switchback.record(self.run_dir, self.config.app_name, record.id)
                     await self.switch_back(serving.ports, new.ports)
+                    switchback.clear(self.run_dir, self.config.app_name)
                     why = (self.switch_back_reason if self.switch_back_asked.is_set()
                            else f"unhealthy after the switch ({trouble})")
                     raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "

@@ -155,6 +155,13 @@ def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float,
     return address
 
 
+def written_public_port(run_dir: Path, app: str = DEFAULT_APP) -> int | None:
+    """The public port the app's forwarder units read: a forwarder started (or restarted by
+    systemd) listens there."""
+    value = read_environment_file(env_path(run_dir, app)).get("BLUEGREEN_PUBLIC_PORT", "")
+    return int(value) if value.isdigit() else None
+
+
 def _link(run_dir: Path, port: int, app: str) -> None:
     """Point the forwarder to ``port`` at its app's settings (the default app's: no link)."""
     link = link_path(run_dir, port)

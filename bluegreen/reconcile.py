@@ -8,14 +8,17 @@ requests) whose instance runs. Its running instances are kept, with or without a
 (app.instances > 1: one being restarted has none until it is healthy again). Every other
 target of the app is drain-stopped, every other instance and the workers of every other
 release stopped, and deployments a dead controller left running are recorded as interrupted.
+A switch-back the controller did not finish (switchback.py) is finished: the deployment it
+was retiring is not kept while the release it went back to has a forwarder target.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
-from bluegreen import drainflag, forwarder, instances, ports, workers
+from bluegreen import drainflag, forwarder, instances, ports, switchback, workers
 from bluegreen.config import DEFAULT_APP, Forwarder
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
@@ -46,25 +49,40 @@ async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> dict[i
 
 
 async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serving | None:
-    """What serves the app, as systemd runs it: the running instances of the newest deployment
-    whose instance a forwarder target new connections reach runs. Changes nothing."""
+    """What serves the app, as systemd runs it (see choose). Changes nothing."""
     # Normally one target per instance of the serving release, more when the controller died
-    # during a switch.
+    # during a switch or a switch-back.
     targets = await forwarder.targets(systemd, run_dir, app)
     running = await running_instances(systemd, run_dir, app)
+    retiring = switchback.retiring(run_dir, app)
+    serving = choose(targets, running, retiring)
+    if retiring and serving is not None and _deployment_of(running[serving.port]) != retiring:
+        log.warning("finishing the switch-back from deployment %d: %s stays", retiring,
+                    serving.release[:12], extra=fields(deployment_id=retiring,
+                                                       release=serving.release))
+    return serving
 
-    def deployment_of(port: int) -> int:
-        value = running[port].get("BLUEGREEN_DEPLOYMENT_ID", "0")
-        return int(value) if value.isdigit() else 0
 
+def choose(targets: Mapping[int, bool], running: Mapping[int, Mapping[str, str]],
+           retiring: int = 0) -> Serving | None:
+    """The running instances of the newest deployment whose instance a forwarder target new
+    connections reach (``targets``: each target's port, with whether it takes new connections)
+    runs; ``running``: each running instance's settings. The instances of deployment
+    ``retiring`` (a switch-back's) come last: kept only when nothing else is reached."""
     live = [port for port, taking in targets.items() if taking and port in running]
     if not live:
         return None
-    first = max(live, key=deployment_of)
-    newest, release = deployment_of(first), running[first].get("BLUEGREEN_RELEASE", "")
-    keep = [port for port, env in running.items() if newest and deployment_of(port) == newest
+    staying = [port for port in live if _deployment_of(running[port]) != retiring] if retiring else live
+    first = max(staying or live, key=lambda port: _deployment_of(running[port]))
+    newest, release = _deployment_of(running[first]), running[first].get("BLUEGREEN_RELEASE", "")
+    keep = [port for port, env in running.items() if newest and _deployment_of(env) == newest
             and env.get("BLUEGREEN_RELEASE", "") == release] or [first]
     return Serving.of(keep, release)
+
+
+def _deployment_of(env: Mapping[str, str]) -> int:
+    value = env.get("BLUEGREEN_DEPLOYMENT_ID", "0")
+    return int(value) if value.isdigit() else 0
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
@@ -94,6 +112,7 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
     await workers.stop(systemd, run_dir, keep=serving.port if serving is not None else None, app=app)
+    switchback.clear(run_dir, app)  # what serves is settled: no switch-back is under way
     if serving is None:
         return
     for port in serving.ports:  # it may have been draining when the controller stopped

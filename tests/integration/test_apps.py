@@ -285,3 +285,25 @@ def test_reload_adds_and_removes_an_app_and_refuses_a_shared_port(
     for app, before in (("default", production), ("staging", staging)):
         now = props(box, app)
         assert (now["ActiveRelease"], now["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+
+
+def test_reload_refuses_a_port_another_app_still_serves(box: Sandbox, repos: dict[str, App]) -> None:
+    """Staging moves off its port (that applies at its next deploy) and a new app takes the
+    port in the same reload: the new app would join staging's listeners, so nothing changes."""
+    staging = props(box, "staging")
+    box.write(STAGING_FILE, STAGING_CONFIG.replace(f"public = {STAGING_PORT}", "public = 5300"))
+    box.write("/etc/bluegreen/apps/beta.toml",
+              f'[repository]\nurl = "/srv/staging.git"\nwatch = false\n[ports]\npublic = {STAGING_PORT}\n')
+    try:
+        refused = box.run("systemctl", "reload", "bluegreen.service", check=False)
+        assert refused.returncode != 0
+        journal = box.journal("-u", "bluegreen.service", "-n", "20")
+        assert (f"beta.toml:5: ports.public: the app beta cannot take port {STAGING_PORT}: the app "
+                "staging still serves on it") in journal, journal
+        assert "beta" not in box.run("bluegreenctl", "apps").stdout
+        assert get(box, STAGING_PORT)["release"] == staging["ActiveRelease"]
+        assert http(box, "GET", "/", port=5300).status == 0
+    finally:
+        box.path("/etc/bluegreen/apps/beta.toml").unlink()
+        box.write(STAGING_FILE, STAGING_CONFIG)
+        box.run("systemctl", "reload", "bluegreen.service")

@@ -8,6 +8,7 @@ import pytest
 
 from bluegreen.log import MessageId
 from tests.integration.helpers import (
+    SCRIPTED_APP,
     App,
     Load,
     call,
@@ -21,6 +22,11 @@ from tests.integration.helpers import (
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
+
+# Healthy through the health step and the switch, then its health check fails: the watch
+# switches back.
+SOURS_AFTER_START = SCRIPTED_APP + (
+    "HEALTH = lambda: 'fine' if time.monotonic() - STARTED <= 2.5 else ('sour', 500)\n")
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +165,31 @@ def test_recovery_tries_again_after_a_failed_redeploy(box: Sandbox, app: App) ->
     assert props["ActiveRelease"] == before["ActiveRelease"]
     assert props["ActivePort"] != before["ActivePort"]
     assert public(box)["release"] == before["ActiveRelease"]
+
+
+def test_controller_killed_during_a_switch_back_keeps_the_old_release(box: Sandbox, app: App) -> None:
+    """SIGKILL while the switch-back's old forwarder starts (a second here): the new forwarder
+    still listens, so both releases have one, the new deployment the newer. The restarted
+    controller finishes the switch-back instead of keeping the release that failed its watch."""
+    box.run("systemctl", "start", "bluegreen.service")
+    before = wait_serving(box)
+    original = (app.work / "app.py").read_text()
+    sour = app.commit("Sours after the switch", {"app.py": SOURS_AFTER_START})
+    old_forwarder = f"bluegreen-forward@{before['ActivePort']}.service"
+    try:
+        with Load(box, "--fast", "3", "--slow", "1") as load:
+            deployment_id = call(box, "Deploy", "s", sour)
+            wait_step(box, deployment_id, "switch-back", timeout=60)
+            deadline = time.monotonic() + 10
+            while box.run("systemctl", "is-active", old_forwarder,
+                          check=False).stdout.strip() != "activating":
+                assert time.monotonic() < deadline, f"{old_forwarder} never started again"
+                time.sleep(0.02)
+            kill_controller(box)
+            assert_one_release_serves(box, before["ActiveRelease"])
+            assert public(box)["release"] == before["ActiveRelease"]
+        assert load.report["failed"] == 0, (load.report["failures_by_kind"], load.report["failures"][:5])
+        assert deployment(box, deployment_id)["state"] == "interrupted"
+        assert wait_serving(box)["ActivePort"] == before["ActivePort"]
+    finally:  # the next deploys take the branch's head: a healthy one
+        app.commit("Back to the healthy app", {"app.py": original})

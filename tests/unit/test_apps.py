@@ -85,3 +85,22 @@ def test_what_an_app_file_may_not_say(tmp_path: Path, text: str, message: str) -
     write(tmp_path / "apps" / "staging.toml", text)
     with pytest.raises(ConfigError, match=message):
         apps.load(tmp_path / "bluegreen.toml", tmp_path / "apps", environ={})
+
+
+def test_a_public_port_another_app_serves_is_refused_naming_both(tmp_path: Path) -> None:
+    """A moves from 5000 to 6000 (at its next deploy: 5000 still serves it) while B takes 5000."""
+    write(tmp_path / "bluegreen.toml", "[ports]\npublic = 6000\n")
+    write(tmp_path / "apps" / "beta.toml", "# beta\n[ports]\npublic = 5000\n")
+    configs = apps.load(tmp_path / "bluegreen.toml", tmp_path / "apps", environ={})
+    with pytest.raises(ConfigError, match=r"beta.toml:3: ports.public: the app beta cannot take port "
+                       r"5000: the app default still serves on it"):
+        apps.check_served_ports(configs, {"default": {5000}, "beta": set()})
+    apps.check_served_ports(configs, {"default": {6000}, "beta": {5000}})  # each its own
+    apps.check_served_ports(configs, {"default": set(), "beta": set()})  # nothing serves yet
+
+
+def test_the_user_of_a_port_is_another_app_serving_it() -> None:
+    served = {"default": {5000, 6000}, "beta": {5100}}
+    assert apps.port_user("beta", 6000, served) == "default"
+    assert apps.port_user("default", 6000, served) is None  # its own
+    assert apps.port_user("beta", 7000, served) is None

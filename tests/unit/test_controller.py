@@ -20,7 +20,7 @@ from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
-from bluegreen.history import Deployment, History, State, Step, Trigger
+from bluegreen.history import Deployment, History, State, Step, Trigger, finished
 from bluegreen.repository import Commit
 from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
@@ -600,3 +600,120 @@ def test_a_second_forwarder_that_fails_to_start_leaves_only_the_old_release_forw
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
     assert world.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
     assert world.controller.serving == Serving(OLD_PORT, OLD)
+
+
+def test_a_reload_refuses_a_public_port_another_app_still_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default app serves on 5000; its file moves it to 6000, which applies at its next
+    deploy, and a new app's file takes 5000 in the same reload: that app would join the
+    listeners that serve the default app."""
+    default = World(tmp_path, monkeypatch)
+    config_file = tmp_path / "bluegreen.toml"
+    config_file.write_text('[repository]\nurl = "/srv/app.git"\nwatch = false\n'
+                           "[ports]\npublic = 6000\n")
+    apps_dir = tmp_path / "apps"
+    apps_dir.mkdir()
+    (apps_dir / "beta.toml").write_text("[ports]\npublic = 5000\n")
+    manager = AppManager(default.systemd, replace(default.paths, config=config_file),  # type: ignore[arg-type]
+                         apps_dir)
+    manager.controllers["default"] = default.controller
+
+    with pytest.raises(ConfigError) as error:
+        asyncio.run(manager.reload())
+    message = str(error.value)
+    assert message.startswith(f"{apps_dir / 'beta.toml'}:2: ports.public: "), message
+    assert "the app beta" in message and "the app default" in message, message
+    assert list(manager.controllers) == ["default"]
+    assert default.controller.loaded.ports.public == 5000  # nothing changed
+    assert default.controller.config.ports.public == 5000
+
+
+def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = World(tmp_path, monkeypatch)
+    manager = AppManager(default.systemd, default.paths, tmp_path / "apps")  # type: ignore[arg-type]
+    manager.controllers["default"] = default.controller
+    beta_config = replace(default.controller.loaded, app_name="beta")  # public port 5000 too
+    beta = manager.add(beta_config)
+    World.patch(default, monkeypatch)  # the stand-ins for git, health and the forwarders
+    monkeypatch.setattr(beta.repository, "resolve", default.controller.repository.resolve)
+    monkeypatch.setattr(beta.deployer, "verifier", default.controller.deployer.verifier)
+    beta.releases.path(NEW).mkdir(parents=True)
+
+    async def scenario() -> Deployment:
+        record = await beta.request_deploy(NEW, Trigger.DBUS)
+        assert beta._task is not None
+        await beta._task
+        return beta.history.get(record.id)
+
+    record = asyncio.run(scenario())
+    assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
+    assert "the app default" in record.reason and "the app beta" in record.reason, record.reason
+    assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert default.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+
+
+@pytest.mark.parametrize("moment", ["old-forwarder-starting", "new-forwarders-draining"])
+def test_a_controller_killed_while_switching_back_keeps_the_old_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """The new release turned unhealthy in its watch, and the controller dies during the
+    switch-back: while the old forwarder's start job runs (it counts as a target already), or,
+    with two instances, while the first new forwarder drains and the second still listens.
+    Both releases then have a forwarder target, the new deployment the newer: the restarted
+    controller must finish the switch-back, not adopt the release it was leaving."""
+    first = World(tmp_path, monkeypatch)
+    old = first.controller.history.begin("main", Trigger.CLI, commit=OLD)  # deployment 1: OLD's
+    first.controller.history.save(finished(old, State.SUCCEEDED))
+    first.healthy = False
+    start, drain_stop = forwarder.start, forwarder.drain_stop
+    killed_here = asyncio.Event()
+
+    async def slow_start(systemd: FakeSystemd, run_dir: Path, port: int, *args: Any,
+                         **kwargs: Any) -> None:
+        if port == OLD_PORT:  # the switch-back's
+            systemd.units[forwarder.unit(port)] = "activating"
+            killed_here.set()
+            await asyncio.Event().wait()
+        await start(systemd, run_dir, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    async def slow_drain(systemd: FakeSystemd, run_dir: Path, port: int, timeout: float) -> None:
+        if port == 8002 and first.controller.current and first.controller.current.steps[-1].step \
+                == Step.SWITCH_BACK:
+            systemd.units[forwarder.unit(port)] = "deactivating"  # its stop job drains
+            killed_here.set()
+            await asyncio.Event().wait()
+        await drain_stop(systemd, run_dir, port, timeout)  # type: ignore[arg-type]
+
+    if moment == "old-forwarder-starting":
+        monkeypatch.setattr(forwarder, "start", slow_start)
+    else:
+        with_instances(first, 2)
+        monkeypatch.setattr(forwarder, "drain_stop", slow_drain)
+
+    async def until_killed() -> int:
+        record = await first.controller.request_deploy(NEW, Trigger.DBUS)
+        await killed_here.wait()
+        return record.id
+
+    dead = asyncio.new_event_loop()  # the controller's loop: it never runs again (SIGKILL)
+    deployment_id = dead.run_until_complete(until_killed())
+    monkeypatch.setattr(forwarder, "drain_stop", drain_stop)
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)  # its stand-in for start too
+
+    async def restarted() -> None:
+        controller = second.controller
+        await controller.start()
+        assert controller.serving == Serving(OLD_PORT, OLD)
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert controller.history.get(deployment_id).state == State.INTERRUPTED
+        await controller.stop()
+
+    asyncio.run(restarted())
+    assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert first.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    pending = asyncio.all_tasks(dead)  # the dead controller's: only so that none is left pending
+    for task in pending:
+        task.cancel()
+    dead.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    dead.close()
