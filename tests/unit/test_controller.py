@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import appenv, drainflag, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
@@ -588,3 +588,25 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_drains(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forwarder's drain steers new connections away from the instances whose drain flag is
+    up (forwardhook.py): one not flagged yet would take new connections while the one before
+    it drains, for as long as that takes."""
+    config = world.controller.config
+    world.controller.reload(replace(config, app=replace(config.app, instances=2)))
+    world.healthy = False  # the watch fails: back to the old release
+    flagged: list[list[int]] = []
+    drain_stop = forwarder.drain_stop
+
+    async def drain_stop_seen(systemd: Any, run_dir: Path, port: int, timeout: float) -> None:
+        if port != OLD_PORT:
+            flagged.append([new for new in (8002, 8003) if drainflag.path(run_dir, new).exists()])
+        await drain_stop(systemd, run_dir, port, timeout)
+
+    monkeypatch.setattr(forwarder, "drain_stop", drain_stop_seen)
+    record = asyncio.run(world.deploy())
+    assert record.state == State.SWITCHED_BACK, record
+    assert flagged == [[8002, 8003], [8002, 8003]]
