@@ -478,7 +478,8 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
         # The last one that takes traffic stays, sick or not.
         await controller.pool.take_out(8002, "killed")
         assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
-        # Restarted and healthy again: back on the public port.
+        # Restarted and healthy again: back on the public port (once its forwarder stopped).
+        await controller.pool.settled()
         systemd.units[instances.unit(8003)] = "active"
         await controller.pool.probed(8003, health.Probe(True, "HTTP 200"))
         assert controller.pool.out() == []
