@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from bluegreen import cgroup, drainflag, reuseport, sockdiag
+from bluegreen import cgroup, reuseport, sockdiag
 
 POLL = 0.02
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
@@ -83,10 +83,14 @@ def _present(port: int, address: str) -> list[int]:
     return [sock.inode for sock in sockdiag.listeners(port) if sock.local_address == address]
 
 
+def drain_flag(target: int) -> Path:
+    """drainflag.path, without the imports of the controller's logging it brings."""
+    return RUN_DIR / "instances" / f"{target}.drain"
+
+
 def _retired(group: reuseport.Group) -> set[int]:
     """The instances the group's forwarders carry to that are being retired (drain flag)."""
-    return {target for target in group.targets.values()
-            if drainflag.path(RUN_DIR, target).exists()}
+    return {target for target in group.targets.values() if drain_flag(target).exists()}
 
 
 def _member_copy(group: reuseport.Group) -> socket.socket | None:

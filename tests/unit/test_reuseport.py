@@ -159,6 +159,10 @@ def _listener(forwarder: Forwarder) -> tuple[sockdiag.TcpSocket, int]:
     return sock, fds[sock.inode]
 
 
+def test_the_hook_reads_the_drain_flags_the_controller_writes(run_dir: Path) -> None:
+    assert forwardhook.drain_flag(8001) == drainflag.path(run_dir, 8001)
+
+
 def test_a_listener_that_leaves_is_replaced_by_the_last() -> None:
     group = Group([1, 2, 3, 4])
     group.leave(2)
