@@ -157,7 +157,9 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
         try:
             with records().port(port) as groups:
                 group = groups.setdefault(sock.local_address, reuseport.Group())
-                group.reconcile(_present(port, sock.local_address))
+                # Its own arrival is known: what else changed unseen came before it.
+                group.reconcile([inode for inode in _present(port, sock.local_address)
+                                 if inode != sock.inode])
                 group.join(sock.inode)
                 group.targets[sock.inode], group.owners[sock.inode] = target, pid
                 done.append(steer(group, via=copy))

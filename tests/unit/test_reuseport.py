@@ -159,6 +159,21 @@ def _listener(forwarder: Forwarder) -> tuple[sockdiag.TcpSocket, int]:
     return sock, fds[sock.inode]
 
 
+def test_a_forwarder_that_listened_before_the_record_is_learnt_at_the_next_start() -> None:
+    """As after an upgrade: the old forwarder's listener was never recorded. The new one's
+    start hook learns it, and knows its own arrival came after."""
+    old = Forwarder(0)
+    new = Forwarder(old.port)
+    try:
+        forwardhook.joined(new.pid, new.port, 8002)
+        with forwardhook.records().port(old.port) as groups:
+            group = groups["127.0.0.1"]
+            assert (group.slots, group.exact) == ([old.inode, new.inode], True)
+    finally:
+        old.stop()
+        new.stop()
+
+
 def test_the_hook_reads_the_drain_flags_the_controller_writes(run_dir: Path) -> None:
     assert forwardhook.drain_flag(8001) == drainflag.path(run_dir, 8001)
 
