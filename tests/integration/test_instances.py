@@ -82,6 +82,11 @@ def test_deploys_under_load_fail_no_request_and_spread_it(box: Sandbox, app: App
     assert sorted(map(int, by_version[str(app.version)])) == ports
     assert forwarders(box) == [f"bluegreen-forward@{port}.service" for port in ports]
     assert public(box)["version"] == str(app.version)
+    # Each deploy's first old forwarder steered as it closed to the two new ones alone: not to
+    # the other old one, whose instance's drain flag was up, though it drained only after.
+    hooks = box.journal("-u", "bluegreen-forward@*", "-o", "cat")
+    assert hooks.count("new connections go to 2 of the 4 listeners") == DEPLOYS, hooks[-3000:]
+    assert "not steered" not in hooks and "slot is not known" not in hooks, hooks[-3000:]
 
 
 def failed_when_killed(box: Sandbox, port: int) -> dict[str, Any]:
