@@ -342,8 +342,9 @@ class Deployer:
             await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
                                   self.config.forwarder, app=self.config.app_name)
         try:
-            for new_port in new_ports:
+            for new_port in new_ports:  # before any drain: it steers away from them all
                 drainflag.put(self.run_dir, new_port)
+            for new_port in new_ports:
                 await forwarder.drain_stop(self.systemd, self.run_dir, new_port,
                                            self.config.drain_timeout)
         finally:

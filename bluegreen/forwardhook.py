@@ -1,5 +1,9 @@
-"""The stop hook of bluegreen-forward@.service (ExecStop=+: root, in the forwarder's cgroup).
+"""The hooks of bluegreen-forward@.service (ExecStartPost=+ and ExecStop=+: root, in the
+forwarder's cgroup).
 
+``joined MAINPID PUBLIC_PORT TARGET``
+    Once socat listens, record its listener in the public port's SO_REUSEPORT group and set the
+    group's steering program again (see reuseport.py).
 ``drain MAINPID TIMEOUT``
     Close socat's listening socket from the kernel side, then return once every other process
     of the unit (socat's per-connection children) has finished, or after TIMEOUT seconds;
@@ -8,21 +12,22 @@
 socat accepts a connection and only then forks the child that serves it. A signal to socat
 between the two would kill the only holder of that connection and reset its client, so the
 listener is closed without touching socat: a sock_diag SOCK_DESTROY of that one socket (what
-``ss -K`` does; CAP_NET_ADMIN). The kernel moves the connections still queued on it to the
-new forwarder's listener (net.ipv4.tcp_migrate_req=1); socat forks for the connection it holds,
+``ss -K`` does; CAP_NET_ADMIN). The kernel moves the connections still queued on it to another
+listener of the port (net.ipv4.tcp_migrate_req=1); socat forks for the connection it holds,
 if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
 
 Only the listeners socat's main process holds are closed, found by their inodes in
-/proc/MAINPID/fd: the new forwarder listens on the same port (SO_REUSEPORT). Before that, new
-connections are steered to the new listener through a copy of socat's descriptor (pidfd_getfd
-and a one-instruction reuseport BPF program, see sockdiag.prefer_last_joined): a listener
-closed while the kernel completes a handshake on it can lose that connection, and a moment
-later it has none left. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the
-listener is shut down through that copy (shutdown(SHUT_RD)), which closes it the same way.
-Only if both fail does socat get a SIGTERM, as before, and the journal says so.
-The steering program stays with the port's listeners: when several are left (a forwarder per
-instance, app.instances > 1), a copy of one of theirs makes the kernel spread new connections
-among them by its hash again.
+/proc/MAINPID/fd: the other forwarders listen on the same port (SO_REUSEPORT). Before that, new
+connections are steered away from it through a copy of socat's descriptor (pidfd_getfd and
+the group's program, see reuseport.py): a listener closed while the kernel completes a
+handshake on it can lose that connection, and a moment later it has none left. The program
+gives new connections to the listeners that should have them: not one closing, nor one whose
+instance is being retired (its drain flag is up: the old release, while its forwarders drain
+one after the other), hashing across them when there are several. Right after the close the
+kernel has moved the group's last listener into the slot left, and the program is set again
+to follow it. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) the listener is
+shut down through that copy (shutdown(SHUT_RD)), which closes it the same way. Only if both
+fail does socat get a SIGTERM, as before, and the journal says so.
 
 Kept free of heavy imports: it starts on every switch.
 """
@@ -36,11 +41,17 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
-from bluegreen import cgroup, sockdiag
+from bluegreen import cgroup, reuseport, sockdiag
 
 POLL = 0.02
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
+RUN_DIR = Path("/run/bluegreen")  # the controller's: forwarder.env, the drain flags
+
+
+def records() -> reuseport.Records:
+    return reuseport.Records(RUN_DIR / "reuseport")
 
 
 def log(message: str) -> None:
@@ -67,9 +78,100 @@ def copy_socket(pid: int, fd: int) -> socket.socket:
     return sock
 
 
+def _present(port: int, address: str) -> list[int]:
+    """The listeners of the group of ``port`` on ``address`` now, by inode."""
+    return [sock.inode for sock in sockdiag.listeners(port) if sock.local_address == address]
+
+
+def drain_flag(target: int) -> Path:
+    """drainflag.path, without the imports of the controller's logging it brings."""
+    return RUN_DIR / "instances" / f"{target}.drain"
+
+
+def _retired(group: reuseport.Group) -> set[int]:
+    """The instances the group's forwarders carry to that are being retired (drain flag)."""
+    return {target for target in group.targets.values() if drain_flag(target).exists()}
+
+
+def _member_copy(group: reuseport.Group) -> socket.socket | None:
+    """A copy of a listener of ``group``, to set its program through; its recorded owner is
+    asked first, then every process."""
+    wanted = [inode for inode in group.slots if inode not in group.closing] or group.slots
+    for inode in wanted:
+        pid = group.owners.get(inode)
+        with contextlib.suppress(OSError, KeyError):
+            if pid:
+                return copy_socket(pid, sockdiag.socket_fds(pid)[inode])
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fds = sockdiag.socket_fds(name)
+        except OSError:
+            continue
+        for inode in fds.keys() & set(wanted):
+            with contextlib.suppress(OSError):
+                return copy_socket(int(name), fds[inode])
+    return None
+
+
+def steer(group: reuseport.Group, via: socket.socket | None = None) -> str:
+    """Attach the program for ``group`` as it is now (through ``via``, a copy of one of its
+    listeners, or one found); return what it does (for the journal)."""
+    retired = _retired(group)
+    code = group.program(retired)
+    copy = via or _member_copy(group)
+    if copy is None:
+        raise OSError(errno.ESRCH, "no listener of the group found to set its program through")
+    try:
+        sockdiag.attach_reuseport_program(copy, code)
+    finally:
+        if via is None:
+            copy.close()
+    if not group.exact:
+        return f"the kernel's hash picks among the {len(group.slots)} listeners " \
+               "(which holds which slot is not known)"
+    receiving = len(group.weights(retired))
+    return f"new connections go to {receiving} of the {len(group.slots)} listeners"
+
+
+def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
+    """The forwarder ``pid`` to instance ``target`` has started: once it listens on ``port``,
+    record its listener in the group and attach the group's program, which otherwise knows
+    nothing of it (the last slot, unused) or, left from a drain, sends it every connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fds = sockdiag.socket_fds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return "the forwarder has exited"
+        mine = sockdiag.held_by(sockdiag.listeners(port), fds)
+        if mine:
+            break
+        if time.monotonic() >= deadline:
+            return f"the forwarder does not listen on port {port} after {timeout:g} s"
+        time.sleep(POLL)
+    done = []
+    for sock in mine:
+        copy = copy_socket(pid, fds[sock.inode])
+        try:
+            with records().port(port) as groups:
+                group = groups.setdefault(sock.local_address, reuseport.Group())
+                # Its own arrival is known: what else changed unseen came before it.
+                group.reconcile([inode for inode in _present(port, sock.local_address)
+                                 if inode != sock.inode])
+                group.join(sock.inode)
+                group.targets[sock.inode], group.owners[sock.inode] = target, pid
+                done.append(steer(group, via=copy))
+        finally:
+            copy.close()
+    return "; ".join(done)
+
+
 def steer_away(pid: int, sock: sockdiag.TcpSocket, fd: int) -> tuple[socket.socket | None, str]:
-    """Send new connections to the newest forwarder's listener rather than to ``sock``, ``fd``
-    of ``pid``, then give the handshakes already begun on it sockdiag.STEER_GRACE to complete.
+    """Send new connections to the listeners that should have them rather than to ``sock``,
+    ``fd`` of ``pid``, then give the handshakes already begun on it sockdiag.STEER_GRACE to
+    complete.
 
     Returns a copy of the listener (None if it could not be had) and what was done.
     """
@@ -77,33 +179,56 @@ def steer_away(pid: int, sock: sockdiag.TcpSocket, fd: int) -> tuple[socket.sock
         copy = copy_socket(pid, fd)
     except OSError as exc:
         return None, f"not steered ({exc.strerror})"
-    group = [other for other in sockdiag.listeners(sock.local_port)
-             if (other.family, other.local_address, other.uid) == (sock.family, sock.local_address, sock.uid)]
     try:
-        sockdiag.prefer_last_joined(copy, len(group))
+        with records().port(sock.local_port) as groups:
+            group = groups.setdefault(sock.local_address, reuseport.Group())
+            group.reconcile(_present(sock.local_port, sock.local_address))
+            group.closing.add(sock.inode)
+            how = steer(group, via=copy)
     except OSError as exc:
         return copy, f"not steered ({exc.strerror})"
     time.sleep(sockdiag.STEER_GRACE)
-    return copy, "new connections steered to the new listener"
+    return copy, how
+
+
+def _close(sock: sockdiag.TcpSocket, copy: socket.socket | None) -> str:
+    """Close listener ``sock``: destroy it, or else shut it down through ``copy``."""
+    try:
+        sockdiag.destroy(sock)
+        return "destroyed (sock_diag)"
+    except OSError as exc:
+        destroy_error = exc.strerror or str(exc)
+    if copy is None:
+        raise OSError(errno.EPERM, f"SOCK_DESTROY: {destroy_error}; no copy of the listener "
+                                   "to shut down")
+    try:
+        copy.shutdown(socket.SHUT_RD)
+    except OSError as exc:
+        raise OSError(exc.errno, f"SOCK_DESTROY: {destroy_error}; shutdown: {exc.strerror}") from None
+    return f"shut down through a copy (SOCK_DESTROY failed: {destroy_error})"
 
 
 def close_listener(pid: int, sock: sockdiag.TcpSocket, fd: int) -> str:
-    """Close one listener of ``pid`` without signalling it; return how (for the journal)."""
+    """Close one listener of ``pid`` without signalling it; return how (for the journal).
+
+    The group's slots are read just before the close and its program set again right after,
+    under the record's lock: the kernel has moved the last listener into the slot this one
+    leaves, and the program must follow it."""
     copy, how = steer_away(pid, sock, fd)
     try:
-        try:
-            sockdiag.destroy(sock)
-            return f"{how}, then destroyed (sock_diag)"
-        except OSError as exc:
-            destroy_error = exc.strerror or str(exc)
-        if copy is None:
-            raise OSError(errno.EPERM, f"SOCK_DESTROY: {destroy_error}; no copy of the listener "
-                                       "to shut down")
-        try:
-            copy.shutdown(socket.SHUT_RD)
-        except OSError as exc:
-            raise OSError(exc.errno, f"SOCK_DESTROY: {destroy_error}; shutdown: {exc.strerror}") from None
-        return f"{how}, then shut down through a copy (SOCK_DESTROY failed: {destroy_error})"
+        with records().port(sock.local_port) as groups:
+            group = groups.setdefault(sock.local_address, reuseport.Group())
+            group.reconcile(_present(sock.local_port, sock.local_address))
+            closed = _close(sock, copy)
+            group.leave(sock.inode)
+            group.reconcile(_present(sock.local_port, sock.local_address))
+            after = ""
+            if group.slots:
+                try:
+                    after = f"; {steer(group)}"
+                except OSError as exc:
+                    after = f"; the program of the listeners left is not set ({exc.strerror})"
+        return f"{how}, then {closed}{after}"
     finally:
         if copy is not None:
             copy.close()
@@ -123,35 +248,6 @@ def close_listeners(pid: int, done: set[int]) -> None:
         how = close_listener(pid, sock, fds[sock.inode])
         done.add(sock.inode)
         log(f"listener {sock.local_address}:{sock.local_port} (socket {sock.inode}) {how}")
-        spread_again(sock.local_port, pid)
-
-
-def spread_again(port: int, closed_by: int) -> None:
-    """With several listeners left on ``port``, undo the steering: they share new connections
-    by the kernel's hash again. Any one of them will do (the program belongs to the group)."""
-    left = {sock.inode for sock in sockdiag.listeners(port)}
-    if len(left) < 2:
-        return  # with one, the kernel already falls back to its hash
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == closed_by:
-            continue
-        try:
-            fds = sockdiag.socket_fds(name)
-        except OSError:
-            continue
-        for inode in fds.keys() & left:
-            try:
-                copy = copy_socket(int(name), fds[inode])
-            except OSError:
-                continue
-            try:
-                sockdiag.spread_by_hash(copy)
-            except OSError as exc:
-                log(f"the listeners left on port {port} stay steered ({exc.strerror})")
-            finally:
-                copy.close()
-            log(f"the {len(left)} listeners left on port {port} share new connections again")
-            return
 
 
 def drain(main_pid: int, timeout: float) -> int:
@@ -183,15 +279,24 @@ def drain(main_pid: int, timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: python3 -m bluegreen.forwardhook drain MAINPID TIMEOUT"
-    if len(argv) != 3 or argv[0] != "drain":
-        print(usage, file=sys.stderr)
-        return 2
+    usage = ("usage: python3 -m bluegreen.forwardhook drain MAINPID TIMEOUT\n"
+             "       python3 -m bluegreen.forwardhook joined MAINPID PUBLIC_PORT TARGET_PORT")
     try:
-        main_pid, number = int(argv[1]), float(argv[2])
+        if len(argv) == 3 and argv[0] == "drain":
+            main_pid, number = int(argv[1]), float(argv[2])
+        elif len(argv) == 4 and argv[0] == "joined":
+            main_pid, public_port, target = int(argv[1]), int(argv[2]), int(argv[3])
+        else:
+            raise ValueError(argv)
     except ValueError:
         print(usage, file=sys.stderr)
         return 2
+    if argv[0] == "joined":
+        try:
+            log(f"listening on port {public_port}: {joined(main_pid, public_port, target)}")
+        except OSError as exc:  # the forwarder serves all the same, steered or not
+            log(f"the listeners of port {public_port} are not steered ({exc.strerror or exc})")
+        return 0
     started = time.monotonic()
     left = drain(main_pid, number)
     took = time.monotonic() - started

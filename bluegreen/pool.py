@@ -2,8 +2,9 @@
 
 With app.instances > 1 every instance has a forwarder of its own on the public port. When one
 dies (systemd says its unit left "active", or it failed ``unhealthy_threshold`` checks in a
-row), its forwarder is drain-stopped at once: new connections go to the others while systemd
-restarts it (the unit's Restart=). Once it passes a health check again, its forwarder starts
+row), its forwarder is drain-stopped at once, in the background (the health monitor that
+reported it goes on checking the others meanwhile): new connections go to the others while
+systemd restarts it (the unit's Restart=). Once it passes a health check again, its forwarder starts
 again. The last instance that takes traffic is never taken out: with nothing else to carry
 it, the health monitor and its recovery take over, as with one instance.
 """
@@ -40,6 +41,7 @@ class Pool:
         self.serving: Serving | None = None
         self.members: dict[int, Member] = {}
         self.failures: dict[int, int] = {}
+        self.draining: dict[int, asyncio.Task[None]] = {}  # forwarders being stopped
         self._lock = asyncio.Lock()
 
     def reset(self, serving: Serving | None, out: Iterable[int] = ()) -> None:
@@ -75,6 +77,10 @@ class Pool:
                                 f"{result.reason}")
 
     async def take_out(self, port: int, why: str) -> None:
+        """Take the instance on ``port`` out of the public port; return once that is decided.
+
+        Its forwarder's drain (up to drain_timeout) goes on in the background: the health
+        monitor, which calls this, keeps checking the other instances meanwhile."""
         async with self._lock:
             if self.busy() or self.members.get(port) != Member.IN:
                 return
@@ -83,16 +89,35 @@ class Pool:
             self.members[port] = Member.OUT
             log.warning("taking the instance on port %d out of the public port: %s", port, why,
                         extra=fields(unit=instances.unit(port), port=port))
-            try:
-                await forwarder.drain_stop(self.systemd, self.run_dir, port,
-                                           self.config().drain_timeout)
-            except (SystemdError, forwarder.ForwarderError) as exc:
-                log.error("the forwarder to port %d is not stopped: %s", port, exc)
+            task = asyncio.create_task(self._drain(port), name=f"drain-{port}")
+            self.draining[port] = task
+            task.add_done_callback(lambda done: self._drained(port, done))
+
+    async def _drain(self, port: int) -> None:
+        try:
+            await forwarder.drain_stop(self.systemd, self.run_dir, port,
+                                       self.config().drain_timeout)
+        except (SystemdError, forwarder.ForwarderError) as exc:
+            log.error("the forwarder to port %d is not stopped: %s", port, exc)
+
+    def _drained(self, port: int, task: asyncio.Task[None]) -> None:
+        if self.draining.get(port) is task:
+            del self.draining[port]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the drain of the forwarder to port %d failed", port,
+                      exc_info=task.exception())
+
+    async def settled(self) -> None:
+        """Wait for the drains under way."""
+        while self.draining:
+            await asyncio.wait(list(self.draining.values()))
 
     async def put_back(self, port: int) -> None:
         async with self._lock:
             if self.busy() or self.members.get(port) != Member.OUT:
                 return
+            if port in self.draining:
+                return  # its forwarder is still stopping: at a later check
             if await instances.failure(self.systemd, port):
                 return  # answered, but its unit is on its way out
             config = self.config()

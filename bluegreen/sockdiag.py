@@ -4,7 +4,7 @@ The kernel filters by state and port (inet_diag bytecode), so a question costs t
 twenty thousand TIME_WAIT sockets around as with none; /proc/net/tcp would list them all.
 Used to pick a free port, to see that a new forwarder listens, to count the connections an old
 instance still serves, and to close an old forwarder's listener from the kernel side (destroy)
-once new connections go to the new one (prefer_second_listener).
+once new connections go elsewhere (attach_reuseport_program, see reuseport.py).
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ def _return(index: int) -> bytes:
 
 
 _SECOND_LISTENER = _return(1)
-# BPF_RET | BPF_K with an index no group has: the kernel picks by its hash, as without a program.
-_BY_HASH = struct.pack("=HBBI", 0x06, 0, 0, 0xFFFFFFFF)
 _RTATTR = struct.Struct("=HH")
 _OP = struct.Struct("=BBH")
 
@@ -232,33 +230,14 @@ def prefer_second_listener(sock: socket.socket) -> None:
     request), then inet_csk_reqsk_queue_add finds it closed and drops the new connection.
     Once no new connection reaches the old listener, a moment later it has no handshake left.
     """
-    _attach(sock, _SECOND_LISTENER)
+    attach_reuseport_program(sock, _SECOND_LISTENER)
 
 
-def prefer_last_joined(sock: socket.socket, group_size: int) -> None:
-    """Make the SO_REUSEPORT group of listening ``sock``, of ``group_size`` listeners, give
-    every new connection to the one that joined it last: prefer_second_listener for a group of
-    any size (several instances: the old forwarders, then the new ones).
-
-    The kernel keeps a group's listeners in an array in the order they joined, and fills the
-    slot of one that leaves with the last one. At a switch every new listener joined after
-    every old one, so while the old ones leave, one by one, the last slot holds a new listener
-    as long as the new ones are at least as many. "The second" would be an old listener there,
-    possibly the one closing, which then takes every new connection while it closes.
-    """
-    _attach(sock, _return(max(group_size - 1, 0)))
-
-
-def spread_by_hash(sock: socket.socket) -> None:
-    """Make the SO_REUSEPORT group of listening ``sock`` spread new connections by the
-    kernel's hash again, undoing prefer_second_listener: for a group that keeps several
-    listeners after a switch (one forwarder per instance, app.instances > 1)."""
-    _attach(sock, _BY_HASH)
-
-
-def _attach(sock: socket.socket, instruction: bytes) -> None:
-    code = array.array("B", instruction)
-    program = struct.pack("@HP", 1, code.buffer_info()[0])  # struct sock_fprog: length, filter
+def attach_reuseport_program(sock: socket.socket, code: bytes) -> None:
+    """Set the classic BPF program (instructions of 8 bytes, see reuseport.program) of the
+    SO_REUSEPORT group of listening ``sock``."""
+    buffer = array.array("B", code)
+    program = struct.pack("@HP", len(code) // 8, buffer.buffer_info()[0])  # struct sock_fprog
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
 
 

@@ -82,6 +82,11 @@ def test_deploys_under_load_fail_no_request_and_spread_it(box: Sandbox, app: App
     assert sorted(map(int, by_version[str(app.version)])) == ports
     assert forwarders(box) == [f"bluegreen-forward@{port}.service" for port in ports]
     assert public(box)["version"] == str(app.version)
+    # Each deploy's first old forwarder steered as it closed to the two new ones alone: not to
+    # the other old one, whose instance's drain flag was up, though it drained only after.
+    hooks = box.journal("-u", "bluegreen-forward@*", "-o", "cat")
+    assert hooks.count("new connections go to 2 of the 4 listeners") == DEPLOYS, hooks[-3000:]
+    assert "not steered" not in hooks and "slot is not known" not in hooks, hooks[-3000:]
 
 
 def failed_when_killed(box: Sandbox, port: int) -> dict[str, Any]:
@@ -120,7 +125,9 @@ def test_a_killed_instance_costs_fewer_requests_with_two(box: Sandbox, app: App)
     with Load(box, "--fast", "4", "--slow", "0") as load:
         time.sleep(3.0)
     back = {key.partition("@")[2] for key in load.report["instances"]}
-    assert str(victim) in back, load.report["instances"]
+    # Both again: the forwarder started last joined the port's last slot, where the steering
+    # program of its drain pointed.
+    assert back == {str(port) for port in two}, load.report["instances"]
 
     # The same release on one instance: app.instances applies from the next deploy.
     app.commit("One instance", {"INSTANCES": "1\n"})

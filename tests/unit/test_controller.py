@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import appenv, drainflag, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
@@ -478,7 +478,8 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
         # The last one that takes traffic stays, sick or not.
         await controller.pool.take_out(8002, "killed")
         assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
-        # Restarted and healthy again: back on the public port.
+        # Restarted and healthy again: back on the public port (once its forwarder stopped).
+        await controller.pool.settled()
         systemd.units[instances.unit(8003)] = "active"
         await controller.pool.probed(8003, health.Probe(True, "HTTP 200"))
         assert controller.pool.out() == []
@@ -717,3 +718,25 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
         task.cancel()
     dead.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     dead.close()
+
+
+def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_drains(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forwarder's drain steers new connections away from the instances whose drain flag is
+    up (forwardhook.py): one not flagged yet would take new connections while the one before
+    it drains, for as long as that takes."""
+    config = world.controller.config
+    world.controller.reload(replace(config, app=replace(config.app, instances=2)))
+    world.healthy = False  # the watch fails: back to the old release
+    flagged: list[list[int]] = []
+    drain_stop = forwarder.drain_stop
+
+    async def drain_stop_seen(systemd: Any, run_dir: Path, port: int, timeout: float) -> None:
+        if port != OLD_PORT:
+            flagged.append([new for new in (8002, 8003) if drainflag.path(run_dir, new).exists()])
+        await drain_stop(systemd, run_dir, port, timeout)
+
+    monkeypatch.setattr(forwarder, "drain_stop", drain_stop_seen)
+    record = asyncio.run(world.deploy())
+    assert record.state == State.SWITCHED_BACK, record
+    assert flagged == [[8002, 8003], [8002, 8003]]

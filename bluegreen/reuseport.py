@@ -1,0 +1,193 @@
+"""The SO_REUSEPORT group of the public port: which listener sits in which slot, and the
+classic BPF program that gives new connections to the listeners that should have them.
+
+Every forwarder listens on the public port in one SO_REUSEPORT group (one per port and
+address). The kernel keeps the group's listeners in an array: a listener that joins takes the
+next slot, and when one leaves, the LAST one moves into its slot (reuseport_detach_sock). A
+program attached with SO_ATTACH_REUSEPORT_CBPF returns a slot index for each new connection; an
+index past the end makes the kernel pick by its own hash, as it does without a program. The
+program belongs to the group: any member's descriptor sets it, and it stays until replaced or
+until the group is empty.
+
+The kernel does not say which listener holds which slot, so the group is followed here from the
+moves it makes (``join``, ``leave``) and kept in a small record next to the forwarders' settings
+(``Records``), which every process that changes the group updates under a lock. What the record
+cannot have seen (a forwarder that crashed, one started before the record existed) is made up
+from the kernel's list of listeners (``reconcile``): one unseen departure or one unseen arrival
+is still exact; more and the slots are no longer known, and the group falls back to the
+kernel's hash until it empties.
+
+``program`` is the whole policy: from the slots and a weight for each listener that should
+receive (equal weights: hash across them; unequal: a share each, as a canary needs), one
+program. After every change of membership, and when a listener starts closing, it is computed
+again and attached.
+
+Kept free of heavy imports: the forwarder's hooks use it on every start and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import struct
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Classic BPF opcodes (linux/filter.h) and the ancillary load of the packet's flow hash.
+_LD_W_ABS = 0x20
+_ALU_MOD_K = 0x94
+_JMP_JGE_K = 0x35
+_RET_K = 0x06
+_RET_A = 0x16
+_SKF_AD_RXHASH = -0x1000 + 32
+_BY_KERNEL_HASH = 0xFFFFFFFF  # an index no group has
+# A classic BPF program has at most BPF_MAXINSNS (4096) instructions: two per listener here.
+MAX_RECEIVERS = 2000
+
+
+def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+def program(slots: Sequence[int], weights: Mapping[int, int]) -> bytes:
+    """The cBPF program that gives new connections to the listeners of ``slots`` (slot order)
+    with a positive weight, each in proportion to it.
+
+    No such listener: the kernel's hash over the whole group (as with no program). All of them,
+    equal weights: the same. One: every connection to its slot. Several: the packet's flow hash
+    (skb->hash; a connection's SYNs share it) modulo the total weight picks one: with a weight
+    in percent, a listener takes that share. A packet without a hash (0: a NIC that computes
+    none, no RPS) goes to the first of them, still one that should receive.
+    """
+    receiving = [(slot, weights[member]) for slot, member in enumerate(slots)
+                 if weights.get(member, 0) > 0]
+    if len(receiving) > MAX_RECEIVERS:
+        raise ValueError(f"{len(receiving)} listeners are more than one program can pick from")
+    if not receiving or (len(receiving) == len(slots) and len({w for _, w in receiving}) == 1):
+        return _insn(_RET_K, _BY_KERNEL_HASH)
+    if len(receiving) == 1:
+        return _insn(_RET_K, receiving[0][0])
+    total = sum(weight for _, weight in receiving)
+    code = [_insn(_LD_W_ABS, _SKF_AD_RXHASH), _insn(_ALU_MOD_K, total)]
+    bound = 0
+    for slot, weight in receiving[:-1]:
+        bound += weight
+        code += [_insn(_JMP_JGE_K, bound, jt=1), _insn(_RET_K, slot)]  # below bound: this one
+    code.append(_insn(_RET_K, receiving[-1][0]))
+    return b"".join(code)
+
+
+def instructions(code: bytes) -> int:
+    return len(code) // 8
+
+
+@dataclass
+class Group:
+    """The listeners of one SO_REUSEPORT group (by inode), in the slots the kernel has them.
+
+    ``targets``: the instance port each forwarder carries to (known from its start hook);
+    ``owners``: the process that holds each listener; ``closing``: listeners on their way out.
+    ``exact`` is False once the slots can no longer be known (see reconcile)."""
+
+    slots: list[int] = field(default_factory=list)
+    targets: dict[int, int] = field(default_factory=dict)
+    owners: dict[int, int] = field(default_factory=dict)
+    closing: set[int] = field(default_factory=set)
+    exact: bool = True
+
+    def join(self, inode: int) -> None:
+        if inode not in self.slots:
+            self.slots.append(inode)
+
+    def leave(self, inode: int) -> None:
+        """The kernel's move: the last listener takes the slot of the one that leaves."""
+        if inode not in self.slots:
+            return
+        index = self.slots.index(inode)
+        last = self.slots.pop()
+        if index < len(self.slots):
+            self.slots[index] = last
+        for known in (self.targets, self.owners):
+            known.pop(inode, None)
+        self.closing.discard(inode)
+
+    def reconcile(self, present: Collection[int]) -> None:
+        """Bring the slots in line with the listeners the kernel lists now (``present``).
+
+        Departures and arrivals not seen here are applied as the kernel did them: exact for
+        one of each (an unseen departure before an unseen arrival, as when systemd restarts a
+        forwarder that died). With more, their order is unknown, and so are the slots. An empty
+        group starts afresh: the kernel frees it with its program.
+        """
+        if not present:
+            self.slots, self.targets, self.owners = [], {}, {}
+            self.closing, self.exact = set(), True
+            return
+        gone = [inode for inode in self.slots if inode not in present]
+        new = [inode for inode in present if inode not in self.slots]
+        if len(gone) > 1 or len(new) > 1:
+            self.exact = False
+        for inode in gone:
+            self.leave(inode)
+        for inode in new:
+            self.join(inode)
+
+    def weights(self, retired: Collection[int] = ()) -> dict[int, int]:
+        """Who should receive: not a closing listener, nor one to a ``retired`` instance (one
+        whose release is draining); if that leaves nobody, any listener not closing."""
+        open_ = [inode for inode in self.slots if inode not in self.closing]
+        wanted = [inode for inode in open_ if self.targets.get(inode) not in retired]
+        return dict.fromkeys(wanted or open_, 1)
+
+    def program(self, retired: Collection[int] = ()) -> bytes:
+        if not self.exact:
+            return _insn(_RET_K, _BY_KERNEL_HASH)
+        return program(self.slots, self.weights(retired))
+
+    def to_json(self) -> dict[str, object]:
+        return {"slots": self.slots, "targets": {str(k): v for k, v in self.targets.items()},
+                "owners": {str(k): v for k, v in self.owners.items()},
+                "closing": sorted(self.closing), "exact": self.exact}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Group:
+        def table(name: str) -> dict[int, int]:
+            raw = data.get(name) or {}
+            assert isinstance(raw, dict)
+            return {int(k): int(v) for k, v in raw.items()}
+
+        slots = data.get("slots") or []
+        closing = data.get("closing") or []
+        assert isinstance(slots, list) and isinstance(closing, list)
+        return cls([int(i) for i in slots], table("targets"), table("owners"),
+                   {int(i) for i in closing}, bool(data.get("exact", True)))
+
+
+class Records:
+    """The groups of the public ports, one file per port (each group by its address), read and
+    written under an exclusive lock: the hooks of several forwarders run at once."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @contextlib.contextmanager
+    def port(self, port: int) -> Iterator[dict[str, Group]]:
+        """The groups of ``port`` by address, written back when the block ends without error."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{port}.json"
+        with open(path, "a+", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            try:
+                raw = json.loads(handle.read() or "{}")
+                groups = {address: Group.from_json(data) for address, data in raw.items()}
+            except (ValueError, AssertionError, AttributeError, TypeError):
+                # Unreadable: what it said is lost, so nothing is known of the slots.
+                groups = {}
+            yield groups
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({address: group.to_json()
+                                     for address, group in groups.items() if group.slots}))
