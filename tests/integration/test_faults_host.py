@@ -27,8 +27,9 @@ pytestmark = pytest.mark.integration
 # Three ports: the serving instance, the next one, and one for a stranger.
 RANGE = "8000-8002"
 GRAB_FLAG = "/etc/bluegreen-test-grab-next-port"
-GRAB = f"""[Service]
-ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
+# Run by the instance's socket unit just before it binds the port.
+GRAB = f"""[Socket]
+ExecStartPre=/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
     systemd-run --unit=stranger-%i /usr/bin/python3 -m http.server --bind 127.0.0.1 %i; sleep 1; fi'
 """
 
@@ -36,7 +37,7 @@ ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
     def grabbing_drop_in() -> None:
-        box.write("/etc/systemd/system/bluegreen-app@.service.d/grab.conf", GRAB)
+        box.write("/etc/systemd/system/bluegreen-app@.socket.d/grab.conf", GRAB)
         box.run("systemctl", "daemon-reload")
 
     return serving_app(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
@@ -76,9 +77,10 @@ def test_a_killed_forwarder_or_instance_comes_back(box: Sandbox, app: App, kind:
         assert killed - 0.1 <= failure["start"] <= killed + back + 1, failure
 
 
-# Another local user who wants an instance's port: it tries to bind 127.0.0.1:PORT (as a
-# server would, and with SO_REUSEPORT too) every few milliseconds for TRY seconds; once it has
-# it, it answers every connection for SERVE seconds. Prints what happened as JSON.
+# Another local user who wants an instance's port: THIEF PORT TRY SERVE tries to bind
+# 127.0.0.1:PORT (as a server would, and with SO_REUSEPORT too) every few milliseconds for TRY
+# seconds; once it has it, it answers every connection for SERVE seconds. Prints what happened
+# as JSON.
 THIEF = """
 import errno, json, socket, sys, time
 port, tries, serves = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
@@ -160,7 +162,7 @@ def test_a_port_held_by_a_stranger_is_never_used(box: Sandbox, app: App) -> None
         box.run("systemctl", "stop", "stranger.service", check=False)
 
 
-def test_a_port_grabbed_before_gunicorn_binds_it_is_given_up(box: Sandbox, app: App) -> None:
+def test_a_port_grabbed_before_its_socket_binds_it_is_given_up(box: Sandbox, app: App) -> None:
     wait_serving(box)
     box.write(GRAB_FLAG, "")
     app.commit("Its first port is stolen")
@@ -195,6 +197,6 @@ def test_after_a_power_loss_mid_deploy_the_last_good_release_serves(box: Sandbox
     last = deployment(box, props["LastDeployment"])
     assert (last["trigger"], last["state"], last["commit"]) == ("startup", "succeeded", good)
     running = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
-                      "bluegreen-app@*", "bluegreen-forward@*").stdout.split("\n")
+                      "bluegreen-app@*.service", "bluegreen-forward@*").stdout.split("\n")
     assert len([line for line in running if line.strip()]) == 2
     assert properties(box)["Healthy"]
