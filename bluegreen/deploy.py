@@ -253,12 +253,13 @@ class Deployer:
         """Start bluegreen-app@PORT on a free port (not one of the ``started`` instances of
         this deploy); the record returned carries the port.
 
-        Should another program bind the port between our look and gunicorn's bind, the
-        instance fails to start: it is stopped and another port is tried.
+        Should another program bind the port between our look and the instance's socket unit's
+        bind, the instance fails to start: it is stopped and another port is tried.
         """
         avoid: set[int] = set(started)
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            in_use = await ports.of_units(self.systemd, (instances.PATTERN, *forwarder.PATTERNS))
+            in_use = await ports.of_units(self.systemd, (instances.PATTERN, instances.SOCKET_PATTERN,
+                                                         *forwarder.PATTERNS))
             # Another app's deploy may have picked a port whose unit is not loaded yet: its
             # settings file, written in the same step as the pick, says so.
             in_use.extend(instances.ports_with_env(self.run_dir))
@@ -273,8 +274,8 @@ class Deployer:
                 await instances.start(self.systemd, port)
                 return record
             except SystemdError:
-                taken = bool(sockdiag.listeners(port))
                 await self.abandon([port], None)
+                taken = bool(sockdiag.listeners(port))  # by someone else: ours is closed now
                 if attempt == PORT_ATTEMPTS or not taken:
                     raise
             log.warning("port %d was taken by another program; trying another port", port,

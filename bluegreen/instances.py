@@ -1,4 +1,11 @@
-"""App instances: bluegreen-app@PORT.service units and the settings file each one reads."""
+"""App instances: bluegreen-app@PORT.service units, the socket unit that holds each one's port,
+and the settings file each one reads.
+
+bluegreen-app@PORT.socket listens on 127.0.0.1:PORT from before gunicorn starts until the
+instance stops, and hands the listener to gunicorn: while systemd restarts a gunicorn that
+died, the port stays bound, so no other local user can take it and be sent the public port's
+traffic, and the connections that come meanwhile wait for the new gunicorn.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,28 @@ from bluegreen.files import atomic_write, environment_file, read_environment_fil
 from bluegreen.systemd import Systemd
 
 PATTERN = "bluegreen-app@*.service"
+SOCKET_PATTERN = "bluegreen-app@*.socket"
 _NAME = re.compile(r"bluegreen-app@(\d{1,5})\.service")
+_SOCKET_NAME = re.compile(r"bluegreen-app@(\d{1,5})\.socket")
+# The owner the kernel gives a listener systemd created (a socket unit's): root.
+SYSTEMD_UID = 0
 
 
 def unit(port: int) -> str:
     return f"bluegreen-app@{port}.service"
 
 
+def socket_unit(port: int) -> str:
+    return f"bluegreen-app@{port}.socket"
+
+
 def port_of(name: str) -> int | None:
     match = _NAME.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+def socket_port_of(name: str) -> int | None:
+    match = _SOCKET_NAME.fullmatch(name)
     return int(match[1]) if match else None
 
 
@@ -98,13 +118,27 @@ def remove_env(run_dir: Path, port: int) -> None:
 
 
 async def start(systemd: Systemd, port: int) -> None:
+    """Bind the port (the socket unit: it fails if another program holds the port), then
+    start gunicorn on it."""
+    await systemd.reset_failed(socket_unit(port))
     await systemd.reset_failed(unit(port))
+    await systemd.start_unit(socket_unit(port))
     await systemd.start_unit(unit(port))
 
 
 async def stop(systemd: Systemd, port: int) -> None:
+    """Stop the instance and free its port.
+
+    The socket goes first: systemd closes its copy of the listener, and the instance, its
+    only holder then, serves what waits in the queue until its graceful stop closes it, as a
+    gunicorn that bound the port itself would. The other way round, the listener would outlive
+    gunicorn: a connection queued meanwhile would start the instance again, or be reset when
+    the socket closes.
+    """
+    await systemd.stop_unit(socket_unit(port))
     await systemd.stop_unit(unit(port))
     await systemd.reset_failed(unit(port))
+    await systemd.reset_failed(socket_unit(port))
 
 
 async def failure(systemd: Systemd, port: int) -> str | None:
@@ -117,14 +151,23 @@ async def failure(systemd: Systemd, port: int) -> str | None:
 
 
 async def foreign_listener(systemd: Systemd, port: int) -> str | None:
-    """Why 127.0.0.1:port is not served by the instance's own processes (None if it is)."""
+    """Why 127.0.0.1:port is not served by the instance's own processes (None if it is).
+
+    The instance's listener is its socket unit's: the kernel names root, who created it, as
+    its owner, though gunicorn accepts on it. Root is its owner only while that socket unit is
+    active; gunicorn's user is, should the instance run without it (bound by gunicorn itself).
+    """
     status = await systemd.status(unit(port))
+    socket = await systemd.status(socket_unit(port))
     listening = sockdiag.listeners(port)
     if not listening:
         return f"nothing listens on port {port}"
-    strangers = [s for s in listening if status.uid < 0 or s.uid != status.uid]
+    owners = {status.uid} if status.uid >= 0 else set()
+    if owners and socket.is_running:
+        owners.add(SYSTEMD_UID)
+    strangers = [s for s in listening if s.uid not in owners]
     if strangers:
         return (f"port {port} is also held by a process bluegreen did not start "
-                f"(uid {strangers[0].uid}, not {unit(port)}'s {status.uid})")
+                f"(uid {strangers[0].uid}, not {unit(port)}'s {status.uid} or its socket's)")
     return None
 

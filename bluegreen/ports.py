@@ -16,11 +16,13 @@ class NoFreePort(Exception):
 
 async def of_units(systemd: Systemd, patterns: Sequence[str], *,
                    running_only: bool = False) -> list[int]:
-    """The ports named by the instance and forwarder units that match ``patterns``, sorted:
+    """The ports named by the instance (and instance socket) and forwarder units that match
+    ``patterns``, sorted:
     of every loaded unit whatever its state, or of the running ones only."""
     found = set()
     for status in await systemd.list_units(*patterns):
-        port = instances.port_of(status.name) or forwarder.port_of(status.name)
+        port = (instances.port_of(status.name) or instances.socket_port_of(status.name)
+                or forwarder.port_of(status.name))
         if port is not None and (status.is_running or not running_only):
             found.add(port)
     return sorted(found)

@@ -6,10 +6,10 @@ here touches another app's. Exactly one deployment's instances of the app may se
 deployment with a forwarder target (a forwarder unit, or a server of haproxy's that takes
 requests) whose instance runs. Its running instances are kept, with or without a forwarder
 (app.instances > 1: one being restarted has none until it is healthy again). Every other
-target of the app is drain-stopped, every other instance and the workers of every other
-release stopped, and deployments a dead controller left running are recorded as interrupted.
-A switch-back the controller did not finish (switchback.py) is finished: the deployment it
-was retiring is not kept while the release it went back to has a forwarder target.
+target of the app is drain-stopped, every other instance (with its socket) and the workers of
+every other release stopped, and deployments a dead controller left running are recorded as
+interrupted. A switch-back the controller did not finish (switchback.py) is finished: the
+deployment it was retiring is not kept while the release it went back to has a forwarder target.
 """
 
 from __future__ import annotations
@@ -109,6 +109,16 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
         if port not in keep:
             log.warning("stopping the orphaned instance on port %d", port,
                         extra=fields(unit=instances.unit(port), port=port))
+            await instances.stop(systemd, port)
+            instances.remove_env(run_dir, port)
+    # The socket of an instance that does not run (the controller died between starting the
+    # two, or systemd gave up restarting it) holds its port for nothing, and would start the
+    # instance again at the next connection.
+    for port in await ports.of_units(systemd, (instances.SOCKET_PATTERN,), running_only=True):
+        if port not in keep and port not in running and (
+                instances.app_named(instances.read_env(run_dir, port)) == app):
+            log.warning("closing the socket of the stopped instance on port %d", port,
+                        extra=fields(unit=instances.socket_unit(port), port=port))
             await instances.stop(systemd, port)
             instances.remove_env(run_dir, port)
     await workers.stop(systemd, run_dir, keep=serving.port if serving is not None else None, app=app)

@@ -25,7 +25,8 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 UNITS = ("bluegreen.service", "bluegreen-api.socket", "bluegreen-api.service",
-         "bluegreen-app@8123.service", "bluegreen-worker@8123-worker.service",
+         "bluegreen-app@8123.service", "bluegreen-app@8123.socket",
+         "bluegreen-worker@8123-worker.service",
          "bluegreen-forward@8123.service", "bluegreen-proxy@8123.service")
 
 BROKEN_IMPORT = "import this_module_does_not_exist\n"
@@ -117,6 +118,8 @@ def test_deploy_over_dbus_switches_and_stops_the_old_unit(box: Sandbox, app: App
     assert public(box)["version"] == "2"
     old = before["ActivePort"]
     assert unit_state(box, f"bluegreen-app@{old}.service") == "inactive"
+    assert unit_state(box, f"bluegreen-app@{old}.socket") == "inactive"
+    assert f":{old} " not in box.run("ss", "-Hltn").stdout
     assert unit_state(box, f"bluegreen-forward@{old}.service") == "inactive"
     assert not box.exists(f"/run/bluegreen/instances/{old}.env")
     assert box.exists(f"/run/bluegreen/instances/{after['ActivePort']}.env")

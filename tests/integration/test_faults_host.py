@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -25,8 +27,9 @@ pytestmark = pytest.mark.integration
 # Three ports: the serving instance, the next one, and one for a stranger.
 RANGE = "8000-8002"
 GRAB_FLAG = "/etc/bluegreen-test-grab-next-port"
-GRAB = f"""[Service]
-ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
+# Run by the instance's socket unit just before it binds the port.
+GRAB = f"""[Socket]
+ExecStartPre=/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
     systemd-run --unit=stranger-%i /usr/bin/python3 -m http.server --bind 127.0.0.1 %i; sleep 1; fi'
 """
 
@@ -34,7 +37,7 @@ ExecStartPre=+/bin/sh -c 'if [ -e {GRAB_FLAG} ]; then rm {GRAB_FLAG}; \\
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
     def grabbing_drop_in() -> None:
-        box.write("/etc/systemd/system/bluegreen-app@.service.d/grab.conf", GRAB)
+        box.write("/etc/systemd/system/bluegreen-app@.socket.d/grab.conf", GRAB)
         box.run("systemctl", "daemon-reload")
 
     return serving_app(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
@@ -74,6 +77,74 @@ def test_a_killed_forwarder_or_instance_comes_back(box: Sandbox, app: App, kind:
         assert killed - 0.1 <= failure["start"] <= killed + back + 1, failure
 
 
+# Another local user who wants an instance's port: THIEF PORT TRY SERVE tries to bind
+# 127.0.0.1:PORT (as a server would, and with SO_REUSEPORT too) every few milliseconds for TRY
+# seconds; once it has it, it answers every connection for SERVE seconds. Prints what happened
+# as JSON.
+THIEF = """
+import errno, json, socket, sys, time
+port, tries, serves = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+deadline, error = time.monotonic() + tries, ""
+while time.monotonic() < deadline:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+        break
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno, str(exc.errno))
+        sock.close()
+        time.sleep(0.002)
+else:
+    print(json.dumps({"bound": False, "error": error}))
+    sys.exit(0)
+served, until = 0, time.monotonic() + serves
+sock.settimeout(0.1)
+while time.monotonic() < until:
+    try:
+        conn, _ = sock.accept()
+    except socket.timeout:
+        continue
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: application/json\\r\\n\\r\\n"
+                 b'{"stranger": true}')
+    conn.close()
+    served += 1
+print(json.dumps({"bound": True, "served": served}))
+"""
+
+
+def test_a_restarting_instance_keeps_its_port_from_strangers(box: Sandbox, app: App) -> None:
+    """gunicorn dies; while systemd restarts it (RestartSec=), no other user can take its port
+    and have the public port's traffic carried to it."""
+    props = wait_serving(box)
+    port, unit = props["ActivePort"], f"bluegreen-app@{props['ActivePort']}.service"
+    answers: list[object] = []
+    with ThreadPoolExecutor(1) as pool:
+        thief = pool.submit(box.run, "/usr/bin/python3", "-c", THIEF, str(port), "5", "4",
+                            user="nobody", timeout=60)
+        time.sleep(0.5)  # it is trying
+        box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", unit)
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            answers.append(http(box, "GET", "/", port=5000).body)
+        outcome = json.loads(thief.result().stdout)
+    stolen = [answer for answer in answers if isinstance(answer, dict) and "stranger" in answer]
+    failed = [answer for answer in answers if not isinstance(answer, dict)]
+    print(f"\nanother user tried to bind port {port} while {unit} restarted: {outcome}; "
+          f"{len(answers)} requests to port 5000 meanwhile, {len(stolen)} answered by it, "
+          f"{len(failed)} failed")
+    assert not outcome["bound"] and outcome["error"] == "EADDRINUSE", outcome
+    assert not stolen
+    # The restarted instance serves the public port again (the requests begun while gunicorn's
+    # workers were being killed may fail).
+    assert isinstance(answers[-1], dict) and answers[-1].get("release") == props["ActiveRelease"]
+    wait_serving(box, timeout=60)
+    assert public(box)["release"] == props["ActiveRelease"]
+
+
 def test_a_port_held_by_a_stranger_is_never_used(box: Sandbox, app: App) -> None:
     props = wait_serving(box)
     free = [port for port in range(8000, 8003) if port != props["ActivePort"]]
@@ -91,7 +162,7 @@ def test_a_port_held_by_a_stranger_is_never_used(box: Sandbox, app: App) -> None
         box.run("systemctl", "stop", "stranger.service", check=False)
 
 
-def test_a_port_grabbed_before_gunicorn_binds_it_is_given_up(box: Sandbox, app: App) -> None:
+def test_a_port_grabbed_before_its_socket_binds_it_is_given_up(box: Sandbox, app: App) -> None:
     wait_serving(box)
     box.write(GRAB_FLAG, "")
     app.commit("Its first port is stolen")
@@ -126,6 +197,6 @@ def test_after_a_power_loss_mid_deploy_the_last_good_release_serves(box: Sandbox
     last = deployment(box, props["LastDeployment"])
     assert (last["trigger"], last["state"], last["commit"]) == ("startup", "succeeded", good)
     running = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
-                      "bluegreen-app@*", "bluegreen-forward@*").stdout.split("\n")
+                      "bluegreen-app@*.service", "bluegreen-forward@*").stdout.split("\n")
     assert len([line for line in running if line.strip()]) == 2
     assert properties(box)["Healthy"]

@@ -1,5 +1,6 @@
 """app.instances = 2: deploys under load fail no request and both instances get traffic; an
-instance killed under load costs fewer requests than the only instance killed."""
+instance killed under load, one of two or the only one, costs only the requests its workers
+were serving (the others wait in its socket's queue while systemd restarts it)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ CONFIG = ("post_switch_watch = 1\n[app]\ninstances = {instances}\nworkers = 4\n"
 # Load after the kill: long enough for systemd to restart the instance (RestartSec=1) and for
 # gunicorn to boot it again.
 AFTER_KILL = 8.0
+# Clients of the load: each has one request in flight, so at most this many can be in the
+# killed instance's workers.
+CLIENTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +93,20 @@ def test_deploys_under_load_fail_no_request_and_spread_it(box: Sandbox, app: App
     assert "not steered" not in hooks and "slot is not known" not in hooks, hooks[-3000:]
 
 
+def restarts(box: Sandbox, unit: str) -> int:
+    return int(box.run("systemctl", "show", "-P", "NRestarts", unit).stdout.strip())
+
+
 def failed_when_killed(box: Sandbox, port: int) -> dict[str, Any]:
-    """Load on the public port while the instance on ``port`` is SIGKILLed: its report."""
+    """Load on the public port while the instance on ``port`` is SIGKILLed and systemd
+    restarts it: its report."""
     unit = f"bluegreen-app@{port}.service"
-    with Load(box, "--fast", "4", "--slow", "0") as load:
+    before = restarts(box, unit)
+    with Load(box, "--fast", str(CLIENTS), "--slow", "0") as load:
         time.sleep(1.0)
         box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", unit)
         time.sleep(AFTER_KILL)
+    assert restarts(box, unit) == before + 1  # the gap the measurement is about was there
     return load.report
 
 
@@ -106,7 +117,7 @@ def wait_forwarder(box: Sandbox, port: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_a_killed_instance_costs_fewer_requests_with_two(box: Sandbox, app: App) -> None:
+def test_a_killed_instance_costs_only_the_requests_it_was_serving(box: Sandbox, app: App) -> None:
     box.run("systemctl", "start", "bluegreen.service")
     props = wait_serving(box)
     two = running_instances(box)
@@ -144,7 +155,9 @@ def test_a_killed_instance_costs_fewer_requests_with_two(box: Sandbox, app: App)
 
     print(f"\nfailed requests when an instance is SIGKILLed under load ({AFTER_KILL:g} s "
           f"after the kill): {with_two['failed']} of {with_two['requests']} with two instances "
-          f"{with_two['failures_by_kind']}, {with_one['failed']} of {with_one['requests']} "
-          f"with one {with_one['failures_by_kind']}")
-    assert with_one["failed"] > 0  # the measurement sees an outage when there is one
-    assert with_two["failed"] < with_one["failed"]
+          f"{with_two['failures_by_kind']}, longest gap between successes "
+          f"{with_two['longest_gap']:.2f} s; {with_one['failed']} of {with_one['requests']} "
+          f"with one {with_one['failures_by_kind']}, longest gap {with_one['longest_gap']:.2f} s")
+    # The requests that come while gunicorn restarts wait in the instance's socket.
+    assert with_two["failed"] <= CLIENTS, with_two["failures"]
+    assert with_one["failed"] <= CLIENTS, with_one["failures"]

@@ -160,6 +160,7 @@ def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App
     assert active_units(box) == []
     listening = box.run("ss", "-Hltn").stdout
     assert ":5000 " not in listening and ":5001 " not in listening, listening
+    assert f":{port} " not in listening, listening  # the instance's socket is closed too
     assert box.path("/etc/bluegreen/bluegreen.toml").exists()  # a conffile stays until purge
     assert box.exists("/var/lib/bluegreen/data")  # the app's data stays until purge
     box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "bluegreen")

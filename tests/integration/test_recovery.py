@@ -77,7 +77,8 @@ def assert_one_release_serves(box: Sandbox, release: str) -> None:
     props = wait_serving(box)
     assert props["ActiveRelease"] == release
     port = props["ActivePort"]
-    assert active_units(box, "bluegreen-app@*") == [f"bluegreen-app@{port}.service"]
+    assert active_units(box, "bluegreen-app@*.service") == [f"bluegreen-app@{port}.service"]
+    assert active_units(box, "bluegreen-app@*.socket") == [f"bluegreen-app@{port}.socket"]
     assert active_units(box, "bluegreen-forward@*") == [f"bluegreen-forward@{port}.service"]
 
 

@@ -37,6 +37,7 @@ class FakeSystemd:
         self.refuse_start: set[str] = set()
         self.unreadable: set[str] = set()
         self.on_unit_state: list[Any] = []
+        self.jobs: list[tuple[str, str]] = []  # ("start" or "stop", unit), in order
 
     def active(self, pattern: str) -> list[str]:
         return sorted(name for name, state in self.units.items()
@@ -56,11 +57,13 @@ class FakeSystemd:
         return UnitStatus(unit, state, "running" if state == "active" else "dead")
 
     async def start_unit(self, unit: str, **_: Any) -> None:
+        self.jobs.append(("start", unit))
         if unit in self.refuse_start:
             raise JobFailed(unit, "start", "failed", "masked")
         self.units[unit] = "active"
 
     async def stop_unit(self, unit: str, **_: Any) -> None:
+        self.jobs.append(("stop", unit))
         if unit in self.units:
             self.units[unit] = "inactive"
 
@@ -100,6 +103,7 @@ class World:
         for sha in (OLD, NEW):
             self.controller.releases.path(sha).mkdir(parents=True)
         write_instance_env(self.paths.runtime, OLD_PORT, OLD, 1)
+        self.systemd.units[instances.socket_unit(OLD_PORT)] = "active"
         self.systemd.units[instances.unit(OLD_PORT)] = "active"
         self.systemd.units[forwarder.unit(OLD_PORT)] = "active"
         self.controller.serving = Serving(OLD_PORT, OLD)
@@ -161,7 +165,44 @@ def test_a_deploy_that_succeeds_serves_the_new_release(world: World) -> None:
     assert record.state == State.SUCCEEDED
     assert world.controller.serving == Serving(8002, NEW)
     assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8002.service"]
-    assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
+    assert world.systemd.active(instances.PATTERN) == ["bluegreen-app@8002.service"]
+
+
+def test_an_instance_port_is_held_by_its_socket_from_before_gunicorn_until_after_it(
+        world: World) -> None:
+    """The new instance's socket binds its port before gunicorn starts; the old one's socket
+    is closed before gunicorn's graceful stop, so that gunicorn serves what waits on it and the
+    port is free once the stop is done."""
+    asyncio.run(world.deploy())
+    jobs = world.systemd.jobs
+    new_socket, new_unit = instances.socket_unit(8002), instances.unit(8002)
+    old_socket, old_unit = instances.socket_unit(OLD_PORT), instances.unit(OLD_PORT)
+    assert jobs.index(("start", new_socket)) < jobs.index(("start", new_unit))
+    assert jobs.index(("stop", old_socket)) < jobs.index(("stop", old_unit))
+    assert world.systemd.active(instances.SOCKET_PATTERN) == [new_socket]
+    assert world.systemd.active(instances.PATTERN) == [new_unit]
+
+
+def test_a_socket_whose_instance_does_not_run_is_closed_at_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller that died between starting an instance's socket and the instance leaves
+    a port held for nothing; the restarted one closes it, and keeps what serves."""
+    first = World(tmp_path, monkeypatch)
+    write_instance_env(first.paths.runtime, 8005, NEW, 2)
+    first.systemd.units[instances.socket_unit(8005)] = "active"
+    second = World(tmp_path, monkeypatch, systemd=first.systemd)
+
+    async def restarted() -> None:
+        controller = second.controller
+        await controller.start()
+        while controller._settling:
+            await asyncio.sleep(0.01)
+        assert controller.serving == Serving(OLD_PORT, OLD)
+        await controller.stop()
+
+    asyncio.run(restarted())
+    assert first.systemd.active(instances.SOCKET_PATTERN) == [instances.socket_unit(OLD_PORT)]
+    assert not instances.env_path(first.paths.runtime, 8005).exists()
 
 
 @pytest.mark.parametrize(("configured", "served"), [
@@ -212,7 +253,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
         assert "b" * 12 + " serves on port 8002" in record.reason, record.reason
         assert world.controller.serving == Serving(8002, NEW)
         assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8002.service"]
-        assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
+        assert world.systemd.active(instances.PATTERN) == ["bluegreen-app@8002.service"]
         # The next deploy starts from there: one forwarder again at its end.
         world.healthy = True
         world.systemd.unreadable.clear()
@@ -223,7 +264,7 @@ def test_a_failure_past_the_switch_reads_back_what_serves(world: World,
     _, again = asyncio.run(scenario())
     assert again.state == State.SUCCEEDED, again
     assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8003.service"]
-    assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8003.service"]
+    assert world.systemd.active(instances.PATTERN) == ["bluegreen-app@8003.service"]
     assert not world.controller.fatal.is_set()
 
 
@@ -400,7 +441,7 @@ def test_start_returns_once_what_serves_is_adopted(world: World,
         while controller._settling:
             await asyncio.sleep(0.01)
         assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
-        assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002)]
+        assert world.systemd.active(instances.PATTERN) == [instances.unit(8002)]
         assert controller.state == "serving"
         await controller.stop()
 
@@ -444,7 +485,7 @@ def test_a_deploy_starts_and_switches_in_every_instance(world: World,
     assert record.state == State.SUCCEEDED, record
     assert record.port == 8002
     assert world.controller.serving == Serving(8002, NEW, (8003,))
-    assert world.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+    assert world.systemd.active(instances.PATTERN) == [instances.unit(8002), instances.unit(8003)]
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
                                                            forwarder.unit(8003)]
 
@@ -456,7 +497,7 @@ def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
     record = asyncio.run(world.deploy())
     assert record.state == State.FAILED, record
     assert world.controller.serving == Serving(OLD_PORT, OLD)
-    assert world.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert world.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
 
 
@@ -509,7 +550,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
 
     async def scenario() -> None:
         await settled(staging.controller)  # nothing of its own serves: it deploys the branch
-        assert default.systemd.active("bluegreen-app@*")[0] == instances.unit(OLD_PORT)
+        assert default.systemd.active(instances.PATTERN)[0] == instances.unit(OLD_PORT)
         assert default.systemd.active("bluegreen-forward@*")[0] == forwarder.unit(OLD_PORT)
         assert default.systemd.active("bluegreen-worker@*") == [workers.unit(OLD_PORT, "clock")]
         while staging.controller.state != "serving":
@@ -525,11 +566,11 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         record = await default.deploy(NEW)
         assert record.state == State.SUCCEEDED, record.reason
         assert default.controller.serving == Serving(8003, NEW)
-        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+        assert default.systemd.active(instances.PATTERN) == [instances.unit(8002), instances.unit(8003)]
         assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002), forwarder.unit(8003)]
         assert default.systemd.active("bluegreen-worker@*") == []
         await restarted.controller.remove()  # its file is gone: its units stop, the other's stay
-        assert default.systemd.active("bluegreen-app@*") == [instances.unit(8003)]
+        assert default.systemd.active(instances.PATTERN) == [instances.unit(8003)]
         assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8003)]
 
     asyncio.run(scenario())
@@ -553,7 +594,7 @@ def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
         await controller.stop()
 
     asyncio.run(restarted())
-    assert first.systemd.active("bluegreen-app@*") == [instances.unit(8002), instances.unit(8003)]
+    assert first.systemd.active(instances.PATTERN) == [instances.unit(8002), instances.unit(8003)]
 
 
 def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
@@ -599,7 +640,7 @@ def test_a_second_forwarder_that_fails_to_start_leaves_only_the_old_release_forw
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
     assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
-    assert world.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert world.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
     assert world.controller.serving == Serving(OLD_PORT, OLD)
 
 
@@ -651,7 +692,7 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
     assert "the app default" in record.reason and "the app beta" in record.reason, record.reason
     assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
-    assert default.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert default.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
 
 
 @pytest.mark.parametrize("moment", ["old-forwarder-starting", "new-forwarders-draining"])
@@ -712,7 +753,7 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
 
     asyncio.run(restarted())
     assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
-    assert first.systemd.active("bluegreen-app@*") == [instances.unit(OLD_PORT)]
+    assert first.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
     pending = asyncio.all_tasks(dead)  # the dead controller's: only so that none is left pending
     for task in pending:
         task.cancel()
