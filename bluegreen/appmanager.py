@@ -24,10 +24,11 @@ from dbus_next.aio import MessageBus
 
 from bluegreen import apps, forwarder
 from bluegreen import log as logsetup
+from bluegreen.api.dbus import ManagerInterface
+from bluegreen.api.names import object_path
 from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.controller import Controller, Paths
 from bluegreen.credentials import Secrets
-from bluegreen.dbusapi import ManagerInterface, object_path
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)

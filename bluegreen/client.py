@@ -9,14 +9,19 @@ from typing import Any, TypeVar
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from bluegreen.config import DEFAULT_APP
-from bluegreen.dbusapi import APPS_INTERFACE, BUS_NAME, INTERFACE, OBJECT_PATH, object_path
+from bluegreen.api.names import (
+    APPS_INTERFACE,
+    BUS_NAME,
+    DEFAULT_APP,
+    FINISHED_SIGNAL,
+    INTERFACE,
+    OBJECT_PATH,
+    STEP_SIGNAL,
+    Error,
+    object_path,
+)
 
 T = TypeVar("T")
-
-STEP_SIGNAL = "DeploymentStep"
-FINISHED_SIGNAL = "DeploymentFinished"
-
 
 class ApiError(Exception):
     """The daemon (or the bus) refused a call; ``name`` is the D-Bus error name."""
@@ -27,8 +32,21 @@ class ApiError(Exception):
         super().__init__(message)
 
     @property
+    def error(self) -> Error | None:
+        """The API's name for it (None for an error the API does not name)."""
+        return Error.named(self.name)
+
+    @property
     def short_name(self) -> str:
         return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def http_status(self) -> int:
+        return self.error.http_status if self.error else 500
+
+    @classmethod
+    def of(cls, error: Error, message: str) -> ApiError:
+        return cls(error.dbus_name, message)
 
 
 def plain(value: Any) -> Any:
@@ -52,7 +70,7 @@ def deployment(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 # What the bus answers for an object nobody exports (dbus-next's words for it).
-_NO_OBJECT = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.Error.UnknownMethod")
+_NO_OBJECT = (Error.UNKNOWN_OBJECT.dbus_name, Error.UNKNOWN_METHOD.dbus_name)
 
 
 class Client:
@@ -78,10 +96,10 @@ class Client:
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
-            if reply.error_name == "org.freedesktop.DBus.Error.ServiceUnknown":
+            if reply.error_name == Error.SERVICE_UNKNOWN.dbus_name:
                 text = "bluegreen is not running (start it with: systemctl start bluegreen)"
             elif reply.error_name in _NO_OBJECT and not path and self.app != DEFAULT_APP:
-                raise ApiError("org.bluegreen1.Error.NoSuchApp",
+                raise ApiError.of(Error.NO_SUCH_APP,
                                f"no app {self.app!r} (bluegreenctl apps lists them)")
             raise ApiError(reply.error_name or "", str(text))
         return list(reply.body)

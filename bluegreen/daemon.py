@@ -30,10 +30,11 @@ from systemd import daemon as sd
 from bluegreen import apps
 from bluegreen import config as configuration
 from bluegreen import log as logsetup
+from bluegreen.api.dbus import AppsInterface, remember_sender
+from bluegreen.api.names import BUS_NAME, OBJECT_PATH
 from bluegreen.appmanager import AppManager
 from bluegreen.controller import Paths
 from bluegreen.credentials import Secrets
-from bluegreen.dbusapi import BUS_NAME, OBJECT_PATH, AppsInterface, remember_sender
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger("bluegreen")

@@ -13,8 +13,9 @@ import asyncio
 import sys
 
 from bluegreen import apps as appnames
+from bluegreen.api.names import EXIT_NOT_RUNNING
 from bluegreen.cli import apps, deploy, history, logs, reload, rollback, show, status
-from bluegreen.cli.common import EXIT_NOT_RUNNING, exit_status_for
+from bluegreen.cli.common import exit_status_for
 from bluegreen.client import ApiError, Client
 from bluegreen.config import DEFAULT_APP
 

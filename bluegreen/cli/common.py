@@ -1,4 +1,4 @@
-"""What the verbs share: exit statuses, time formatting, JSON, following a deployment."""
+"""What the verbs share: the exit status of an error, time formatting, JSON, following a deployment."""
 
 from __future__ import annotations
 
@@ -7,30 +7,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bluegreen.api.names import EXIT_FAILED
 from bluegreen.client import ApiError, Client
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BAD_CONFIGURATION = 3
-EXIT_NO_SUCH = 4
-EXIT_BUSY = 5
-EXIT_NOT_RUNNING = 6
-
-_EXIT_FOR_ERROR = {
-    "InvalidRef": EXIT_USAGE,
-    "UnknownRef": EXIT_USAGE,
-    "NoRollbackTarget": EXIT_USAGE,
-    "BadConfiguration": EXIT_BAD_CONFIGURATION,
-    "NoSuchDeployment": EXIT_NO_SUCH,
-    "NoSuchApp": EXIT_NO_SUCH,
-    "Busy": EXIT_BUSY,
-    "ServiceUnknown": EXIT_NOT_RUNNING,
-    "NameHasNoOwner": EXIT_NOT_RUNNING,
-}
 
 
 def exit_status_for(error: ApiError) -> int:
-    return _EXIT_FOR_ERROR.get(error.short_name, EXIT_FAILED)
+    return error.error.exit_status if error.error else EXIT_FAILED
 
 
 def timestamp(value: float | None) -> str:

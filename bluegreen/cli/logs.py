@@ -11,7 +11,8 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from bluegreen.cli.common import EXIT_FAILED, print_json
+from bluegreen.api.names import EXIT_FAILED
+from bluegreen.cli.common import print_json
 from bluegreen.client import Client
 from bluegreen.config import DEFAULT_APP
 

@@ -15,8 +15,8 @@ from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from bluegreen import apiauth, apps, client, credentials
+from bluegreen.api.names import DEFAULT_APP, Error
 from bluegreen.client import ApiError, Client
-from bluegreen.config import DEFAULT_APP
 
 MAX_BODY = 64 * 1024
 MAX_HOOK_BODY = 5 * 1024 * 1024  # push payloads list the commits pushed
@@ -27,24 +27,6 @@ app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY
 routes = Blueprint("api", "bluegreen")
 
 T = TypeVar("T")
-
-# D-Bus error (short name) -> HTTP status
-_STATUS = {
-    "Busy": 409,
-    "InvalidRef": 400,
-    "UnknownRef": 422,
-    "NotConfigured": 409,
-    "NoSuchDeployment": 404,
-    "NoRollbackTarget": 404,
-    "BadSignature": 401,
-    "Repository": 502,
-    "Records": 507,
-    "NoSuchApp": 404,
-    "AccessDenied": 403,
-    "ServiceUnknown": 503,
-    "NoReply": 504,
-}
-
 
 API_TOKEN = ("api-token", "BLUEGREEN_API_TOKEN")
 
@@ -97,7 +79,7 @@ def _require_privilege() -> Response | None:
 def _app_of_the_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
     g.app = (values or {}).pop("app", DEFAULT_APP)
     if g.app != DEFAULT_APP and apps.name_problem(g.app):  # nor a D-Bus object path
-        raise ApiError("org.bluegreen1.Error.NoSuchApp", f"no app {g.app!r} (GET /apps lists them)")
+        raise ApiError.of(Error.NO_SUCH_APP, f"no app {g.app!r} (GET /apps lists them)")
 
 
 def _call(function: Callable[[Client], Awaitable[T]]) -> T:
@@ -107,7 +89,7 @@ def _call(function: Callable[[Client], Awaitable[T]]) -> T:
 
 @app.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Response:
-    return error(exc.short_name, exc.message, _STATUS.get(exc.short_name, 500))
+    return error(exc.short_name, exc.message, exc.http_status)
 
 
 @app.errorhandler(BadRequest)

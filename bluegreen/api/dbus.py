@@ -19,35 +19,31 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from bluegreen import instances, workers
-from bluegreen.config import DEFAULT_APP, ConfigError
+from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
+from bluegreen.config import ConfigError
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
 
-BUS_NAME = "org.bluegreen1"
-OBJECT_PATH = "/org/bluegreen1"
-INTERFACE = "org.bluegreen1.Manager"
-APPS_INTERFACE = "org.bluegreen1.Apps"
+# What a request to deploy may be refused with (a subclass before its base).
+_REFUSALS: dict[type[Exception], Error] = {
+    NoRollbackTarget: Error.NO_ROLLBACK_TARGET,
+    Busy: Error.BUSY,
+    InvalidRef: Error.INVALID_REF,
+    UnknownRef: Error.UNKNOWN_REF,
+    NotConfigured: Error.NOT_CONFIGURED,
+    RepositoryError: Error.REPOSITORY,
+    HistoryError: Error.RECORDS,
+}
 
 
-def object_path(app: str) -> str:
-    """The object of an app's Manager interface."""
-    return OBJECT_PATH if app == DEFAULT_APP else f"{OBJECT_PATH}/app/{app}"
+def _refusal(exc: Exception) -> Error:
+    return next(error for kind, error in _REFUSALS.items() if isinstance(exc, kind))
 
 
-class Error:
-    BUSY = "org.bluegreen1.Error.Busy"
-    INVALID_REF = "org.bluegreen1.Error.InvalidRef"
-    UNKNOWN_REF = "org.bluegreen1.Error.UnknownRef"
-    REPOSITORY = "org.bluegreen1.Error.Repository"
-    NOT_CONFIGURED = "org.bluegreen1.Error.NotConfigured"
-    NO_SUCH_DEPLOYMENT = "org.bluegreen1.Error.NoSuchDeployment"
-    NO_ROLLBACK_TARGET = "org.bluegreen1.Error.NoRollbackTarget"
-    BAD_SIGNATURE = "org.bluegreen1.Error.BadSignature"
-    BAD_CONFIGURATION = "org.bluegreen1.Error.BadConfiguration"
-    RECORDS = "org.bluegreen1.Error.Records"
-    NO_SUCH_APP = "org.bluegreen1.Error.NoSuchApp"
-    INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+def failure(error: Error, message: str) -> DBusError:
+    """The D-Bus error a method raises for ``error``."""
+    return DBusError(error.dbus_name, message)
 
 
 # Properties announced with PropertiesChanged when the controller reports a change.
@@ -77,7 +73,7 @@ def _options(options: dict[str, Variant]) -> tuple[Trigger, bool]:
         elif key == "wait" and value.signature == "b":
             wait = bool(value.value)
         else:
-            raise DBusError(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
+            raise failure(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
     return trigger, wait
 
 
@@ -163,20 +159,8 @@ class ManagerInterface(ServiceInterface):
                     ref, await self._caller(trigger), wait)
             else:
                 deployment = await self.controller.request_deploy(ref, trigger, wait)
-        except NoRollbackTarget as exc:
-            raise DBusError(Error.NO_ROLLBACK_TARGET, str(exc)) from None
-        except Busy as exc:
-            raise DBusError(Error.BUSY, str(exc)) from None
-        except InvalidRef as exc:
-            raise DBusError(Error.INVALID_REF, str(exc)) from None
-        except UnknownRef as exc:
-            raise DBusError(Error.UNKNOWN_REF, str(exc)) from None
-        except NotConfigured as exc:
-            raise DBusError(Error.NOT_CONFIGURED, str(exc)) from None
-        except RepositoryError as exc:
-            raise DBusError(Error.REPOSITORY, str(exc)) from None
-        except HistoryError as exc:
-            raise DBusError(Error.RECORDS, str(exc)) from None
+        except tuple(_REFUSALS) as exc:
+            raise failure(_refusal(exc), str(exc)) from None
         return str(deployment.id)
 
     @method()
@@ -218,7 +202,7 @@ class ManagerInterface(ServiceInterface):
         try:
             self.controller.push_notification(bytes(payload), signature)
         except BadSignature as exc:
-            raise DBusError(Error.BAD_SIGNATURE, str(exc)) from None
+            raise failure(Error.BAD_SIGNATURE, str(exc)) from None
 
     @method()
     async def Reload(self) -> "a(ss)":
@@ -228,7 +212,7 @@ class ManagerInterface(ServiceInterface):
         try:  # every app's file, not this app's alone
             return [list(change) for change in await self._reload()]
         except ConfigError as exc:
-            raise DBusError(Error.BAD_CONFIGURATION, str(exc)) from None
+            raise failure(Error.BAD_CONFIGURATION, str(exc)) from None
 
     @method()
     async def ListPendingSettings(self) -> "a(ss)":
@@ -238,11 +222,11 @@ class ManagerInterface(ServiceInterface):
     @method()
     async def GetDeployment(self, deployment_id: "s") -> "a{sv}":
         if not deployment_id.isdigit():
-            raise DBusError(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id!r}")
+            raise failure(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id!r}")
         try:
             return deployment_to_variant(self.controller.history.get(int(deployment_id)))
         except KeyError:
-            raise DBusError(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id}") from None
+            raise failure(Error.NO_SUCH_DEPLOYMENT, f"no deployment {deployment_id}") from None
 
     @method()
     def ListDeployments(self, limit: "u") -> "aa{sv}":

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-from bluegreen import apiauth, client, httpapi
+from bluegreen import apiauth, client
+from bluegreen.api import http as httpapi
 from bluegreen.client import ApiError
 
 
