@@ -30,6 +30,7 @@ from bluegreen import (
     reconcile,
     refresher,
     settings,
+    transient,
     workers,
 )
 from bluegreen import log as logsetup
@@ -683,7 +684,6 @@ class Controller:
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
         except forwarder.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
-        self.releases.remove_incomplete()
         reconcile.mark_interrupted(self.history)
         self._forget_interrupted_head()
         self.serving = await reconcile.adopt(self.systemd, self.paths.runtime, self.app)
@@ -699,6 +699,8 @@ class Controller:
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
                                    self.config.drain_timeout, self.app)
             await self._adopt_pool()
+            await transient.settle_orphans(self.systemd, self.app, self.config.release.timeout)
+            self.releases.remove_incomplete()  # once no build writes into them
         finally:
             self._settling = False
             self._changed()

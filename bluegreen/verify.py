@@ -108,7 +108,8 @@ class Verifier:
                       *wanted.pip_arguments()],
                 directory=release_dir, user=BUILD_USER, timeout=self.config.release.timeout,
                 environment={"HOME": str(directory), "PIP_CACHE_DIR": PIP_CACHE_DIR},
-                writable=[directory], cache_directories=[PIP_CACHE], network=Network.ANY))
+                writable=[directory], cache_directories=[PIP_CACHE], network=Network.ANY,
+                app=self.config.app_name))
         except BaseException:
             self.environments.discard(key)
             raise
@@ -130,7 +131,7 @@ class Verifier:
                     what="release.build_command", kind="build",
                     argv=["/bin/sh", "-c", release.build_command], directory=directory,
                     user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                    writable=[directory], network=Network.ANY))
+                    writable=[directory], network=Network.ANY, app=self.config.app_name))
             finally:
                 give_tree(directory, 0, 0)
         await self._run(appenv.command(
@@ -141,4 +142,4 @@ class Verifier:
                 what="release.check_command", kind="check",
                 argv=["/bin/sh", "-c", release.check_command], directory=directory,
                 user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                network=Network.ANY))
+                network=Network.ANY, app=self.config.app_name))
