@@ -37,7 +37,7 @@ from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
 from bluegreen.deploy import Deployer, DeployFailed, Unsettled
-from bluegreen.environments import DependencyError, Environments, dependencies
+from bluegreen.environments import Environments
 from bluegreen.files import atomic_write
 from bluegreen.history import (
     Deployment,
@@ -474,14 +474,7 @@ class Controller:
                                        protected):
             log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
                      extra=fields(release=sha))
-        in_use = set()
-        for sha in self.releases.on_disk():
-            try:
-                wanted = dependencies(self.releases.path(sha))
-            except DependencyError:
-                continue
-            if wanted is not None:
-                in_use.add(wanted.digest)
+        in_use = self.environments.used_by(map(self.releases.path, self.releases.on_disk()))
         for key in self.environments.prune(in_use):
             log.info("deleted environment %s: no release on disk uses it", key)
         try:

@@ -92,12 +92,14 @@ class Verifier:
             raise VerifyFailed(f"dependencies: {exc}") from None
         if wanted is None:
             return None
+        found = self.environments.find(release_dir, wanted)
+        if found is not None:
+            log.info("environment %s has the dependencies already", found,
+                     extra=fields(deployment_id=self.deployment_id))
+            self.environments.record(release_dir, found)
+            return self.environments.path(found)
         key = wanted.digest
         directory = self.environments.path(key)
-        if self.environments.ready(key):
-            log.info("environment %s has the dependencies already", key,
-                     extra=fields(deployment_id=self.deployment_id))
-            return directory
         started = time.monotonic()
         self.environments.prepare(key, build_identity())
         what = wanted.requirements or "[project] dependencies"
@@ -114,6 +116,7 @@ class Verifier:
             self.environments.discard(key)
             raise
         self.environments.complete(key, wanted)
+        self.environments.record(release_dir, key)
         log.info("built environment %s in %.1f s", key, time.monotonic() - started,
                  extra=fields(deployment_id=self.deployment_id))
         return directory
