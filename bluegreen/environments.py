@@ -39,8 +39,6 @@ from bluegreen.files import atomic_write, give_tree
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 READY = ".bluegreen-ready"
-# pip's downloads and wheels, kept across builds (CacheDirectory= of the build's unit).
-PIP_CACHE = "bluegreen/pip"
 # In a release: the key of the environment it was verified with.
 RECORDED = ".bluegreen-environment"
 _KEY = re.compile(r"[0-9a-f]{32}")
