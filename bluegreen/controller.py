@@ -391,11 +391,10 @@ class Controller:
         if unsettled:
             record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
         self._finish(record)
-        if record.state == State.SUCCEEDED:
-            try:
-                self._retain()
-            except OSError as exc:
-                log.error("old releases and environments stay for now: %s", exc)
+        try:  # after a failure too: else the environments of deploys that keep failing pile up
+            self._retain()
+        except OSError as exc:
+            log.error("old releases and environments stay for now: %s", exc)
 
     async def _read_back_serving(self) -> str:
         """After a failure that may have moved the traffic, find out from systemd which release

@@ -588,3 +588,14 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
         await manager.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_deploy_prunes_environments_too(world: World) -> None:
+    """Deploys that keep failing (each with other dependencies) must not pile environments up."""
+    unused = world.controller.environments.path("0" * 32)
+    (unused / "bin").mkdir(parents=True)
+    (unused / ".bluegreen-ready").write_text("requirements.txt\n")
+    world.systemd.refuse_start.add(instances.unit(8002))
+    record = asyncio.run(world.deploy())
+    assert (record.state, record.failed_step) == (State.FAILED, Step.START), record
+    assert world.controller.environments.on_disk() == []
