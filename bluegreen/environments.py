@@ -152,7 +152,12 @@ def _hash_path(digest: Any, path: Path) -> None:
 
 def _hash_local(digest: Any, release: Path, including: str, lines: Iterable[str]) -> None:
     """Add the local projects ``lines`` name: pip reads a path relative to its working
-    directory (the release), a wheel directory also relative to the file that names it."""
+    directory (the release), a wheel directory also relative to the file that names it.
+
+    Only what the release carries is read: a path outside it counts by its name, as the
+    package index does (and a requirement such as ``-e /`` cannot make the controller walk the
+    host's file system)."""
+    root = release.resolve()
     for line in lines:
         for reference in local_references(line):
             digest.update(f"\0local\0{reference}".encode())
@@ -162,7 +167,9 @@ def _hash_local(digest: Any, release: Path, including: str, lines: Iterable[str]
                 path = beside if line.startswith(("-f", "--find-links")) and beside.exists() \
                     else release / path
             try:
-                _hash_path(digest, path)
+                path = path.resolve()
+                if path.is_relative_to(root):
+                    _hash_path(digest, path)
             except OSError as exc:
                 digest.update(f"\0unreadable {exc.errno}".encode())
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pwd
 import time
@@ -88,7 +89,8 @@ class Verifier:
         """The release's Python environment, built unless one with its dependencies exists;
         None when the release declares no dependencies (it runs on Debian's packages)."""
         try:
-            wanted = dependencies(release_dir)
+            # Off the event loop: hashing a large local project (-e .) takes a while.
+            wanted = await asyncio.to_thread(dependencies, release_dir)
         except DependencyError as exc:
             raise VerifyFailed(f"dependencies: {exc}") from None
         if wanted is None:

@@ -123,16 +123,27 @@ def test_local_requirements_outside_the_key_leave_it_alone(tmp_path: Path) -> No
 
 
 def test_a_pyproject_file_dependency_is_hashed(tmp_path: Path) -> None:
-    library = tmp_path / "libs" / "y"
-    library.mkdir(parents=True)
-    text = f'[project]\nname = "x"\ndependencies = ["y @ file://{library}"]\n'
-    digests = []
-    for content in ("setup()\n", "setup(name='y')\n"):
-        (library / "setup.py").write_text(content)
-        found = environments.dependencies(release(tmp_path / "release", {"pyproject.toml": text}))
-        assert found is not None
-        digests.append(found.digest)
-    assert digests[0] != digests[1]
+    files = {"pyproject.toml": '[project]\nname = "x"\ndependencies = ["y @ file:./libs/y"]\n',
+             "libs/y/setup.py": "setup()\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    changed = {**files, "libs/y/setup.py": "setup(name='y')\n"}
+    after = environments.dependencies(release(tmp_path / "2", changed))
+    assert before is not None and after is not None
+    assert before.digest != after.digest
+
+
+def test_what_lies_outside_the_release_counts_by_name(tmp_path: Path) -> None:
+    """The host's own directories are not the release's to hash (nor walked: ``-e /``)."""
+    outside = tmp_path / "host" / "wheels"
+    outside.mkdir(parents=True)
+    (tmp_path / "1" / "libs").mkdir(parents=True)
+    (tmp_path / "1" / "libs" / "y").symlink_to(outside)
+    files = {"requirements.txt": f"-f {outside}\n-e /\n-e ./libs/y\nx==1.0\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    (outside / "x-1.0-py3-none-any.whl").write_text("zip")
+    after = environments.dependencies(release(tmp_path / "1", files))
+    assert before is not None and after is not None
+    assert before.digest == after.digest
 
 
 def built(envs: Environments, key: str, ready: str | None = None) -> None:
