@@ -110,6 +110,8 @@ def local_references(line: str) -> list[str]:
     """The local paths a requirement line (or a PEP 508 specifier) names: a project directory,
     an archive, a wheel directory; none for a name, a VCS or a web URL."""
     words = line.split()
+    if not words:
+        return []
     first, rest = words[0], line.partition("@")[2].split()
     option = first in _PATH_OPTIONS or first.startswith(("--editable=", "--find-links="))
     if first in _PATH_OPTIONS:

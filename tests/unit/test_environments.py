@@ -112,6 +112,11 @@ def test_a_change_in_a_local_requirement_changes_the_key(tmp_path: Path, require
     assert before.digest != after.digest
 
 
+def test_an_empty_specifier_names_no_local_project() -> None:
+    assert environments.local_references("") == []
+    assert environments.local_references("   ") == []
+
+
 def test_local_requirements_outside_the_key_leave_it_alone(tmp_path: Path) -> None:
     files = {"requirements.txt": "-e ./libs/x\nflask[async]==3.0.3 ; python_version > '3'\n"
              "git+https://example.com/y.git#egg=y\n", "libs/x/setup.py": "setup()\n",
