@@ -57,7 +57,7 @@ def prune(root: Path, limit: int = MAX_BYTES) -> tuple[int, int]:
                 continue
             entry = entries.setdefault(str(file).removesuffix(".body"), _Entry([]))
             entry.files.append(file)
-            entry.size += st.st_blocks * 512
+            entry.size += st.st_size
             entry.used = max(entry.used, st.st_atime, st.st_mtime)
     total = sum(entry.size for entry in entries.values())
     removed = freed = 0
