@@ -391,8 +391,11 @@ class Controller:
         if unsettled:
             record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
         self._finish(record)
-        try:  # after a failure too: else the environments of deploys that keep failing pile up
-            self._retain()
+        try:
+            if record.state == State.SUCCEEDED:
+                self._retain()
+            else:  # what the builds of deploys that keep failing leave must not pile up
+                self._prune_environments()
         except OSError as exc:
             log.error("old releases and environments stay for now: %s", exc)
 
@@ -473,13 +476,16 @@ class Controller:
                                        protected):
             log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
                      extra=fields(release=sha))
-        in_use = self.environments.used_by(map(self.releases.path, self.releases.on_disk()))
-        for key in self.environments.prune(in_use):
-            log.info("deleted environment %s: no release on disk uses it", key)
+        self._prune_environments()
         try:
             self.history.prune(self.config.history_limit, serving)
         except HistoryError as exc:
             log.error("%s; old records stay for now", exc)
+
+    def _prune_environments(self) -> None:
+        in_use = self.environments.used_by(map(self.releases.path, self.releases.on_disk()))
+        for key in self.environments.prune(in_use):
+            log.info("deleted environment %s: no release on disk uses it", key)
 
     async def _on_step(self, deployment: Deployment, step: Step, port: int) -> Deployment:
         record = with_step(deployment, step)
