@@ -111,4 +111,4 @@ def command(config: Config, what: str, kind: str, argv: list[str], directory: Pa
         directory=directory, user=APP_USER, timeout=config.release.timeout, environment=env,
         state_directories=[apps.data_state_directory(config.app_name)],
         credentials=credentials(config.app_name),
-        network=config.app.network, tasks_max=APP_TASKS_MAX)
+        network=config.app.network, tasks_max=APP_TASKS_MAX, app=config.app_name)

@@ -30,6 +30,7 @@ from bluegreen import (
     reconcile,
     refresher,
     settings,
+    transient,
     workers,
 )
 from bluegreen import log as logsetup
@@ -43,7 +44,7 @@ from bluegreen.deploy import (
     no_port_user,
     no_release_phase,
 )
-from bluegreen.environments import DependencyError, Environments, dependencies
+from bluegreen.environments import Environments
 from bluegreen.files import atomic_write
 from bluegreen.history import (
     Deployment,
@@ -401,11 +402,13 @@ class Controller:
         if unsettled:
             record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
         self._finish(record)
-        if record.state == State.SUCCEEDED:
-            try:
+        try:
+            if record.state == State.SUCCEEDED:
                 self._retain()
-            except OSError as exc:
-                log.error("old releases and environments stay for now: %s", exc)
+            else:  # what the builds of deploys that keep failing leave must not pile up
+                self._prune_environments()
+        except OSError as exc:
+            log.error("old releases and environments stay for now: %s", exc)
 
     async def _read_back_serving(self) -> str:
         """After a failure that may have moved the traffic, find out from systemd which release
@@ -484,20 +487,16 @@ class Controller:
                                        protected):
             log.info("deleted release %s (release.keep = %d)", sha[:12], self.config.release.keep,
                      extra=fields(release=sha))
-        in_use = set()
-        for sha in self.releases.on_disk():
-            try:
-                wanted = dependencies(self.releases.path(sha))
-            except DependencyError:
-                continue
-            if wanted is not None:
-                in_use.add(wanted.digest)
-        for key in self.environments.prune(in_use):
-            log.info("deleted environment %s: no release on disk uses it", key)
+        self._prune_environments()
         try:
             self.history.prune(self.config.history_limit, serving)
         except HistoryError as exc:
             log.error("%s; old records stay for now", exc)
+
+    def _prune_environments(self) -> None:
+        in_use = self.environments.used_by(map(self.releases.path, self.releases.on_disk()))
+        for key in self.environments.prune(in_use):
+            log.info("deleted environment %s: no release on disk uses it", key)
 
     async def _on_step(self, deployment: Deployment, step: Step, port: int) -> Deployment:
         record = with_step(deployment, step)
@@ -694,7 +693,6 @@ class Controller:
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
         except forwarder.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
-        self.releases.remove_incomplete()
         reconcile.mark_interrupted(self.history)
         self._forget_interrupted_head()
         self.serving = await reconcile.adopt(self.systemd, self.paths.runtime, self.app)
@@ -710,6 +708,8 @@ class Controller:
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
                                    self.config.drain_timeout, self.app)
             await self._adopt_pool()
+            await transient.settle_orphans(self.systemd, self.app, self.config.release.timeout)
+            self.releases.remove_incomplete()  # once no build writes into them
         finally:
             self._settling = False
             self._changed()

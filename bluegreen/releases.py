@@ -6,14 +6,17 @@ and renamed into place: a directory named after a commit is always complete and 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from bluegreen.files import fsync_directory
+from bluegreen.files import fsync_directory, give_tree
 from bluegreen.repository import Repository
+
+log = logging.getLogger(__name__)
 
 
 class Releases:
@@ -54,18 +57,26 @@ class Releases:
         return final
 
     def discard(self, directory: Path) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
+        """Delete a staging directory, whoever owns it: a release being built belongs to the
+        build user, whose directories root without CAP_DAC_OVERRIDE may not write into until
+        it has taken them back. Call it only once no build runs in it."""
+        try:
+            if directory.is_dir() and not directory.is_symlink():
+                give_tree(directory, 0, 0)
+                shutil.rmtree(directory)
+            else:
+                directory.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot delete %s: %s", directory, exc)
 
     def remove_incomplete(self) -> None:
-        """Drop staging directories left by a controller that died while exporting."""
+        """Drop staging directories left by a controller that died while exporting or
+        verifying (after its build units are stopped)."""
         if not self.root.is_dir():
             return
         for entry in self.root.iterdir():
             if entry.name.startswith("."):
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                self.discard(entry)
 
     def prune(self, newest_first: Sequence[str], keep: int, protected: Collection[str]) -> list[str]:
         """Delete releases beyond the ``keep`` most recently deployed ones; never ``protected``.

@@ -5,6 +5,12 @@ Each command gets a fresh cgroup under systemd, not the controller's: whatever i
 (a daemon it forked) dies with the unit, ``MemoryMax=`` and ``TasksMax=`` bound it, and the
 file system is read-only but for the paths named. Its output comes back over a pipe: every line
 goes to the journal with the deployment's fields, and the last lines make the failure reason.
+
+A unit outlives a controller that dies while it runs. The next controller finds the app's by
+name (``bluegreen-KIND-APP-DEPLOYMENT-RANDOM.service``) before it deploys anything: it stops
+builds and checks, whose work is thrown away with their staging directory or unfinished
+environment, and waits for a release phase to end, since a migration cut short may leave a
+schema half changed, and two must never run at once.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from typing import Any
 
 from dbus_next import Variant
 
-from bluegreen.config import Network
+from bluegreen.config import DEFAULT_APP, Network
 from bluegreen.log import fields
-from bluegreen.systemd import JobFailed, Systemd
+from bluegreen.systemd import ActiveState, JobFailed, Systemd, SystemdError
 
 log = logging.getLogger("bluegreen.output")
+status_log = logging.getLogger(__name__)
 
 USEC = 1_000_000
 MEMORY_MAX = 4 << 30
@@ -34,6 +41,8 @@ TASKS_MAX = 512
 # What the processes a command leaves behind get between SIGTERM and SIGKILL.
 STOP_TIMEOUT = 10
 TAIL_LINES = 5
+# How often a controller looks whether a release phase a dead one left running has ended.
+ORPHAN_POLL = 0.5
 
 # systemd's IPAddressAllow=localhost, as the (family, address, prefix length) triples of D-Bus.
 _LOCALHOST = [(2, bytes([127, 0, 0, 0]), 8), (10, bytes(15) + b"\x01", 128)]
@@ -67,6 +76,7 @@ class Command:
     # Tasks its user may own at once: the user's other processes count too (the app's
     # instances, for a command run as the app).
     tasks_max: int = TASKS_MAX
+    app: str = DEFAULT_APP  # whose command: part of the unit's name
 
     def properties(self, output_fd_index: int) -> list[tuple[str, Variant]]:
         env = [f"{name}={value}" for name, value in self.environment.items()]
@@ -179,7 +189,7 @@ class _Output:
 
 async def run(systemd: Systemd, command: Command, deployment_id: int | None = None) -> None:
     """Run ``command`` to its end; raise CommandFailed with its last lines if it fails."""
-    unit = f"bluegreen-{command.kind}-{deployment_id or 0}-{secrets.token_hex(3)}.service"
+    unit = f"bluegreen-{command.kind}-{command.app}-{deployment_id or 0}-{secrets.token_hex(3)}.service"
     read_end, write_end = os.pipe()
     output = _Output(read_end, fields(deployment_id=deployment_id, unit=unit))
     try:
@@ -200,3 +210,39 @@ async def run(systemd: Systemd, command: Command, deployment_id: int | None = No
     finally:
         with contextlib.suppress(OSError):
             output.finish()
+
+
+def _patterns(app: str, kinds: Sequence[str]) -> list[str]:
+    patterns = [f"bluegreen-{kind}-{app}-*.service" for kind in kinds]
+    if app == DEFAULT_APP:  # units of versions that named no app in them (an app name is no digit)
+        patterns += [f"bluegreen-{kind}-[0-9]*.service" for kind in kinds]
+    return patterns
+
+
+async def settle_orphans(systemd: Systemd, app: str, timeout: float) -> None:
+    """Stop the app's builds and checks a dead controller left running, and wait for its
+    release phase to end (``timeout``: the longest it may run, after which it is stopped)."""
+    for unit in await systemd.list_units(*_patterns(app, ("build", "check"))):
+        status_log.warning("stopping %s, left running by a controller that stopped", unit.name,
+                           extra=fields(unit=unit.name))
+        await systemd.stop_unit(unit.name, timeout=STOP_TIMEOUT + 60)
+    deadline = asyncio.get_running_loop().time() + timeout + STOP_TIMEOUT
+    announced: set[str] = set()
+    while True:
+        running = [unit.name for unit in await systemd.list_units(*_patterns(app, ("migrate",)))
+                   if unit.active_state not in (ActiveState.INACTIVE, ActiveState.FAILED)]
+        if not running:
+            return
+        for name in set(running) - announced:
+            status_log.warning("waiting for %s, a release phase left running by a controller "
+                               "that stopped, to end before any deployment", name,
+                               extra=fields(unit=name))
+        announced.update(running)
+        if asyncio.get_running_loop().time() > deadline:
+            for name in running:
+                status_log.error("stopping %s: it ran past release.timeout", name,
+                                 extra=fields(unit=name))
+                with contextlib.suppress(SystemdError):
+                    await systemd.stop_unit(name, timeout=STOP_TIMEOUT + 60)
+            return
+        await asyncio.sleep(ORPHAN_POLL)

@@ -2,8 +2,8 @@
 (see transient.py) within ``release.timeout``:
 
 1. its Python environment: found by the key of its dependency files, or built (a venv, then
-   ``pip install``) as the user ``bluegreen-build``, which may write only there and in pip's
-   cache;
+   ``pip install``) as the user ``bluegreen-build``, which may write only there and in the
+   app's own pip cache (pruned to its size limit after each build, see pipcache.py);
 2. ``release.build_command``, as ``bluegreen-build``, in the release's directory, which
    belongs to that user for the time of the command and to root again afterwards;
 3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pwd
 import time
@@ -20,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import appenv, transient
+from bluegreen import appenv, pipcache, transient
 from bluegreen.config import Config, Network
-from bluegreen.environments import PIP_CACHE, SYSTEM_PYTHON, DependencyError, Environments, dependencies
+from bluegreen.environments import SYSTEM_PYTHON, DependencyError, Environments, dependencies
 from bluegreen.files import give_tree
 from bluegreen.log import fields
 from bluegreen.systemd import Systemd
@@ -31,7 +32,6 @@ from bluegreen.transient import Command, CommandFailed
 log = logging.getLogger(__name__)
 
 BUILD_USER = "bluegreen-build"
-PIP_CACHE_DIR = "/var/cache/" + PIP_CACHE
 
 # Imports MODULE and resolves CALLABLE (gunicorn's "module:attr" or "module:factory()").
 IMPORT_CHECK = """\
@@ -48,11 +48,13 @@ if not callable(target):
     sys.exit(f"{sys.argv[1]} is not callable")
 """
 
-# $1: the environment's directory; the rest: what pip installs.
+# $1: the environment's directory; the rest: what pip installs. pip's cache is pruned whether
+# pip succeeded or not (-I: the release's directory, the working one, is not on sys.path).
 _BUILD_ENVIRONMENT = ('env="$1"; shift; '
                       f'{SYSTEM_PYTHON} -m venv --system-site-packages "$env" && '
-                      'exec "$env/bin/python3" -m pip install --disable-pip-version-check --no-input '
-                      '--progress-bar off --ignore-installed "$@"')
+                      '"$env/bin/python3" -m pip install --disable-pip-version-check --no-input '
+                      '--progress-bar off --ignore-installed "$@"; status=$?; '
+                      f'{SYSTEM_PYTHON} -I -m bluegreen.pipcache "$PIP_CACHE_DIR"; exit $status')
 # --ignore-installed: the whole closure of what the release asks for goes into its environment,
 # whatever Debian's python3-* packages (seen through --system-site-packages) hold.
 
@@ -87,17 +89,20 @@ class Verifier:
         """The release's Python environment, built unless one with its dependencies exists;
         None when the release declares no dependencies (it runs on Debian's packages)."""
         try:
-            wanted = dependencies(release_dir)
+            # Off the event loop: hashing a large local project (-e .) takes a while.
+            wanted = await asyncio.to_thread(dependencies, release_dir)
         except DependencyError as exc:
             raise VerifyFailed(f"dependencies: {exc}") from None
         if wanted is None:
             return None
+        found = self.environments.find(release_dir, wanted)
+        if found is not None:
+            log.info("environment %s has the dependencies already", found,
+                     extra=fields(deployment_id=self.deployment_id))
+            self.environments.record(release_dir, found)
+            return self.environments.path(found)
         key = wanted.digest
         directory = self.environments.path(key)
-        if self.environments.ready(key):
-            log.info("environment %s has the dependencies already", key,
-                     extra=fields(deployment_id=self.deployment_id))
-            return directory
         started = time.monotonic()
         self.environments.prepare(key, build_identity())
         what = wanted.requirements or "[project] dependencies"
@@ -107,12 +112,15 @@ class Verifier:
                 argv=["/bin/sh", "-c", _BUILD_ENVIRONMENT, "sh", str(directory),
                       *wanted.pip_arguments()],
                 directory=release_dir, user=BUILD_USER, timeout=self.config.release.timeout,
-                environment={"HOME": str(directory), "PIP_CACHE_DIR": PIP_CACHE_DIR},
-                writable=[directory], cache_directories=[PIP_CACHE], network=Network.ANY))
+                environment={"HOME": str(directory),
+                             "PIP_CACHE_DIR": str(pipcache.path(self.config.app_name))},
+                writable=[directory], cache_directories=[pipcache.cache_directory(self.config.app_name)],
+                network=Network.ANY, app=self.config.app_name))
         except BaseException:
             self.environments.discard(key)
             raise
         self.environments.complete(key, wanted)
+        self.environments.record(release_dir, key)
         log.info("built environment %s in %.1f s", key, time.monotonic() - started,
                  extra=fields(deployment_id=self.deployment_id))
         return directory
@@ -130,7 +138,7 @@ class Verifier:
                     what="release.build_command", kind="build",
                     argv=["/bin/sh", "-c", release.build_command], directory=directory,
                     user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                    writable=[directory], network=Network.ANY))
+                    writable=[directory], network=Network.ANY, app=self.config.app_name))
             finally:
                 give_tree(directory, 0, 0)
         await self._run(appenv.command(
@@ -141,4 +149,4 @@ class Verifier:
                 what="release.check_command", kind="check",
                 argv=["/bin/sh", "-c", release.check_command], directory=directory,
                 user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                network=Network.ANY))
+                network=Network.ANY, app=self.config.app_name))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from bluegreen import pipcache
 from tests import wheelhouse
 from tests.integration.helpers import (
     App,
@@ -42,6 +43,7 @@ VARIANTS = NOTES / "variants"
 SECRET = "notes-" + "Sup3rS3cretK3y" * 3
 DATA_DIR = "/var/lib/bluegreen/data"
 ENVIRONMENTS = "/var/lib/bluegreen/environments"
+PIP_CACHE = f"/var/cache/{pipcache.cache_directory('default')}"
 DATABASE = "notes-from-config.db"
 STEPS = ["resolve", "materialize", "verify", "migrate", "start", "health", "switch", "drain",
          "watch", "workers", "stop-old"]
@@ -108,6 +110,12 @@ def notes(box: Sandbox, wheels: Path) -> Notes:
     configure(box, CONFIG)
     box.write("/etc/bluegreen/secrets/SECRET_KEY", SECRET + "\n", mode=0o600)
     box.path("/etc/bluegreen/secrets").chmod(0o700)
+    # An entry of pip's cache past its size limit, unused for long (sparse: it takes no room):
+    # the first build prunes it.
+    box.run("install", "-d", "-o", "bluegreen-build", "-g", "bluegreen-build", f"{PIP_CACHE}/http")
+    box.run("truncate", "-s", f"{pipcache.MAX_BYTES + (1 << 20)}", f"{PIP_CACHE}/http/stale")
+    box.run("chown", "bluegreen-build:", f"{PIP_CACHE}/http/stale")
+    box.run("touch", "-d", "2020-01-01", f"{PIP_CACHE}/http/stale")
     box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
     wait_serving(box, timeout=300)
     return repository
@@ -206,6 +214,11 @@ def test_release_1_runs_with_its_own_dependencies_secret_and_data(box: Sandbox, 
     assert index["secret_fingerprint"] == hashlib.sha256(SECRET.encode()).hexdigest()[:12]
     assert index["schema"] == "0001"
     assert len(environments(box)) == 1
+    # pip's cache is the app's own, and the build pruned it to its size limit.
+    assert not box.exists("/var/cache/bluegreen/pip")
+    assert not box.exists(f"{PIP_CACHE}/http/stale")
+    build_log = box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
+    assert "pip's cache: deleted 1 files" in build_log, build_log[-2000:]
 
     # The data directory: the app's user only; DATABASE_URL from [app.environment] with
     # {data_dir} replaced reached the release phase (which made the file) and the instance.

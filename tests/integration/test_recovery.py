@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -28,11 +29,15 @@ pytestmark = pytest.mark.integration
 SOURS_AFTER_START = SCRIPTED_APP + (
     "HEALTH = lambda: 'fine' if time.monotonic() - STARTED <= 2.5 else ('sour', 500)\n")
 
+SLOW_BUILD = 6
+
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
     return ("drain_timeout = 5\npost_switch_watch = 3\n[app]\nworkers = 4\n"
-            "[health]\ninterval = 0.2\ntimeout = 0.5\nunhealthy_threshold = 3\n")
+            "[health]\ninterval = 0.2\ntimeout = 0.5\nunhealthy_threshold = 3\n"
+            # A release that holds the file slow-build takes a while to build.
+            f"[release]\nbuild_command = \"if [ -e slow-build ]; then sleep {SLOW_BUILD}; fi\"\n")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -194,3 +199,58 @@ def test_controller_killed_during_a_switch_back_keeps_the_old_release(box: Sandb
         assert wait_serving(box)["ActivePort"] == before["ActivePort"]
     finally:  # the next deploys take the branch's head: a healthy one
         app.commit("Back to the healthy app", {"app.py": original})
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never saw {what}")
+        time.sleep(0.05)
+
+
+def loaded_units(box: Sandbox, pattern: str) -> list[str]:
+    out = box.run("systemctl", "list-units", "--all", "--plain", "--no-legend", pattern).stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.strip())
+
+
+def test_a_build_left_running_by_a_killed_controller_is_stopped_and_its_staging_removed(
+        box: Sandbox, app: App) -> None:
+    """The build goes on in its own unit after the controller died; the restarted controller
+    stops it and removes its staging directory (the build user's) before it serves."""
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    sha = app.commit("A slow build", {"slow-build": ""})
+    deploying = call(box, "Deploy", "s", "")
+    wait_for("the build unit", lambda: bool(loaded_units(box, "bluegreen-build-*")))
+    releases = box.path("/var/lib/bluegreen/releases")
+    assert [p for p in releases.iterdir() if p.name.startswith(".")], "no staging directory"
+    kill_controller(box)
+    wait_serving(box)
+    assert loaded_units(box, "bluegreen-build-*") == []
+    assert [p.name for p in releases.iterdir() if p.name.startswith(".")] == []
+    assert deployment(box, deploying)["state"] == "interrupted"
+    assert not box.path(f"/var/lib/bluegreen/releases/{sha}").exists()
+    (app.work / "slow-build").unlink()
+    app.commit("No slow build")
+
+
+def test_a_release_phase_left_running_by_a_killed_controller_ends_before_the_next_starts(
+        box: Sandbox, app: App) -> None:
+    """Two release phases of one app never run at once, not even across a controller crash."""
+    box.run("systemctl", "start", "bluegreen.service")
+    wait_serving(box)
+    phases = "/var/lib/bluegreen/data/phases"
+    log = (f'echo "$1 $BLUEGREEN_DEPLOYMENT_ID" >> {phases}')
+    app.commit("A slow release phase",
+               {"Procfile": f"release: sh -c '{log}' - start; sleep 4; sh -c '{log}' - end\n"})
+    first = call(box, "Deploy", "s", "")
+    wait_for("the release phase", lambda: box.exists(phases))
+    kill_controller(box)
+    wait_serving(box, timeout=90)
+    second = wait_deployment(box, call(box, "Deploy", "s", ""))
+    assert second["state"] == "succeeded", second
+    assert deployment(box, first)["state"] == "interrupted"
+    lines = box.path(phases).read_text().split("\n")
+    assert lines == [f"start {first}", f"end {first}", f"start {second['id']}",
+                     f"end {second['id']}", ""], lines
+    app.commit("No release phase", {"Procfile": "# no release phase\n"})

@@ -781,3 +781,13 @@ def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_d
     record = asyncio.run(world.deploy())
     assert record.state == State.SWITCHED_BACK, record
     assert flagged == [[8002, 8003], [8002, 8003]]
+
+def test_a_failed_deploy_prunes_environments_too(world: World) -> None:
+    """Deploys that keep failing (each with other dependencies) must not pile environments up."""
+    unused = world.controller.environments.path("0" * 32)
+    (unused / "bin").mkdir(parents=True)
+    (unused / ".bluegreen-ready").write_text("requirements.txt\n")
+    world.systemd.refuse_start.add(instances.unit(8002))
+    record = asyncio.run(world.deploy())
+    assert (record.state, record.failed_step) == (State.FAILED, Step.START), record
+    assert world.controller.environments.on_disk() == []

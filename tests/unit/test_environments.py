@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,145 @@ def test_prune_keeps_what_releases_use_and_drops_unfinished(tmp_path: Path) -> N
     assert sorted(envs.prune({"used", "unfinished"})) == ["unfinished", "unused"]
     assert envs.on_disk() == ["used"]
     assert envs.ready("used")
+
+
+def test_a_rebuild_of_the_same_python_keeps_the_key(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Debian security update of python3.11 changes sys.version, not the ABI: no environment
+    is rebuilt (and a host without the package index still deploys)."""
+    files = {"requirements.txt": "flask==3.0.3\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    monkeypatch.setattr(sys, "version", "3.11.2 (main, Mar 13 2099, 12:00:00) [GCC 12.2.0]")
+    after = environments.dependencies(release(tmp_path / "2", files))
+    assert before is not None and after is not None
+    assert before.digest == after.digest
+
+
+def test_another_abi_changes_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"requirements.txt": "flask==3.0.3\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda name: "cpython-312-x86_64-linux-gnu" if name == "SOABI" else None)
+    after = environments.dependencies(release(tmp_path / "2", files))
+    assert before is not None and after is not None
+    assert before.digest != after.digest
+
+
+@pytest.mark.parametrize(("requirements", "local"), [
+    ("./libs/x\n", "libs/x/setup.py"),
+    ("-e ./libs/x\n", "libs/x/setup.py"),
+    ("--editable=libs/x\n", "libs/x/setup.py"),
+    ("-e .\n", "libs/x/setup.py"),
+    (".\n", "app.py"),
+    ("x @ file:./libs/x\n", "libs/x/setup.py"),
+    ("file:libs/x#egg=x\n", "libs/x/setup.py"),
+    ("./wheels/x-1.0-py3-none-any.whl --hash=sha256:00\n", "wheels/x-1.0-py3-none-any.whl"),
+    ("-f ./wheels\nx==1.0\n", "wheels/x-1.0-py3-none-any.whl"),
+    ("--find-links=wheels\nx==1.0\n", "wheels/x-1.0-py3-none-any.whl"),
+    ("-r more/base.txt\n", "more/libs/y.py"),  # a path in an included file: the release's
+])
+def test_a_change_in_a_local_requirement_changes_the_key(tmp_path: Path, requirements: str,
+                                                         local: str) -> None:
+    files = {"requirements.txt": requirements, "app.py": "app = 1\n",
+             "libs/x/setup.py": "setup()\n", "wheels/x-1.0-py3-none-any.whl": "zip",
+             "more/base.txt": "-e ./more/libs\n", "more/libs/y.py": "y = 1\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    after = environments.dependencies(release(tmp_path / "2", {**files, local: "changed\n"}))
+    assert before is not None and after is not None
+    assert before.digest != after.digest
+
+
+def test_an_empty_specifier_names_no_local_project() -> None:
+    assert environments.local_references("") == []
+    assert environments.local_references("   ") == []
+
+
+def test_local_requirements_outside_the_key_leave_it_alone(tmp_path: Path) -> None:
+    files = {"requirements.txt": "-e ./libs/x\nflask[async]==3.0.3 ; python_version > '3'\n"
+             "git+https://example.com/y.git#egg=y\n", "libs/x/setup.py": "setup()\n",
+             "app.py": "one\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    after = environments.dependencies(release(tmp_path / "2", {**files, "app.py": "two\n"}))
+    assert before is not None and after is not None
+    assert before.digest == after.digest
+
+
+def test_a_pyproject_file_dependency_is_hashed(tmp_path: Path) -> None:
+    files = {"pyproject.toml": '[project]\nname = "x"\ndependencies = ["y @ file:./libs/y"]\n',
+             "libs/y/setup.py": "setup()\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    changed = {**files, "libs/y/setup.py": "setup(name='y')\n"}
+    after = environments.dependencies(release(tmp_path / "2", changed))
+    assert before is not None and after is not None
+    assert before.digest != after.digest
+
+
+def test_what_lies_outside_the_release_counts_by_name(tmp_path: Path) -> None:
+    """The host's own directories are not the release's to hash (nor walked: ``-e /``)."""
+    outside = tmp_path / "host" / "wheels"
+    outside.mkdir(parents=True)
+    (tmp_path / "1" / "libs").mkdir(parents=True)
+    (tmp_path / "1" / "libs" / "y").symlink_to(outside)
+    files = {"requirements.txt": f"-f {outside}\n-e /\n-e ./libs/y\nx==1.0\n"}
+    before = environments.dependencies(release(tmp_path / "1", files))
+    (outside / "x-1.0-py3-none-any.whl").write_text("zip")
+    after = environments.dependencies(release(tmp_path / "1", files))
+    assert before is not None and after is not None
+    assert before.digest == after.digest
+
+
+def built(envs: Environments, key: str, ready: str | None = None) -> None:
+    (envs.path(key) / "bin").mkdir(parents=True)
+    text = ready if ready is not None else f"requirements.txt\nabi {environments.interpreter_abi()}\n"
+    (envs.path(key) / environments.READY).write_text(text)
+
+
+def test_a_release_runs_on_the_environment_it_was_verified_with(tmp_path: Path) -> None:
+    """Its build may have changed the project ``-e .`` installs since: a rollback still finds
+    the environment, and pruning keeps it."""
+    envs = Environments(tmp_path / "environments")
+    published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "-e .\n",
+                                                             "app.py": "one\n"})
+    wanted = environments.dependencies(published)
+    assert wanted is not None
+    built(envs, wanted.digest)
+    assert envs.find(published, wanted) == wanted.digest
+    envs.record(published, wanted.digest)
+    (published / "static.css").write_text("built by release.build_command\n")
+    changed = environments.dependencies(published)
+    assert changed is not None and changed.digest != wanted.digest
+    assert envs.find(published, changed) == wanted.digest
+    assert envs.used_by([published]) == {wanted.digest}
+    assert envs.prune(envs.used_by([published])) == []
+
+
+def test_what_a_staging_directory_records_is_not_trusted(tmp_path: Path) -> None:
+    envs = Environments(tmp_path / "environments")
+    built(envs, "f" * 32)
+    staging = release(tmp_path / "releases" / ".aaaaaaaaaaaa.x1", {
+        "requirements.txt": "flask\n", environments.RECORDED: "f" * 32 + "\n"})
+    wanted = environments.dependencies(staging)
+    assert wanted is not None
+    assert envs.find(staging, wanted) is None
+
+
+def test_an_environment_of_another_python_is_not_reused(tmp_path: Path) -> None:
+    envs = Environments(tmp_path / "environments")
+    published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "flask\n"})
+    wanted = environments.dependencies(published)
+    assert wanted is not None
+    other = "abi cpython 3.10 cpython-310-x86_64-linux-gnu linux-x86_64"
+    built(envs, wanted.digest, f"requirements.txt\n{other}\n")
+    envs.record(published, wanted.digest)
+    assert envs.find(published, wanted) is None
+
+
+def test_an_environment_an_older_version_built_is_found_again(tmp_path: Path) -> None:
+    envs = Environments(tmp_path / "environments")
+    published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "flask\n"})
+    wanted = environments.dependencies(published)
+    assert wanted is not None and wanted.legacy_digest != wanted.digest
+    built(envs, wanted.legacy_digest, "requirements.txt\n")
+    assert envs.used_by([published]) == {wanted.digest, wanted.legacy_digest}
+    assert envs.find(published, wanted) == wanted.legacy_digest
+    assert envs.usable(wanted.legacy_digest)  # it names its Python now
