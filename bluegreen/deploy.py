@@ -238,11 +238,12 @@ class Deployer:
             if not started:  # the step is reported once, with the first instance's port
                 record = await self.report(record, Step.START, port)
             try:
+                await appenv.give_secrets(self.systemd, instances.unit(port), self.config.app_name)
                 await self.systemd.set_properties(instances.unit(port),
                                                   transient.network_properties(self.config.app.network))
                 await instances.start(self.systemd, port)
                 return record
-            except SystemdError:
+            except (SystemdError, OSError):
                 taken = bool(sockdiag.listeners(port))
                 await self.abandon([port], None)
                 if attempt == PORT_ATTEMPTS or not taken:

@@ -40,12 +40,31 @@ public = {STAGING_PORT}
 interval = 0.2
 unhealthy_threshold = 3
 """
-# What each app's process sees of its environment: its secrets and its data directory.
+# What each app's process sees of its environment: its secrets and its data directory; and
+# where a value (another app's secret) could be read from: its credentials, the secrets
+# directory, every credentials directory on the host, other processes' environments.
 ENV_ROUTE = '''
 
 @app.get("/env/<name>")
 def environment(name):
     return jsonify(value=os.environ.get(name))
+
+
+@app.get("/find/<value>")
+def find(value):
+    import glob
+    places = [os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent") + "/*",
+              "/etc/bluegreen/secrets/*", "/etc/bluegreen/secrets/*/*", "/run/credentials/*/*",
+              "/proc/[0-9]*/environ", "/proc/[0-9]*/root/run/credentials/*/*"]
+    found = []
+    for path in sorted({p for place in places for p in glob.glob(place)}):
+        try:
+            with open(path, "rb") as f:
+                if value.encode() in f.read():
+                    found.append(path)
+        except OSError:
+            pass
+    return jsonify(found=found)
 '''
 
 
@@ -165,6 +184,11 @@ def test_two_apps_serve_side_by_side_each_with_its_own_secrets_and_data(
     assert get(box, 5000, "/env/TOKEN")["value"] == "production-token"
     assert get(box, 5000, "/env/staging_TOKEN")["value"] is None
     assert get(box, STAGING_PORT, "/env/TOKEN")["value"] == "staging-token"
+    # Each app's processes can read its own secret, and no other app's, from anywhere.
+    for port, own, other in ((5000, "production-token", "staging-token"),
+                             (STAGING_PORT, "staging-token", "production-token")):
+        assert get(box, port, f"/find/{own}")["found"], own
+        assert get(box, port, f"/find/{other}")["found"] == [], (port, other)
     assert get(box, 5000, "/env/BLUEGREEN_DATA_DIR")["value"] == "/var/lib/bluegreen/data"
     assert get(box, STAGING_PORT, "/env/BLUEGREEN_DATA_DIR")["value"] == "/var/lib/bluegreen/app-data/staging"
     assert box.path("/var/lib/bluegreen/apps/staging/bluegreen.db").exists()

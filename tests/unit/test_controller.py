@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import appenv, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import appenv, apps, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
@@ -37,6 +37,9 @@ class FakeSystemd:
         self.refuse_start: set[str] = set()
         self.unreadable: set[str] = set()
         self.on_unit_state: list[Any] = []
+        # Each unit's drop-ins, by name, and its state when they were set.
+        self.dropins: dict[str, dict[str, str]] = {}
+        self.state_at_dropin: dict[str, str] = {}
 
     def active(self, pattern: str) -> list[str]:
         return sorted(name for name, state in self.units.items()
@@ -69,6 +72,10 @@ class FakeSystemd:
 
     async def set_properties(self, unit: str, properties: Any) -> None:
         pass
+
+    async def set_dropin(self, unit: str, name: str, text: str) -> None:
+        self.dropins.setdefault(unit, {})[name] = text
+        self.state_at_dropin[unit] = self.units.get(unit, "inactive")
 
 
 def write_instance_env(run_dir: Path, port: int, release: str, deployment_id: int) -> None:
@@ -162,6 +169,18 @@ def test_a_deploy_that_succeeds_serves_the_new_release(world: World) -> None:
     assert world.controller.serving == Serving(8002, NEW)
     assert world.systemd.active("bluegreen-forward@*") == ["bluegreen-forward@8002.service"]
     assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
+
+
+def test_a_new_instance_gets_its_apps_secrets_before_it_starts(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path / "secrets")
+    (tmp_path / "secrets" / "staging").mkdir(parents=True)
+    (tmp_path / "secrets" / "TOKEN").write_text("production\n")
+    assert asyncio.run(world.deploy()).state == State.SUCCEEDED
+    unit = instances.unit(8002)
+    assert world.systemd.dropins[unit] == {appenv.SECRETS_DROPIN: appenv.secrets_dropin("default")}
+    assert f"LoadCredential=secrets_TOKEN:{tmp_path}/secrets/TOKEN\n" in appenv.secrets_dropin("default")
+    assert world.systemd.state_at_dropin[unit] == "inactive"
 
 
 @pytest.mark.parametrize(("configured", "served"), [
