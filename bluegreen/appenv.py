@@ -130,10 +130,12 @@ async def give_secrets(systemd: Systemd, unit: str, app_name: str) -> None:
 
 def command(config: Config, what: str, kind: str, argv: list[str], directory: Path,
             env: Mapping[str, str]) -> Command:
-    """A command run as the app: its user, environment, secrets, data and network."""
+    """A command run as the app: its user, environment, secrets, data and network; in a user
+    namespace of its own, as the app's units are (PrivateUsers=), since every app runs as the
+    same user."""
     return Command(
         what=what, kind=kind, argv=[WITH_SECRETS, *argv],
         directory=directory, user=APP_USER, timeout=config.release.timeout, environment=env,
         state_directories=[apps.data_state_directory(config.app_name)],
-        credentials=credentials(config.app_name),
+        credentials=credentials(config.app_name), private_users=True,
         network=config.app.network, tasks_max=APP_TASKS_MAX)
