@@ -161,8 +161,12 @@ def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App
     box.run("systemctl", "start", "bluegreen-api.service")
     files = [f for f in box.run("dpkg", "-L", "bluegreen").stdout.split() if box.path(f).is_file()]
     assert len(files) > 30
+    assert box.exists(f"/run/systemd/system/bluegreen-app@{port}.service.d/50-bluegreen-secrets.conf")
     box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "bluegreen")
     assert active_units(box) == []
+    # Nor are the drop-ins left that gave the instances and workers their secrets.
+    assert box.run("sh", "-c", "echo /run/systemd/system/bluegreen*").stdout.split() == [
+        "/run/systemd/system/bluegreen*"]
     listening = box.run("ss", "-Hltn").stdout
     assert ":5000 " not in listening and ":5001 " not in listening, listening
     assert box.path("/etc/bluegreen/bluegreen.toml").exists()  # a conffile stays until purge
