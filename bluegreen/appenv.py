@@ -128,6 +128,12 @@ async def give_secrets(systemd: Systemd, unit: str, app_name: str) -> None:
     await systemd.set_dropin(unit, SECRETS_DROPIN, secrets_dropin(app_name))
 
 
+def take_secrets(systemd: Systemd, unit: str) -> None:
+    """Drop a stopped unit's secrets drop-in: every unit name a deploy picks (a port of the
+    range) would otherwise leave one behind until the next boot."""
+    systemd.remove_dropin(unit, SECRETS_DROPIN)
+
+
 def command(config: Config, what: str, kind: str, argv: list[str], directory: Path,
             env: Mapping[str, str]) -> Command:
     """A command run as the app: its user, environment, secrets, data and network; in a user

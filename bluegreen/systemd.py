@@ -314,6 +314,14 @@ class Systemd:
         if not await self._sees_dropin(unit, path):
             raise SystemdError(f"{unit}: systemd does not read its drop-in {path}")
 
+    def remove_dropin(self, unit: str, name: str) -> None:
+        """Remove a drop-in set_dropin wrote (and its directory, if nothing else is in it). A
+        unit that is still loaded keeps what it has read until systemd reloads."""
+        directory = self.runtime_units / f"{unit}.d"
+        (directory / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already, or holds another drop-in
+            directory.rmdir()
+
     async def _sees_dropin(self, unit: str, path: Path) -> bool:
         (unit_path,) = await self._manager("LoadUnit", "s", unit)
         (dropins,) = await self._call(SYSTEMD, unit_path, PROPERTIES, "Get", "ss", [UNIT, "DropInPaths"])

@@ -96,6 +96,7 @@ async def stop(systemd: Systemd, run_dir: Path, port: int | None = None,
             log.error("could not stop %s: %s", status.name, exc)
             continue
         env_path(run_dir, parsed[1], parsed[2], app).unlink(missing_ok=True)
+        appenv.take_secrets(systemd, status.name)
 
 
 async def listing(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> list[Worker]:

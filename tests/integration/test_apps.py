@@ -347,3 +347,10 @@ def test_reload_adds_and_removes_an_app_and_refuses_a_shared_port(
     for app, before in (("default", production), ("staging", staging)):
         now = props(box, app)
         assert (now["ActiveRelease"], now["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+    # After all those deploys, rollbacks, failures and a removed app, only the instances and
+    # workers that run keep a drop-in with their secrets.
+    running = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
+                      "bluegreen-app@*", "bluegreen-worker@*").stdout
+    dropins = box.run("sh", "-c", "cd /run/systemd/system && echo bluegreen-*.d").stdout
+    assert sorted(dropins.split()) == sorted(f"{line.split()[0]}.d" for line in running.splitlines()
+                                             if line.strip())

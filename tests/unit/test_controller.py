@@ -77,6 +77,10 @@ class FakeSystemd:
         self.dropins.setdefault(unit, {})[name] = text
         self.state_at_dropin[unit] = self.units.get(unit, "inactive")
 
+    def remove_dropin(self, unit: str, name: str) -> None:
+        self.dropins.get(unit, {}).pop(name, None)
+        self.state_at_dropin[unit] = self.units.get(unit, "inactive")
+
 
 def write_instance_env(run_dir: Path, port: int, release: str, deployment_id: int) -> None:
     path = instances.env_path(run_dir, port)
@@ -171,7 +175,7 @@ def test_a_deploy_that_succeeds_serves_the_new_release(world: World) -> None:
     assert world.systemd.active("bluegreen-app@*") == ["bluegreen-app@8002.service"]
 
 
-def test_a_new_instance_gets_its_apps_secrets_before_it_starts(
+def test_a_new_instance_gets_its_apps_secrets_before_it_starts_and_an_old_one_loses_them(
         world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path / "secrets")
     (tmp_path / "secrets" / "staging").mkdir(parents=True)
@@ -181,6 +185,9 @@ def test_a_new_instance_gets_its_apps_secrets_before_it_starts(
     assert world.systemd.dropins[unit] == {appenv.SECRETS_DROPIN: appenv.secrets_dropin("default")}
     assert f"LoadCredential=secrets_TOKEN:{tmp_path}/secrets/TOKEN\n" in appenv.secrets_dropin("default")
     assert world.systemd.state_at_dropin[unit] == "inactive"
+    # The old instance, stopped, keeps no drop-in.
+    assert world.systemd.dropins.get(instances.unit(OLD_PORT), {}) == {}
+    assert world.systemd.state_at_dropin[instances.unit(OLD_PORT)] == "inactive"
 
 
 @pytest.mark.parametrize(("configured", "served"), [

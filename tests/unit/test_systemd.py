@@ -118,3 +118,15 @@ def test_a_drop_in_is_written_and_systemd_reloaded_only_when_it_does_not_see_it(
     assert bus.reloads == 1 and dropin.stat().st_mtime_ns == written  # the same: left alone
     asyncio.run(systemd.set_dropin("bluegreen-app@8123.service", "50-x.conf", "[Service]\nA=2\n"))
     assert bus.reloads == 2 and dropin.read_text() == "[Service]\nA=2\n"
+
+
+def test_removing_a_drop_in_keeps_what_else_is_in_its_directory(tmp_path: Path) -> None:
+    systemd = Systemd(DropInBus(tmp_path), runtime_units=tmp_path)  # type: ignore[arg-type]
+    for unit in ("a.service", "b.service"):
+        asyncio.run(systemd.set_dropin(unit, "50-x.conf", "[Service]\n"))
+    (tmp_path / "b.service.d" / "60-admin.conf").write_text("[Service]\n")
+    systemd.remove_dropin("a.service", "50-x.conf")
+    systemd.remove_dropin("b.service", "50-x.conf")
+    systemd.remove_dropin("c.service", "50-x.conf")  # never written: nothing to do
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "b.service.d", "b.service.d/60-admin.conf"]
