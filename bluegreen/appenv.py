@@ -6,10 +6,12 @@ Python environment and its network.
   the data directory outlive releases;
 - the settings of ``[app.environment]`` and bluegreen's own ``BLUEGREEN_*`` variables, in the
   unit's environment;
-- the secrets, never in any unit's environment or on disk outside /etc/bluegreen/secrets:
-  systemd loads the directory as credentials (``LoadCredential=secrets:/etc/bluegreen/secrets``)
-  and ``with-secrets`` exports the app's own (BLUEGREEN_APP: the default app's files, or those
-  of its subdirectory NAME) as the process starts;
+- its secrets and no other app's, never in any unit's environment or on disk outside
+  /etc/bluegreen/secrets: systemd loads them as credentials (LoadCredential=: of each file
+  directly in /etc/bluegreen/secrets for the default app, of the directory
+  /etc/bluegreen/secrets/NAME for the app NAME), and ``with-secrets`` exports them as the
+  process starts. A transient unit gets them among its properties; an instance or a worker,
+  a unit of a template shared by every app, in a drop-in of its own written before it starts;
 - the data directory /var/lib/bluegreen/data (``StateDirectory=bluegreen/data``, mode 0700),
   /var/lib/bluegreen/app-data/NAME for the app NAME (see apps.py);
 - the release's Python environment first on ``PATH``.
@@ -20,16 +22,20 @@ words; this module says it for transient units and for the files those units rea
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import pwd
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from bluegreen import apps
-from bluegreen.config import DEFAULT_APP, Config, ConfigError
+from bluegreen.config import DEFAULT_APP, Config
 from bluegreen.environments import SYSTEM_PYTHON
+from bluegreen.systemd import Systemd
 from bluegreen.transient import Command
+
+log = logging.getLogger(__name__)
 
 APP_USER = "bluegreen-app"
 SECRETS_DIR = apps.SECRETS_DIR
@@ -38,6 +44,10 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Tasks the app's user may own when a command of the app starts more: its serving instances
 # and workers (a process, or a thread, each) count too.
 APP_TASKS_MAX = 4096
+SECRETS_DROPIN = "50-bluegreen-secrets.conf"
+# A secret's file name that reads the same in a unit file (no specifier '%', no quoting);
+# with-secrets then refuses what is no variable name, saying so.
+_SECRET_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def environment(config: Config, release: str, release_dir: Path, environment_dir: Path | None,
@@ -63,10 +73,6 @@ def environment(config: Config, release: str, release_dir: Path, environment_dir
         "BLUEGREEN_DEPLOYMENT_ID": str(deployment_id),
         "BLUEGREEN_APP": config.app_name,
     })
-    # An app's units load its secrets directory with its subdirectories: every other app's
-    # for the default app, those of an app named like this one plus "_..." for the others.
-    # with-secrets leaves those out.
-    values["BLUEGREEN_OTHER_APPS"] = " ".join(name for name in other_apps() if name != config.app_name)
     return values
 
 
@@ -86,29 +92,56 @@ def prepare_data_dir(app_name: str) -> None:
     os.chown(directory, user.pw_uid, user.pw_gid)
 
 
-def other_apps() -> list[str]:
-    """The names under which an app's units may find other apps' secrets: the app files', and
-    the secrets directory's subdirectories."""
-    names: set[str] = set()
-    with contextlib.suppress(ConfigError):
-        names.update(apps.files())
-    with contextlib.suppress(OSError):
-        names.update(path.name for path in SECRETS_DIR.iterdir() if path.is_dir())
-    return sorted(names)
-
-
 def credentials(app_name: str = DEFAULT_APP) -> list[tuple[str, str]]:
-    """LoadCredential= of the app's secrets (none while the directory is missing)."""
+    """LoadCredential= of the app's secrets: the directory secrets/NAME of the app NAME (none
+    while it is missing); each regular file directly in the secrets directory, for the
+    default app, whose subdirectories are the other apps' (systemd would load a directory
+    with them)."""
     directory = apps.secrets_dir(app_name)
-    return [(apps.credential(app_name), str(directory))] if directory.is_dir() else []
+    if app_name != DEFAULT_APP:
+        return [(apps.credential(app_name), str(directory))] if directory.is_dir() else []
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError:
+        return []
+    found = []
+    for path in paths:
+        if path.name.startswith(".") or path.is_symlink() or not path.is_file():
+            continue  # what systemd leaves out when it loads a directory
+        if not _SECRET_FILE.fullmatch(path.name):
+            log.warning("secret %s ignored: not a name the app may set", path)
+            continue
+        found.append((f"{apps.credential(app_name)}_{path.name}", str(path)))
+    return found
+
+
+def secrets_dropin(app_name: str) -> str:
+    """The drop-in that gives a unit of the app's (an instance, a worker) its secrets."""
+    lines = [f"# The secrets of the app {app_name}: bluegreen writes this before it starts the unit.",
+             "[Service]"]
+    lines += [f"LoadCredential={credential}:{path}" for credential, path in credentials(app_name)]
+    return "\n".join(lines) + "\n"
+
+
+async def give_secrets(systemd: Systemd, unit: str, app_name: str) -> None:
+    """Have ``unit`` load the app's secrets from its next start on (and no other app's)."""
+    await systemd.set_dropin(unit, SECRETS_DROPIN, secrets_dropin(app_name))
+
+
+def take_secrets(systemd: Systemd, unit: str) -> None:
+    """Drop a stopped unit's secrets drop-in: every unit name a deploy picks (a port of the
+    range) would otherwise leave one behind until the next boot."""
+    systemd.remove_dropin(unit, SECRETS_DROPIN)
 
 
 def command(config: Config, what: str, kind: str, argv: list[str], directory: Path,
             env: Mapping[str, str]) -> Command:
-    """A command run as the app: its user, environment, secrets, data and network."""
+    """A command run as the app: its user, environment, secrets, data and network; in a user
+    namespace of its own, as the app's units are (PrivateUsers=), since every app runs as the
+    same user."""
     return Command(
         what=what, kind=kind, argv=[WITH_SECRETS, *argv],
         directory=directory, user=APP_USER, timeout=config.release.timeout, environment=env,
         state_directories=[apps.data_state_directory(config.app_name)],
-        credentials=credentials(config.app_name),
+        credentials=credentials(config.app_name), private_users=True,
         network=config.app.network, tasks_max=APP_TASKS_MAX, app=config.app_name)

@@ -62,9 +62,9 @@ def data_dir(name: str) -> Path:
 
 
 def credential(name: str) -> str:
-    """The credential ID the app's secrets directory is loaded as: each file NAME of it is
-    then the credential ID_NAME (the default app's units load every app's secrets, since
-    systemd reads a directory with its subdirectories: with-secrets picks the app's own)."""
+    """The prefix of the app's secrets' credential IDs: the file NAME of the app's secrets is the
+    credential ID_NAME (the directory of an app NAME is loaded as ID; the default app's files,
+    one by one, since its directory holds the other apps')."""
     return "secrets" if name == DEFAULT_APP else f"secrets_{name}"
 
 

@@ -269,11 +269,12 @@ class Deployer:
             if not started:  # the step is reported once, with the first instance's port
                 record = await self.report(record, Step.START, port)
             try:
+                await appenv.give_secrets(self.systemd, instances.unit(port), self.config.app_name)
                 await self.systemd.set_properties(instances.unit(port),
                                                   transient.network_properties(self.config.app.network))
                 await instances.start(self.systemd, port)
                 return record
-            except SystemdError:
+            except (SystemdError, OSError):
                 await self.abandon([port], None)
                 taken = bool(sockdiag.listeners(port))  # by someone else: ours is closed now
                 if attempt == PORT_ATTEMPTS or not taken:

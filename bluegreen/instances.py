@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import drainflag, sockdiag
+from bluegreen import appenv, drainflag, sockdiag
 from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd
@@ -139,6 +139,7 @@ async def stop(systemd: Systemd, port: int) -> None:
     await systemd.stop_unit(unit(port))
     await systemd.reset_failed(unit(port))
     await systemd.reset_failed(socket_unit(port))
+    appenv.take_secrets(systemd, unit(port))
 
 
 async def failure(systemd: Systemd, port: int) -> str | None:

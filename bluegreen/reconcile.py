@@ -18,12 +18,12 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from bluegreen import drainflag, forwarder, instances, ports, switchback, workers
+from bluegreen import appenv, drainflag, forwarder, instances, ports, switchback, workers
 from bluegreen.config import DEFAULT_APP, Forwarder
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
 from bluegreen.serving import Serving
-from bluegreen.systemd import Systemd
+from bluegreen.systemd import Systemd, SystemdError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,21 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
         return
     for port in serving.ports:  # it may have been draining when the controller stopped
         drainflag.clear(run_dir, port)
+    await _give_secrets(systemd, run_dir, serving, app)
     log.info("adopted release %s serving on %s", serving.release[:12], serving.describe(),
              extra=fields(message_id=MessageId.RECONCILED, release=serving.release,
                           port=serving.port))
+
+
+async def _give_secrets(systemd: Systemd, run_dir: Path, serving: Serving, app: str) -> None:
+    """Give the kept units their secrets' drop-ins: a unit started by an older version has
+    none, and would start again without its secrets when systemd restarts it."""
+    kept = [instances.unit(port) for port in serving.ports]
+    kept += [worker.unit for worker in await workers.listing(systemd, run_dir, app)
+             if worker.port == serving.port]
+    for unit in kept:
+        try:
+            await appenv.give_secrets(systemd, unit, app)
+        except (SystemdError, OSError) as exc:
+            log.error("%s will not have its secrets if it restarts: %s", unit, exc,
+                      extra=fields(unit=unit))

@@ -15,10 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
+
+from bluegreen.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ SERVICE = "org.freedesktop.systemd1.Service"
 SOCKET = "org.freedesktop.systemd1.Socket"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATHS = "/org/freedesktop/systemd1/unit"
+# Where programs put unit files and drop-ins that last until the next boot.
+RUNTIME_UNITS = Path("/run/systemd/system")
 
 
 class JobMode(StrEnum):
@@ -124,8 +129,9 @@ _ERRORS: dict[str, type[SystemdError]] = {
 class Systemd:
     """A client of the service manager on an already connected system bus."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, runtime_units: Path = RUNTIME_UNITS) -> None:
         self.bus = bus
+        self.runtime_units = runtime_units
         self._waiting: dict[str, asyncio.Future[str]] = {}
         # Jobs that finished before anyone waited for them (their reply was still in flight).
         self._finished: OrderedDict[str, str] = OrderedDict()
@@ -282,6 +288,45 @@ class Systemd:
         """Change properties of a (loaded) unit until the next reboot, as systemctl
         set-property --runtime does; they apply from its next start."""
         await self._manager("SetUnitProperties", "sba(sv)", unit, True, [list(p) for p in properties])
+
+    async def set_dropin(self, unit: str, name: str, text: str) -> None:
+        """Give one unit settings that set_properties cannot change: a drop-in ``name`` of
+        the unit in /run/systemd/system (gone at reboot), in force from its next start.
+
+        systemd 252 takes execution settings such as LoadCredential= over D-Bus for transient
+        units only. It reads a unit's drop-ins when it loads the unit: a loaded unit (running,
+        failed, or held by a reference) sees a changed drop-in after a daemon-reload only, and
+        one in a drop-in directory made since the last reload not even as a change
+        (NeedDaemonReload stays false). So the file is written if it differs, and systemd
+        reloaded only if what it has loaded is not that file.
+        """
+        path = self.runtime_units / f"{unit}.d" / name
+        try:
+            current: str | None = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            atomic_write(path, text)
+        if await self._sees_dropin(unit, path):
+            return
+        log.info("reloading systemd's configuration: %s has a new drop-in", unit)
+        await self._manager("Reload")  # answered once the reload is done
+        if not await self._sees_dropin(unit, path):
+            raise SystemdError(f"{unit}: systemd does not read its drop-in {path}")
+
+    def remove_dropin(self, unit: str, name: str) -> None:
+        """Remove a drop-in set_dropin wrote (and its directory, if nothing else is in it). A
+        unit that is still loaded keeps what it has read until systemd reloads."""
+        directory = self.runtime_units / f"{unit}.d"
+        (directory / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already, or holds another drop-in
+            directory.rmdir()
+
+    async def _sees_dropin(self, unit: str, path: Path) -> bool:
+        (unit_path,) = await self._manager("LoadUnit", "s", unit)
+        (dropins,) = await self._call(SYSTEMD, unit_path, PROPERTIES, "Get", "ss", [UNIT, "DropInPaths"])
+        (stale,) = await self._call(SYSTEMD, unit_path, PROPERTIES, "Get", "ss", [UNIT, "NeedDaemonReload"])
+        return str(path) in dropins.value and not stale.value
 
     async def reset_failed(self, unit: str) -> None:
         with contextlib.suppress(SystemdError):  # not failed, or not loaded: nothing to reset

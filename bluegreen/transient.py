@@ -77,6 +77,9 @@ class Command:
     # instances, for a command run as the app).
     tasks_max: int = TASKS_MAX
     app: str = DEFAULT_APP  # whose command: part of the unit's name
+    # A user namespace of its own: processes of the same user elsewhere (another app's
+    # command) may then not read its /proc entries, its environment and credentials among them.
+    private_users: bool = False
 
     def properties(self, output_fd_index: int) -> list[tuple[str, Variant]]:
         env = [f"{name}={value}" for name, value in self.environment.items()]
@@ -125,6 +128,8 @@ class Command:
             properties.append(("CacheDirectory", Variant("as", list(self.cache_directories))))
         if self.credentials:
             properties.append(("LoadCredential", Variant("a(ss)", [list(c) for c in self.credentials])))
+        if self.private_users:
+            properties.append(("PrivateUsers", Variant("b", True)))
         properties += network_properties(self.network)
         return properties
 

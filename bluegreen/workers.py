@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bluegreen import appenv
 from bluegreen.config import DEFAULT_APP, Network
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.systemd import Systemd, SystemdError
@@ -70,10 +71,11 @@ async def start(systemd: Systemd, run_dir: Path, port: int, commands: Mapping[st
         values = {**environment, "BLUEGREEN_PROCESS": name, "BLUEGREEN_COMMAND": command}
         atomic_write(env_path(run_dir, port, name, app), environment_file(values), mode=0o600)
         try:
+            await appenv.give_secrets(systemd, unit(port, name, app), app)
             await systemd.set_properties(unit(port, name, app), network_properties(network))
             await systemd.reset_failed(unit(port, name, app))
             await systemd.start_unit(unit(port, name, app))
-        except SystemdError as exc:
+        except (SystemdError, OSError) as exc:
             problems[name] = str(exc)
             log.error("worker %s of the release on port %d did not start: %s", name, port, exc)
     return problems
@@ -94,6 +96,7 @@ async def stop(systemd: Systemd, run_dir: Path, port: int | None = None,
             log.error("could not stop %s: %s", status.name, exc)
             continue
         env_path(run_dir, parsed[1], parsed[2], app).unlink(missing_ok=True)
+        appenv.take_secrets(systemd, status.name)
 
 
 async def listing(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> list[Worker]:

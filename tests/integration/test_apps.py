@@ -1,7 +1,8 @@
 """Several apps on one host: production (bluegreen.toml) and staging (apps/staging.toml), each
 from its own repository on its own public port. Whatever staging goes through (deploys,
 rollbacks, a failing release, a killed instance, a controller restart in the middle of its
-deploy), production keeps its release and fails no request."""
+deploy), production keeps its release and fails no request. Neither app's processes (instances,
+workers, release phases) can read the other's secrets."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.integration.helpers import (
     Load,
     busctl,
     configure,
+    git,
     http,
     kill_controller,
     unwrap,
@@ -40,13 +42,46 @@ public = {STAGING_PORT}
 interval = 0.2
 unhealthy_threshold = 3
 """
-# What each app's process sees of its environment: its secrets and its data directory.
+# What each app's process sees of its environment: its secrets and its data directory; and
+# where a value (another app's secret) could be read from: its credentials, the secrets
+# directory, every credentials directory on the host, other processes' environments.
 ENV_ROUTE = '''
 
 @app.get("/env/<name>")
 def environment(name):
     return jsonify(value=os.environ.get(name))
+
+
+@app.get("/find/<value>")
+def find(value):
+    import glob
+    places = [os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent") + "/*",
+              "/etc/bluegreen/secrets/*", "/etc/bluegreen/secrets/*/*", "/run/credentials/*/*",
+              "/proc/[0-9]*/environ", "/proc/[0-9]*/root/run/credentials/*/*"]
+    found = []
+    for path in sorted({p for place in places for p in glob.glob(place)}):
+        try:
+            with open(path, "rb") as f:
+                if value.encode() in f.read():
+                    found.append(path)
+        except OSError:
+            pass
+    return jsonify(found=found)
 '''
+
+# Where a process of the app's user could find another app's secret: the environment and the
+# credentials of any process it may look into, the secrets directory. (The value is spelled in
+# two parts: a worker's command is in its own environment.)
+SEARCH = ('p=production; found=$(grep -l -a -r -s "$p-token" /proc/[0-9]*/environ '
+          '/proc/[0-9]*/root/run/credentials/ /etc/bluegreen/secrets/)')
+# Production's release phase lasts until the test lets it end; staging's, meanwhile, looks for
+# production's secret (and fails if it finds it), and so does staging's worker.
+PRODUCTION_PROCFILE = ('release: while [ ! -e "$BLUEGREEN_DATA_DIR/release-may-end" ]; do sleep 0.1; '
+                       'done; [ "$TOKEN" = production-token ]\n')
+STAGING_PROCFILE = (f'release: [ "$TOKEN" = staging-token ] || exit 2; {SEARCH}; '
+                    '[ -z "$found" ] || { echo "found production\'s secret: $found"; exit 1; }\n'
+                    f'seeker: {SEARCH}; echo "$found" > "$BLUEGREEN_DATA_DIR/seeker-found"; '
+                    'echo "$TOKEN" > "$BLUEGREEN_DATA_DIR/seeker-token"; exec sleep 1000\n')
 
 
 def path_of(app: str) -> str:
@@ -165,6 +200,11 @@ def test_two_apps_serve_side_by_side_each_with_its_own_secrets_and_data(
     assert get(box, 5000, "/env/TOKEN")["value"] == "production-token"
     assert get(box, 5000, "/env/staging_TOKEN")["value"] is None
     assert get(box, STAGING_PORT, "/env/TOKEN")["value"] == "staging-token"
+    # Each app's processes can read its own secret, and no other app's, from anywhere.
+    for port, own, other in ((5000, "production-token", "staging-token"),
+                             (STAGING_PORT, "staging-token", "production-token")):
+        assert get(box, port, f"/find/{own}")["found"], own
+        assert get(box, port, f"/find/{other}")["found"] == [], (port, other)
     assert get(box, 5000, "/env/BLUEGREEN_DATA_DIR")["value"] == "/var/lib/bluegreen/data"
     assert get(box, STAGING_PORT, "/env/BLUEGREEN_DATA_DIR")["value"] == "/var/lib/bluegreen/app-data/staging"
     assert box.path("/var/lib/bluegreen/apps/staging/bluegreen.db").exists()
@@ -240,20 +280,42 @@ def test_a_controller_restart_in_a_staging_deploy_reconciles_both_apps(
     staging.revert_to(serving["ActiveRelease"], "Back to the serving release")
 
 
-def test_both_apps_deploy_at_once(box: Sandbox, repos: dict[str, App]) -> None:
-    production_sha = repos["production"].commit("Production release 3")
-    staging_sha = repos["staging"].commit("Staging release 3")
-    with Load(box, "--port", "5000", "--fast", "2", "--slow", "1") as load:
-        ids = {app: call_app(box, app, "Deploy", "s", "") for app in ("default", "staging")}
-        records = {app: wait_done(box, app, deployment_id) for app, deployment_id in ids.items()}
-    assert {app: r["state"] for app, r in records.items()} == {"default": "succeeded",
-                                                                  "staging": "succeeded"}
-    # They ran at the same time: each started before the other finished.
-    assert records["default"]["started_at"] < records["staging"]["finished_at"]
-    assert records["staging"]["started_at"] < records["default"]["finished_at"]
-    assert props(box, "default")["ActiveRelease"] == production_sha
-    assert props(box, "staging")["ActiveRelease"] == staging_sha
-    assert load.report["failed"] == 0, load.report["failures_by_kind"]
+def test_both_apps_deploy_at_once_and_neither_reads_the_others_secrets(
+        box: Sandbox, repos: dict[str, App]) -> None:
+    production_sha = repos["production"].commit("Production release 3",
+                                                {"Procfile": PRODUCTION_PROCFILE})
+    staging_before = repos["staging"].head()
+    try:
+        staging_sha = repos["staging"].commit("Staging release 3", {"Procfile": STAGING_PROCFILE})
+        with Load(box, "--port", "5000", "--fast", "2", "--slow", "1") as load:
+            production_id = call_app(box, "default", "Deploy", "s", "")
+            deadline = time.monotonic() + 120
+            while [step for step, *_ in call_app(box, "default", "GetDeployment", "s",
+                                                production_id)["steps"]][-1:] != ["migrate"]:
+                assert time.monotonic() < deadline, "production's deploy never reached its release phase"
+                time.sleep(0.1)
+            # Production's release phase runs, with its secret, while staging's deploys.
+            staging = wait_done(box, "staging", call_app(box, "staging", "Deploy", "s", ""))
+            box.run("touch", "/var/lib/bluegreen/data/release-may-end")
+            production = wait_done(box, "default", production_id)
+        assert staging["state"] == "succeeded", staging
+        assert production["state"] == "succeeded", production
+        assert production["started_at"] < staging["started_at"]
+        assert staging["finished_at"] < production["finished_at"]
+        assert props(box, "default")["ActiveRelease"] == production_sha
+        assert props(box, "staging")["ActiveRelease"] == staging_sha
+        assert load.report["failed"] == 0, load.report["failures_by_kind"]
+        # Staging's worker has its own secret, and found production's nowhere.
+        data = "/var/lib/bluegreen/app-data/staging"
+        deadline = time.monotonic() + 30
+        while box.run("test", "-s", f"{data}/seeker-token", check=False).returncode != 0:
+            assert time.monotonic() < deadline, box.journal("-u", "bluegreen-worker@*", "-n", "30")
+            time.sleep(0.1)
+        assert box.run("cat", f"{data}/seeker-token").stdout.strip() == "staging-token"
+        assert box.run("cat", f"{data}/seeker-found").stdout.strip() == ""
+    finally:  # the app beta, later, deploys staging's repository and has no secrets
+        git(repos["staging"].work, "rm", "-q", "Procfile")
+        repos["staging"].revert_to(staging_before, "Without the release phase that wants staging's secret")
 
 
 def test_reload_adds_and_removes_an_app_and_refuses_a_shared_port(
@@ -285,6 +347,13 @@ def test_reload_adds_and_removes_an_app_and_refuses_a_shared_port(
     for app, before in (("default", production), ("staging", staging)):
         now = props(box, app)
         assert (now["ActiveRelease"], now["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
+    # After all those deploys, rollbacks, failures and a removed app, only the instances and
+    # workers that run keep a drop-in with their secrets.
+    running = box.run("systemctl", "list-units", "--plain", "--no-legend", "--state=active",
+                      "bluegreen-app@*.service", "bluegreen-worker@*").stdout
+    dropins = box.run("sh", "-c", "cd /run/systemd/system && echo bluegreen-*.d").stdout
+    assert sorted(dropins.split()) == sorted(f"{line.split()[0]}.d" for line in running.splitlines()
+                                             if line.strip())
 
 
 def test_reload_refuses_a_port_another_app_still_serves(box: Sandbox, repos: dict[str, App]) -> None:

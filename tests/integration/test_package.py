@@ -138,26 +138,35 @@ def test_upgrade_under_load_keeps_the_serving_instance(box: Sandbox, app: App, n
                    ).stdout.strip() == "inactive"
 
 
-@pytest.mark.parametrize("forwarder", ["socat", "proxy"])
+FORWARDER_UNIT = {"socat": "bluegreen-forward@{port}.service",
+                  "proxy": "bluegreen-proxy@{port}.service",
+                  "haproxy": "bluegreen-haproxy.service"}
+
+
+@pytest.mark.parametrize("forwarder", ["socat", "proxy", "haproxy"])
 def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App, deb: Path,
                                                           forwarder: str) -> None:
-    if forwarder == "proxy":  # installed again after the socat run's purge, with a worker
+    if forwarder != "socat":  # installed again after the previous run's purge, with a worker
         box.install_deb(deb)
         box.sh(SET_REPOSITORY)
         config = box.path("/etc/bluegreen/bluegreen.toml")
-        config.write_text('forwarder = "proxy"\n' + config.read_text()
+        config.write_text(f'forwarder = "{forwarder}"\n' + config.read_text()
                           + '[processes]\nticker = "exec sleep 1000"\n')
     box.run("systemctl", "start", "bluegreen.service")
     port = wait_serving(box)["ActivePort"]
-    kind = "forward" if forwarder == "socat" else "proxy"
-    assert box.run("systemctl", "is-active", f"bluegreen-{kind}@{port}.service").stdout.strip() == "active"
-    if forwarder == "proxy":
+    unit = FORWARDER_UNIT[forwarder].format(port=port)
+    assert box.run("systemctl", "is-active", unit).stdout.strip() == "active"
+    if forwarder != "socat":
         assert f"bluegreen-worker@{port}-ticker.service" in active_units(box)
     box.run("systemctl", "start", "bluegreen-api.service")
     files = [f for f in box.run("dpkg", "-L", "bluegreen").stdout.split() if box.path(f).is_file()]
     assert len(files) > 30
+    assert box.exists(f"/run/systemd/system/bluegreen-app@{port}.service.d/50-bluegreen-secrets.conf")
     box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "bluegreen")
     assert active_units(box) == []
+    # Nor are the drop-ins left that gave the instances and workers their secrets.
+    assert box.run("sh", "-c", "echo /run/systemd/system/bluegreen*").stdout.split() == [
+        "/run/systemd/system/bluegreen*"]
     listening = box.run("ss", "-Hltn").stdout
     assert ":5000 " not in listening and ":5001 " not in listening, listening
     assert f":{port} " not in listening, listening  # the instance's socket is closed too

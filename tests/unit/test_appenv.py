@@ -72,7 +72,6 @@ def test_environment_names_the_app_and_its_data_directory() -> None:
     env = appenv.environment(cfg, "c" * 40, Path("/r/c"), None, 3)
     assert env["BLUEGREEN_APP"] == "staging"
     assert env["BLUEGREEN_DATA_DIR"] == "/var/lib/bluegreen/app-data/staging"
-    assert "staging" not in env["BLUEGREEN_OTHER_APPS"].split()
     loaded = Path("/nonexistent")
     assert config.load(loaded, environ={}, data_dir=Path("/d"), app_name="staging").app_name == "staging"
 
@@ -84,41 +83,52 @@ def _with_secrets(credentials: Path, **env: str) -> tuple[dict[str, str], str]:
     return dict(line.split("=", 1) for line in result.stdout.splitlines()), result.stderr
 
 
-def test_with_secrets_gives_each_app_its_own_secrets(tmp_path: Path) -> None:
-    # What systemd makes of /etc/bluegreen/secrets/{TOKEN,staging/TOKEN,staging/ONLY_STAGING}:
-    # the default app's units load the directory with its subdirectory.
-    (tmp_path / "secrets_TOKEN").write_text("production\n")
-    (tmp_path / "secrets_staging_TOKEN").write_text("staging\n")
-    (tmp_path / "secrets_staging_ONLY_STAGING").write_text("x\n")
-    default, _ = _with_secrets(tmp_path, BLUEGREEN_APP="default", BLUEGREEN_OTHER_APPS="beta staging")
-    assert default["TOKEN"] == "production"
-    assert not any(name.startswith("staging_") for name in default)
-    staging, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging")
+def test_with_secrets_exports_the_apps_credentials_under_their_names(tmp_path: Path) -> None:
+    # What systemd makes of LoadCredential=secrets_staging:/etc/bluegreen/secrets/staging.
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "secrets_staging_TOKEN").write_text("staging\n")
+    (tmp_path / "staging" / "secrets_staging_ONLY_STAGING").write_text("x\n")
+    staging, _ = _with_secrets(tmp_path / "staging", BLUEGREEN_APP="staging")
     assert staging["TOKEN"] == "staging" and staging["ONLY_STAGING"] == "x"
-    other, _ = _with_secrets(tmp_path, BLUEGREEN_APP="beta")
-    assert "TOKEN" not in other and "ONLY_STAGING" not in other
+    # And of LoadCredential=secrets_TOKEN:/etc/bluegreen/secrets/TOKEN, for the default app.
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "secrets_TOKEN").write_text("production\n")
+    default, _ = _with_secrets(tmp_path / "default", BLUEGREEN_APP="default")
+    assert default["TOKEN"] == "production"
 
 
-def test_an_app_named_like_another_plus_a_suffix_keeps_its_secrets_to_itself(tmp_path: Path) -> None:
-    """secrets/staging/TOKEN and secrets/staging_eu/TOKEN are the credentials secrets_staging_TOKEN
-    and secrets_staging_eu_TOKEN: staging must not take the second as "eu_TOKEN"."""
-    (tmp_path / "secrets_staging_TOKEN").write_text("staging\n")
-    (tmp_path / "secrets_staging_eu_TOKEN").write_text("eu\n")
-    staging, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging", BLUEGREEN_OTHER_APPS="staging_eu")
-    assert staging["TOKEN"] == "staging" and "eu_TOKEN" not in staging
-    eu, _ = _with_secrets(tmp_path, BLUEGREEN_APP="staging_eu", BLUEGREEN_OTHER_APPS="staging")
-    assert eu["TOKEN"] == "eu"
-    default, _ = _with_secrets(tmp_path, BLUEGREEN_APP="default", BLUEGREEN_OTHER_APPS="staging staging_eu")
-    assert not any(name.startswith("staging") for name in default)
-
-
-def test_transient_units_of_an_app_load_its_secrets_under_its_own_credential(
+def test_units_of_an_app_load_its_secrets_and_no_other_apps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path)
     assert appenv.credentials("staging") == []  # no directory: nothing to load
     (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "TOKEN").write_text("staging\n")
     assert appenv.credentials("staging") == [("secrets_staging", str(tmp_path / "staging"))]
-    assert appenv.credentials("default") == [("secrets", str(tmp_path))]
+    # The default app's are the files directly in the directory, each loaded on its own: a
+    # directory would bring its subdirectories, the other apps' secrets, along.
+    (tmp_path / "TOKEN").write_text("production\n")
+    (tmp_path / "SECRET_KEY").write_text("k\n")
+    (tmp_path / ".TOKEN.swp").write_text("an editor's\n")
+    (tmp_path / "LINKED").symlink_to(tmp_path / "staging" / "TOKEN")
+    (tmp_path / "50% off").write_text("no name for a unit file\n")
+    assert appenv.credentials("default") == [("secrets_SECRET_KEY", str(tmp_path / "SECRET_KEY")),
+                                             ("secrets_TOKEN", str(tmp_path / "TOKEN"))]
+
+
+def test_the_secrets_drop_in_loads_what_the_transient_units_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path)
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "TOKEN").write_text("production\n")
+
+    def loaded(app: str) -> list[str]:
+        text = appenv.secrets_dropin(app)
+        assert "[Service]\n" in text
+        return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("LoadCredential")]
+
+    assert loaded("default") == [f"secrets_TOKEN:{tmp_path}/TOKEN"]
+    assert loaded("staging") == [f"secrets_staging:{tmp_path}/staging"]
+    assert loaded("beta") == []  # no directory: nothing to load
 
 
 def test_network_properties_lock_down_or_open_up() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import appenv, drainflag, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import appenv, apps, drainflag, forwarder, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
@@ -38,6 +38,9 @@ class FakeSystemd:
         self.unreadable: set[str] = set()
         self.on_unit_state: list[Any] = []
         self.jobs: list[tuple[str, str]] = []  # ("start" or "stop", unit), in order
+        # Each unit's drop-ins, by name, and its state when they were set.
+        self.dropins: dict[str, dict[str, str]] = {}
+        self.state_at_dropin: dict[str, str] = {}
 
     def active(self, pattern: str) -> list[str]:
         return sorted(name for name, state in self.units.items()
@@ -72,6 +75,14 @@ class FakeSystemd:
 
     async def set_properties(self, unit: str, properties: Any) -> None:
         pass
+
+    async def set_dropin(self, unit: str, name: str, text: str) -> None:
+        self.dropins.setdefault(unit, {})[name] = text
+        self.state_at_dropin[unit] = self.units.get(unit, "inactive")
+
+    def remove_dropin(self, unit: str, name: str) -> None:
+        self.dropins.get(unit, {}).pop(name, None)
+        self.state_at_dropin[unit] = self.units.get(unit, "inactive")
 
 
 def write_instance_env(run_dir: Path, port: int, release: str, deployment_id: int) -> None:
@@ -203,6 +214,21 @@ def test_a_socket_whose_instance_does_not_run_is_closed_at_start_up(
     asyncio.run(restarted())
     assert first.systemd.active(instances.SOCKET_PATTERN) == [instances.socket_unit(OLD_PORT)]
     assert not instances.env_path(first.paths.runtime, 8005).exists()
+
+
+def test_a_new_instance_gets_its_apps_secrets_before_it_starts_and_an_old_one_loses_them(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path / "secrets")
+    (tmp_path / "secrets" / "staging").mkdir(parents=True)
+    (tmp_path / "secrets" / "TOKEN").write_text("production\n")
+    assert asyncio.run(world.deploy()).state == State.SUCCEEDED
+    unit = instances.unit(8002)
+    assert world.systemd.dropins[unit] == {appenv.SECRETS_DROPIN: appenv.secrets_dropin("default")}
+    assert f"LoadCredential=secrets_TOKEN:{tmp_path}/secrets/TOKEN\n" in appenv.secrets_dropin("default")
+    assert world.systemd.state_at_dropin[unit] == "inactive"
+    # The old instance, stopped, keeps no drop-in.
+    assert world.systemd.dropins.get(instances.unit(OLD_PORT), {}) == {}
+    assert world.systemd.state_at_dropin[instances.unit(OLD_PORT)] == "inactive"
 
 
 @pytest.mark.parametrize(("configured", "served"), [
