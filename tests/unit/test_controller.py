@@ -660,8 +660,7 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
 
 def test_a_second_forwarder_that_fails_to_start_leaves_only_the_old_release_forwarded(
         world: World) -> None:
-    loaded = world.controller.loaded
-    world.controller.loaded = replace(loaded, app=replace(loaded.app, instances=2))
+    with_instances(world, 2)
     world.systemd.refuse_start.add(forwarder.unit(8003))
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
