@@ -165,7 +165,7 @@ TOKEN_FILE = "/etc/bluegreen/api-token"
 
 
 def _reload_api(box: Sandbox) -> None:
-    """Apply api.listen and the token (bluegreen-generator), as the README says."""
+    """Apply api.listen and the token (bluegreen-generator), as docs/http-api.md says."""
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "stop", "bluegreen-api.service")
     box.run("systemctl", "restart", "bluegreen-api.socket")
