@@ -1,4 +1,5 @@
-"""Keep-alive clients through ten deploys of gthread instances: none fails, none stays behind.
+"""Keep-alive clients through deploys of gthread instances: none fails, none stays behind.
+Four deploys here, ten in test_keepalive_stress.py (scripts/test --stress).
 
 Busy clients (GET / and POST /echo back to back, bodies checked) and clients that think
 0.3-2.5 s between requests hold their connections open, as browsers and HTTP libraries do
@@ -42,7 +43,8 @@ from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
-DEPLOYS = 10
+DEPLOYS = 10  # under the stress marker
+QUICK_DEPLOYS = 4  # two without long-lived responses, two with
 DRAIN_TIMEOUT = 10.0
 STREAM_SECONDS = 6 * DRAIN_TIMEOUT  # as good as endless: any switch cuts them
 MAX_LAG = 1.0
@@ -66,9 +68,9 @@ def config_extra() -> str:
 
 @pytest.fixture(scope="module")
 def deploys() -> int:
-    """Deploys in the keep-alive test: ten here; the other forwarders' modules run fewer in the
-    default suite and ten under the stress marker."""
-    return DEPLOYS
+    """Deploys in the keep-alive test: four in the default suite, ten under the stress marker
+    (each forwarder's *_stress module)."""
+    return QUICK_DEPLOYS
 
 
 @pytest.fixture(scope="module")

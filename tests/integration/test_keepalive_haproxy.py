@@ -10,6 +10,7 @@ from tests.integration.helpers import App, call, wait_deployment
 from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
     Clients,
     config,
+    deploys,
     serving,
     test_keepalive_clients_move_at_once_and_fail_no_request,
     test_switch_back_keeps_connections_alive_again,
@@ -17,12 +18,6 @@ from tests.integration.test_keepalive import (  # noqa: F401 (collected and used
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
-QUICK_DEPLOYS = 4  # two without long-lived responses, two with
-
-
-@pytest.fixture(scope="module")
-def deploys() -> int:
-    return QUICK_DEPLOYS
 
 
 @pytest.fixture(scope="module")

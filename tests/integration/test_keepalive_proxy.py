@@ -7,20 +7,15 @@ import pytest
 
 from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
     CONFIG,
+    deploys,
     serving,
     test_keepalive_clients_move_at_once_and_fail_no_request,
     test_switch_back_keeps_connections_alive_again,
 )
 
 pytestmark = pytest.mark.integration
-QUICK_DEPLOYS = 4  # two without long-lived responses, two with
 
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
     return f'forwarder = "proxy"\n{CONFIG}'
-
-
-@pytest.fixture(scope="module")
-def deploys() -> int:
-    return QUICK_DEPLOYS

@@ -1,15 +1,20 @@
-"""The keep-alive test with the built-in forwarder through ten deploys, as with socat in the
-default suite (marker stress: scripts/test --stress)."""
+"""The keep-alive test with the built-in forwarder through ten deploys, as
+test_keepalive_stress.py does with socat (marker stress: scripts/test --stress)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.integration.test_keepalive import (  # noqa: F401 (collected and used here too)
-    deploys,
+    DEPLOYS,
     serving,
     test_keepalive_clients_move_at_once_and_fail_no_request,
 )
 from tests.integration.test_keepalive_proxy import config_extra  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.stress]
+
+
+@pytest.fixture(scope="module")
+def deploys() -> int:
+    return DEPLOYS

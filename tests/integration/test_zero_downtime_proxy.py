@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.test_zero_downtime import (  # noqa: F401 (collected here too)
+    deploys,
     test_deploys_under_load_fail_no_request,
 )
 
