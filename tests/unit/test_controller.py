@@ -166,6 +166,14 @@ class World:
         return self.controller.history.get(record.id)
 
 
+async def started(controller: Controller) -> None:
+    """Start ``controller`` and wait for the start-up's reconciliation, which runs in the
+    background."""
+    await controller.start()
+    while controller._settling:
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture()
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     yield World(tmp_path, monkeypatch)
@@ -205,9 +213,7 @@ def test_a_socket_whose_instance_does_not_run_is_closed_at_start_up(
 
     async def restarted() -> None:
         controller = second.controller
-        await controller.start()
-        while controller._settling:
-            await asyncio.sleep(0.01)
+        await started(controller)
         assert controller.serving == Serving(OLD_PORT, OLD)
         await controller.stop()
 
@@ -371,9 +377,7 @@ def test_an_interrupted_deploy_of_a_pushed_head_is_retried_after_a_restart(
     second = World(tmp_path, monkeypatch, systemd=first.systemd)
 
     async def restarted() -> tuple[str | None, State]:
-        await second.controller.start()
-        while second.controller._settling:  # the start-up's reconciliation, in the background
-            await asyncio.sleep(0.01)
+        await started(second.controller)
         head = await second.controller.refresher.poll()
         task = second.controller._task
         assert task is not None
@@ -569,13 +573,8 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
     staging = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging", public=5100)
     staging.controller.releases.path(NEW).mkdir(parents=True)
 
-    async def settled(controller: Controller) -> None:
-        await controller.start()
-        while controller._settling:
-            await asyncio.sleep(0.01)
-
     async def scenario() -> None:
-        await settled(staging.controller)  # nothing of its own serves: it deploys the branch
+        await started(staging.controller)  # nothing of its own serves: it deploys the branch
         assert default.systemd.active(instances.PATTERN)[0] == instances.unit(OLD_PORT)
         assert default.systemd.active("bluegreen-forward@*")[0] == forwarder.unit(OLD_PORT)
         assert default.systemd.active("bluegreen-worker@*") == [workers.unit(OLD_PORT, "clock")]
@@ -587,7 +586,7 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         await staging.controller.stop()
 
         restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging", public=5100)
-        await settled(restarted.controller)
+        await started(restarted.controller)
         assert restarted.controller.serving == Serving(8002, NEW)
         record = await default.deploy(NEW)
         assert record.state == State.SUCCEEDED, record.reason
@@ -612,9 +611,7 @@ def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
 
     async def restarted() -> None:
         controller = second.controller
-        await controller.start()
-        while controller._settling:
-            await asyncio.sleep(0.01)
+        await started(controller)
         assert controller.serving == Serving(8002, NEW, (8003,))
         assert controller.pool.out() == [8003]
         await controller.stop()
