@@ -22,13 +22,14 @@ from pathlib import Path
 
 from dbus_next.aio import MessageBus
 
-from bluegreen import apps, forwarder
+from bluegreen import apps
 from bluegreen import log as logsetup
 from bluegreen.api.dbus import ManagerInterface
 from bluegreen.api.names import object_path
 from bluegreen.config import DEFAULT_APP, Config, ConfigError
 from bluegreen.controller import Controller, Paths
 from bluegreen.credentials import Secrets
+from bluegreen.forwarders import control
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,8 @@ class AppManager:
             if controller.current is not None:
                 ports.add(controller.deployer.config.ports.public)
             runtime = controller.paths.runtime
-            if await forwarder.targets(self.systemd, runtime, name):
-                ports.add(forwarder.written_public_port(runtime, name) or controller.config.ports.public)
+            if await control.targets(self.systemd, runtime, name):
+                ports.add(control.written_public_port(runtime, name) or controller.config.ports.public)
         return served
 
     async def port_user(self, app: str, port: int) -> str | None:

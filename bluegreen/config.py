@@ -48,7 +48,7 @@ class Applies(StrEnum):
 
 
 class Forwarder(StrEnum):
-    """What carries the public port to the serving instance (see forwarder.py)."""
+    """What carries the public port to the serving instance (see forwarders/control.py)."""
 
     SOCAT = "socat"
     PROXY = "proxy"
@@ -123,7 +123,7 @@ class AppConfig:
 class PortsConfig:
     public: int = 5000
     range: PortRange = PortRange(8000, 8999)
-    public_address: str = ""  # "": both stacks, or the IPv4 address already served (forwarder.py)
+    public_address: str = ""  # "": both stacks, or the IPv4 address already served (forwarders/control.py)
     max_connections: int = 1024
 
 

@@ -21,18 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bluegreen import config as configuration
-from bluegreen import (
-    forwarder,
-    health,
-    instances,
-    pool,
-    procfile,
-    reconcile,
-    refresher,
-    settings,
-    transient,
-    workers,
-)
+from bluegreen import health, instances, pool, reconcile, refresher, settings, workers
 from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
@@ -44,8 +33,8 @@ from bluegreen.deploy import (
     no_port_user,
     no_release_phase,
 )
-from bluegreen.environments import Environments
 from bluegreen.files import atomic_write
+from bluegreen.forwarders import control
 from bluegreen.history import (
     Deployment,
     History,
@@ -59,8 +48,10 @@ from bluegreen.history import (
 )
 from bluegreen.log import MessageId, fields
 from bluegreen.metrics import Metrics
-from bluegreen.releases import Releases
-from bluegreen.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
+from bluegreen.release import procfile, transient
+from bluegreen.release.releases import Releases
+from bluegreen.release.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
+from bluegreen.release.venvs import Environments
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
@@ -435,7 +426,7 @@ class Controller:
             self.pool.reset(None)
             return
         await self._adopt_workers(self.serving)
-        targets = await forwarder.targets(self.systemd, self.paths.runtime, self.app)
+        targets = await control.targets(self.systemd, self.paths.runtime, self.app)
         self.pool.reset(self.serving, out=[port for port in self.serving.ports
                                            if not targets.get(port)])
 
@@ -464,7 +455,7 @@ class Controller:
         self.metrics.deployment_finished(record)
         self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
-            forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
+            control.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
                             self.app)
         # The refresher leaves a pushed head alone once its deployment has an outcome; an
         # interrupted one is tried again.
@@ -505,7 +496,7 @@ class Controller:
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,
             health=self.config.app.health_path, public=self.config.ports.public)
-        unit = forwarder.unit(port, self.config.forwarder) \
+        unit = control.unit(port, self.config.forwarder) \
             if step in (Step.SWITCH, Step.DRAIN, Step.SWITCH_BACK) else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,
                  extra=fields(deployment_id=record.id, release=record.commit, step=step,
@@ -648,7 +639,7 @@ class Controller:
         interval = self.refresher.interval
         self.refresher.interval = config.repository.poll_interval
         if old.drain_timeout != config.drain_timeout or old.ports != config.ports:
-            forwarder.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
+            control.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
         if old.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
             self._write_known_hosts()
         if self._started and not self._settling:  # else the start-up's end watches the remote
@@ -685,13 +676,13 @@ class Controller:
         """Adopt what systemd runs; the rest of the start-up (stopping what must not run, a
         deployment if nothing serves, the refresher) goes on in the background, so that the
         controller is ready at once."""
-        forwarder.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
+        control.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
                             self.app)
         self._write_known_hosts()
         try:
-            if forwarder.ensure_migrate_req():
+            if control.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")
-        except forwarder.ForwarderError as exc:
+        except control.ForwarderError as exc:
             log.error("%s; deployments will fail at the switch", exc)
         reconcile.mark_interrupted(self.history)
         self._forget_interrupted_head()

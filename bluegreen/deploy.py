@@ -24,32 +24,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bluegreen import (
-    appenv,
-    drainflag,
-    forwarder,
-    health,
-    instances,
-    ports,
-    procfile,
-    sockdiag,
-    switchback,
-    transient,
-    workers,
-)
+from bluegreen import drainflag, health, instances, ports, sockdiag, switchback, workers
 from bluegreen.config import DEFAULT_WSGI, Config
-from bluegreen.environments import Environments
-from bluegreen.forwarder import ForwarderError
+from bluegreen.forwarders import control
+from bluegreen.forwarders.control import ForwarderError
 from bluegreen.history import Deployment, State, Step, Trigger
 from bluegreen.instances import InstanceSpec
 from bluegreen.log import MessageId, fields
-from bluegreen.procfile import Processes, ProcfileError
-from bluegreen.releases import Releases
-from bluegreen.repository import Repository, RepositoryError
+from bluegreen.release import appenv, procfile, transient
+from bluegreen.release.procfile import Processes, ProcfileError
+from bluegreen.release.releases import Releases
+from bluegreen.release.repository import Repository, RepositoryError
+from bluegreen.release.venvs import Environments
+from bluegreen.release.verify import Verifier, VerifyFailed
 from bluegreen.run import CommandError
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
-from bluegreen.verify import Verifier, VerifyFailed
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +165,17 @@ class Deployer:
             if user:  # its listeners would share that app's traffic
                 raise ForwarderError(f"port {public} is still served by the app {user}: the app "
                                      f"{app} cannot start its forwarders there")
-            forwarder.ensure_migrate_req()
+            control.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
-            address = forwarder.write_env(self.run_dir, ports, self.config.drain_timeout,
+            address = control.write_env(self.run_dir, ports, self.config.drain_timeout,
                                           self.config.app_name)
-            if not ports.public_address and address == "0.0.0.0" and forwarder.ipv6_available():
+            if not ports.public_address and address == "0.0.0.0" and control.ipv6_available():
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
             for port in new.ports:
-                await forwarder.start(self.systemd, self.run_dir, port, self.config.ports.public,
+                await control.start(self.systemd, self.run_dir, port, self.config.ports.public,
                                       self.config.forwarder, app=self.config.app_name)
         except _STEP_ERRORS as exc:
             if step == Step.SWITCH:
@@ -202,7 +192,7 @@ class Deployer:
                  new.describe(), extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
                                               deployment_id=record.id, release=record.commit,
                                               port=new.port,
-                                              unit=forwarder.unit(new.port, self.config.forwarder)))
+                                              unit=control.unit(new.port, self.config.forwarder)))
         # Past the switch a failure can leave either release carrying the traffic: what
         # serves is then for the controller to read back from systemd.
         try:
@@ -259,7 +249,7 @@ class Deployer:
         avoid: set[int] = set(started)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             in_use = await ports.of_units(self.systemd, (instances.PATTERN, instances.SOCKET_PATTERN,
-                                                         *forwarder.PATTERNS))
+                                                         *control.PATTERNS))
             # Another app's deploy may have picked a port whose unit is not loaded yet: its
             # settings file, written in the same step as the pick, says so.
             in_use.extend(instances.ports_with_env(self.run_dir))
@@ -290,7 +280,7 @@ class Deployer:
         deadline = time.monotonic() + self.config.drain_timeout
         for old_port in old_ports:
             try:
-                await forwarder.drain_stop(self.systemd, self.run_dir, old_port,
+                await control.drain_stop(self.systemd, self.run_dir, old_port,
                                            self.config.drain_timeout)
             except (SystemdError, ForwarderError) as exc:
                 log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
@@ -341,13 +331,13 @@ class Deployer:
         """Point the public port at the old instances again and retire the new ones."""
         for old_port in old_ports:
             drainflag.clear(self.run_dir, old_port)
-            await forwarder.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
+            await control.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
                                   self.config.forwarder, app=self.config.app_name)
         try:
             for new_port in new_ports:  # before any drain: it steers away from them all
                 drainflag.put(self.run_dir, new_port)
             for new_port in new_ports:
-                await forwarder.drain_stop(self.systemd, self.run_dir, new_port,
+                await control.drain_stop(self.systemd, self.run_dir, new_port,
                                            self.config.drain_timeout)
         finally:
             await self.abandon(list(new_ports), None)
@@ -388,7 +378,7 @@ class Deployer:
     async def undo_switch(self, new_ports: list[int], serving: Serving | None) -> None:
         """After a failed switch, what forwards is what serves: the old release alone."""
         try:
-            await forwarder.undo_switch(self.systemd, self.run_dir, self.config.forwarder, new_ports,
+            await control.undo_switch(self.systemd, self.run_dir, self.config.forwarder, new_ports,
                                         serving.ports if serving else (), self.config.drain_timeout)
         except (SystemdError, ForwarderError) as exc:
             log.error("the forwarders of the failed switch are not all undone: %s", exc)
@@ -427,7 +417,7 @@ class Deployer:
         return InstanceSpec(port=port, wsgi=wsgi, workers=app.workers,
                             worker_class=app.worker_class, app_environment=env,
                             drain_file=drainflag.path(self.run_dir, port),
-                            forwarded_allow_ips=forwarder.trusted_proxies(self.config))
+                            forwarded_allow_ips=control.trusted_proxies(self.config))
 
 
 def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:

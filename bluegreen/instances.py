@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import appenv, drainflag, sockdiag
+from bluegreen import drainflag, sockdiag
 from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
+from bluegreen.release import appenv
 from bluegreen.systemd import Systemd
 
 PATTERN = "bluegreen-app@*.service"

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 
-from bluegreen import forwarder, health, instances
+from bluegreen import health, instances
 from bluegreen.config import Config
+from bluegreen.forwarders import control
 from bluegreen.log import fields
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
@@ -95,9 +96,9 @@ class Pool:
 
     async def _drain(self, port: int) -> None:
         try:
-            await forwarder.drain_stop(self.systemd, self.run_dir, port,
+            await control.drain_stop(self.systemd, self.run_dir, port,
                                        self.config().drain_timeout)
-        except (SystemdError, forwarder.ForwarderError) as exc:
+        except (SystemdError, control.ForwarderError) as exc:
             log.error("the forwarder to port %d is not stopped: %s", port, exc)
 
     def _drained(self, port: int, task: asyncio.Task[None]) -> None:
@@ -122,9 +123,9 @@ class Pool:
                 return  # answered, but its unit is on its way out
             config = self.config()
             try:
-                await forwarder.start(self.systemd, self.run_dir, port, config.ports.public,
+                await control.start(self.systemd, self.run_dir, port, config.ports.public,
                                       config.forwarder, app=config.app_name)
-            except (SystemdError, forwarder.ForwarderError) as exc:
+            except (SystemdError, control.ForwarderError) as exc:
                 log.error("the instance on port %d stays out: its forwarder did not start: %s",
                           port, exc)
                 return

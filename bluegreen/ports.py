@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Sequence
 
-from bluegreen import forwarder, instances, sockdiag
+from bluegreen import instances, sockdiag
 from bluegreen.config import PortRange
+from bluegreen.forwarders import control
 from bluegreen.systemd import Systemd
 
 
@@ -22,7 +23,7 @@ async def of_units(systemd: Systemd, patterns: Sequence[str], *,
     found = set()
     for status in await systemd.list_units(*patterns):
         port = (instances.port_of(status.name) or instances.socket_port_of(status.name)
-                or forwarder.port_of(status.name))
+                or control.port_of(status.name))
         if port is not None and (status.is_running or not running_only):
             found.add(port)
     return sorted(found)

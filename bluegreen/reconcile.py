@@ -18,10 +18,12 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from bluegreen import appenv, drainflag, forwarder, instances, ports, switchback, workers
+from bluegreen import drainflag, instances, ports, switchback, workers
 from bluegreen.config import DEFAULT_APP, Forwarder
+from bluegreen.forwarders import control
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
+from bluegreen.release import appenv
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
 
@@ -52,7 +54,7 @@ async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serv
     """What serves the app, as systemd runs it (see choose). Changes nothing."""
     # Normally one target per instance of the serving release, more when the controller died
     # during a switch or a switch-back.
-    targets = await forwarder.targets(systemd, run_dir, app)
+    targets = await control.targets(systemd, run_dir, app)
     running = await running_instances(systemd, run_dir, app)
     retiring = switchback.retiring(run_dir, app)
     serving = choose(targets, running, retiring)
@@ -90,11 +92,11 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
     """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
     its every other instance and the workers of its every other release."""
     keep = serving.ports if serving is not None else ()
-    targets = await forwarder.targets(systemd, run_dir, app)
+    targets = await control.targets(systemd, run_dir, app)
     running = await running_instances(systemd, run_dir, app)
     # A controller that died during a switch may leave a kept forwarder still starting: let it
     # finish (joining its start job) before the others stop listening.
-    kept_forwarders = [forwarder.unit(port, kind) for port in keep for kind in Forwarder]
+    kept_forwarders = [control.unit(port, kind) for port in keep for kind in Forwarder]
     for status in await systemd.list_units(*kept_forwarders) if kept_forwarders else []:
         if status.active_state == "activating":
             await systemd.start_unit(status.name)
@@ -102,8 +104,8 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
         if port not in keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
             try:
-                await forwarder.drain_stop(systemd, run_dir, port, drain_timeout)
-            except forwarder.ForwarderError as exc:
+                await control.drain_stop(systemd, run_dir, port, drain_timeout)
+            except control.ForwarderError as exc:
                 log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:
         if port not in keep:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bluegreen.log import fields
-from bluegreen.repository import Repository, RepositoryError
+from bluegreen.release.repository import Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ async def run(
     """Run argv to completion; raise CommandError on a non-zero exit (if check) or a timeout.
 
     On a timeout the command's whole process group is killed. (A release's own commands run
-    in transient units instead: see transient.py.)
+    in transient units instead: see release/transient.py.)
     """
     log.debug("running %s", shlex.join(argv))
     try:

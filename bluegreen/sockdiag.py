@@ -4,7 +4,7 @@ The kernel filters by state and port (inet_diag bytecode), so a question costs t
 twenty thousand TIME_WAIT sockets around as with none; /proc/net/tcp would list them all.
 Used to pick a free port, to see that a new forwarder listens, to count the connections an old
 instance still serves, and to close an old forwarder's listener from the kernel side (destroy)
-once new connections go elsewhere (attach_reuseport_program, see reuseport.py).
+once new connections go elsewhere (attach_reuseport_program, see forwarders/reuseport.py).
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import appenv
 from bluegreen.config import DEFAULT_APP, Network
 from bluegreen.files import atomic_write, environment_file, read_environment_file
+from bluegreen.release import appenv
+from bluegreen.release.transient import network_properties
 from bluegreen.systemd import Systemd, SystemdError
-from bluegreen.transient import network_properties
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
 from bluegreen.config import ConfigError
 from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
-from bluegreen.repository import InvalidRef, RepositoryError, UnknownRef
+from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
 
 # What a request to deploy may be refused with (a subclass before its base).
 _REFUSALS: dict[type[Exception], Error] = {

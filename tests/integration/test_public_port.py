@@ -79,7 +79,7 @@ def test_the_builtin_forwarder_listens_where_told(box: Sandbox, app: App) -> Non
     port = redeploy_with(box, app, 'forwarder = "proxy"\n[ports]\npublic_address = "127.0.0.1"\n')
     assert seen(box, "127.0.0.1", LIES) == {"scheme": "http", "remote_addr": "127.0.0.1"}
     assert seen(box, "[::1]") is None
-    assert forwarder_argv(box, f"bluegreen-proxy@{port}.service")[2] == "bluegreen.proxy"
+    assert forwarder_argv(box, f"bluegreen-proxy@{port}.service")[2] == "bluegreen.forwarders.proxy"
     redeploy_with(box, app, 'forwarder = "proxy"\n')
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import pipcache
+from bluegreen.release import pipcache
 from tests import wheelhouse
 from tests.integration.helpers import (
     App,

@@ -60,7 +60,8 @@ end
 SWITCHER = """\
 import asyncio, json, subprocess, sys, time
 from pathlib import Path
-from bluegreen import haproxy, sockdiag
+from bluegreen import sockdiag
+from bluegreen.forwarders import haproxy
 
 kind = sys.argv[1]
 # A set of ports on each side, comma-separated: one forwarder per instance (app.instances).
@@ -263,7 +264,7 @@ def test_switches_of_two_instances_each_lose_nothing(box: Sandbox, instances: tu
     """app.instances = 2: two socat forwarders start, then the two old ones drain one after the
     other, as a deploy does. With the drain steering to "the second listener" of the port,
     the second old forwarder took every new connection while it closed (the slots of the
-    port's listeners are followed in reuseport.py)."""
+    port's listeners are followed in forwarders/reuseport.py)."""
     blue = list(instances)
     green = [port for port in range(8000, 9000) if abs(port - blue[0]) > 1 and abs(port - blue[1]) > 1][:2]
     more_instances(box, blue[0], green)
@@ -323,7 +324,7 @@ if [ "$1" = sigterm ]; then
     kill -TERM $OLD
 else
     PYTHONPATH="$2" /usr/bin/python3 -c \\
-        "from bluegreen import forwardhook; forwardhook.close_listeners($OLD, set())"
+        "from bluegreen.forwarders import hook; hook.close_listeners($OLD, set())"
 fi
 wait $CLIENT
 echo "client: $(cat curl.out)"

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import appenv, apps, config, transient, workers
+from bluegreen import apps, config, workers
 from bluegreen.config import AppConfig, Config, Network
+from bluegreen.release import appenv, transient
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 WITH_SECRETS = ROOT / "data" / "with-secrets"

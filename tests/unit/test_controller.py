@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import appenv, apps, drainflag, forwarder, health, instances, ports, sockdiag, workers
+from bluegreen import apps, drainflag, health, instances, ports, sockdiag, workers
 from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
@@ -20,8 +20,10 @@ from bluegreen.config import Config, ConfigError
 from bluegreen.controller import Busy, Controller, Paths
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
+from bluegreen.forwarders import control
 from bluegreen.history import Deployment, History, State, Step, Trigger, finished
-from bluegreen.repository import Commit
+from bluegreen.release import appenv
+from bluegreen.release.repository import Commit
 from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
 
@@ -116,7 +118,7 @@ class World:
         write_instance_env(self.paths.runtime, OLD_PORT, OLD, 1)
         self.systemd.units[instances.socket_unit(OLD_PORT)] = "active"
         self.systemd.units[instances.unit(OLD_PORT)] = "active"
-        self.systemd.units[forwarder.unit(OLD_PORT)] = "active"
+        self.systemd.units[control.unit(OLD_PORT)] = "active"
         self.controller.serving = Serving(OLD_PORT, OLD)
 
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,8 +143,8 @@ class World:
 
         async def start_forwarder(systemd: FakeSystemd, run_dir: Path, port: int, public_port: int,
                                   kind: Any = None, timeout: float = 10.0, app: str = "default") -> None:
-            forwarder._link(run_dir, port, app)
-            await systemd.start_unit(forwarder.unit(port))
+            control._link(run_dir, port, app)
+            await systemd.start_unit(control.unit(port))
 
         monkeypatch.setattr(self.controller.repository, "resolve", resolve)
         monkeypatch.setattr(self.controller.repository, "remote_head", remote_head)
@@ -150,8 +152,8 @@ class World:
         monkeypatch.setattr(health, "wait_healthy", wait_healthy)
         monkeypatch.setattr(health, "probe", probe)
         monkeypatch.setattr(instances, "foreign_listener", no_stranger)
-        monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
-        monkeypatch.setattr(forwarder, "start", start_forwarder)
+        monkeypatch.setattr(control, "ensure_migrate_req", lambda: False)
+        monkeypatch.setattr(control, "start", start_forwarder)
         monkeypatch.setattr(sockdiag, "served_connections", lambda port: 0)
         monkeypatch.setattr(sockdiag, "listeners", lambda port: [])
         # The lowest free port from 8002, so that the test knows which a deploy takes.
@@ -253,7 +255,7 @@ def test_the_procfiles_web_line_names_the_app_unless_app_wsgi_does(world: World,
 
 def fail_switch_back(world: World) -> None:
     world.healthy = False  # the watch sees it, and the switch back cannot start the old forwarder
-    world.systemd.refuse_start.add(forwarder.unit(OLD_PORT))
+    world.systemd.refuse_start.add(control.unit(OLD_PORT))
 
 
 def fail_watch_status(world: World) -> None:
@@ -305,7 +307,7 @@ def test_a_switch_back_that_works_keeps_the_old_release(world: World) -> None:
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.SWITCHED_BACK, Step.WATCH)
     assert world.controller.serving == Serving(OLD_PORT, OLD)
-    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert world.systemd.active("bluegreen-forward@*") == [control.unit(OLD_PORT)]
 
 
 def test_a_background_task_that_fails_or_ends_stops_the_daemon(world: World) -> None:
@@ -439,13 +441,13 @@ def hold_stale_forwarder(world: World, release: str) -> asyncio.Event:
     """A newer deployment of ``release`` serves on 8002 beside OLD_PORT's forwarder, whose
     drain at start-up hangs until the event returned is set."""
     world.systemd.units[instances.unit(8002)] = "active"
-    world.systemd.units[forwarder.unit(8002)] = "active"
+    world.systemd.units[control.unit(8002)] = "active"
     write_instance_env(world.paths.runtime, 8002, release, 2)  # the newer deployment: it stays
     drained = asyncio.Event()
     stop_unit = world.systemd.stop_unit
 
     async def slow_stop(unit: str, **options: Any) -> None:
-        if unit == forwarder.unit(OLD_PORT):
+        if unit == control.unit(OLD_PORT):
             await drained.wait()
         await stop_unit(unit, **options)
 
@@ -470,7 +472,7 @@ def test_start_returns_once_what_serves_is_adopted(world: World,
         drained.set()
         while controller._settling:
             await asyncio.sleep(0.01)
-        assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
+        assert world.systemd.active("bluegreen-forward@*") == [control.unit(8002)]
         assert world.systemd.active(instances.PATTERN) == [instances.unit(8002)]
         assert controller.state == "serving"
         await controller.stop()
@@ -516,8 +518,8 @@ def test_a_deploy_starts_and_switches_in_every_instance(world: World,
     assert record.port == 8002
     assert world.controller.serving == Serving(8002, NEW, (8003,))
     assert world.systemd.active(instances.PATTERN) == [instances.unit(8002), instances.unit(8003)]
-    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
-                                                           forwarder.unit(8003)]
+    assert world.systemd.active("bluegreen-forward@*") == [control.unit(8002),
+                                                           control.unit(8003)]
 
 
 def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
@@ -528,7 +530,7 @@ def test_a_deploy_whose_second_instance_fails_stops_both(world: World,
     assert record.state == State.FAILED, record
     assert world.controller.serving == Serving(OLD_PORT, OLD)
     assert world.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
-    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert world.systemd.active("bluegreen-forward@*") == [control.unit(OLD_PORT)]
 
 
 def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
@@ -541,21 +543,21 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
         systemd.units[instances.unit(8003)] = "activating"  # systemd restarts it
         for listener in systemd.on_unit_state:
             listener(instances.unit(8003), "deactivating")
-        while forwarder.unit(8003) in systemd.active("bluegreen-forward@*"):
+        while control.unit(8003) in systemd.active("bluegreen-forward@*"):
             await asyncio.sleep(0.01)
         assert controller.pool.out() == [8003]
         assert controller.health() == (True, f"release {NEW[:12]} serves on ports 8002, 8003 "
                                        "(out until healthy again: port 8003)")
         # The last one that takes traffic stays, sick or not.
         await controller.pool.take_out(8002, "killed")
-        assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002)]
+        assert systemd.active("bluegreen-forward@*") == [control.unit(8002)]
         # Restarted and healthy again: back on the public port (once its forwarder stopped).
         await controller.pool.settled()
         systemd.units[instances.unit(8003)] = "active"
         await controller.pool.probed(8003, health.Probe(True, "HTTP 200"))
         assert controller.pool.out() == []
-        assert systemd.active("bluegreen-forward@*") == [forwarder.unit(8002),
-                                                         forwarder.unit(8003)]
+        assert systemd.active("bluegreen-forward@*") == [control.unit(8002),
+                                                         control.unit(8003)]
         await controller.stop()
         # Stopped (an app removed by a reload), it no longer hears of its instances' units.
         assert controller._on_unit_state not in systemd.on_unit_state
@@ -576,13 +578,13 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
     async def scenario() -> None:
         await started(staging.controller)  # nothing of its own serves: it deploys the branch
         assert default.systemd.active(instances.PATTERN)[0] == instances.unit(OLD_PORT)
-        assert default.systemd.active("bluegreen-forward@*")[0] == forwarder.unit(OLD_PORT)
+        assert default.systemd.active("bluegreen-forward@*")[0] == control.unit(OLD_PORT)
         assert default.systemd.active("bluegreen-worker@*") == [workers.unit(OLD_PORT, "clock")]
         while staging.controller.state != "serving":
             await asyncio.sleep(0.01)
         assert staging.controller.serving == Serving(8002, NEW)
         assert instances.app_named(instances.read_env(staging.paths.runtime, 8002)) == "staging"
-        assert forwarder.app_of(staging.paths.runtime, 8002) == "staging"
+        assert control.app_of(staging.paths.runtime, 8002) == "staging"
         await staging.controller.stop()
 
         restarted = World(tmp_path, monkeypatch, systemd=default.systemd, app="staging", public=5100)
@@ -592,11 +594,11 @@ def test_two_apps_never_touch_each_others_units(tmp_path: Path, monkeypatch: pyt
         assert record.state == State.SUCCEEDED, record.reason
         assert default.controller.serving == Serving(8003, NEW)
         assert default.systemd.active(instances.PATTERN) == [instances.unit(8002), instances.unit(8003)]
-        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8002), forwarder.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [control.unit(8002), control.unit(8003)]
         assert default.systemd.active("bluegreen-worker@*") == []
         await restarted.controller.remove()  # its file is gone: its units stop, the other's stay
         assert default.systemd.active(instances.PATTERN) == [instances.unit(8003)]
-        assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(8003)]
+        assert default.systemd.active("bluegreen-forward@*") == [control.unit(8003)]
 
     asyncio.run(scenario())
 
@@ -606,7 +608,7 @@ def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
     first = World(tmp_path, monkeypatch)
     with_instances(first, 2)
     asyncio.run(first.deploy())
-    first.systemd.units[forwarder.unit(8003)] = "inactive"  # taken out when the controller died
+    first.systemd.units[control.unit(8003)] = "inactive"  # taken out when the controller died
     second = World(tmp_path, monkeypatch, systemd=first.systemd)
 
     async def restarted() -> None:
@@ -622,7 +624,7 @@ def test_a_restarted_controller_adopts_every_instance_of_the_serving_release(
 
 def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "ensure_migrate_req", lambda: False)
+    monkeypatch.setattr(control, "ensure_migrate_req", lambda: False)
     apps_dir = tmp_path / "apps"
     apps_dir.mkdir()
     (tmp_path / "bluegreen.toml").write_text("")
@@ -658,10 +660,10 @@ def test_a_reload_adds_and_removes_apps_or_changes_nothing(tmp_path: Path,
 def test_a_second_forwarder_that_fails_to_start_leaves_only_the_old_release_forwarded(
         world: World) -> None:
     with_instances(world, 2)
-    world.systemd.refuse_start.add(forwarder.unit(8003))
+    world.systemd.refuse_start.add(control.unit(8003))
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
-    assert world.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert world.systemd.active("bluegreen-forward@*") == [control.unit(OLD_PORT)]
     assert world.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
     assert world.controller.serving == Serving(OLD_PORT, OLD)
 
@@ -713,7 +715,7 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     record = asyncio.run(scenario())
     assert (record.state, record.failed_step) == (State.FAILED, Step.SWITCH), record
     assert "the app default" in record.reason and "the app beta" in record.reason, record.reason
-    assert default.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert default.systemd.active("bluegreen-forward@*") == [control.unit(OLD_PORT)]
     assert default.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
 
 
@@ -729,13 +731,13 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
     old = first.controller.history.begin("main", Trigger.CLI, commit=OLD)  # deployment 1: OLD's
     first.controller.history.save(finished(old, State.SUCCEEDED))
     first.healthy = False
-    start, drain_stop = forwarder.start, forwarder.drain_stop
+    start, drain_stop = control.start, control.drain_stop
     killed_here = asyncio.Event()
 
     async def slow_start(systemd: FakeSystemd, run_dir: Path, port: int, *args: Any,
                          **kwargs: Any) -> None:
         if port == OLD_PORT:  # the switch-back's
-            systemd.units[forwarder.unit(port)] = "activating"
+            systemd.units[control.unit(port)] = "activating"
             killed_here.set()
             await asyncio.Event().wait()
         await start(systemd, run_dir, port, *args, **kwargs)  # type: ignore[arg-type]
@@ -743,16 +745,16 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
     async def slow_drain(systemd: FakeSystemd, run_dir: Path, port: int, timeout: float) -> None:
         if port == 8002 and first.controller.current and first.controller.current.steps[-1].step \
                 == Step.SWITCH_BACK:
-            systemd.units[forwarder.unit(port)] = "deactivating"  # its stop job drains
+            systemd.units[control.unit(port)] = "deactivating"  # its stop job drains
             killed_here.set()
             await asyncio.Event().wait()
         await drain_stop(systemd, run_dir, port, timeout)  # type: ignore[arg-type]
 
     if moment == "old-forwarder-starting":
-        monkeypatch.setattr(forwarder, "start", slow_start)
+        monkeypatch.setattr(control, "start", slow_start)
     else:
         with_instances(first, 2)
-        monkeypatch.setattr(forwarder, "drain_stop", slow_drain)
+        monkeypatch.setattr(control, "drain_stop", slow_drain)
 
     async def until_killed() -> int:
         record = await first.controller.request_deploy(NEW, Trigger.DBUS)
@@ -761,7 +763,7 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
 
     dead = asyncio.new_event_loop()  # the controller's loop: it never runs again (SIGKILL)
     deployment_id = dead.run_until_complete(until_killed())
-    monkeypatch.setattr(forwarder, "drain_stop", drain_stop)
+    monkeypatch.setattr(control, "drain_stop", drain_stop)
     second = World(tmp_path, monkeypatch, systemd=first.systemd)  # its stand-in for start too
 
     async def restarted() -> None:
@@ -774,7 +776,7 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
         await controller.stop()
 
     asyncio.run(restarted())
-    assert first.systemd.active("bluegreen-forward@*") == [forwarder.unit(OLD_PORT)]
+    assert first.systemd.active("bluegreen-forward@*") == [control.unit(OLD_PORT)]
     assert first.systemd.active(instances.PATTERN) == [instances.unit(OLD_PORT)]
     pending = asyncio.all_tasks(dead)  # the dead controller's: only so that none is left pending
     for task in pending:
@@ -786,20 +788,20 @@ def test_a_controller_killed_while_switching_back_keeps_the_old_release(
 def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_drains(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A forwarder's drain steers new connections away from the instances whose drain flag is
-    up (forwardhook.py): one not flagged yet would take new connections while the one before
+    up (forwarders/hook.py): one not flagged yet would take new connections while the one before
     it drains, for as long as that takes."""
     config = world.controller.config
     world.controller.reload(replace(config, app=replace(config.app, instances=2)))
     world.healthy = False  # the watch fails: back to the old release
     flagged: list[list[int]] = []
-    drain_stop = forwarder.drain_stop
+    drain_stop = control.drain_stop
 
     async def drain_stop_seen(systemd: Any, run_dir: Path, port: int, timeout: float) -> None:
         if port != OLD_PORT:
             flagged.append([new for new in (8002, 8003) if drainflag.path(run_dir, new).exists()])
         await drain_stop(systemd, run_dir, port, timeout)
 
-    monkeypatch.setattr(forwarder, "drain_stop", drain_stop_seen)
+    monkeypatch.setattr(control, "drain_stop", drain_stop_seen)
     record = asyncio.run(world.deploy())
     assert record.state == State.SWITCHED_BACK, record
     assert flagged == [[8002, 8003], [8002, 8003]]

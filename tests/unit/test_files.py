@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import appenv, instances
+from bluegreen import instances
 from bluegreen.config import AppConfig, Config
 from bluegreen.files import atomic_write, environment_file, give_tree
 from bluegreen.instances import InstanceSpec
+from bluegreen.release import appenv
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:

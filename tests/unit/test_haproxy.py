@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bluegreen import forwarder, haproxy
 from bluegreen.config import AppConfig, Config, Forwarder, PortsConfig
+from bluegreen.forwarders import control, haproxy
 from bluegreen.systemd import UnitStatus
 
 STATE_HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
@@ -48,19 +48,19 @@ def test_the_serving_file_names_the_instance() -> None:
 
 def test_forwarder_env_writes_haproxys_listener_too(tmp_path: Path) -> None:
     from bluegreen.config import PortsConfig
-    forwarder.write_env(tmp_path, PortsConfig(public=5050, public_address="127.0.0.1",
+    control.write_env(tmp_path, PortsConfig(public=5050, public_address="127.0.0.1",
                                               max_connections=9), 12)
     text = (tmp_path / "haproxy.cfg").read_text()
     assert "bind 127.0.0.1:5050" in text and "maxconn 9" in text and "hard-stop-after 12s" in text
 
 
 def test_only_haproxy_is_trusted_with_forwarded_headers_by_default() -> None:
-    assert forwarder.trusted_proxies(Config()) == ""
-    assert forwarder.trusted_proxies(Config(forwarder=Forwarder.PROXY)) == ""
-    assert forwarder.trusted_proxies(Config(forwarder=Forwarder.HAPROXY)) == "127.0.0.1"
+    assert control.trusted_proxies(Config()) == ""
+    assert control.trusted_proxies(Config(forwarder=Forwarder.PROXY)) == ""
+    assert control.trusted_proxies(Config(forwarder=Forwarder.HAPROXY)) == "127.0.0.1"
     admin = AppConfig(forwarded_allow_ips="10.0.0.1")
-    assert forwarder.trusted_proxies(Config(forwarder=Forwarder.HAPROXY, app=admin)) == "10.0.0.1"
-    assert forwarder.trusted_proxies(Config(app=admin)) == "10.0.0.1"
+    assert control.trusted_proxies(Config(forwarder=Forwarder.HAPROXY, app=admin)) == "10.0.0.1"
+    assert control.trusted_proxies(Config(app=admin)) == "10.0.0.1"
 
 
 def test_servers_state_and_sessions_are_read() -> None:
@@ -159,7 +159,7 @@ def test_retiring_waits_until_the_server_carries_nothing(tmp_path: Path) -> None
 
 
 def test_retiring_stops_waiting_at_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A session that never ends: retire polls until the deadline (a clock of haproxy.py's own
+    """A session that never ends: retire polls until the deadline (a clock of forwarders/haproxy.py's own
     that ticks once per look), then deletes the server all the same."""
     fake = FakeHaproxy({8001: 8, 8002: 0}, busy={8001: 10**6})
     ticks = itertools.count()
@@ -177,14 +177,14 @@ def test_an_api_that_does_not_answer_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_the_settings_carry_a_digest_that_show_info_reports(tmp_path: Path) -> None:
-    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    control.write_env(tmp_path, PortsConfig(public=5000), 30)
     first = haproxy.written_description(tmp_path)
     assert first.startswith(haproxy.DESCRIPTION)
-    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    control.write_env(tmp_path, PortsConfig(public=5000), 30)
     assert haproxy.written_description(tmp_path) == first  # the same settings, the same digest
     for ports, drain in ((PortsConfig(public=5100), 30), (PortsConfig(public=5000, max_connections=99), 30),
                          (PortsConfig(public=5000), 5)):
-        forwarder.write_env(tmp_path, ports, drain)
+        control.write_env(tmp_path, ports, drain)
         assert haproxy.written_description(tmp_path) != first, (ports, drain)
     info = haproxy.parse_info("Name: HAProxy\nPid: 12627\nnode: vm\ndescription: " + first + "\n")
     assert info["Pid"] == "12627" and info["description"] == first
@@ -239,16 +239,16 @@ class RunningHaproxy:
 
 
 def test_a_failed_runtime_switch_is_undone_in_haproxy_and_in_its_serving_file(tmp_path: Path) -> None:
-    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    control.write_env(tmp_path, PortsConfig(public=5000), 30)
     haproxy.write_serving(tmp_path, 8001)
     fake = RefusingHaproxy({8001: 0}, refuse=8002)
     fake.infos = [{"Pid": "10", "description": haproxy.written_description(tmp_path)}]
     systemd = RunningHaproxy()
 
     async def failed_switch(api: haproxy.RuntimeApi) -> None:
-        with pytest.raises(forwarder.ForwarderError, match="Can't set state"):
-            await forwarder.start(systemd, tmp_path, 8002, 5000, Forwarder.HAPROXY)  # type: ignore[arg-type]
-        await forwarder.undo_switch(systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0)  # type: ignore[arg-type]
+        with pytest.raises(control.ForwarderError, match="Can't set state"):
+            await control.start(systemd, tmp_path, 8002, 5000, Forwarder.HAPROXY)  # type: ignore[arg-type]
+        await control.undo_switch(systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0)  # type: ignore[arg-type]
 
     run_with(fake, tmp_path, failed_switch)
     assert (tmp_path / haproxy.SERVING).read_text() == haproxy.serving_config(8001)  # a restart serves 8001
@@ -257,11 +257,11 @@ def test_a_failed_runtime_switch_is_undone_in_haproxy_and_in_its_serving_file(tm
 
 
 def test_a_haproxy_the_failed_switch_started_stops_again(tmp_path: Path) -> None:
-    forwarder.write_env(tmp_path, PortsConfig(public=5000), 30)
+    control.write_env(tmp_path, PortsConfig(public=5000), 30)
     haproxy.write_serving(tmp_path, 8002)
     fake = FakeHaproxy({8002: 0})  # started by the switch: it knows only the new server
     systemd = RunningHaproxy()
-    run_with(fake, tmp_path, lambda api: forwarder.undo_switch(
+    run_with(fake, tmp_path, lambda api: control.undo_switch(
         systemd, tmp_path, Forwarder.HAPROXY, [8002], [8001], 1.0))  # type: ignore[arg-type]
     assert haproxy.UNIT in systemd.stopped and haproxy.SOCKET_UNIT in systemd.stopped
     assert (tmp_path / haproxy.SERVING).read_text() == haproxy.serving_config(8001)

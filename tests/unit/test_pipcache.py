@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from bluegreen import pipcache, transient, verify
 from bluegreen.config import Config
-from bluegreen.environments import Environments
-from bluegreen.transient import Command
+from bluegreen.release import pipcache, transient, verify
+from bluegreen.release.transient import Command
+from bluegreen.release.venvs import Environments
 
 
 def build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, app: str) -> Command:
@@ -44,7 +44,7 @@ def test_each_app_builds_with_its_own_pip_cache(tmp_path: Path, monkeypatch: pyt
     for command, app in ((default, "default"), (blog, "blog")):
         assert command.cache_directories == [pipcache.cache_directory(app)]
         assert command.environment["PIP_CACHE_DIR"] == f"/var/cache/{pipcache.cache_directory(app)}"
-        assert "bluegreen.pipcache" in command.argv[2]  # pruned after each build
+        assert "bluegreen.release.pipcache" in command.argv[2]  # pruned after each build
         assert command.app == app
 
 

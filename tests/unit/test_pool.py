@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import forwarder, health
+from bluegreen import health
 from bluegreen.config import Config
+from bluegreen.forwarders import control
 from bluegreen.pool import Pool
 from bluegreen.serving import Serving
 from bluegreen.systemd import SystemdError
@@ -37,7 +38,7 @@ def monitored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain_stop: objec
                      app=replace(base.app, instances=2), drain_timeout=30)
     checks = Checks()
     monkeypatch.setattr(health, "probe", checks.probe)
-    monkeypatch.setattr(forwarder, "drain_stop", drain_stop)
+    monkeypatch.setattr(control, "drain_stop", drain_stop)
     pool = Pool(None, tmp_path, lambda: config, busy=lambda: False)  # type: ignore[arg-type]
     pool.reset(Serving.of([WELL, SICK], "a" * 40))
 

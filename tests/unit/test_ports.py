@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 
-from bluegreen import forwarder, instances, ports
+from bluegreen import instances, ports
+from bluegreen.forwarders import control
 from bluegreen.systemd import UnitStatus
 
 UNITS = {
@@ -32,9 +33,9 @@ def of_units(patterns: tuple[str, ...], running_only: bool = False) -> list[int]
 
 
 def test_every_loaded_unit_takes_its_port() -> None:
-    assert of_units((instances.PATTERN, *forwarder.PATTERNS)) == [8001, 8002, 8003, 8004]
+    assert of_units((instances.PATTERN, *control.PATTERNS)) == [8001, 8002, 8003, 8004]
 
 
 def test_running_units_only() -> None:
     assert of_units((instances.PATTERN,), running_only=True) == [8001, 8003]
-    assert of_units(forwarder.PATTERNS, running_only=True) == [8001]
+    assert of_units(control.PATTERNS, running_only=True) == [8001]

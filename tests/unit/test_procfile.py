@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import procfile
-from bluegreen.procfile import ProcfileError
+from bluegreen.release import procfile
+from bluegreen.release.procfile import ProcfileError
 
 
 def test_parse_skips_comments_and_blank_lines() -> None:

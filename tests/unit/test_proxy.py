@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from bluegreen import sockdiag
-from bluegreen.proxy import Proxy
+from bluegreen.forwarders.proxy import Proxy
 from tests.unit.test_sockdiag import needs_net_admin
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bluegreen.credentials import Secrets
-from bluegreen.releases import Releases
-from bluegreen.repository import InvalidRef, Repository, RepositoryError, UnknownRef, validate_ref
+from bluegreen.release.releases import Releases
+from bluegreen.release.repository import InvalidRef, Repository, RepositoryError, UnknownRef, validate_ref
 
 IDENTITY = ["-c", "user.name=T", "-c", "user.email=t@example.com"]
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import drainflag, forwardhook, reuseport, sockdiag
-from bluegreen.reuseport import Group
+from bluegreen import drainflag, sockdiag
+from bluegreen.forwarders import hook, reuseport
+from bluegreen.forwarders.reuseport import Group
 from tests.unit.test_sockdiag import needs_net_admin
 
 # A stand-in for a forwarder: listens (SO_REUSEPORT) on the port given (0: a new one), says
@@ -54,7 +55,7 @@ class Forwarder:
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(forwardhook, "RUN_DIR", tmp_path, raising=False)
+    monkeypatch.setattr(hook, "RUN_DIR", tmp_path, raising=False)
     monkeypatch.setattr(sockdiag, "STEER_GRACE", 0.01)
     return tmp_path
 
@@ -68,7 +69,7 @@ def forwarders() -> Iterator[Callable[[int], Forwarder]]:
     def start(target: int) -> Forwarder:
         forwarder = Forwarder(started[0].port if started else 0)
         started.append(forwarder)
-        forwardhook.joined(forwarder.pid, forwarder.port, target)
+        hook.joined(forwarder.pid, forwarder.port, target)
         return forwarder
 
     yield start
@@ -94,7 +95,7 @@ def spread(port: int, among: list[Forwarder], count: int = 60) -> list[int]:
 
 def drain(forwarder: Forwarder) -> None:
     """The forwarder's stop hook closes its listener (steered away first)."""
-    forwardhook.close_listeners(forwarder.pid, set())
+    hook.close_listeners(forwarder.pid, set())
 
 
 def test_a_forwarder_started_again_after_a_take_out_shares_new_connections(
@@ -110,7 +111,7 @@ def test_a_forwarder_started_again_after_a_take_out_shares_new_connections(
 def test_the_drain_of_the_listener_in_the_last_slot_steers_to_the_other(
         forwarders: Callable[[int], Forwarder]) -> None:
     first, second = forwarders(8001), forwarders(8002)
-    copy, _how = forwardhook.steer_away(second.pid, *_listener(second))
+    copy, _how = hook.steer_away(second.pid, *_listener(second))
     assert copy is not None
     copy.close()
     assert spread(first.port, [first, second]) == [60, 0]
@@ -124,7 +125,7 @@ def test_lowering_instances_from_two_to_one_never_steers_to_a_closing_listener(
         drainflag.put(run_dir, target)
     drain(old1)
     assert spread(new.port, [old2, new]) == [0, 60]
-    copy, _how = forwardhook.steer_away(old2.pid, *_listener(old2))
+    copy, _how = hook.steer_away(old2.pid, *_listener(old2))
     assert copy is not None
     copy.close()
     assert spread(new.port, [old2, new]) == [0, 60]
@@ -147,7 +148,7 @@ def test_while_the_old_forwarders_drain_one_by_one_only_the_new_ones_get_connect
 def test_a_canary_gets_its_share(forwarders: Callable[[int], Forwarder]) -> None:
     stable, canary = forwarders(8001), forwarders(8002)
     code = reuseport.program([stable.inode, canary.inode], {stable.inode: 75, canary.inode: 25})
-    with forwardhook.copy_socket(stable.pid, _listener(stable)[1]) as copy:
+    with hook.copy_socket(stable.pid, _listener(stable)[1]) as copy:
         sockdiag.attach_reuseport_program(copy, code)
     got = spread(stable.port, [stable, canary], count=200)
     assert sum(got) == 200 and 20 <= got[1] <= 80, got
@@ -165,8 +166,8 @@ def test_a_forwarder_that_listened_before_the_record_is_learnt_at_the_next_start
     old = Forwarder(0)
     new = Forwarder(old.port)
     try:
-        forwardhook.joined(new.pid, new.port, 8002)
-        with forwardhook.records().port(old.port) as groups:
+        hook.joined(new.pid, new.port, 8002)
+        with hook.records().port(old.port) as groups:
             group = groups["127.0.0.1"]
             assert (group.slots, group.exact) == ([old.inode, new.inode], True)
     finally:
@@ -175,7 +176,7 @@ def test_a_forwarder_that_listened_before_the_record_is_learnt_at_the_next_start
 
 
 def test_the_hook_reads_the_drain_flags_the_controller_writes(run_dir: Path) -> None:
-    assert forwardhook.drain_flag(8001) == drainflag.path(run_dir, 8001)
+    assert hook.drain_flag(8001) == drainflag.path(run_dir, 8001)
 
 
 def test_a_listener_that_leaves_is_replaced_by_the_last() -> None:

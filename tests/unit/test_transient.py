@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bluegreen import transient
+from bluegreen.release import transient
 from bluegreen.systemd import UnitStatus
 
 

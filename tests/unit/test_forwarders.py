@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import forwarder
 from bluegreen.config import PortsConfig
 from bluegreen.files import read_environment_file
+from bluegreen.forwarders import control
 
 
 @pytest.mark.parametrize(("address", "listen"), [
@@ -18,27 +18,27 @@ from bluegreen.files import read_environment_file
     ("::1", "TCP6-LISTEN:5000,bind=[::1],ipv6-v6only=1"),
 ])
 def test_socat_listens_on_the_public_address(address: str, listen: str) -> None:
-    assert forwarder.socat_listen(address, 5000) == listen
+    assert control.socat_listen(address, 5000) == listen
 
 
 def test_without_ipv6_both_stacks_means_ipv4() -> None:
-    assert forwarder.listen_address("::", ipv6=False) == "0.0.0.0"
-    assert forwarder.listen_address("::", ipv6=True) == "::"
-    assert forwarder.listen_address("127.0.0.1", ipv6=False) == "127.0.0.1"
+    assert control.listen_address("::", ipv6=False) == "0.0.0.0"
+    assert control.listen_address("::", ipv6=True) == "::"
+    assert control.listen_address("127.0.0.1", ipv6=False) == "127.0.0.1"
 
 
 def test_unset_the_address_is_both_stacks_unless_ipv4_alone_serves_already() -> None:
-    assert forwarder.listen_address("", served=()) == "::"
-    assert forwarder.listen_address("", served=("::",)) == "::"
-    assert forwarder.listen_address("", served=("0.0.0.0",)) == "0.0.0.0"
-    assert forwarder.listen_address("", served=("0.0.0.0", "::")) == "::"
-    assert forwarder.listen_address("", ipv6=False) == "0.0.0.0"
+    assert control.listen_address("", served=()) == "::"
+    assert control.listen_address("", served=("::",)) == "::"
+    assert control.listen_address("", served=("0.0.0.0",)) == "0.0.0.0"
+    assert control.listen_address("", served=("0.0.0.0", "::")) == "::"
+    assert control.listen_address("", ipv6=False) == "0.0.0.0"
     # named, the address is the admin's choice
-    assert forwarder.listen_address("::", served=("0.0.0.0",)) == "::"
+    assert control.listen_address("::", served=("0.0.0.0",)) == "::"
 
 
 def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
-    forwarder.write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
+    control.write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
     env = read_environment_file(tmp_path / "forwarder.env")
     assert env["BLUEGREEN_SOCAT_LISTEN"] == "TCP4-LISTEN:5000,bind=127.0.0.1"
     assert env["BLUEGREEN_PUBLIC_ADDRESS"] == "127.0.0.1"

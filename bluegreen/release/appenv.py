@@ -31,9 +31,9 @@ from pathlib import Path
 
 from bluegreen import apps
 from bluegreen.config import DEFAULT_APP, Config
-from bluegreen.environments import SYSTEM_PYTHON
+from bluegreen.release.transient import Command
+from bluegreen.release.venvs import SYSTEM_PYTHON
 from bluegreen.systemd import Systemd
-from bluegreen.transient import Command
 
 log = logging.getLogger(__name__)
 

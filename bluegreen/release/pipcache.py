@@ -5,7 +5,7 @@ is read-only there), so one app's build cannot plant a wheel that another app's 
 
 This module runs inside the build's transient unit, as ``bluegreen-build`` (the cache's owner:
 the controller may not write under /var/cache), after pip:
-``python3 -I -m bluegreen.pipcache DIRECTORY``.
+``python3 -I -m bluegreen.release.pipcache DIRECTORY``.
 
 The cache is bounded by size, least recently used entries first (a file's last use is the later
 of its access and modification times; with relatime, the access time is good to a day), rather

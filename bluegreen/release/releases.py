@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from bluegreen.files import fsync_directory, give_tree
-from bluegreen.repository import Repository
+from bluegreen.release.repository import Repository
 
 log = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ class Environments:
         """The key of a built environment the release runs on, if there is one: the one it
         was verified with, one with its dependencies, or one an older version built for them."""
         keys = [wanted.digest]
-        # A staging directory's name starts with a dot (releases.py): what it records comes
+        # A staging directory's name starts with a dot (release/releases.py): what it records comes
         # from the repository, not from a verification.
         recorded = None if release.name.startswith(".") else self.recorded(release)
         if recorded:

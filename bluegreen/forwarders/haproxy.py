@@ -15,7 +15,7 @@ root's alone; haproxy gets it as descriptor 3.
 
 Settings haproxy.cfg holds (the public port and address, maxconn, the drain timeout) change
 with a reload, at the next switch: the new worker serves the new instance alone, the old
-worker finishes its requests and exits (forwarder.py waits for it before the old instance
+worker finishes its requests and exits (forwarders/control.py waits for it before the old instance
 stops). ``description`` in haproxy.cfg, a digest of the rest, tells whether the running
 haproxy has the settings written.
 """

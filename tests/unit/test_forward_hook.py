@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen import forwardhook, sockdiag
+from bluegreen import sockdiag
+from bluegreen.forwarders import hook
 from tests.unit.test_sockdiag import needs_net_admin
 
 # A stand-in for socat: listens (SO_REUSEPORT) on a port of its own, blocks in accept(), and
@@ -35,7 +36,7 @@ except OSError as exc:
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Where the hook keeps its record of the port's listeners (not the system's)."""
-    monkeypatch.setattr(forwardhook, "RUN_DIR", tmp_path)
+    monkeypatch.setattr(hook, "RUN_DIR", tmp_path)
     return tmp_path
 
 
@@ -55,12 +56,12 @@ def sibling(acceptor: subprocess.Popen[str]) -> Iterator[socket.socket]:
     assert acceptor.stdout is not None
     port = int(acceptor.stdout.readline())
     # Each recorded by the start hook of its forwarder unit, as it starts.
-    forwardhook.joined(acceptor.pid, port, 8001)
+    hook.joined(acceptor.pid, port, 8001)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen()
-    forwardhook.joined(os.getpid(), port, 8002)
+    hook.joined(os.getpid(), port, 8002)
     yield sock
     sock.close()
 
@@ -75,11 +76,11 @@ def test_the_old_listener_is_destroyed_and_its_owner_leaves_by_itself(
     port = sibling.getsockname()[1]
     (old,) = [s.inode for s in sockdiag.listeners(port) if s.inode != inode_of(sibling)]
     closed: set[int] = set()
-    forwardhook.close_listeners(acceptor.pid, closed)
+    hook.close_listeners(acceptor.pid, closed)
     assert closed == {old}
     assert acceptor.wait(timeout=10) == errno.EINVAL  # no signal: accept() failed
     assert [s.inode for s in sockdiag.listeners(port)] == [inode_of(sibling)]
-    forwardhook.close_listeners(acceptor.pid, closed)  # nothing left to do, no error
+    hook.close_listeners(acceptor.pid, closed)  # nothing left to do, no error
 
 
 def test_without_sock_destroy_the_listener_is_shut_down_through_a_copy(
@@ -89,7 +90,7 @@ def test_without_sock_destroy_the_listener_is_shut_down_through_a_copy(
 
     monkeypatch.setattr(sockdiag, "destroy", unsupported)
     closed: set[int] = set()
-    forwardhook.close_listeners(acceptor.pid, closed)
+    hook.close_listeners(acceptor.pid, closed)
     assert len(closed) == 1
     assert acceptor.wait(timeout=10) == errno.EINVAL
     assert [s.inode for s in sockdiag.listeners(sibling.getsockname()[1])] == [inode_of(sibling)]
@@ -97,7 +98,7 @@ def test_without_sock_destroy_the_listener_is_shut_down_through_a_copy(
 
 def test_copy_socket_refuses_a_socket_that_does_not_listen() -> None:
     with socket.socket() as unconnected, pytest.raises(OSError) as failed:
-        forwardhook.copy_socket(os.getpid(), unconnected.fileno())
+        hook.copy_socket(os.getpid(), unconnected.fileno())
     assert failed.value.errno == errno.EINVAL
 
 
@@ -106,7 +107,7 @@ def test_the_old_listener_gets_no_new_connection_once_steered(
     port = sibling.getsockname()[1]
     fds = sockdiag.socket_fds(acceptor.pid)
     (old,) = sockdiag.held_by(sockdiag.listeners(port), fds)
-    copy, how = forwardhook.steer_away(acceptor.pid, old, fds[old.inode])
+    copy, how = hook.steer_away(acceptor.pid, old, fds[old.inode])
     assert copy is not None and how == "new connections go to 1 of the 2 listeners"
     copy.close()
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
@@ -126,14 +127,14 @@ def test_when_no_way_works_close_listeners_says_why(
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(sockdiag, "destroy", refused)
-    monkeypatch.setattr(forwardhook, "copy_socket", refused)
+    monkeypatch.setattr(hook, "copy_socket", refused)
     with pytest.raises(OSError) as failed:
-        forwardhook.close_listeners(acceptor.pid, set())
+        hook.close_listeners(acceptor.pid, set())
     assert "SOCK_DESTROY: Operation not permitted; no copy" in str(failed.value)
     assert acceptor.poll() is None  # untouched: the caller decides on a signal
 
 
 def test_usage_errors() -> None:
-    assert forwardhook.main(["drain", "1"]) == 2
-    assert forwardhook.main(["drain", "x", "30"]) == 2
-    assert forwardhook.main(["stop", "1", "30"]) == 2
+    assert hook.main(["drain", "1"]) == 2
+    assert hook.main(["drain", "x", "30"]) == 2
+    assert hook.main(["stop", "1", "30"]) == 2

@@ -1,10 +1,10 @@
 """The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
-(socat, the default), bluegreen-proxy@PORT.service (the built-in one, see proxy.py), or one
-bluegreen-haproxy.service for every port (see haproxy.py).
+(socat, the default), bluegreen-proxy@PORT.service (the built-in one, see forwarders/proxy.py), or one
+bluegreen-haproxy.service for every port (see forwarders/haproxy.py).
 
 Retargeting never closes the public port. The TCP forwarders: the new one starts listening
 beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
-forwardhook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets the connections
+forwarders/hook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets the connections
 queued on the old listener. HAProxy keeps its listener: its runtime API adds the new instance
 and drains the old one. Whatever the kind, a switch is ``start`` then ``drain_stop``.
 
@@ -24,9 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bluegreen import haproxy, instances, sockdiag
+from bluegreen import instances, sockdiag
 from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
 from bluegreen.files import atomic_write, environment_file, read_environment_file
+from bluegreen.forwarders import haproxy
 from bluegreen.systemd import Systemd, SystemdError
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Verifying a release before any unit serves it, each command in a transient unit of its own
-(see transient.py) within ``release.timeout``:
+(see release/transient.py) within ``release.timeout``:
 
 1. its Python environment: found by the key of its dependency files, or built (a venv, then
    ``pip install``) as the user ``bluegreen-build``, which may write only there and in the
-   app's own pip cache (pruned to its size limit after each build, see pipcache.py);
+   app's own pip cache (pruned to its size limit after each build, see release/pipcache.py);
 2. ``release.build_command``, as ``bluegreen-build``, in the release's directory, which
    belongs to that user for the time of the command and to root again afterwards;
 3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bluegreen import appenv, pipcache, transient
 from bluegreen.config import Config, Network
-from bluegreen.environments import SYSTEM_PYTHON, DependencyError, Environments, dependencies
 from bluegreen.files import give_tree
 from bluegreen.log import fields
+from bluegreen.release import appenv, pipcache, transient
+from bluegreen.release.transient import Command, CommandFailed
+from bluegreen.release.venvs import SYSTEM_PYTHON, DependencyError, Environments, dependencies
 from bluegreen.systemd import Systemd
-from bluegreen.transient import Command, CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ _BUILD_ENVIRONMENT = ('env="$1"; shift; '
                       f'{SYSTEM_PYTHON} -m venv --system-site-packages "$env" && '
                       '"$env/bin/python3" -m pip install --disable-pip-version-check --no-input '
                       '--progress-bar off --ignore-installed "$@"; status=$?; '
-                      f'{SYSTEM_PYTHON} -I -m bluegreen.pipcache "$PIP_CACHE_DIR"; exit $status')
+                      f'{SYSTEM_PYTHON} -I -m bluegreen.release.pipcache "$PIP_CACHE_DIR"; exit $status')
 # --ignore-installed: the whole closure of what the release asks for goes into its environment,
 # whatever Debian's python3-* packages (seen through --system-site-packages) hold.
 

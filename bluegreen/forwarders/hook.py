@@ -3,7 +3,7 @@ forwarder's cgroup).
 
 ``joined MAINPID PUBLIC_PORT TARGET``
     Once socat listens, record its listener in the public port's SO_REUSEPORT group and set the
-    group's steering program again (see reuseport.py).
+    group's steering program again (see forwarders/reuseport.py).
 ``drain MAINPID TIMEOUT``
     Close socat's listening socket from the kernel side, then return once every other process
     of the unit (socat's per-connection children) has finished, or after TIMEOUT seconds;
@@ -19,7 +19,7 @@ if any, and its next accept() fails with EINVAL, on which it exits 1 by itself.
 Only the listeners socat's main process holds are closed, found by their inodes in
 /proc/MAINPID/fd: the other forwarders listen on the same port (SO_REUSEPORT). Before that, new
 connections are steered away from it through a copy of socat's descriptor (pidfd_getfd and
-the group's program, see reuseport.py): a listener closed while the kernel completes a
+the group's program, see forwarders/reuseport.py): a listener closed while the kernel completes a
 handshake on it can lose that connection, and a moment later it has none left. The program
 gives new connections to the listeners that should have them: not one closing, nor one whose
 instance is being retired (its drain flag is up: the old release, while its forwarders drain
@@ -43,7 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-from bluegreen import cgroup, reuseport, sockdiag
+from bluegreen import cgroup, sockdiag
+from bluegreen.forwarders import reuseport
 
 POLL = 0.02
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
@@ -279,8 +280,8 @@ def drain(main_pid: int, timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = ("usage: python3 -m bluegreen.forwardhook drain MAINPID TIMEOUT\n"
-             "       python3 -m bluegreen.forwardhook joined MAINPID PUBLIC_PORT TARGET_PORT")
+    usage = ("usage: python3 -m bluegreen.forwarders.hook drain MAINPID TIMEOUT\n"
+             "       python3 -m bluegreen.forwarders.hook joined MAINPID PUBLIC_PORT TARGET_PORT")
     try:
         if len(argv) == 3 and argv[0] == "drain":
             main_pid, number = int(argv[1]), float(argv[2])

@@ -12,7 +12,7 @@ socat, it closes its listener itself, in a callback of its loop, never between a
 connection and counting it: every connection it accepted is served. Before closing it, it
 steers new connections to the new forwarder, as the socat forwarder's stop hook does.
 
-    python3 -m bluegreen.proxy PUBLIC_PORT TARGET_PORT
+    python3 -m bluegreen.forwarders.proxy PUBLIC_PORT TARGET_PORT
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ async def serve(public_port: int, target_port: int, drain_timeout: float, addres
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not all(arg.isdigit() for arg in argv):
-        print("usage: python3 -m bluegreen.proxy PUBLIC_PORT TARGET_PORT", file=sys.stderr)
+        print("usage: python3 -m bluegreen.forwarders.proxy PUBLIC_PORT TARGET_PORT", file=sys.stderr)
         return 2
     drain_timeout = float(os.environ.get("BLUEGREEN_DRAIN_TIMEOUT", "30"))
     address = os.environ.get("BLUEGREEN_PUBLIC_ADDRESS") or "0.0.0.0"
