@@ -3,7 +3,8 @@ forwarder's cgroup).
 
 ``joined MAINPID PUBLIC_PORT TARGET``
     Once socat listens, record its listener in the public port's SO_REUSEPORT group and set the
-    group's steering program again (see forwarders/reuseport.py).
+    group's steering program again (see forwarders/reuseport.py), then keep a copy of it in
+    the unit's file descriptor store.
 ``drain MAINPID TIMEOUT``
     Close socat's listening socket from the kernel side, then return once every other process
     of the unit (socat's per-connection children) has finished, or after TIMEOUT seconds;
@@ -29,14 +30,25 @@ to follow it. Without SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY) t
 shut down through that copy (shutdown(SHUT_RD)), which closes it the same way. Only if both
 fail does socat get a SIGTERM, as before, and the journal says so.
 
+A forwarder that dies (a crash, a kill) must not leave the public port free while systemd
+restarts it: another local user could bind it and be given the port's traffic, and clients
+would be refused. So the listener outlives socat: ``joined`` hands a copy of it to systemd
+(``FDSTORE=1``, ``FileDescriptorStoreMax=`` of the unit), which keeps it across the restart.
+The port stays bound by the forwarder's user, and connections wait in its queue. systemd
+passes the stored copy to the next socat, which does not know it (``LISTEN_FDS``); once that
+socat listens, ``joined`` closes the stored listener like a drain, which moves its queue to
+the new one, and stores the new one in its place. A stop flushes the store.
+
 Kept free of heavy imports: it starts on every switch.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
+import select
 import signal
 import socket
 import sys
@@ -47,6 +59,7 @@ from bluegreen import cgroup, sockdiag
 from bluegreen.forwarders import reuseport
 
 POLL = 0.02
+STORED = "listener"  # FDNAME= of the listener kept in the unit's file descriptor store
 SYS_PIDFD_GETFD = 438  # the same number on x86-64, arm64 and the other asm-generic ABIs
 RUN_DIR = Path("/run/bluegreen")  # the controller's: forwarder.env, the drain flags
 
@@ -136,35 +149,107 @@ def steer(group: reuseport.Group, via: socket.socket | None = None) -> str:
     return f"new connections go to {receiving} of the {len(group.slots)} listeners"
 
 
+def notify(state: str, fds: list[int] | None = None) -> None:
+    """sd_notify(3) ``state`` with ``fds`` to the service manager (NotifyAccess=all)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        raise OSError(errno.ENOTCONN, "no NOTIFY_SOCKET (NotifyAccess=all is needed)")
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendmsg([state.encode()], ancillary)
+
+
+def notify_barrier(timeout: float = 5.0) -> None:
+    """Return once the service manager has handled what was sent before (sd_notify_barrier):
+    it looks the sender up by PID, which fails once this short-lived process has exited."""
+    read_end, write_end = os.pipe()
+    try:
+        notify("BARRIER=1", [write_end])
+        os.close(write_end)
+        write_end = -1
+        poller = select.poll()
+        poller.register(read_end, 0)  # POLLHUP: the manager closed its copy
+        if not poller.poll(timeout * 1000):
+            raise OSError(errno.ETIMEDOUT, "the service manager did not answer BARRIER=1")
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def store(copies: list[socket.socket]) -> None:
+    """Keep ``copies`` (of socat's listeners) in the unit's file descriptor store, in place of
+    what it held."""
+    notify(f"FDSTOREREMOVE=1\nFDNAME={STORED}")
+    notify(f"FDSTORE=1\nFDNAME={STORED}", [copy.fileno() for copy in copies])
+    notify_barrier()
+
+
+def passed_fds(pid: int) -> dict[int, int]:
+    """The sockets systemd passed to process ``pid`` from the file descriptor store
+    (LISTEN_FDS, from descriptor 3 on): {inode: descriptor}."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            variables = dict(item.partition(b"=")[::2] for item in environ.read().split(b"\0"))
+        count = int(variables.get(b"LISTEN_FDS", b"0"))
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for fd in range(3, 3 + count):
+        with contextlib.suppress(OSError):
+            inode = sockdiag.parse_socket_link(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            if inode is not None:
+                found[inode] = fd
+    return found
+
+
 def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
     """The forwarder ``pid`` to instance ``target`` has started: once it listens on ``port``,
     record its listener in the group and attach the group's program, which otherwise knows
-    nothing of it (the last slot, unused) or, left from a drain, sends it every connection."""
+    nothing of it (the last slot, unused) or, left from a drain, sends it every connection.
+    Then close the listeners its dead predecessor left in the file descriptor store, and
+    store its own."""
     deadline = time.monotonic() + timeout
+    inherited = passed_fds(pid)
     while True:
         try:
             fds = sockdiag.socket_fds(pid)
         except (FileNotFoundError, ProcessLookupError):
             return "the forwarder has exited"
-        mine = sockdiag.held_by(sockdiag.listeners(port), fds)
+        mine = sockdiag.held_by(sockdiag.listeners(port), fds.keys() - inherited.keys())
         if mine:
             break
         if time.monotonic() >= deadline:
             return f"the forwarder does not listen on port {port} after {timeout:g} s"
         time.sleep(POLL)
-    done = []
-    for sock in mine:
-        copy = copy_socket(pid, fds[sock.inode])
-        try:
+    done, copies = [], []
+    try:
+        for sock in mine:
+            copy = copy_socket(pid, fds[sock.inode])
+            copies.append(copy)
             with records().port(port) as groups:
                 group = groups.setdefault(sock.local_address, reuseport.Group())
-                # Its own arrival is known: what else changed unseen came before it.
+                # Its own arrival is known: what else changed unseen came before it. A
+                # listener it took over from the store (the built-in proxy) keeps its slot.
                 group.reconcile([inode for inode in _present(port, sock.local_address)
-                                 if inode != sock.inode])
+                                 if inode != sock.inode or inode in group.slots])
                 group.join(sock.inode)
                 group.targets[sock.inode], group.owners[sock.inode] = target, pid
                 done.append(steer(group, via=copy))
-        finally:
+        for sock in sockdiag.held_by(sockdiag.listeners(port), inherited):
+            how = close_listener(pid, sock, inherited[sock.inode])
+            done.append(f"the listener kept through the restart (socket {sock.inode}) {how}")
+        if os.environ.get("NOTIFY_SOCKET"):  # the unit keeps it (the proxy does it itself)
+            try:
+                store(copies)
+                done.append("kept in the file descriptor store")
+            except OSError as exc:
+                done.append(f"not kept in the file descriptor store ({exc.strerror or exc})")
+    finally:
+        for copy in copies:
             copy.close()
     return "; ".join(done)
 

@@ -12,6 +12,12 @@ socat, it closes its listener itself, in a callback of its loop, never between a
 connection and counting it: every connection it accepted is served. Before closing it, it
 steers new connections to the new forwarder, as the socat forwarder's stop hook does.
 
+Its listener outlives it when it dies: it keeps the listener in the unit's file descriptor
+store (FDSTORE=1, FileDescriptorStoreMax=), and the next proxy systemd starts takes it over
+(LISTEN_FDS) instead of binding anew. Meanwhile the port stays bound by the forwarder's user,
+and connections wait in its queue. A drain shuts the listener down rather than only closing
+its descriptor, which would leave the stored copy listening.
+
     python3 -m bluegreen.forwarders.proxy PUBLIC_PORT TARGET_PORT
 """
 
@@ -29,6 +35,7 @@ from collections.abc import Callable
 from bluegreen import sockdiag
 
 BUFFER = 256 * 1024
+STORED = "listener"  # FDNAME= of the listener in the unit's file descriptor store
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -126,6 +133,12 @@ class Proxy:
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     async def start(self) -> None:
+        self.listener = inherited_listener(self.public_port) or self._bind()
+        _notify(f"FDSTOREREMOVE=1\nFDNAME={STORED}")
+        _notify(f"FDSTORE=1\nFDNAME={STORED}", [self.listener.fileno()])
+        self._resume()
+
+    def _bind(self) -> socket.socket:
         ipv6 = ":" in self.address
         listener = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -139,8 +152,7 @@ class Proxy:
         except OSError:
             listener.close()
             raise
-        self.listener = listener
-        self._resume()
+        return listener
 
     async def drain(self, timeout: float) -> int:
         """Stop listening, wait for the connections in flight; return how many were cut.
@@ -157,7 +169,11 @@ class Proxy:
             await asyncio.sleep(sockdiag.STEER_GRACE)
         if self.listener is not None:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
-            self.listener.close()  # the kernel moves what is queued to the other listener
+            # Shut down, not only closed: the copy in the file descriptor store would listen on.
+            # The kernel moves what is queued to the other listener.
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RD)
+            self.listener.close()
             self.listener = None
         pending = set(self.connections)  # complete: accepting and counting are one callback
         if pending:
@@ -167,11 +183,42 @@ class Proxy:
         return len(pending)
 
 
-def _notify(message: str) -> None:
+def inherited_listener(port: int) -> socket.socket | None:
+    """The listener on ``port`` a predecessor left in the file descriptor store, if systemd
+    passed one (LISTEN_FDS); the others passed are closed. It is moved off descriptor 3 on, so
+    that the stop hook's ``joined`` tells it from one passed and left alone (as socat does)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS") or "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    found = None
+    for fd in range(3, 3 + count):
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        try:
+            usable = (found is None and sock.type == socket.SOCK_STREAM
+                      and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                      and sock.getsockname()[1] == port)
+        except OSError:
+            usable = False
+        if usable:
+            sock.setblocking(False)
+            found = sock
+        else:
+            sock.close()
+    return found
+
+
+def _notify(message: str, fds: list[int] | None = None) -> None:
     if os.environ.get("NOTIFY_SOCKET"):
         from systemd import daemon
 
-        daemon.notify(message)
+        daemon.notify(message, fds=fds or [])
 
 
 async def serve(public_port: int, target_port: int, drain_timeout: float, address: str = "0.0.0.0",

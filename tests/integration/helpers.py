@@ -338,3 +338,42 @@ class Load:
         out, _err = self.process.communicate(timeout=60)
         if kind is None:  # else the block's own error says more than a missing report
             self.report = json.loads(out)
+
+
+# Another local user who wants a port of ours: THIEF PORT TRY SERVE tries to bind
+# 127.0.0.1:PORT (as a server would, and with SO_REUSEPORT too) every few milliseconds for TRY
+# seconds; once it has it, it answers every connection for SERVE seconds. Prints what happened
+# as JSON.
+THIEF = """
+import errno, json, socket, sys, time
+port, tries, serves = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+deadline, error = time.monotonic() + tries, ""
+while time.monotonic() < deadline:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+        break
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno, str(exc.errno))
+        sock.close()
+        time.sleep(0.002)
+else:
+    print(json.dumps({"bound": False, "error": error}))
+    sys.exit(0)
+served, until = 0, time.monotonic() + serves
+sock.settimeout(0.1)
+while time.monotonic() < until:
+    try:
+        conn, _ = sock.accept()
+    except socket.timeout:
+        continue
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: application/json\\r\\n\\r\\n"
+                 b'{"stranger": true}')
+    conn.close()
+    served += 1
+print(json.dumps({"bound": True, "served": served}))
+"""

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, configure, properties, serving_app, wait_deployment
+from tests.integration.helpers import (
+    THIEF,
+    App,
+    call,
+    configure,
+    http,
+    properties,
+    serving_app,
+    wait_deployment,
+)
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -82,6 +93,35 @@ def test_the_builtin_forwarder_listens_where_told(box: Sandbox, app: App) -> Non
     assert forwarder_argv(box, f"bluegreen-proxy@{port}.service")[2] == "bluegreen.forwarders.proxy"
     redeploy_with(box, app, 'forwarder = "proxy"\n')
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
+
+
+def test_a_restarting_builtin_forwarder_keeps_the_public_port_from_strangers(
+        box: Sandbox, app: App) -> None:
+    """The built-in forwarder, the only one, dies; the next one takes its listener over from
+    the unit's file descriptor store: no other user can take the port meanwhile, and the
+    connections that come wait for it."""
+    port = redeploy_with(box, app, 'forwarder = "proxy"\n')
+    unit = f"bluegreen-proxy@{port}.service"
+    answers: list[object] = []
+    with ThreadPoolExecutor(1) as pool:
+        thief = pool.submit(box.run, "/usr/bin/python3", "-c", THIEF, "5000", "3", "3",
+                            user="nobody", timeout=60)
+        time.sleep(0.5)  # it is trying
+        box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", unit)
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            answers.append(http(box, "GET", "/", port=5000).body)
+        outcome = json.loads(thief.result().stdout)
+    stolen = [answer for answer in answers if isinstance(answer, dict) and "stranger" in answer]
+    failed = [answer for answer in answers if not isinstance(answer, dict)]
+    print(f"\nanother user tried to bind port 5000 while {unit} restarted: {outcome}; "
+          f"{len(answers)} requests to port 5000 meanwhile, {len(stolen)} answered by it, "
+          f"{len(failed)} failed")
+    assert not outcome["bound"] and outcome["error"] == "EADDRINUSE", outcome
+    assert not stolen
+    assert len(failed) <= 1, failed  # the one the proxy was carrying at the kill, if any
+    assert box.run("systemctl", "show", "-P", "NRestarts", unit).stdout.strip() == "1"
+    redeploy_with(box, app, "")
 
 
 def test_a_port_served_on_ipv4_alone_stays_there_until_an_address_is_named(

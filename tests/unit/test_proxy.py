@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -150,3 +153,36 @@ def test_the_proxy_listens_on_its_address_only(address: str, answers: dict[str, 
         return reached
 
     assert asyncio.run(scenario()) == answers
+
+
+TAKE_OVER = """
+import os, socket, sys
+from bluegreen.forwarders.proxy import inherited_listener
+os.environ["LISTEN_PID"] = str(os.getpid())
+found = inherited_listener(int(sys.argv[1]))
+print(found.getsockname()[1] if found else None, os.environ.get("LISTEN_FDS"),
+      [fd for fd in (3, 4) if os.path.exists(f"/proc/self/fd/{fd}")
+       and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")])
+"""
+
+
+def test_a_proxy_takes_over_the_listener_left_in_the_store_and_nothing_else() -> None:
+    """systemd passes the stored listener as descriptor 3 (LISTEN_FDS): the proxy listens on
+    it, moved off descriptors 3 and 4, and closes what else it was passed."""
+    with socket.socket() as stored, socket.socket() as other:
+        stored.bind(("127.0.0.1", 0))
+        stored.listen()
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = stored.getsockname()[1]
+
+        def as_passed() -> None:  # the child's descriptors 3 and 4, as systemd passes them
+            os.dup2(stored.fileno(), 3)
+            os.dup2(other.fileno(), 4)
+
+        result = subprocess.run(
+            [sys.executable, "-c", TAKE_OVER, str(port)], capture_output=True, text=True,
+            env={**os.environ, "LISTEN_FDS": "2"}, preexec_fn=as_passed, close_fds=False,
+            check=True)
+        # Its own port's listener taken, the environment cleaned, nothing left on 3 and 4.
+        assert result.stdout.split() == [str(port), "None", "[]"], result
