@@ -51,7 +51,7 @@ from bluegreen.metrics import Metrics
 from bluegreen.release import procfile, transient
 from bluegreen.release.releases import Releases
 from bluegreen.release.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
-from bluegreen.release.venvs import Environments
+from bluegreen.release.venvs import Venvs
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
@@ -149,7 +149,7 @@ class Controller:
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
                                      self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
-        self.environments = Environments(paths.environments)
+        self.environments = Venvs(paths.environments)
         self.deployer = Deployer(self.loaded, systemd, self.repository, self.releases,
                                  self.environments, paths.runtime, self._on_step, port_user)
         self.observers: list[Observer] = []

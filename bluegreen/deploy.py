@@ -35,7 +35,7 @@ from bluegreen.release import appenv, procfile, transient
 from bluegreen.release.procfile import Processes, ProcfileError
 from bluegreen.release.releases import Releases
 from bluegreen.release.repository import Repository, RepositoryError
-from bluegreen.release.venvs import Environments
+from bluegreen.release.venvs import Venvs
 from bluegreen.release.verify import Verifier, VerifyFailed
 from bluegreen.run import CommandError
 from bluegreen.serving import Serving
@@ -82,7 +82,7 @@ class Deployer:
     systemd: Systemd
     repository: Repository
     releases: Releases
-    environments: Environments
+    environments: Venvs
     run_dir: Path
     report: StepReporter
     port_user: PortUser = no_port_user
