@@ -161,9 +161,8 @@ class Controller:
         self.pool = pool.Pool(systemd, paths.runtime, lambda: self.config,
                               lambda: self._busy)
         systemd.on_unit_state.append(self._on_unit_state)
-        self.monitor = health.Monitor(self.config.app.health_path, config.health,
-                                      self._monitor_target, self._on_health_change,
-                                      self.config.app.health_host, self.pool.probed)
+        self.monitor = health.Monitor(health.Check.of(self.config), self._monitor_target,
+                                      self._on_health_change, self.pool.probed)
         # The branch head whose deployment last reached an outcome: the refresher leaves it be.
         self._seen_head = self.history.get_setting(SEEN_HEAD)
         self.refresher = refresher.Refresher(
@@ -633,8 +632,7 @@ class Controller:
     def _apply(self, config: Config) -> None:
         """Make ``config`` the settings in effect, in every part that holds some."""
         old, self.config = self.config, config
-        self.monitor.settings = config.health
-        self.monitor.path, self.monitor.host = config.app.health_path, config.app.health_host
+        self.monitor.check = health.Check.of(config)
         self.repository.url, self.repository.branch = config.repository.url, config.repository.branch
         interval = self.refresher.interval
         self.refresher.interval = config.repository.poll_interval

@@ -234,9 +234,8 @@ class Deployer:
         return replace(record, state=State.SUCCEEDED), new
 
     async def wait_healthy(self, port: int) -> None:
-        await health.wait_healthy(port, self.config.app.health_path, self.config.health,
-                                  lambda: instances.failure(self.systemd, port),
-                                  self.config.app.health_host)
+        await health.wait_healthy(port, health.Check.of(self.config),
+                                  lambda: instances.failure(self.systemd, port))
 
     async def start_instance(self, record: Deployment, env: dict[str, str], wsgi: str,
                              started: list[int]) -> Deployment:
@@ -297,9 +296,9 @@ class Deployer:
         """Check the new release for post_switch_watch seconds; return why it is unhealthy.
 
         Every new instance is watched: one that fails here fails the release."""
-        settings = self.config.health
+        check = health.Check.of(self.config)
         deadline = time.monotonic() + self.config.post_switch_watch
-        failures = dict.fromkeys(new_ports, 0)
+        failures = {port: health.Failures() for port in new_ports}
         while time.monotonic() < deadline:
             if self.switch_back_asked.is_set():
                 return self.switch_back_reason
@@ -309,13 +308,12 @@ class Deployer:
                 failure = await instances.failure(self.systemd, new_port)
                 if failure:
                     return failure
-                result = await health.probe(new_port, self.config.app.health_path,
-                                            settings.timeout, self.config.app.health_host)
-                failures[new_port] = 0 if result.ok else failures[new_port] + 1
-                if failures[new_port] >= settings.unhealthy_threshold:
-                    return f"{failures[new_port]} failed checks in a row: {result.reason}"
+                unhealthy = failures[new_port].count(await health.probe(new_port, check),
+                                                      check.unhealthy_threshold)
+                if unhealthy:
+                    return unhealthy
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.switch_back_asked.wait(), settings.interval)
+                await asyncio.wait_for(self.switch_back_asked.wait(), check.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
 
     def ask_switch_back(self, reason: str) -> bool:
