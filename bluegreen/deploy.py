@@ -84,6 +84,7 @@ class Deployer:
     releases: Releases
     environments: Venvs
     run_dir: Path
+    forwarders: control.Forwarders
     report: StepReporter
     port_user: PortUser = no_port_user
     # Set by an operator's rollback while the new release is watched: switch back at once.
@@ -168,15 +169,12 @@ class Deployer:
             control.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
-            address = control.write_env(self.run_dir, ports, self.config.drain_timeout,
-                                          self.config.app_name)
+            address = self.forwarders.write_env()
             if not ports.public_address and address == "0.0.0.0" and control.ipv6_available():
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
-            for port in new.ports:
-                await control.start(self.systemd, self.run_dir, port, self.config.ports.public,
-                                      self.config.forwarder, app=self.config.app_name)
+            await self.forwarders.switch_to(new.ports)
         except _STEP_ERRORS as exc:
             if step == Step.SWITCH:
                 await self.undo_switch(new_ports, serving)
@@ -279,8 +277,7 @@ class Deployer:
         deadline = time.monotonic() + self.config.drain_timeout
         for old_port in old_ports:
             try:
-                await control.drain_stop(self.systemd, self.run_dir, old_port,
-                                           self.config.drain_timeout)
+                await self.forwarders.drain(old_port)
             except (SystemdError, ForwarderError) as exc:
                 log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
                           extra=fields(deployment_id=record.id, port=old_port))
@@ -329,14 +326,12 @@ class Deployer:
         """Point the public port at the old instances again and retire the new ones."""
         for old_port in old_ports:
             drainflag.clear(self.run_dir, old_port)
-            await control.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
-                                  self.config.forwarder, app=self.config.app_name)
+            await self.forwarders.switch_to([old_port])
         try:
             for new_port in new_ports:  # before any drain: it steers away from them all
                 drainflag.put(self.run_dir, new_port)
             for new_port in new_ports:
-                await control.drain_stop(self.systemd, self.run_dir, new_port,
-                                           self.config.drain_timeout)
+                await self.forwarders.drain(new_port)
         finally:
             await self.abandon(list(new_ports), None)
 
@@ -376,8 +371,7 @@ class Deployer:
     async def undo_switch(self, new_ports: list[int], serving: Serving | None) -> None:
         """After a failed switch, what forwards is what serves: the old release alone."""
         try:
-            await control.undo_switch(self.systemd, self.run_dir, self.config.forwarder, new_ports,
-                                        serving.ports if serving else (), self.config.drain_timeout)
+            await self.forwarders.switch_back(new_ports, serving.ports if serving else ())
         except (SystemdError, ForwarderError) as exc:
             log.error("the forwarders of the failed switch are not all undone: %s", exc)
 

@@ -15,7 +15,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from enum import StrEnum
-from pathlib import Path
 
 from bluegreen import health, instances
 from bluegreen.config import Config
@@ -33,10 +32,10 @@ class Member(StrEnum):
 
 
 class Pool:
-    def __init__(self, systemd: Systemd, run_dir: Path, config_now: Callable[[], Config],
-                 is_busy: Callable[[], bool]) -> None:
+    def __init__(self, systemd: Systemd, forwarders: control.Forwarders,
+                 config_now: Callable[[], Config], is_busy: Callable[[], bool]) -> None:
         self.systemd = systemd
-        self.run_dir = run_dir
+        self.forwarders = forwarders
         self.config_now = config_now  # the settings the serving release was deployed with
         self.is_busy = is_busy  # a deployment or the start-up owns the forwarders meanwhile
         self.serving: Serving | None = None
@@ -93,8 +92,7 @@ class Pool:
 
     async def _drain(self, port: int) -> None:
         try:
-            await control.drain_stop(self.systemd, self.run_dir, port,
-                                       self.config_now().drain_timeout)
+            await self.forwarders.drain(port)
         except (SystemdError, control.ForwarderError) as exc:
             log.error("the forwarder to port %d is not stopped: %s", port, exc)
 
@@ -118,10 +116,8 @@ class Pool:
                 return  # its forwarder is still stopping: at a later check
             if await instances.failure(self.systemd, port):
                 return  # answered, but its unit is on its way out
-            config = self.config_now()
             try:
-                await control.start(self.systemd, self.run_dir, port, config.ports.public,
-                                      config.forwarder, app=config.app_name)
+                await self.forwarders.switch_to([port])
             except (SystemdError, control.ForwarderError) as exc:
                 log.error("the instance on port %d stays out: its forwarder did not start: %s",
                           port, exc)

@@ -8,6 +8,10 @@ forwarders/hook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets
 queued on the old listener. HAProxy keeps its listener: its runtime API adds the new instance
 and drains the old one. Whatever the kind, a switch is ``start`` then ``drain_stop``.
 
+The controller's parts (the deploy flow, the pool, the reconciliation) move an app's forwarders
+through one ``Forwarders`` object, which follows the app's current settings and alone writes
+the settings file its forwarder units read.
+
 The forwarder units read the default app's settings (public port, address, drain timeout) from
 ``forwarder.env``; a forwarder of another app reads its app's ``apps/NAME/forwarder.env`` too,
 through the link ``forwarders/PORT.env`` made before it starts: that is also how it is known
@@ -21,7 +25,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from bluegreen import instances, sockdiag
@@ -331,3 +335,43 @@ async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float)
     await systemd.stop_unit(haproxy.UNIT)
     await systemd.reset_failed(haproxy.UNIT)
     await systemd.stop_unit(haproxy.SOCKET_UNIT)
+
+
+class Forwarders:
+    """An app's forwarders, whatever their kind: ``switch_to`` instances, ``drain`` one,
+    ``switch_back`` after a failed switch, ``write_env`` their settings.
+
+    ``config_now`` gives the settings they follow now: while a deployment runs, its own (it
+    switches the forwarders to them), else those in effect."""
+
+    def __init__(self, systemd: Systemd, run_dir: Path, app: str,
+                 config_now: Callable[[], Config]) -> None:
+        self.systemd = systemd
+        self.run_dir = run_dir
+        self.app = app
+        self.config_now = config_now
+
+    def write_env(self, config: Config | None = None) -> str:
+        """Write what the app's forwarder units read, from ``config`` (by default the settings
+        they follow now); return the address they will listen on."""
+        config = config or self.config_now()
+        return write_env(self.run_dir, config.ports, config.drain_timeout, self.app)
+
+    async def switch_to(self, ports: Iterable[int]) -> None:
+        """Make the public port reach each of ``ports`` too; return once it does (see start)."""
+        config = self.config_now()
+        for port in ports:
+            await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,
+                        app=self.app)
+
+    async def drain(self, port: int) -> None:
+        """Stop forwarding to ``port`` once the requests it carries are done, or at
+        drain_timeout (see drain_stop)."""
+        await drain_stop(self.systemd, self.run_dir, port, self.config_now().drain_timeout)
+
+    async def switch_back(self, new_ports: Sequence[int], served: Sequence[int]) -> None:
+        """A switch to ``new_ports`` failed part way: forward to the ``served`` ports alone
+        again (see undo_switch)."""
+        config = self.config_now()
+        await undo_switch(self.systemd, self.run_dir, config.forwarder, new_ports, served,
+                          config.drain_timeout)
