@@ -323,6 +323,11 @@ class ManagerInterface(ServiceInterface):
         """Why the remote could not be read at the last poll ("" when it could)."""
         return self.controller.refresher.last_error
 
+    @dbus_property(access=PropertyAccess.READ)
+    def DeploymentsFinished(self) -> "a{su}":
+        """Deployments finished since the controller started, by result."""
+        return self.controller.metrics.by_result()
+
     # --- signals ---------------------------------------------------------------------------
 
     @signal()
