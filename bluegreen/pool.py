@@ -38,7 +38,6 @@ class Pool:
         self.forwarders = forwarders
         self.config_now = config_now  # the settings the serving release was deployed with
         self.is_busy = is_busy  # a deployment or the start-up owns the forwarders meanwhile
-        self.serving: Serving | None = None
         self.members: dict[int, Member] = {}
         self.failures: dict[int, health.Failures] = {}
         self.draining: dict[int, asyncio.Task[None]] = {}  # forwarders being stopped
@@ -46,7 +45,6 @@ class Pool:
 
     def reset(self, serving: Serving | None, out: Iterable[int] = ()) -> None:
         """``serving`` serves now, every instance taking traffic but those ``out``."""
-        self.serving = serving
         down = set(out)
         self.members = {port: Member.OUT if port in down else Member.IN
                         for port in (serving.ports if serving else ())}
