@@ -1,6 +1,7 @@
 """The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
 (socat, the default), bluegreen-proxy@PORT.service (the built-in one, see forwarders/proxy.py), or one
-bluegreen-haproxy.service for every port (see forwarders/haproxy.py).
+bluegreen-haproxy.service for every port (see forwarders/haproxy.py). This module runs in the
+controller.
 
 Retargeting never closes the public port. The TCP forwarders: the new one starts listening
 beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
