@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from bluegreen import instances, sockdiag
-from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, Config, Forwarder
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.forwarders import haproxy
 from bluegreen.systemd import Systemd, SystemdError
@@ -139,26 +139,6 @@ def env_path(run_dir: Path, app: str = DEFAULT_APP) -> Path:
 def link_path(run_dir: Path, port: int) -> Path:
     """What the forwarder to ``port`` reads after forwarder.env: its app's settings (a link)."""
     return run_dir / "forwarders" / f"{port}.env"
-
-
-def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float,
-              app: str = DEFAULT_APP) -> str:
-    """Write what the app's forwarder units read; return the address they will listen on."""
-    public_port, max_connections = ports.public, ports.max_connections
-    address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
-    path = env_path(run_dir, app)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, environment_file({
-        "BLUEGREEN_APP": app,
-        "BLUEGREEN_PUBLIC_PORT": str(public_port),
-        "BLUEGREEN_PUBLIC_ADDRESS": address,
-        "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
-        "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
-        "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
-    }))
-    if app == DEFAULT_APP:
-        haproxy.write_config(run_dir, address, public_port, max_connections, drain_timeout)
-    return address
 
 
 def written_public_port(run_dir: Path, app: str = DEFAULT_APP) -> int | None:
@@ -356,7 +336,22 @@ class Forwarders:
         """Write what the app's forwarder units read, from ``config`` (by default the settings
         they follow now); return the address they will listen on."""
         config = config or self.config_now()
-        return write_env(self.run_dir, config.ports, config.drain_timeout, self.app)
+        ports, public_port = config.ports, config.ports.public
+        address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
+        path = env_path(self.run_dir, self.app)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, environment_file({
+            "BLUEGREEN_APP": self.app,
+            "BLUEGREEN_PUBLIC_PORT": str(public_port),
+            "BLUEGREEN_PUBLIC_ADDRESS": address,
+            "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
+            "BLUEGREEN_MAX_CONNECTIONS": str(ports.max_connections),
+            "BLUEGREEN_DRAIN_TIMEOUT": f"{config.drain_timeout:g}",
+        }))
+        if self.app == DEFAULT_APP:
+            haproxy.write_config(self.run_dir, address, public_port, ports.max_connections,
+                                 config.drain_timeout)
+        return address
 
     async def switch_to(self, ports: Iterable[int]) -> None:
         """Make the public port reach each of ``ports`` too; return once it does (see start)."""

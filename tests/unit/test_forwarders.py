@@ -10,9 +10,15 @@ from typing import Any
 
 import pytest
 
-from bluegreen.config import Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
 from bluegreen.files import read_environment_file
 from bluegreen.forwarders import control
+
+
+def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> None:
+    """The default app's forwarder settings, written by its Forwarders object."""
+    config = replace(Config(), ports=ports, drain_timeout=drain_timeout)
+    control.Forwarders(None, run_dir, DEFAULT_APP, lambda: config).write_env()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("address", "listen"), [
@@ -42,7 +48,7 @@ def test_unset_the_address_is_both_stacks_unless_ipv4_alone_serves_already() -> 
 
 
 def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
-    control.write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
+    write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
     env = read_environment_file(tmp_path / "forwarder.env")
     assert env["BLUEGREEN_SOCAT_LISTEN"] == "TCP4-LISTEN:5000,bind=127.0.0.1"
     assert env["BLUEGREEN_PUBLIC_ADDRESS"] == "127.0.0.1"
