@@ -1,4 +1,5 @@
-"""bluegreenctl status: what serves, and how healthy it is."""
+"""bluegreenctl status: what serves, and how healthy it is. Runs in bluegreenctl, a thin client
+of the D-Bus API."""
 
 from __future__ import annotations
 
