@@ -51,7 +51,7 @@ from bluegreen.metrics import Metrics
 from bluegreen.release import procfile, transient
 from bluegreen.release.releases import Releases
 from bluegreen.release.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
-from bluegreen.release.venvs import Environments
+from bluegreen.release.venvs import Venvs
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd
 
@@ -149,21 +149,22 @@ class Controller:
         self.repository = Repository(config.repository.url, config.repository.branch, paths.mirror,
                                      self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
-        self.environments = Environments(paths.environments)
+        self.environments = Venvs(paths.environments)
+        self.forwarders = control.Forwarders(systemd, paths.runtime, self.app, self._forwarding)
         self.deployer = Deployer(self.loaded, systemd, self.repository, self.releases,
-                                 self.environments, paths.runtime, self._on_step, port_user)
+                                 self.environments, paths.runtime, self.forwarders, self._on_step,
+                                 port_user)
         self.observers: list[Observer] = []
         self.notify_status = notify_status
         self.serving: Serving | None = None
         self.current: Deployment | None = None
         self._preparing: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self.pool = pool.Pool(systemd, paths.runtime, lambda: self.config,
+        self.pool = pool.Pool(systemd, self.forwarders, lambda: self.config,
                               lambda: self._busy)
         systemd.on_unit_state.append(self._on_unit_state)
-        self.monitor = health.Monitor(self.config.app.health_path, config.health,
-                                      self._monitor_target, self._on_health_change,
-                                      self.config.app.health_host, self.pool.probed)
+        self.monitor = health.Monitor(health.Check.of(self.config), self._monitor_target,
+                                      self._on_health_change, self.pool.probed)
         # The branch head whose deployment last reached an outcome: the refresher leaves it be.
         self._seen_head = self.history.get_setting(SEEN_HEAD)
         self.refresher = refresher.Refresher(
@@ -200,6 +201,10 @@ class Controller:
     def _busy(self) -> bool:
         """A deployment, or the start-up's reconciliation, owns the units now."""
         return self.current is not None or self._preparing is not None or self._settling
+
+    def _forwarding(self) -> Config:
+        """The settings the forwarders follow: a running deployment's, else those in effect."""
+        return self.deployer.config if self.current is not None else self.config
 
     def health(self) -> tuple[bool, str]:
         """Overall health: serving a release that passes its checks."""
@@ -407,7 +412,7 @@ class Controller:
         try:
             self.serving = await reconcile.adopt(self.systemd, self.paths.runtime, self.app)
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
-                                   self.config.drain_timeout, self.app)
+                                   self.forwarders, self.app)
             await self._adopt_pool()
         except Exception:
             log.exception("cannot tell which release serves")
@@ -455,8 +460,7 @@ class Controller:
         self.metrics.deployment_finished(record)
         self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
-            control.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
-                            self.app)
+            self.forwarders.write_env(self.config)
         # The refresher leaves a pushed head alone once its deployment has an outcome; an
         # interrupted one is tried again.
         if record.state != State.INTERRUPTED and (
@@ -633,13 +637,12 @@ class Controller:
     def _apply(self, config: Config) -> None:
         """Make ``config`` the settings in effect, in every part that holds some."""
         old, self.config = self.config, config
-        self.monitor.settings = config.health
-        self.monitor.path, self.monitor.host = config.app.health_path, config.app.health_host
+        self.monitor.check = health.Check.of(config)
         self.repository.url, self.repository.branch = config.repository.url, config.repository.branch
         interval = self.refresher.interval
         self.refresher.interval = config.repository.poll_interval
         if old.drain_timeout != config.drain_timeout or old.ports != config.ports:
-            control.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
+            self.forwarders.write_env(config)
         if old.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
             self._write_known_hosts()
         if self._started and not self._settling:  # else the start-up's end watches the remote
@@ -676,8 +679,7 @@ class Controller:
         """Adopt what systemd runs; the rest of the start-up (stopping what must not run, a
         deployment if nothing serves, the refresher) goes on in the background, so that the
         controller is ready at once."""
-        control.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
-                            self.app)
+        self.forwarders.write_env()
         self._write_known_hosts()
         try:
             if control.ensure_migrate_req():
@@ -697,7 +699,7 @@ class Controller:
     async def _settle(self) -> None:
         try:
             await reconcile.settle(self.systemd, self.paths.runtime, self.serving,
-                                   self.config.drain_timeout, self.app)
+                                   self.forwarders, self.app)
             await self._adopt_pool()
             await transient.settle_orphans(self.systemd, self.app, self.config.release.timeout)
             self.releases.remove_incomplete()  # once no build writes into them
@@ -776,7 +778,7 @@ class Controller:
         of the app (its data, releases and records stay)."""
         await self.stop()
         log.warning("the app's file is gone: stopping its forwarders, instances and workers")
-        await reconcile.settle(self.systemd, self.paths.runtime, None, self.config.drain_timeout,
+        await reconcile.settle(self.systemd, self.paths.runtime, None, self.forwarders,
                                self.app)
 
     async def stop(self) -> None:

@@ -35,7 +35,7 @@ from bluegreen.release import appenv, procfile, transient
 from bluegreen.release.procfile import Processes, ProcfileError
 from bluegreen.release.releases import Releases
 from bluegreen.release.repository import Repository, RepositoryError
-from bluegreen.release.venvs import Environments
+from bluegreen.release.venvs import Venvs
 from bluegreen.release.verify import Verifier, VerifyFailed
 from bluegreen.run import CommandError
 from bluegreen.serving import Serving
@@ -82,8 +82,9 @@ class Deployer:
     systemd: Systemd
     repository: Repository
     releases: Releases
-    environments: Environments
+    environments: Venvs
     run_dir: Path
+    forwarders: control.Forwarders
     report: StepReporter
     port_user: PortUser = no_port_user
     # Set by an operator's rollback while the new release is watched: switch back at once.
@@ -168,15 +169,12 @@ class Deployer:
             control.ensure_migrate_req()
             # The forwarders' settings as this deploy has them (a reload may have changed them).
             ports = self.config.ports
-            address = control.write_env(self.run_dir, ports, self.config.drain_timeout,
-                                          self.config.app_name)
+            address = self.forwarders.write_env()
             if not ports.public_address and address == "0.0.0.0" and control.ipv6_available():
                 log.info("port %d stays on 0.0.0.0, where it is served now; set "
                          "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                          "resets the connections queued then)", ports.public)
-            for port in new.ports:
-                await control.start(self.systemd, self.run_dir, port, self.config.ports.public,
-                                      self.config.forwarder, app=self.config.app_name)
+            await self.forwarders.switch_to(new.ports)
         except _STEP_ERRORS as exc:
             if step == Step.SWITCH:
                 await self.undo_switch(new_ports, serving)
@@ -234,9 +232,8 @@ class Deployer:
         return replace(record, state=State.SUCCEEDED), new
 
     async def wait_healthy(self, port: int) -> None:
-        await health.wait_healthy(port, self.config.app.health_path, self.config.health,
-                                  lambda: instances.failure(self.systemd, port),
-                                  self.config.app.health_host)
+        await health.wait_healthy(port, health.Check.of(self.config),
+                                  lambda: instances.failure(self.systemd, port))
 
     async def start_instance(self, record: Deployment, env: dict[str, str], wsgi: str,
                              started: list[int]) -> Deployment:
@@ -280,8 +277,7 @@ class Deployer:
         deadline = time.monotonic() + self.config.drain_timeout
         for old_port in old_ports:
             try:
-                await control.drain_stop(self.systemd, self.run_dir, old_port,
-                                           self.config.drain_timeout)
+                await self.forwarders.drain(old_port)
             except (SystemdError, ForwarderError) as exc:
                 log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
                           extra=fields(deployment_id=record.id, port=old_port))
@@ -297,9 +293,9 @@ class Deployer:
         """Check the new release for post_switch_watch seconds; return why it is unhealthy.
 
         Every new instance is watched: one that fails here fails the release."""
-        settings = self.config.health
+        check = health.Check.of(self.config)
         deadline = time.monotonic() + self.config.post_switch_watch
-        failures = dict.fromkeys(new_ports, 0)
+        failures = {port: health.Failures() for port in new_ports}
         while time.monotonic() < deadline:
             if self.switch_back_asked.is_set():
                 return self.switch_back_reason
@@ -309,13 +305,12 @@ class Deployer:
                 failure = await instances.failure(self.systemd, new_port)
                 if failure:
                     return failure
-                result = await health.probe(new_port, self.config.app.health_path,
-                                            settings.timeout, self.config.app.health_host)
-                failures[new_port] = 0 if result.ok else failures[new_port] + 1
-                if failures[new_port] >= settings.unhealthy_threshold:
-                    return f"{failures[new_port]} failed checks in a row: {result.reason}"
+                unhealthy = failures[new_port].count(await health.probe(new_port, check),
+                                                      check.unhealthy_threshold)
+                if unhealthy:
+                    return unhealthy
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.switch_back_asked.wait(), settings.interval)
+                await asyncio.wait_for(self.switch_back_asked.wait(), check.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
 
     def ask_switch_back(self, reason: str) -> bool:
@@ -331,14 +326,12 @@ class Deployer:
         """Point the public port at the old instances again and retire the new ones."""
         for old_port in old_ports:
             drainflag.clear(self.run_dir, old_port)
-            await control.start(self.systemd, self.run_dir, old_port, self.config.ports.public,
-                                  self.config.forwarder, app=self.config.app_name)
+            await self.forwarders.switch_to([old_port])
         try:
             for new_port in new_ports:  # before any drain: it steers away from them all
                 drainflag.put(self.run_dir, new_port)
             for new_port in new_ports:
-                await control.drain_stop(self.systemd, self.run_dir, new_port,
-                                           self.config.drain_timeout)
+                await self.forwarders.drain(new_port)
         finally:
             await self.abandon(list(new_ports), None)
 
@@ -378,8 +371,7 @@ class Deployer:
     async def undo_switch(self, new_ports: list[int], serving: Serving | None) -> None:
         """After a failed switch, what forwards is what serves: the old release alone."""
         try:
-            await control.undo_switch(self.systemd, self.run_dir, self.config.forwarder, new_ports,
-                                        serving.ports if serving else (), self.config.drain_timeout)
+            await self.forwarders.switch_back(new_ports, serving.ports if serving else ())
         except (SystemdError, ForwarderError) as exc:
             log.error("the forwarders of the failed switch are not all undone: %s", exc)
 

@@ -1,4 +1,10 @@
-"""HTTP health checks: proving a new instance ready, and watching the serving one."""
+"""HTTP health checks: proving a new instance ready, and watching the serving one.
+
+A ``Check`` is what one check of an instance is, as the configuration says; ``Failures``
+counts the failed checks in a row against its ``unhealthy_threshold``, alike for the health
+monitor (the serving release), the pool (each serving instance) and a deploy's watch (each new
+instance).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bluegreen.config import HealthConfig
+from bluegreen.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -19,18 +25,36 @@ class NotHealthy(Exception):
 
 
 @dataclass(frozen=True)
+class Check:
+    """One health check of an instance: GET ``path`` with ``Host: host`` (apps that check the
+    Host header, as Django's ALLOWED_HOSTS does, refuse an address), answered within ``timeout``,
+    every ``interval``; ``unhealthy_threshold`` failures in a row make it unhealthy, and a new
+    instance is ready after ``healthy_threshold`` passes in a row, within ``deadline``."""
+
+    path: str = "/health"
+    host: str = "localhost"
+    timeout: float = 2.0
+    interval: float = 1.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    deadline: float = 60.0
+
+    @classmethod
+    def of(cls, config: Config) -> Check:
+        health = config.health
+        return cls(config.app.health_path, config.app.health_host, health.timeout, health.interval,
+                   health.unhealthy_threshold, health.healthy_threshold, health.deadline)
+
+
+@dataclass(frozen=True)
 class Probe:
     ok: bool
     reason: str
-    status: int = 0
-    elapsed: float = 0.0
 
 
-async def probe(port: int, path: str, timeout: float, host: str = "localhost") -> Probe:
-    """One GET of http://127.0.0.1:port/path with ``Host: host`` (apps that check the Host
-    header, as Django's ALLOWED_HOSTS does, refuse an address); healthy means a 2xx status
-    line within timeout."""
-    started = time.monotonic()
+async def probe(port: int, check: Check) -> Probe:
+    """One ``check`` of http://127.0.0.1:port: healthy means a 2xx status line in time."""
+    path, timeout, host = check.path, check.timeout, check.host
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -40,37 +64,31 @@ async def probe(port: int, path: str, timeout: float, host: str = "localhost") -
             await writer.drain()
             line = await reader.readline()
     except TimeoutError:
-        return Probe(False, f"no answer within {timeout:g} s", elapsed=time.monotonic() - started)
+        return Probe(False, f"no answer within {timeout:g} s")
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return Probe(False, reason, elapsed=time.monotonic() - started)
+        return Probe(False, reason)
     finally:
         if writer is not None:
             writer.close()
-    elapsed = time.monotonic() - started
     parts = line.decode("latin-1").split(None, 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return Probe(False, f"not an HTTP answer: {line[:60]!r}", elapsed=elapsed)
+        return Probe(False, f"not an HTTP answer: {line[:60]!r}")
     status = int(parts[1])
     if 200 <= status < 300:
-        return Probe(True, f"HTTP {status}", status, elapsed)
-    return Probe(False, f"HTTP {status} from {path}", status, elapsed)
+        return Probe(True, f"HTTP {status}")
+    return Probe(False, f"HTTP {status} from {path}")
 
 
-async def wait_healthy(
-    port: int,
-    path: str,
-    settings: HealthConfig,
-    unit_failure: Callable[[], Awaitable[str | None]],
-    host: str = "localhost",
-) -> int:
+async def wait_healthy(port: int, check: Check,
+                       unit_failure: Callable[[], Awaitable[str | None]]) -> int:
     """Probe until ``healthy_threshold`` consecutive passes; return the number of probes.
 
     ``unit_failure`` is asked before each probe and returns why the instance's unit is no
     longer running (or None): a crashed instance fails at once, not at the deadline.
-    Raises NotHealthy at ``settings.deadline`` (a probe begun before it gets its full timeout).
+    Raises NotHealthy at ``check.deadline`` (a probe begun before it gets its full timeout).
     """
-    deadline = time.monotonic() + settings.deadline
+    deadline = time.monotonic() + check.deadline
     passes = probes = 0
     last = "no check ran"
     while True:
@@ -79,14 +97,35 @@ async def wait_healthy(
             raise NotHealthy(f"the instance stopped: {failure}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise NotHealthy(f"not healthy within {settings.deadline:g} s; last check: {last}")
-        result = await probe(port, path, settings.timeout, host)
+            raise NotHealthy(f"not healthy within {check.deadline:g} s; last check: {last}")
+        result = await probe(port, check)
         probes += 1
         last = result.reason
         passes = passes + 1 if result.ok else 0
-        if passes >= settings.healthy_threshold:
+        if passes >= check.healthy_threshold:
             return probes
-        await asyncio.sleep(min(settings.interval, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(check.interval, max(0.0, deadline - time.monotonic())))
+
+
+class Failures:
+    """The failed checks in a row of one target (an instance, or the serving release)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def count(self, result: Probe, threshold: int) -> str | None:
+        """Count ``result``; return why the target is unhealthy once ``threshold`` checks in
+        a row have failed (None while fewer have, or it passed)."""
+        if result.ok:
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        if self.in_a_row < threshold:
+            return None
+        return f"{self.in_a_row} failed checks in a row: {result.reason}"
+
+    def reset(self) -> None:
+        self.in_a_row = 0
 
 
 class Monitor:
@@ -100,34 +139,30 @@ class Monitor:
 
     def __init__(
         self,
-        path: str,
-        settings: HealthConfig,
-        target: Callable[[], tuple[int, ...]],
+        check: Check,
+        current_target: Callable[[], tuple[int, ...]],
         on_change: Callable[[bool, str], Awaitable[None]],
-        host: str = "localhost",
         on_probe: Callable[[int, Probe], Awaitable[None]] | None = None,
     ) -> None:
-        self.path = path
-        self.host = host
-        self.settings = settings
-        self.target = target
+        self.check = check  # a reload replaces it
+        self.current_target = current_target
         self.on_change = on_change
         self.on_probe = on_probe
         self.healthy = True
         self.reason = ""
-        self.failures = 0
+        self.failures = Failures()
         self.failures_total = 0
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.interval)
-            ports = self.target()
+            await asyncio.sleep(self.check.interval)
+            ports = self.current_target()
             if not ports:
-                self.failures = 0
+                self.failures.reset()
                 continue
-            results = await asyncio.gather(*(probe(port, self.path, self.settings.timeout,
-                                                   self.host) for port in ports))
-            if ports != self.target():
+            check = self.check
+            results = await asyncio.gather(*(probe(port, check) for port in ports))
+            if ports != self.current_target():
                 continue  # switched while probing: the result says nothing about the new one
             if self.on_probe is not None:
                 for port, result in zip(ports, results, strict=True):
@@ -135,21 +170,21 @@ class Monitor:
             await self.record(best(ports, results))
 
     async def record(self, result: Probe) -> None:
+        unhealthy = self.failures.count(result, self.check.unhealthy_threshold)
         if result.ok:
-            self.failures = 0
             if not self.healthy:
                 self.healthy, self.reason = True, result.reason
                 await self.on_change(True, result.reason)
             return
-        self.failures += 1
         self.failures_total += 1
         self.reason = result.reason
-        if self.healthy and self.failures >= self.settings.unhealthy_threshold:
+        if self.healthy and unhealthy:
             self.healthy = False
-            await self.on_change(False, f"{self.failures} failed checks in a row: {result.reason}")
+            await self.on_change(False, unhealthy)
 
     def reset(self) -> None:
-        self.healthy, self.reason, self.failures = True, "", 0
+        self.healthy, self.reason = True, ""
+        self.failures.reset()
 
 
 def best(ports: tuple[int, ...], results: list[Probe]) -> Probe:

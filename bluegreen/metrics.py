@@ -58,6 +58,13 @@ class Metrics:
         if record.state == State.SUCCEEDED and record.finished_at:
             self.last_success = max(self.last_success, record.finished_at)
 
+    def by_result(self) -> dict[str, int]:
+        """Deployments finished since the start, by result, whatever their trigger."""
+        totals: dict[str, int] = {}
+        for (state, _trigger), count in self.deployments.items():
+            totals[state] = totals.get(state, 0) + count
+        return totals
+
     def render(self, serving_release: str, serving_port: int, healthy: bool) -> str:
         lines: list[str] = []
 

@@ -15,7 +15,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from enum import StrEnum
-from pathlib import Path
 
 from bluegreen import health, instances
 from bluegreen.config import Config
@@ -33,25 +32,23 @@ class Member(StrEnum):
 
 
 class Pool:
-    def __init__(self, systemd: Systemd, run_dir: Path, config: Callable[[], Config],
-                 busy: Callable[[], bool]) -> None:
+    def __init__(self, systemd: Systemd, forwarders: control.Forwarders,
+                 config_now: Callable[[], Config], is_busy: Callable[[], bool]) -> None:
         self.systemd = systemd
-        self.run_dir = run_dir
-        self.config = config  # the settings the serving release was deployed with
-        self.busy = busy  # a deployment or the start-up owns the forwarders meanwhile
-        self.serving: Serving | None = None
+        self.forwarders = forwarders
+        self.config_now = config_now  # the settings the serving release was deployed with
+        self.is_busy = is_busy  # a deployment or the start-up owns the forwarders meanwhile
         self.members: dict[int, Member] = {}
-        self.failures: dict[int, int] = {}
+        self.failures: dict[int, health.Failures] = {}
         self.draining: dict[int, asyncio.Task[None]] = {}  # forwarders being stopped
         self._lock = asyncio.Lock()
 
     def reset(self, serving: Serving | None, out: Iterable[int] = ()) -> None:
         """``serving`` serves now, every instance taking traffic but those ``out``."""
-        self.serving = serving
         down = set(out)
         self.members = {port: Member.OUT if port in down else Member.IN
                         for port in (serving.ports if serving else ())}
-        self.failures = dict.fromkeys(self.members, 0)
+        self.failures = {port: health.Failures() for port in self.members}
 
     def out(self) -> list[int]:
         return sorted(port for port, member in self.members.items() if member == Member.OUT)
@@ -67,15 +64,12 @@ class Pool:
         """A health check's result: put a healthy instance back, take a failing one out."""
         if port not in self.members:
             return
-        if result.ok:
-            self.failures[port] = 0
-            if self.members[port] == Member.OUT:
-                await self.put_back(port)
-            return
-        self.failures[port] = self.failures.get(port, 0) + 1
-        if self.failures[port] >= self.config().health.unhealthy_threshold:
-            await self.take_out(port, f"{self.failures[port]} failed checks in a row: "
-                                f"{result.reason}")
+        unhealthy = self.failures.setdefault(port, health.Failures()).count(
+            result, self.config_now().health.unhealthy_threshold)
+        if result.ok and self.members[port] == Member.OUT:
+            await self.put_back(port)
+        elif unhealthy:
+            await self.take_out(port, unhealthy)
 
     async def take_out(self, port: int, why: str) -> None:
         """Take the instance on ``port`` out of the public port; return once that is decided.
@@ -83,7 +77,7 @@ class Pool:
         Its forwarder's drain (up to drain_timeout) goes on in the background: the health
         monitor, which calls this, keeps checking the other instances meanwhile."""
         async with self._lock:
-            if self.busy() or self.members.get(port) != Member.IN:
+            if self.is_busy() or self.members.get(port) != Member.IN:
                 return
             if sum(member == Member.IN for member in self.members.values()) < 2:
                 return  # the last one: better a sick instance than none
@@ -96,8 +90,7 @@ class Pool:
 
     async def _drain(self, port: int) -> None:
         try:
-            await control.drain_stop(self.systemd, self.run_dir, port,
-                                       self.config().drain_timeout)
+            await self.forwarders.drain(port)
         except (SystemdError, control.ForwarderError) as exc:
             log.error("the forwarder to port %d is not stopped: %s", port, exc)
 
@@ -115,16 +108,14 @@ class Pool:
 
     async def put_back(self, port: int) -> None:
         async with self._lock:
-            if self.busy() or self.members.get(port) != Member.OUT:
+            if self.is_busy() or self.members.get(port) != Member.OUT:
                 return
             if port in self.draining:
                 return  # its forwarder is still stopping: at a later check
             if await instances.failure(self.systemd, port):
                 return  # answered, but its unit is on its way out
-            config = self.config()
             try:
-                await control.start(self.systemd, self.run_dir, port, config.ports.public,
-                                      config.forwarder, app=config.app_name)
+                await self.forwarders.switch_to([port])
             except (SystemdError, control.ForwarderError) as exc:
                 log.error("the instance on port %d stays out: its forwarder did not start: %s",
                           port, exc)

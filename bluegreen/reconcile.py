@@ -88,7 +88,7 @@ def _deployment_of(env: Mapping[str, str]) -> int:
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
-                 drain_timeout: float, app: str = DEFAULT_APP) -> None:
+                 forwarders: control.Forwarders, app: str = DEFAULT_APP) -> None:
     """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
     its every other instance and the workers of its every other release."""
     keep = serving.ports if serving is not None else ()
@@ -104,7 +104,7 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
         if port not in keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
             try:
-                await control.drain_stop(systemd, run_dir, port, drain_timeout)
+                await forwarders.drain(port)
             except control.ForwarderError as exc:
                 log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:

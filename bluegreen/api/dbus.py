@@ -1,6 +1,6 @@
 """The D-Bus API: org.bluegreen1.Manager at /org/bluegreen1 on the system bus (the default
 app), and at /org/bluegreen1/app/NAME for each other app; org.bluegreen1.Apps at
-/org/bluegreen1 lists them.
+/org/bluegreen1 lists them. Runs in the controller (bluegreen.service).
 
 Root and the bluegreen group may deploy; everyone may read (see org.bluegreen1.conf).
 Deployments are a{sv} dictionaries; every step of a deployment is a DeploymentStep signal,
@@ -322,6 +322,11 @@ class ManagerInterface(ServiceInterface):
     def RemoteError(self) -> "s":
         """Why the remote could not be read at the last poll ("" when it could)."""
         return self.controller.refresher.last_error
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeploymentsFinished(self) -> "a{su}":
+        """Deployments finished since the controller started, by result."""
+        return self.controller.metrics.by_result()
 
     # --- signals ---------------------------------------------------------------------------
 

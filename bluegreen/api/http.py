@@ -1,4 +1,5 @@
-"""The HTTP API (bluegreen-api.service): Flask, a thin client of the D-Bus API.
+"""The HTTP API: Flask, a thin client of the D-Bus API. Runs in bluegreen-api.service (gunicorn,
+socket-activated), never in the controller.
 
 Every answer is JSON; errors are ``{"error": NAME, "message": TEXT}`` with a 4xx or 5xx status.
 The routes are the default app's; ``/apps/NAME/...`` are the same routes for the app NAME, and

@@ -1,4 +1,5 @@
-"""bluegreenctl status: what serves, and how healthy it is."""
+"""bluegreenctl status: what serves, and how healthy it is. Runs in bluegreenctl, a thin client
+of the D-Bus API."""
 
 from __future__ import annotations
 
@@ -48,18 +49,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
               f"{worker['release'][:12]}")
     for setting in pending:
         print(f"Pending:     {setting['key']} (applies {setting['applies']})")
-    totals = counts(await client.metrics())
+    totals: dict[str, int] = status.get("DeploymentsFinished", {})
     if totals:
         print("Since start: " + ", ".join(f"{count} {state}" for state, count in sorted(totals.items())))
     return 0
 
-
-def counts(metrics: str) -> dict[str, int]:
-    """Deployments by result, summed over triggers, from the Prometheus text."""
-    totals: dict[str, int] = {}
-    for line in metrics.splitlines():
-        if line.startswith("bluegreen_deployments_total{"):
-            labels, _, value = line.partition("} ")
-            state = labels.split('result="', 1)[1].split('"', 1)[0]
-            totals[state] = totals.get(state, 0) + int(float(value))
-    return totals

@@ -1,12 +1,17 @@
 """The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
 (socat, the default), bluegreen-proxy@PORT.service (the built-in one, see forwarders/proxy.py), or one
-bluegreen-haproxy.service for every port (see forwarders/haproxy.py).
+bluegreen-haproxy.service for every port (see forwarders/haproxy.py). This module runs in the
+controller.
 
 Retargeting never closes the public port. The TCP forwarders: the new one starts listening
 beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
 forwarders/hook.py). That needs net.ipv4.tcp_migrate_req=1, or the kernel resets the connections
 queued on the old listener. HAProxy keeps its listener: its runtime API adds the new instance
 and drains the old one. Whatever the kind, a switch is ``start`` then ``drain_stop``.
+
+The controller's parts (the deploy flow, the pool, the reconciliation) move an app's forwarders
+through one ``Forwarders`` object, which follows the app's current settings and alone writes
+the settings file its forwarder units read.
 
 The forwarder units read the default app's settings (public port, address, drain timeout) from
 ``forwarder.env``; a forwarder of another app reads its app's ``apps/NAME/forwarder.env`` too,
@@ -21,11 +26,11 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from bluegreen import instances, sockdiag
-from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, Config, Forwarder
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.forwarders import haproxy
 from bluegreen.systemd import Systemd, SystemdError
@@ -134,26 +139,6 @@ def env_path(run_dir: Path, app: str = DEFAULT_APP) -> Path:
 def link_path(run_dir: Path, port: int) -> Path:
     """What the forwarder to ``port`` reads after forwarder.env: its app's settings (a link)."""
     return run_dir / "forwarders" / f"{port}.env"
-
-
-def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float,
-              app: str = DEFAULT_APP) -> str:
-    """Write what the app's forwarder units read; return the address they will listen on."""
-    public_port, max_connections = ports.public, ports.max_connections
-    address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
-    path = env_path(run_dir, app)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, environment_file({
-        "BLUEGREEN_APP": app,
-        "BLUEGREEN_PUBLIC_PORT": str(public_port),
-        "BLUEGREEN_PUBLIC_ADDRESS": address,
-        "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
-        "BLUEGREEN_MAX_CONNECTIONS": str(max_connections),
-        "BLUEGREEN_DRAIN_TIMEOUT": f"{drain_timeout:g}",
-    }))
-    if app == DEFAULT_APP:
-        haproxy.write_config(run_dir, address, public_port, max_connections, drain_timeout)
-    return address
 
 
 def written_public_port(run_dir: Path, app: str = DEFAULT_APP) -> int | None:
@@ -331,3 +316,58 @@ async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float)
     await systemd.stop_unit(haproxy.UNIT)
     await systemd.reset_failed(haproxy.UNIT)
     await systemd.stop_unit(haproxy.SOCKET_UNIT)
+
+
+class Forwarders:
+    """An app's forwarders, whatever their kind: ``switch_to`` instances, ``drain`` one,
+    ``switch_back`` after a failed switch, ``write_env`` their settings.
+
+    ``config_now`` gives the settings they follow now: while a deployment runs, its own (it
+    switches the forwarders to them), else those in effect."""
+
+    def __init__(self, systemd: Systemd, run_dir: Path, app: str,
+                 config_now: Callable[[], Config]) -> None:
+        self.systemd = systemd
+        self.run_dir = run_dir
+        self.app = app
+        self.config_now = config_now
+
+    def write_env(self, config: Config | None = None) -> str:
+        """Write what the app's forwarder units read, from ``config`` (by default the settings
+        they follow now); return the address they will listen on."""
+        config = config or self.config_now()
+        ports, public_port = config.ports, config.ports.public
+        address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
+        path = env_path(self.run_dir, self.app)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, environment_file({
+            "BLUEGREEN_APP": self.app,
+            "BLUEGREEN_PUBLIC_PORT": str(public_port),
+            "BLUEGREEN_PUBLIC_ADDRESS": address,
+            "BLUEGREEN_SOCAT_LISTEN": socat_listen(address, public_port),
+            "BLUEGREEN_MAX_CONNECTIONS": str(ports.max_connections),
+            "BLUEGREEN_DRAIN_TIMEOUT": f"{config.drain_timeout:g}",
+        }))
+        if self.app == DEFAULT_APP:
+            haproxy.write_config(self.run_dir, address, public_port, ports.max_connections,
+                                 config.drain_timeout)
+        return address
+
+    async def switch_to(self, ports: Iterable[int]) -> None:
+        """Make the public port reach each of ``ports`` too; return once it does (see start)."""
+        config = self.config_now()
+        for port in ports:
+            await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,
+                        app=self.app)
+
+    async def drain(self, port: int) -> None:
+        """Stop forwarding to ``port`` once the requests it carries are done, or at
+        drain_timeout (see drain_stop)."""
+        await drain_stop(self.systemd, self.run_dir, port, self.config_now().drain_timeout)
+
+    async def switch_back(self, new_ports: Sequence[int], served: Sequence[int]) -> None:
+        """A switch to ``new_ports`` failed part way: forward to the ``served`` ports alone
+        again (see undo_switch)."""
+        config = self.config_now()
+        await undo_switch(self.systemd, self.run_dir, config.forwarder, new_ports, served,
+                          config.drain_timeout)

@@ -1,4 +1,5 @@
 """The HAProxy forwarder (forwarder = "haproxy"): one bluegreen-haproxy.service, Debian's haproxy.
+This module runs in the controller; no code of bluegreen runs in haproxy's unit.
 
 It speaks HTTP (``mode http``): every request is routed on its own, so a switch moves a
 keep-alive client at its next request without closing its connection; it sets

@@ -1,4 +1,5 @@
-"""The built-in forwarder (bluegreen-proxy@PORT.service), an alternative to socat.
+"""The built-in forwarder, an alternative to socat. Runs in a process of its own,
+bluegreen-proxy@PORT.service (``python3 -m bluegreen.forwarders.proxy``), never in the controller.
 
 One asyncio process relays every connection from the public port to 127.0.0.1:PORT; socat
 forks a process per connection, which costs most of its throughput when every request comes

@@ -22,7 +22,9 @@ receive (equal weights: hash across them; unequal: a share each, as a canary nee
 program. After every change of membership, and when a listener starts closing, it is computed
 again and attached.
 
-Kept free of heavy imports: the forwarder's hooks use it on every start and stop.
+Runs in the forwarder units, in their hooks (forwarders/hook.py: ``ExecStartPost=``,
+``ExecStop=``), never in the controller; kept free of heavy imports, as the hooks run at every
+start and stop.
 """
 
 from __future__ import annotations

@@ -208,7 +208,9 @@ def dependencies(release: Path) -> Dependencies | None:
     return None
 
 
-class Environments:
+class Venvs:
+    """The environments on disk, one directory per dependency set (its key)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -273,9 +275,6 @@ class Environments:
             if wanted is not None:
                 keys.update((wanted.digest, wanted.legacy_digest))
         return keys
-
-    def python(self, key: str) -> Path:
-        return self.path(key) / "bin" / "python3"
 
     def prepare(self, key: str, owner: tuple[int, int]) -> Path:
         """An empty directory for building ``key`` in, belonging to ``owner``."""

@@ -26,7 +26,7 @@ from bluegreen.files import give_tree
 from bluegreen.log import fields
 from bluegreen.release import appenv, pipcache, transient
 from bluegreen.release.transient import Command, CommandFailed
-from bluegreen.release.venvs import SYSTEM_PYTHON, DependencyError, Environments, dependencies
+from bluegreen.release.venvs import SYSTEM_PYTHON, DependencyError, Venvs, dependencies
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def build_identity(user: str = BUILD_USER) -> tuple[int, int]:
 class Verifier:
     systemd: Systemd
     config: Config
-    environments: Environments
+    environments: Venvs
     deployment_id: int
 
     async def _run(self, command: Command) -> None:

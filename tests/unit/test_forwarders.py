@@ -1,14 +1,24 @@
-"""Where the forwarders listen, and with which limit (bluegreen-forward@'s socat command line)."""
+"""Where the forwarders listen, and with which limit (bluegreen-forward@'s socat command line);
+the Forwarders object the controller's parts move them with."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bluegreen.config import PortsConfig
+from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
 from bluegreen.files import read_environment_file
 from bluegreen.forwarders import control
+
+
+def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> None:
+    """The default app's forwarder settings, written by its Forwarders object."""
+    config = replace(Config(), ports=ports, drain_timeout=drain_timeout)
+    control.Forwarders(None, run_dir, DEFAULT_APP, lambda: config).write_env()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("address", "listen"), [
@@ -38,7 +48,7 @@ def test_unset_the_address_is_both_stacks_unless_ipv4_alone_serves_already() -> 
 
 
 def test_the_environment_file_holds_address_and_limit(tmp_path: Path) -> None:
-    control.write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
+    write_env(tmp_path, PortsConfig(public_address="127.0.0.1", max_connections=50), 30)
     env = read_environment_file(tmp_path / "forwarder.env")
     assert env["BLUEGREEN_SOCAT_LISTEN"] == "TCP4-LISTEN:5000,bind=127.0.0.1"
     assert env["BLUEGREEN_PUBLIC_ADDRESS"] == "127.0.0.1"
@@ -51,3 +61,40 @@ def test_the_socat_unit_passes_the_limit_and_the_address() -> None:
     start = unit[unit.index("\nExecStart="):unit.index("\nExecStop=")]
     assert "${BLUEGREEN_SOCAT_LISTEN}," in start
     assert "max-children=${BLUEGREEN_MAX_CONNECTIONS}" in start
+
+
+def test_the_forwarders_follow_the_settings_of_the_moment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload or a deployment's own settings change what the next switch or drain does."""
+    calls: list[tuple[Any, ...]] = []
+
+    async def start(systemd: object, run_dir: Path, port: int, public_port: int,
+                    kind: Forwarder = Forwarder.SOCAT, timeout: float = 10.0,
+                    app: str = "default") -> None:
+        calls.append(("start", port, public_port, kind, app))
+
+    async def drain_stop(systemd: object, run_dir: Path, port: int, timeout: float) -> None:
+        calls.append(("drain", port, timeout))
+
+    monkeypatch.setattr(control, "start", start)
+    monkeypatch.setattr(control, "drain_stop", drain_stop)
+    settings = [Config()]
+    forwarders = control.Forwarders(None, tmp_path, "shop", lambda: settings[0])  # type: ignore[arg-type]
+
+    async def moves() -> None:
+        await forwarders.switch_to([8002, 8003])
+        settings[0] = replace(Config(), ports=PortsConfig(public=6000), forwarder=Forwarder.PROXY,
+                              drain_timeout=5)
+        await forwarders.drain(8002)
+        await forwarders.switch_to([8004])
+
+    asyncio.run(moves())
+    assert calls == [("start", 8002, 5000, Forwarder.SOCAT, "shop"),
+                     ("start", 8003, 5000, Forwarder.SOCAT, "shop"),
+                     ("drain", 8002, 5), ("start", 8004, 6000, Forwarder.PROXY, "shop")]
+    written = control.env_path(tmp_path, "shop")
+    forwarders.write_env()
+    assert read_environment_file(written)["BLUEGREEN_PUBLIC_PORT"] == "6000"
+    forwarders.write_env(Config())  # the settings in effect again, after a failed deployment
+    assert read_environment_file(written)["BLUEGREEN_PUBLIC_PORT"] == "5000"
+    assert read_environment_file(written)["BLUEGREEN_APP"] == "shop"

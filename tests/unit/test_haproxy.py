@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from bluegreen.config import AppConfig, Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, AppConfig, Config, Forwarder, PortsConfig
 from bluegreen.forwarders import control, haproxy
 from bluegreen.systemd import UnitStatus
+
+
+def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> None:
+    """The default app's forwarder settings, written by its Forwarders object."""
+    config = replace(Config(), ports=ports, drain_timeout=drain_timeout)
+    control.Forwarders(None, run_dir, DEFAULT_APP, lambda: config).write_env()  # type: ignore[arg-type]
+
 
 STATE_HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
                 "srv_uweight srv_iweight srv_time_since_last_change\n")
@@ -48,8 +56,7 @@ def test_the_serving_file_names_the_instance() -> None:
 
 def test_forwarder_env_writes_haproxys_listener_too(tmp_path: Path) -> None:
     from bluegreen.config import PortsConfig
-    control.write_env(tmp_path, PortsConfig(public=5050, public_address="127.0.0.1",
-                                              max_connections=9), 12)
+    write_env(tmp_path, PortsConfig(public=5050, public_address="127.0.0.1", max_connections=9), 12)
     text = (tmp_path / "haproxy.cfg").read_text()
     assert "bind 127.0.0.1:5050" in text and "maxconn 9" in text and "hard-stop-after 12s" in text
 
@@ -177,14 +184,14 @@ def test_an_api_that_does_not_answer_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_the_settings_carry_a_digest_that_show_info_reports(tmp_path: Path) -> None:
-    control.write_env(tmp_path, PortsConfig(public=5000), 30)
+    write_env(tmp_path, PortsConfig(public=5000), 30)
     first = haproxy.written_description(tmp_path)
     assert first.startswith(haproxy.DESCRIPTION)
-    control.write_env(tmp_path, PortsConfig(public=5000), 30)
+    write_env(tmp_path, PortsConfig(public=5000), 30)
     assert haproxy.written_description(tmp_path) == first  # the same settings, the same digest
     for ports, drain in ((PortsConfig(public=5100), 30), (PortsConfig(public=5000, max_connections=99), 30),
                          (PortsConfig(public=5000), 5)):
-        control.write_env(tmp_path, ports, drain)
+        write_env(tmp_path, ports, drain)
         assert haproxy.written_description(tmp_path) != first, (ports, drain)
     info = haproxy.parse_info("Name: HAProxy\nPid: 12627\nnode: vm\ndescription: " + first + "\n")
     assert info["Pid"] == "12627" and info["description"] == first
@@ -239,7 +246,7 @@ class RunningHaproxy:
 
 
 def test_a_failed_runtime_switch_is_undone_in_haproxy_and_in_its_serving_file(tmp_path: Path) -> None:
-    control.write_env(tmp_path, PortsConfig(public=5000), 30)
+    write_env(tmp_path, PortsConfig(public=5000), 30)
     haproxy.write_serving(tmp_path, 8001)
     fake = RefusingHaproxy({8001: 0}, refuse=8002)
     fake.infos = [{"Pid": "10", "description": haproxy.written_description(tmp_path)}]
@@ -257,7 +264,7 @@ def test_a_failed_runtime_switch_is_undone_in_haproxy_and_in_its_serving_file(tm
 
 
 def test_a_haproxy_the_failed_switch_started_stops_again(tmp_path: Path) -> None:
-    control.write_env(tmp_path, PortsConfig(public=5000), 30)
+    write_env(tmp_path, PortsConfig(public=5000), 30)
     haproxy.write_serving(tmp_path, 8002)
     fake = FakeHaproxy({8002: 0})  # started by the switch: it knows only the new server
     systemd = RunningHaproxy()

@@ -4,12 +4,13 @@ import asyncio
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bluegreen.config import HealthConfig
-from bluegreen.health import Monitor, NotHealthy, Probe, best, probe, wait_healthy
+from bluegreen.config import Config
+from bluegreen.health import Check, Failures, Monitor, NotHealthy, Probe, best, probe, wait_healthy
 
 
 class Server:
@@ -55,7 +56,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-FAST = HealthConfig(interval=0.01, timeout=0.5, healthy_threshold=3, deadline=2)
+FAST = Check(path="/", interval=0.01, timeout=0.5, healthy_threshold=3, deadline=2)
 
 
 async def running() -> None:
@@ -64,10 +65,10 @@ async def running() -> None:
 
 def test_probe_reports_status_and_errors(server: Server) -> None:
     server.statuses = [200, 503]
-    assert asyncio.run(probe(server.port, "/health", 1)).ok
-    failed = asyncio.run(probe(server.port, "/health", 1))
+    assert asyncio.run(probe(server.port, Check(timeout=1))).ok
+    failed = asyncio.run(probe(server.port, Check(timeout=1)))
     assert not failed.ok and failed.reason == "HTTP 503 from /health"
-    refused = asyncio.run(probe(free_port(), "/health", 1))
+    refused = asyncio.run(probe(free_port(), Check(timeout=1)))
     assert not refused.ok and refused.reason == "Connection refused"
 
 
@@ -75,19 +76,19 @@ def test_probe_times_out_on_a_silent_server() -> None:
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        result = asyncio.run(probe(silent.getsockname()[1], "/", 0.2))
+        result = asyncio.run(probe(silent.getsockname()[1], Check(path="/", timeout=0.2)))
     assert not result.ok and "no answer within 0.2 s" in result.reason
 
 
 def test_healthy_needs_consecutive_passes(server: Server) -> None:
     server.statuses = [200, 200, 500, 200, 200, 200]
-    assert asyncio.run(wait_healthy(server.port, "/", FAST, running)) == 6
+    assert asyncio.run(wait_healthy(server.port, FAST, running)) == 6
 
 
 def test_flapping_never_becomes_healthy(server: Server) -> None:
     server.flapping = True
     with pytest.raises(NotHealthy, match="not healthy within 2 s; last check: HTTP"):
-        asyncio.run(wait_healthy(server.port, "/", FAST, running))
+        asyncio.run(wait_healthy(server.port, FAST, running))
     assert server.served > 10
 
 
@@ -96,7 +97,7 @@ def test_a_dead_unit_fails_at_once(server: Server) -> None:
         return "bluegreen-app@1.service exited with status 4"
 
     with pytest.raises(NotHealthy, match="exited with status 4"):
-        asyncio.run(wait_healthy(server.port, "/", FAST, dead))
+        asyncio.run(wait_healthy(server.port, FAST, dead))
 
 
 def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
@@ -105,7 +106,7 @@ def test_monitor_reports_unhealthy_after_the_threshold_and_recovery() -> None:
     async def on_change(healthy: bool, reason: str) -> None:
         changes.append((healthy, reason))
 
-    monitor = Monitor("/health", HealthConfig(unhealthy_threshold=3), lambda: (8000,), on_change)
+    monitor = Monitor(Check(unhealthy_threshold=3), lambda: (8000,), on_change)
 
     async def feed() -> None:
         for ok in (False, False, True, False, False, False, False, True):
@@ -122,3 +123,21 @@ def test_a_release_is_healthy_while_one_instance_passes() -> None:
     assert best((8001,), [failing]) == failing
     assert best((8001, 8002), [failing, failing]).reason == (
         "port 8001: Connection refused; port 8002: Connection refused")
+
+
+def test_a_check_is_the_configuration_s() -> None:
+    assert Check.of(Config()) == Check()
+    config = Config()
+    config = replace(config, app=replace(config.app, health_path="/up", health_host="blog.test"),
+                     health=replace(config.health, timeout=0.5, unhealthy_threshold=5))
+    check = Check.of(config)
+    assert (check.path, check.host, check.timeout, check.unhealthy_threshold) == (
+        "/up", "blog.test", 0.5, 5)
+
+
+def test_failures_count_only_in_a_row() -> None:
+    failures = Failures()
+    failing, passing = Probe(False, "HTTP 500 from /health"), Probe(True, "HTTP 200")
+    assert [failures.count(result, 2) for result in (failing, passing, failing, failing, failing)] == [
+        None, None, None, "2 failed checks in a row: HTTP 500 from /health",
+        "3 failed checks in a row: HTTP 500 from /health"]

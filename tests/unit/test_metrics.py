@@ -34,3 +34,12 @@ def test_prometheus_text() -> None:
         if not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             assert name.startswith("bluegreen_") and float(value) >= 0
+
+
+def test_deployments_by_result_sum_over_triggers() -> None:
+    metrics = Metrics()
+    assert metrics.by_result() == {}
+    metrics.deployment_finished(record(State.SUCCEEDED, Trigger.REFRESHER, 3.0))
+    metrics.deployment_finished(record(State.SUCCEEDED, Trigger.CLI, 3.0))
+    metrics.deployment_finished(record(State.FAILED, Trigger.CLI, 3.0))
+    assert metrics.by_result() == {"succeeded": 2, "failed": 1}

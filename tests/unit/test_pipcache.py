@@ -13,7 +13,7 @@ import pytest
 from bluegreen.config import Config
 from bluegreen.release import pipcache, transient, verify
 from bluegreen.release.transient import Command
-from bluegreen.release.venvs import Environments
+from bluegreen.release.venvs import Venvs
 
 
 def build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, app: str) -> Command:
@@ -29,7 +29,7 @@ def build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, app: str) -> 
     release.mkdir(parents=True)
     (release / "requirements.txt").write_text("flask==3.0.3\n")
     verifier = verify.Verifier(None, replace(Config(), app_name=app),  # type: ignore[arg-type]
-                               Environments(tmp_path / app / "environments"), 1)
+                               Venvs(tmp_path / app / "environments"), 1)
     asyncio.run(verifier.environment(release))
     (command,) = ran
     return command

@@ -39,13 +39,14 @@ def monitored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain_stop: objec
     checks = Checks()
     monkeypatch.setattr(health, "probe", checks.probe)
     monkeypatch.setattr(control, "drain_stop", drain_stop)
-    pool = Pool(None, tmp_path, lambda: config, busy=lambda: False)  # type: ignore[arg-type]
+    forwarders = control.Forwarders(None, tmp_path, "default", lambda: config)  # type: ignore[arg-type]
+    pool = Pool(None, forwarders, lambda: config, is_busy=lambda: False)  # type: ignore[arg-type]
     pool.reset(Serving.of([WELL, SICK], "a" * 40))
 
     async def on_change(healthy: bool, reason: str) -> None:
         pass
 
-    monitor = health.Monitor("/", config.health, lambda: (WELL, SICK), on_change,
+    monitor = health.Monitor(health.Check.of(config), lambda: (WELL, SICK), on_change,
                              on_probe=pool.probed)
     return pool, monitor, checks
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bluegreen.release import venvs
-from bluegreen.release.venvs import DependencyError, Environments
+from bluegreen.release.venvs import DependencyError, Venvs
 
 
 def release(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -56,7 +56,7 @@ def test_unusable_dependency_files_are_an_error(tmp_path: Path, files: dict[str,
 
 
 def test_prune_keeps_what_releases_use_and_drops_unfinished(tmp_path: Path) -> None:
-    envs = Environments(tmp_path)
+    envs = Venvs(tmp_path)
     for key in ("used", "unused", "unfinished"):
         (tmp_path / key / "bin").mkdir(parents=True)
     for key in ("used", "unused"):
@@ -151,7 +151,7 @@ def test_what_lies_outside_the_release_counts_by_name(tmp_path: Path) -> None:
     assert before.digest == after.digest
 
 
-def built(envs: Environments, key: str, ready: str | None = None) -> None:
+def built(envs: Venvs, key: str, ready: str | None = None) -> None:
     (envs.path(key) / "bin").mkdir(parents=True)
     text = ready if ready is not None else f"requirements.txt\nabi {venvs.interpreter_abi()}\n"
     (envs.path(key) / venvs.READY).write_text(text)
@@ -160,7 +160,7 @@ def built(envs: Environments, key: str, ready: str | None = None) -> None:
 def test_a_release_runs_on_the_environment_it_was_verified_with(tmp_path: Path) -> None:
     """Its build may have changed the project ``-e .`` installs since: a rollback still finds
     the environment, and pruning keeps it."""
-    envs = Environments(tmp_path / "environments")
+    envs = Venvs(tmp_path / "environments")
     published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "-e .\n",
                                                              "app.py": "one\n"})
     wanted = venvs.dependencies(published)
@@ -177,7 +177,7 @@ def test_a_release_runs_on_the_environment_it_was_verified_with(tmp_path: Path) 
 
 
 def test_what_a_staging_directory_records_is_not_trusted(tmp_path: Path) -> None:
-    envs = Environments(tmp_path / "environments")
+    envs = Venvs(tmp_path / "environments")
     built(envs, "f" * 32)
     staging = release(tmp_path / "releases" / ".aaaaaaaaaaaa.x1", {
         "requirements.txt": "flask\n", venvs.RECORDED: "f" * 32 + "\n"})
@@ -187,7 +187,7 @@ def test_what_a_staging_directory_records_is_not_trusted(tmp_path: Path) -> None
 
 
 def test_an_environment_of_another_python_is_not_reused(tmp_path: Path) -> None:
-    envs = Environments(tmp_path / "environments")
+    envs = Venvs(tmp_path / "environments")
     published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "flask\n"})
     wanted = venvs.dependencies(published)
     assert wanted is not None
@@ -198,7 +198,7 @@ def test_an_environment_of_another_python_is_not_reused(tmp_path: Path) -> None:
 
 
 def test_an_environment_an_older_version_built_is_found_again(tmp_path: Path) -> None:
-    envs = Environments(tmp_path / "environments")
+    envs = Venvs(tmp_path / "environments")
     published = release(tmp_path / "releases" / ("a" * 40), {"requirements.txt": "flask\n"})
     wanted = venvs.dependencies(published)
     assert wanted is not None and wanted.legacy_digest != wanted.digest

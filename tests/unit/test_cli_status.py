@@ -1,0 +1,63 @@
+"""bluegreenctl status reads the deployments finished since the start from the D-Bus API's
+DeploymentsFinished property."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import pytest
+
+from bluegreen.api import dbus
+from bluegreen.cli import status
+from bluegreen.history import Deployment, State, Trigger
+from bluegreen.metrics import Metrics
+
+
+class Controller:
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+        self.metrics = Metrics()
+
+
+def finished(state: State) -> Deployment:
+    return Deployment(id=1, ref="main", trigger=Trigger.CLI, state=state, started_at=1.0,
+                      finished_at=2.0, commit="a" * 40)
+
+
+class Client:
+    """Answers as the daemon does, its DeploymentsFinished from the D-Bus interface itself."""
+
+    def __init__(self, interface: dbus.ManagerInterface) -> None:
+        self.interface = interface
+
+    async def status(self) -> dict[str, Any]:
+        return {"ActiveRelease": "a" * 40, "ActivePort": 8001, "PublicPort": 5000,
+                "Healthy": True, "HealthReason": "fine", "Watching": False, "Branch": "main",
+                "State": "serving", "Repository": "", "RemoteError": "", "CurrentDeployment": "",
+                "LastDeployment": "", "DeploymentsFinished": self.interface.DeploymentsFinished}
+
+    async def pending_settings(self) -> list[Any]:
+        return []
+
+    async def instances(self) -> list[Any]:
+        return []
+
+    async def workers(self) -> list[Any]:
+        return []
+
+
+def test_status_shows_the_deployments_finished_since_the_start(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    controller = Controller()
+    for state in (State.SUCCEEDED, State.FAILED, State.SUCCEEDED):
+        controller.metrics.deployment_finished(finished(state))
+
+    async def reload() -> list[tuple[str, str]]:
+        return []
+
+    interface = dbus.ManagerInterface(controller, reload)  # type: ignore[arg-type]
+    args = argparse.Namespace(json=False)
+    assert asyncio.run(status.run(Client(interface), args)) == 0  # type: ignore[arg-type]
+    assert "Since start: 1 failed, 2 succeeded" in capsys.readouterr().out.splitlines()
