@@ -1,5 +1,6 @@
-"""The hooks of bluegreen-forward@.service (ExecStartPost=+ and ExecStop=+: root, in the
-forwarder's cgroup).
+"""The hooks of bluegreen-forward@.service. Runs in processes of their own, as root in the
+forwarder's cgroup (ExecStartPost=+ and ExecStop=+; ExecStartPost= of bluegreen-proxy@ too),
+never in the controller.
 
 ``joined MAINPID PUBLIC_PORT TARGET``
     Once socat listens, record its listener in the public port's SO_REUSEPORT group and set the
