@@ -120,8 +120,8 @@ class AppManager:
             ports = served[name] = set()
             if controller.serving is not None or controller.current is not None:
                 ports.add(controller.config.ports.public)
-            if controller.current is not None:
-                ports.add(controller.deployer.config.ports.public)
+            if controller.recorder is not None:  # the port the deployment switches to
+                ports.add(controller.recorder.config.ports.public)
             runtime = controller.paths.runtime
             if await control.targets(self.systemd, runtime, name):
                 ports.add(control.written_public_port(runtime, name) or controller.config.ports.public)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bluegreen import config as configuration
-from bluegreen import health, instances, pool, reconcile, refresher, settings, workers
+from bluegreen import health, instances, pool, reconcile, recorder, refresher, settings, workers
 from bluegreen import log as logsetup
 from bluegreen.config import Config
 from bluegreen.credentials import Secrets
@@ -43,12 +43,12 @@ from bluegreen.history import (
     Step,
     StepTiming,
     Trigger,
-    finished,
-    with_step,
 )
 from bluegreen.log import MessageId, fields
 from bluegreen.metrics import Metrics
+from bluegreen.recorder import Recorder
 from bluegreen.release import procfile, transient
+from bluegreen.release.prepare import Preparer
 from bluegreen.release.releases import Releases
 from bluegreen.release.repository import Commit, Repository, RepositoryError, UnknownRef, validate_ref
 from bluegreen.release.venvs import Environments
@@ -116,21 +116,6 @@ class Paths:
         return self.state / "environments"
 
 
-_STEP_TEXT = {
-    Step.MATERIALIZE: "materializing release {commit}",
-    Step.VERIFY: "verifying release {commit}",
-    Step.MIGRATE: "running the release phase of {commit}",
-    Step.START: "starting {instance}",
-    Step.HEALTH: "checking {health} on port {port}",
-    Step.SWITCH: "switching port {public} to port {port}",
-    Step.DRAIN: "draining the old forwarder and instance on port {port}",
-    Step.WATCH: "watching the new release on port {port}",
-    Step.SWITCH_BACK: "switching port {public} back to the old instance on port {port}",
-    Step.WORKERS: "starting the workers of {commit}, stopping the old ones",
-    Step.STOP_OLD: "stopping the old instance {instance}",
-}
-
-
 class Controller:
     def __init__(self, config: Config, systemd: Systemd, paths: Paths,
                  notify_status: Callable[[str], None] = lambda text: None,
@@ -150,12 +135,14 @@ class Controller:
                                      self.secrets, paths.known_hosts)
         self.releases = Releases(paths.releases)
         self.environments = Environments(paths.environments)
-        self.deployer = Deployer(self.loaded, systemd, self.repository, self.releases,
-                                 self.environments, paths.runtime, self._on_step, port_user)
+        self.deployer = Deployer(systemd, Preparer(systemd, self.repository, self.releases,
+                                                   self.environments),
+                                 paths.runtime, self.secrets.redact, port_user)
         self.observers: list[Observer] = []
         self.notify_status = notify_status
         self.serving: Serving | None = None
-        self.current: Deployment | None = None
+        # The deployment in progress: its record, and the settings it deploys with.
+        self.recorder: Recorder | None = None
         self._preparing: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.pool = pool.Pool(systemd, paths.runtime, lambda: self.config,
@@ -185,6 +172,10 @@ class Controller:
         self.metrics.last_success = (last.finished_at or 0.0) if last else 0.0
 
     # --- what entry points ask -------------------------------------------------------------
+
+    @property
+    def current(self) -> Deployment | None:
+        return self.recorder.record if self.recorder is not None else None
 
     @property
     def state(self) -> str:
@@ -234,7 +225,8 @@ class Controller:
             deployment = self._begin(ref, trigger, commit, started)
         finally:
             self._preparing = None
-        self._task = self._spawn(self._run(deployment), f"deploy-{deployment.id}", forever=False)
+        assert self.recorder is not None
+        self._task = self._spawn(self._run(self.recorder), f"deploy-{deployment.id}", forever=False)
         return deployment
 
     def _release_on_disk(self, ref: str) -> Commit | None:
@@ -345,9 +337,9 @@ class Controller:
             previous_port=serving.port if serving else 0,
             previous_release=serving.release if serving else "", now=started)
         deployment = replace(deployment, steps=(StepTiming(str(Step.RESOLVE), started, time.time()),))
-        self._record(deployment)
-        self.current = deployment
-        self.deployer.config = self.loaded  # a reload during the deploy waits for the next one
+        # A reload during the deploy waits for the next one.
+        self.recorder = Recorder(deployment, self.history, self.loaded, self._on_step)
+        recorder.save(self.history, deployment)
         log.info("deployment %d started: %s %s (%s) by %s", deployment.id, commit.short,
                  commit.subject, deployment.ref, trigger,
                  extra=fields(message_id=MessageId.DEPLOY_STARTED, deployment_id=deployment.id,
@@ -355,25 +347,22 @@ class Controller:
         self._changed()
         return deployment
 
-    async def _run(self, deployment: Deployment) -> None:
+    async def _run(self, recorder: Recorder) -> None:
+        record = recorder.record
         unsettled = False
         try:
-            skip = no_release_phase(Trigger(deployment.trigger),
-                                    ran_before=self.history.release_phase_ran(deployment.commit),
-                                    served_before=self.history.served(deployment.commit))
-            record, self.serving = await self.deployer.deploy(deployment, self.serving, skip)
+            skip = no_release_phase(Trigger(record.trigger),
+                                    ran_before=self.history.release_phase_ran(record.commit),
+                                    served_before=self.history.served(record.commit))
+            self.serving = await self.deployer.deploy(self.serving, recorder.config, recorder, skip)
             self.pool.reset(self.serving)
-            self._deployed_with(self.deployer.config)
+            self._deployed_with(recorder.config)
             self.monitor.reset()
-            record = finished(record, State.SUCCEEDED, reason=record.reason)
-            log.info("deployment %d succeeded: %s serves on %s (%.2f s)", record.id,
-                     record.commit[:12], self.serving.describe(), record.duration or 0,
-                     extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
-                                  release=record.commit, port=record.port))
+            state, failed_step, reason = State.SUCCEEDED, "", recorder.record.reason
         except DeployFailed as exc:
             unsettled = isinstance(exc, Unsettled)
-            record = finished(self.current or deployment, exc.state,
-                              failed_step=exc.step, reason=exc.reason)
+            state, failed_step, reason = exc.state, str(exc.step), exc.reason
+            record = recorder.record
             log.error("deployment %d %s at %s: %s", record.id,
                       "switched back" if exc.state == State.SWITCHED_BACK else "failed", exc.step,
                       exc.reason,
@@ -381,17 +370,21 @@ class Controller:
                                    release=record.commit, port=record.port or None,
                                    step=exc.step))
         except asyncio.CancelledError:
-            record = finished(self.current or deployment, State.INTERRUPTED,
-                              reason="the controller was stopped")
-            self._finish(record)
+            self._finish(recorder.finish(State.INTERRUPTED, reason="the controller was stopped"))
             raise
         except Exception as exc:  # a bug: record it, keep the daemon alive
-            log.exception("deployment %d crashed", deployment.id)
+            log.exception("deployment %d crashed", record.id)
             unsettled = True
-            record = finished(self.current or deployment, State.FAILED,
-                              reason=f"internal error: {exc!r}")
+            state, failed_step, reason = State.FAILED, "", f"internal error: {exc!r}"
         if unsettled:
-            record = replace(record, reason=f"{record.reason}; {await self._read_back_serving()}")
+            reason = f"{reason}; {await self._read_back_serving()}"
+        record = recorder.finish(state, failed_step=failed_step, reason=reason)
+        if state == State.SUCCEEDED:
+            assert self.serving is not None
+            log.info("deployment %d succeeded: %s serves on %s (%.2f s)", record.id,
+                     record.commit[:12], self.serving.describe(), record.duration or 0,
+                     extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
+                                  release=record.commit, port=record.port))
         self._finish(record)
         try:
             if record.state == State.SUCCEEDED:
@@ -436,14 +429,6 @@ class Controller:
         return self.metrics.render(serving.release if serving else "", serving.port if serving else 0,
                                    self.health()[0])
 
-    def _record(self, record: Deployment) -> None:
-        """Save a record; if the disk refuses, say so and go on (what serves is unaffected)."""
-        try:
-            self.history.save(record)
-        except HistoryError as exc:
-            log.error("%s; deployment %d goes on unrecorded", exc, record.id,
-                      extra=fields(deployment_id=record.id))
-
     def _see_head(self, head: str) -> None:
         self._seen_head = head
         try:
@@ -453,7 +438,6 @@ class Controller:
 
     def _finish(self, record: Deployment) -> None:
         self.metrics.deployment_finished(record)
-        self._record(record)
         if record.state != State.SUCCEEDED:  # the deploy's forwarder settings did not take
             control.write_env(self.paths.runtime, self.config.ports, self.config.drain_timeout,
                             self.app)
@@ -462,7 +446,7 @@ class Controller:
         if record.state != State.INTERRUPTED and (
                 record.trigger == Trigger.REFRESHER or record.ref == self.config.repository.branch):
             self._see_head(record.commit)
-        self.current = None
+        self.recorder = None
         self._task = None
         for observer in self.observers:
             observer.finished(record)
@@ -489,22 +473,10 @@ class Controller:
         for key in self.environments.prune(in_use):
             log.info("deleted environment %s: no release on disk uses it", key)
 
-    async def _on_step(self, deployment: Deployment, step: Step, port: int) -> Deployment:
-        record = with_step(deployment, step)
-        self._record(record)
-        self.current = record
-        what = _STEP_TEXT.get(step, str(step)).format(
-            commit=record.commit[:12], instance=instances.unit(port), port=port,
-            health=self.config.app.health_path, public=self.config.ports.public)
-        unit = control.unit(port, self.config.forwarder) \
-            if step in (Step.SWITCH, Step.DRAIN, Step.SWITCH_BACK) else instances.unit(port)
-        log.info("deployment %d: %s", record.id, what,
-                 extra=fields(deployment_id=record.id, release=record.commit, step=step,
-                              port=port or None, unit=unit if port else None))
+    def _on_step(self, record: Deployment, step: Step, port: int) -> None:
         self.notify_status(f"Deploying {record.commit[:12]} (deployment {record.id}): {step}")
         for observer in self.observers:
             observer.step(record, step, port)
-        return record
 
     def _changed(self) -> None:
         if self.current is None and self._preparing is None:
@@ -614,8 +586,6 @@ class Controller:
         changes = [(key.dotted, str(key.applies))
                    for key in configuration.changed(self.loaded, loaded)]
         self.loaded = loaded
-        if self.current is None:
-            self.deployer.config = loaded
         self._apply(configuration.with_deployed(loaded, self.deployed if self.serving else loaded))
         for key, when in changes:
             log.info("reload: %s changed; it applies %s", key, when)

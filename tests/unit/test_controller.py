@@ -22,6 +22,7 @@ from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
 from bluegreen.forwarders import control
 from bluegreen.history import Deployment, History, State, Step, Trigger, finished
+from bluegreen.recorder import Recorder
 from bluegreen.release import appenv
 from bluegreen.release.repository import Commit
 from bluegreen.serving import Serving
@@ -148,7 +149,8 @@ class World:
 
         monkeypatch.setattr(self.controller.repository, "resolve", resolve)
         monkeypatch.setattr(self.controller.repository, "remote_head", remote_head)
-        monkeypatch.setattr(self.controller.deployer, "verifier", lambda record: Verifier())
+        monkeypatch.setattr(self.controller.deployer.preparer, "verifier",
+                            lambda config, deployment_id: Verifier())
         monkeypatch.setattr(health, "wait_healthy", wait_healthy)
         monkeypatch.setattr(health, "probe", probe)
         monkeypatch.setattr(instances, "foreign_listener", no_stranger)
@@ -361,7 +363,7 @@ def test_an_interrupted_deploy_of_a_pushed_head_is_retried_after_a_restart(
     first = World(tmp_path, monkeypatch)
     blocked = asyncio.Event()
 
-    async def hang(deployment: Deployment, serving: Serving | None, skip: str | None) -> Deployment:
+    async def hang(*_: Any) -> Serving:
         blocked.set()
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
@@ -413,12 +415,12 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     attempts: list[int] = []
     real_deploy = world.controller.deployer.deploy
 
-    async def first_fails(deployment: Deployment, serving: Serving | None,
-                          skip: str | None) -> tuple[Deployment, Serving]:
-        attempts.append(deployment.id)
+    async def first_fails(serving: Serving | None, config: Config, recorder: Recorder,
+                          skip: str | None) -> Serving:
+        attempts.append(recorder.record.id)
         if len(attempts) == 1:
             raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")
-        return await real_deploy(deployment, serving, skip)
+        return await real_deploy(serving, config, recorder, skip)
 
     monkeypatch.setattr(world.controller.deployer, "deploy", first_fails)
 
@@ -703,7 +705,8 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     beta = manager.add(beta_config)
     World.patch(default, monkeypatch)  # the stand-ins for git, health and the forwarders
     monkeypatch.setattr(beta.repository, "resolve", default.controller.repository.resolve)
-    monkeypatch.setattr(beta.deployer, "verifier", default.controller.deployer.verifier)
+    monkeypatch.setattr(beta.deployer.preparer, "verifier",
+                        default.controller.deployer.preparer.verifier)
     beta.releases.path(NEW).mkdir(parents=True)
 
     async def scenario() -> Deployment:
