@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bluegreen import instances
 from bluegreen.config import Config
 from bluegreen.forwarders import control
-from bluegreen.history import Deployment, History, HistoryError, State, Step, finished, with_step
-from bluegreen.log import fields
+from bluegreen.history import (
+    Deployment,
+    History,
+    HistoryError,
+    State,
+    Step,
+    StepTiming,
+    Trigger,
+    finished,
+    with_step,
+)
+from bluegreen.log import MessageId, fields
+from bluegreen.release.repository import Commit
+from bluegreen.serving import Serving
+
+if TYPE_CHECKING:  # deploy.py marks its steps here
+    from bluegreen.deploy import DeployFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +64,23 @@ def save(history: History, record: Deployment) -> None:
     except HistoryError as exc:
         log.error("%s; deployment %d goes on unrecorded", exc, record.id,
                   extra=fields(deployment_id=record.id))
+
+
+def begin(history: History, ref: str, trigger: Trigger, commit: Commit, serving: Serving | None,
+          started: float, config: Config, observe: StepObserver) -> Recorder:
+    """Record a new deployment of ``commit`` (resolved from ``ref`` since ``started``) that
+    replaces ``serving``, to be deployed with ``config``."""
+    deployment = history.begin(
+        ref, trigger, commit=commit.sha, subject=commit.subject, author=commit.author,
+        previous_port=serving.port if serving else 0,
+        previous_release=serving.release if serving else "", now=started)
+    deployment = replace(deployment, steps=(StepTiming(str(Step.RESOLVE), started, time.time()),))
+    save(history, deployment)
+    log.info("deployment %d started: %s %s (%s) by %s", deployment.id, commit.short,
+             commit.subject, deployment.ref, trigger,
+             extra=fields(message_id=MessageId.DEPLOY_STARTED, deployment_id=deployment.id,
+                          release=commit.sha, trigger=trigger))
+    return Recorder(deployment, history, config, observe)
 
 
 class Recorder:
@@ -83,10 +116,25 @@ class Recorder:
     def update(self, **changes: Any) -> None:
         self.record = replace(self.record, **changes)
 
-    def finish(self, state: State, *, failed_step: str = "", reason: str = "") -> Deployment:
-        self.record = finished(self.record, state, failed_step=failed_step, reason=reason)
-        save(self.history, self.record)
-        return self.record
+    def failed(self, exc: DeployFailed) -> None:
+        record = self.record
+        log.error("deployment %d %s at %s: %s", record.id,
+                  "switched back" if exc.state == State.SWITCHED_BACK else "failed", exc.step,
+                  exc.reason,
+                  extra=fields(message_id=MessageId.DEPLOY_FAILED, deployment_id=record.id,
+                               release=record.commit, port=record.port or None, step=exc.step))
+
+    def finish(self, state: State, *, failed_step: str = "", reason: str = "",
+               serving: Serving | None = None) -> Deployment:
+        """The deployment's outcome (``serving``: what serves after one that succeeded)."""
+        record = self.record = finished(self.record, state, failed_step=failed_step, reason=reason)
+        save(self.history, record)
+        if serving is not None and state == State.SUCCEEDED:
+            log.info("deployment %d succeeded: %s serves on %s (%.2f s)", record.id,
+                     record.commit[:12], serving.describe(), record.duration or 0,
+                     extra=fields(message_id=MessageId.DEPLOY_SUCCEEDED, deployment_id=record.id,
+                                  release=record.commit, port=record.port))
+        return record
 
     def _begin(self, step: Step, port: int) -> None:
         record = self.record = with_step(self.record, step)

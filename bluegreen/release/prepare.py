@@ -9,6 +9,7 @@ and environment.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,21 @@ class Prepared:
     environment: dict[str, str]
 
 
+# Given the settings and the deployment id: what builds and checks a release.
+VerifierFactory = Callable[[Config, int], Verifier]
+
+
 @dataclass
 class Preparer:
     systemd: Systemd
     repository: Repository
     releases: Releases
     environments: Environments
+    make_verifier: VerifierFactory | None = None
 
     def verifier(self, config: Config, deployment_id: int) -> Verifier:
+        if self.make_verifier is not None:
+            return self.make_verifier(config, deployment_id)
         return Verifier(self.systemd, config, self.environments, deployment_id)
 
     async def prepare(self, config: Config, recorder: Recorder) -> Prepared:
