@@ -19,7 +19,6 @@ from bluegreen import pool, reconcile, refresher
 from bluegreen import recorder as recorder_module
 from bluegreen.config import Config
 from bluegreen.deploy import DeployFailed, Unsettled, no_release_phase
-from bluegreen.files import atomic_write
 from bluegreen.forwarders import control
 from bluegreen.history import Deployment, HistoryError, State, Step, Trigger
 from bluegreen.log import fields
@@ -260,14 +259,9 @@ class Controller:
                                  serving=self.serving)
         self._finish(record)
         config = self.settings.in_effect
-        try:
-            if record.state == State.SUCCEEDED:
-                self.catalog.retain(self.serving.release if self.serving else "",
-                                    config.release.keep, config.history_limit)
-            else:  # what the builds of deploys that keep failing leave must not pile up
-                self.catalog.prune_environments()
-        except OSError as exc:
-            log.error("old releases and environments stay for now: %s", exc)
+        self.catalog.tidy(record.state == State.SUCCEEDED,
+                          self.serving.release if self.serving else "", config.release.keep,
+                          config.history_limit)
 
     async def _read_back_serving(self) -> str:
         """After a failure that may have moved the traffic, find out from systemd which release
@@ -359,16 +353,11 @@ class Controller:
         if before.drain_timeout != config.drain_timeout or before.ports != config.ports:
             control.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
         if before.repository.ssh_known_hosts != config.repository.ssh_known_hosts:
-            self._write_known_hosts()
+            self.repository.trust(config.repository.ssh_known_hosts)
         if self._started and not self._settling:  # else the start-up's end watches the remote
             self._watch_remote()
             if self.refresher.running and interval != config.repository.poll_interval:
                 self.refresher.wake()  # poll now, then at the new interval
-
-    def _write_known_hosts(self) -> None:
-        """The ssh host keys git may trust: repository.ssh_known_hosts, in ssh's own file."""
-        known_hosts = self.settings.in_effect.repository.ssh_known_hosts
-        atomic_write(self.paths.known_hosts, known_hosts + ("\n" if known_hosts else ""))
 
     def _watch_remote(self) -> None:
         repository = self.settings.in_effect.repository
@@ -382,7 +371,7 @@ class Controller:
         controller is ready at once."""
         config = self.settings.in_effect
         control.write_env(self.paths.runtime, config.ports, config.drain_timeout, self.app)
-        self._write_known_hosts()
+        self.repository.trust(config.repository.ssh_known_hosts)
         try:
             if control.ensure_migrate_req():
                 log.info("set net.ipv4.tcp_migrate_req=1 (switches keep queued connections)")

@@ -269,7 +269,7 @@ class Deployer:
 
     async def _watch(self, new_ports: tuple[int, ...], old_ports: tuple[int, ...],
                      config: Config) -> str | None:
-        settings = config.health
+        checks = config.health
         deadline = time.monotonic() + config.post_switch_watch
         failures = dict.fromkeys(new_ports, 0)
         while time.monotonic() < deadline:
@@ -281,13 +281,13 @@ class Deployer:
                 failure = await instances.failure(self.systemd, new_port)
                 if failure:
                     return failure
-                result = await health.probe(new_port, config.app.health_path,
-                                            settings.timeout, config.app.health_host)
+                result = await health.probe(new_port, config.app.health_path, checks.timeout,
+                                            config.app.health_host)
                 failures[new_port] = 0 if result.ok else failures[new_port] + 1
-                if failures[new_port] >= settings.unhealthy_threshold:
+                if failures[new_port] >= checks.unhealthy_threshold:
                     return f"{failures[new_port]} failed checks in a row: {result.reason}"
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.switch_back_asked.wait(), settings.interval)
+                await asyncio.wait_for(self.switch_back_asked.wait(), checks.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
 
     def ask_switch_back(self, reason: str) -> bool:

@@ -52,13 +52,13 @@ class Refresher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # The branch head whose deployment last reached an outcome: the refresher leaves it be.
-        self.seen_head = history.get_setting(SEEN_HEAD)
+        self.seen_head = history.get_value(SEEN_HEAD)
 
     def see(self, head: str) -> None:
         """A deployment of ``head`` reached an outcome: leave it be from now on."""
         self.seen_head = head
         try:
-            self.history.set_setting(SEEN_HEAD, head)
+            self.history.set_value(SEEN_HEAD, head)
         except HistoryError as exc:
             log.error("%s; the refresher may deploy %s again", exc, head[:12])
 

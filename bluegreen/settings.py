@@ -66,7 +66,7 @@ class Settings:
 def load_deployed(history: History) -> Config | None:
     """The settings the serving release was deployed with (None: not known)."""
     try:
-        text = history.get_setting(DEPLOYED)
+        text = history.get_value(DEPLOYED)
         return Config.from_json(text) if text else None
     except (HistoryError, ConfigError, ValueError) as exc:
         log.warning("the settings of the serving release are not known (%s): "
@@ -76,7 +76,7 @@ def load_deployed(history: History) -> Config | None:
 
 def save_deployed(history: History, config: Config) -> None:
     try:
-        history.set_setting(DEPLOYED, config.to_json())
+        history.set_value(DEPLOYED, config.to_json())
     except HistoryError as exc:
         log.error("%s; after a restart, bluegreenctl status may not list settings pending "
                   "until the next deploy", exc)

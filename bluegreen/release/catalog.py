@@ -57,6 +57,18 @@ class Catalog:
             return record.commit
         raise NoRollbackTarget(f"{target!r} is neither a deployment id nor a release on disk")
 
+    def tidy(self, succeeded: bool, serving: str, keep: int, history_limit: int) -> None:
+        """After a deployment: keep what ``retain`` says after one that ``succeeded``; after
+        another, drop the environments its build left (deploys that keep failing, each with
+        other dependencies, must not pile them up)."""
+        try:
+            if succeeded:
+                self.retain(serving, keep, history_limit)
+            else:
+                self.prune_environments()
+        except OSError as exc:
+            log.error("old releases and environments stay for now: %s", exc)
+
     def retain(self, serving: str, keep: int, history_limit: int) -> None:
         """Keep ``keep`` releases (plus the ``serving`` one and the rollback target) and
         ``history_limit`` records."""
