@@ -99,7 +99,7 @@ class Deployer:
         try:
             release = await self.preparer.prepare(config, recorder)
             await self.release_phase(release, config, recorder, skip_release_phase)
-            async with recorder.step(Step.START):  # reported with the first instance's port
+            async with recorder.step(Step.START, port=None):  # told once the first port is picked
                 new = await self.start_instances(release, config, recorder, started)
             async with recorder.step(Step.HEALTH, new.port):
                 await asyncio.gather(*(self.wait_healthy(port, config) for port in new.ports))

@@ -833,3 +833,43 @@ def test_a_failed_deploy_prunes_environments_too(world: World) -> None:
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.FAILED, Step.START), record
     assert world.controller.catalog.environments.on_disk() == []
+
+
+class StepLog:
+    """An observer of the controller: the steps it is told of, and the outcomes."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int, int]] = []  # step, its port, the record's port
+        self.outcomes: list[tuple[str, str]] = []
+
+    def step(self, deployment: Deployment, step: Step, port: int) -> None:
+        self.steps.append((str(step), port, deployment.port))
+
+    def finished(self, deployment: Deployment) -> None:
+        self.outcomes.append((deployment.state, deployment.failed_step))
+
+    def changed(self) -> None:
+        pass
+
+
+def test_observers_are_told_of_each_step_once_with_the_port_it_works_on(world: World) -> None:
+    seen = StepLog()
+    world.controller.observers.append(seen)
+    record = asyncio.run(world.deploy())
+    assert seen.steps == [("materialize", 0, 0), ("verify", 0, 0), ("start", 8002, 8002),
+                          ("health", 8002, 8002), ("switch", 8002, 8002), ("drain", OLD_PORT, 8002),
+                          ("watch", 8002, 8002), ("stop-old", OLD_PORT, 8002)]
+    assert seen.outcomes == [(State.SUCCEEDED, "")]
+    assert [timing.step for timing in record.steps] == [
+        "resolve", "materialize", "verify", "start", "health", "switch", "drain", "watch",
+        "stop-old"]
+
+
+def test_a_failed_step_is_the_last_one_observers_were_told_of(world: World) -> None:
+    world.systemd.refuse_start.add(instances.unit(8002))
+    seen = StepLog()
+    world.controller.observers.append(seen)
+    record = asyncio.run(world.deploy())
+    assert seen.steps[-1] == ("start", 8002, 8002)
+    assert seen.outcomes == [(State.FAILED, "start")]
+    assert (record.port, record.steps[-1].step) == (8002, "start")
