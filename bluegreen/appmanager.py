@@ -27,9 +27,10 @@ from bluegreen import log as logsetup
 from bluegreen.api.dbus import ManagerInterface
 from bluegreen.api.names import object_path
 from bluegreen.config import DEFAULT_APP, Config, ConfigError
-from bluegreen.controller import Controller, Paths
+from bluegreen.controller import Controller
 from bluegreen.credentials import Secrets
 from bluegreen.forwarders import control
+from bluegreen.parts import Paths, build
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class AppManager:
         paths.state.mkdir(parents=True, exist_ok=True)
         # The daemon's status line is the default app's.
         status = self.notify_status if name == DEFAULT_APP else _unsaid
-        controller = Controller(config, self.systemd, paths, notify_status=status,
-                                secrets=self.secrets, fatal=self.fatal, port_user=self.port_user)
+        parts = build(config, self.systemd, paths, self.secrets, self.port_user)
+        controller = Controller(config, self.systemd, paths, parts, notify_status=status,
+                                fatal=self.fatal)
         self.controllers[name] = controller
         interface = ManagerInterface(controller, self.reload, self.bus)
         if self.bus is not None:
@@ -118,13 +120,14 @@ class AppManager:
             if staying is not None and name not in staying:
                 continue
             ports = served[name] = set()
+            in_effect = controller.settings.in_effect.ports.public
             if controller.serving is not None or controller.current is not None:
-                ports.add(controller.config.ports.public)
-            if controller.current is not None:
-                ports.add(controller.deployer.config.ports.public)
+                ports.add(in_effect)
+            if controller.recorder is not None:  # the port the deployment switches to
+                ports.add(controller.recorder.config.ports.public)
             runtime = controller.paths.runtime
             if await control.targets(self.systemd, runtime, name):
-                ports.add(control.written_public_port(runtime, name) or controller.config.ports.public)
+                ports.add(control.written_public_port(runtime, name) or in_effect)
         return served
 
     async def port_user(self, app: str, port: int) -> str | None:

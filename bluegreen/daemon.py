@@ -33,8 +33,8 @@ from bluegreen import log as logsetup
 from bluegreen.api.dbus import AppsInterface, remember_sender
 from bluegreen.api.names import BUS_NAME, OBJECT_PATH
 from bluegreen.appmanager import AppManager
-from bluegreen.controller import Paths
 from bluegreen.credentials import Secrets
+from bluegreen.parts import Paths
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger("bluegreen")
@@ -107,8 +107,9 @@ async def serve(configs: dict[str, configuration.Config], paths: Paths, apps_dir
     log.info("bluegreen is ready: public port %d, repository %s", config.ports.public,
              config.repository.url or "(none configured)")
     for name, other in list(manager.controllers.items())[1:]:
-        log.info("app %s is ready: public port %d, repository %s", name, other.config.ports.public,
-                 other.config.repository.url or "(none configured)")
+        settings = other.settings.in_effect
+        log.info("app %s is ready: public port %d, repository %s", name, settings.ports.public,
+                 settings.repository.url or "(none configured)")
 
     stopping = asyncio.create_task(stop.wait(), name="stop")
     broken = asyncio.create_task(manager.fatal.wait(), name="fatal")

@@ -21,22 +21,22 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bluegreen import drainflag, health, instances, ports, sockdiag, switchback, workers
-from bluegreen.config import DEFAULT_WSGI, Config
+from bluegreen.config import Config
 from bluegreen.forwarders import control
 from bluegreen.forwarders.control import ForwarderError
-from bluegreen.history import Deployment, State, Step, Trigger
+from bluegreen.history import State, Step, Trigger
 from bluegreen.instances import InstanceSpec
 from bluegreen.log import MessageId, fields
-from bluegreen.release import appenv, procfile, transient
-from bluegreen.release.procfile import Processes, ProcfileError
-from bluegreen.release.releases import Releases
-from bluegreen.release.repository import Repository, RepositoryError
-from bluegreen.release.venvs import Venvs
-from bluegreen.release.verify import Verifier, VerifyFailed
+from bluegreen.recorder import Recorder
+from bluegreen.release import appenv, transient
+from bluegreen.release.prepare import Prepared, Preparer
+from bluegreen.release.procfile import ProcfileError
+from bluegreen.release.repository import RepositoryError
+from bluegreen.release.verify import VerifyFailed
 from bluegreen.run import CommandError
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
@@ -58,10 +58,6 @@ class Unsettled(DeployFailed):
     """A step after the switch failed: either release may carry the traffic now."""
 
 
-# Called at the start of each step with the port it works on; returns the record with the
-# step noted (and saved).
-StepReporter = Callable[[Deployment, Step, int], Awaitable[Deployment]]
-
 # Given an app and a public port: the other app whose forwarders serve that port, if any.
 PortUser = Callable[[str, int], Awaitable[str | None]]
 
@@ -78,23 +74,20 @@ _STEP_ERRORS = (SystemdError, health.NotHealthy, ports.NoFreePort, RepositoryErr
 
 @dataclass
 class Deployer:
-    config: Config
     systemd: Systemd
-    repository: Repository
-    releases: Releases
-    environments: Venvs
-    run_dir: Path
+    preparer: Preparer
     forwarders: control.Forwarders
-    report: StepReporter
+    run_dir: Path
+    redact: Callable[[str], str]  # the secrets out of a failure's reason
     port_user: PortUser = no_port_user
     # Set by an operator's rollback while the new release is watched: switch back at once.
     switch_back_asked: asyncio.Event = field(default_factory=asyncio.Event)
     switch_back_reason: str = ""
     watching: bool = False
 
-    async def deploy(self, deployment: Deployment, serving: Serving | None,
-                     skip_release_phase: str | None = None) -> tuple[Deployment, Serving]:
-        """Run ``deployment`` (its commit already resolved); return the finished record and
+    async def deploy(self, serving: Serving | None, config: Config, recorder: Recorder,
+                     skip_release_phase: str | None = None) -> Serving:
+        """Deploy the recorded deployment's commit (already resolved) with ``config``; return
         what serves now. ``skip_release_phase``: why the release, not moving forward, runs no
         release phase (see no_release_phase); None when it runs it.
 
@@ -102,143 +95,97 @@ class Deployer:
         or the new release fails its watch after it; Unsettled if a step fails past the switch
         in a way that leaves unknown which release serves.
         """
-        record = deployment
         self.switch_back_asked.clear()
-        step = Step.MATERIALIZE
-        new_ports: list[int] = []
-        staging: Path | None = None
+        started: list[int] = []
         try:
-            record = await self.report(record, step, 0)
-            release_dir = self.releases.path(record.commit)
-            if not self.releases.exists(record.commit):
-                staging = await self.releases.stage(self.repository, record.commit)
-
-            step = Step.VERIFY
-            record = await self.report(record, step, 0)
-            processes = procfile.processes(staging or release_dir, self.config.release.migrate_command,
-                                           self.config.processes)
-            wsgi = self.wsgi(record, processes)
-            verifier = self.verifier(record)
-            environment_dir = await verifier.environment(staging or release_dir)
-            if staging is not None:
-                await verifier.verify(staging, self.app_environment(record, staging, environment_dir),
-                                      wsgi)
-                release_dir = self.releases.publish(staging, record.commit)
-                staging = None
-            env = self.app_environment(record, release_dir, environment_dir)
-
-            if processes.release and skip_release_phase is not None:
-                log.info("release phase of %s not run: %s", record.commit[:12], skip_release_phase,
-                         extra=fields(deployment_id=record.id, release=record.commit))
-            elif processes.release:
-                step = Step.MIGRATE
-                record = await self.report(record, step, 0)
-                try:
-                    await transient.run(self.systemd, appenv.command(
-                        self.config, "the release phase", "migrate",
-                        ["/bin/sh", "-c", processes.release], release_dir, env), record.id)
-                except transient.CommandFailed as exc:
-                    raise transient.CommandFailed(
-                        f"{exc.reason}. If this release is older than the app's data (its "
-                        f"migrations behind the database's), `bluegreenctl rollback "
-                        f"{record.commit[:12]}` serves it without its release phase") from None
-
-            step = Step.START
-            appenv.prepare_data_dir(self.config.app_name)
-            for _ in range(self.config.app.instances):
-                record = await self.start_instance(record, env, wsgi, new_ports)
-                new_ports.append(record.port)
-            new = Serving.of(new_ports, record.commit)
-            record = replace(record, port=new.port)
-
-            step = Step.HEALTH
-            record = await self.report(record, step, new.port)
-            await asyncio.gather(*(self.wait_healthy(port) for port in new.ports))
-
-            step = Step.SWITCH
-            record = await self.report(record, step, new.port)
-            for port in new.ports:
-                stranger = await instances.foreign_listener(self.systemd, port)
-                if stranger:  # never route traffic to a process bluegreen did not start
-                    raise ForwarderError(stranger)
-            app, public = self.config.app_name, self.config.ports.public
-            user = await self.port_user(app, public)
-            if user:  # its listeners would share that app's traffic
-                raise ForwarderError(f"port {public} is still served by the app {user}: the app "
-                                     f"{app} cannot start its forwarders there")
-            control.ensure_migrate_req()
-            # The forwarders' settings as this deploy has them (a reload may have changed them).
-            ports = self.config.ports
-            address = self.forwarders.write_env()
-            if not ports.public_address and address == "0.0.0.0" and control.ipv6_available():
-                log.info("port %d stays on 0.0.0.0, where it is served now; set "
-                         "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
-                         "resets the connections queued then)", ports.public)
-            await self.forwarders.switch_to(new.ports)
+            release = await self.preparer.prepare(config, recorder)
+            await self.release_phase(release, config, recorder, skip_release_phase)
+            async with recorder.step(Step.START, port=None):  # told once the first port is picked
+                new = await self.start_instances(release, config, recorder, started)
+            async with recorder.step(Step.HEALTH, new.port):
+                await asyncio.gather(*(self.wait_healthy(port, config) for port in new.ports))
+            async with recorder.step(Step.SWITCH, new.port):
+                await self.switch(new, config)
         except _STEP_ERRORS as exc:
-            if step == Step.SWITCH:
-                await self.undo_switch(new_ports, serving)
-            await self.abandon(new_ports, staging)
-            raise DeployFailed(step, self.repository.secrets.redact(_reason(exc))) from None
+            await self.abandon(started, serving, config, recorder.current)
+            raise DeployFailed(recorder.current, self.redact(_reason(exc))) from None
         except asyncio.CancelledError:
-            if step == Step.SWITCH:
-                await asyncio.shield(self.undo_switch(new_ports, serving))
-            await asyncio.shield(self.abandon(new_ports, staging))
+            await asyncio.shield(self.abandon(started, serving, config, recorder.current))
             raise
 
-        log.info("switched port %d to %s on %s", self.config.ports.public, record.commit[:12],
+        log.info("switched port %d to %s on %s", config.ports.public, release.commit[:12],
                  new.describe(), extra=fields(message_id=MessageId.DEPLOY_SWITCHED,
-                                              deployment_id=record.id, release=record.commit,
-                                              port=new.port,
-                                              unit=control.unit(new.port, self.config.forwarder)))
+                                              deployment_id=recorder.record.id,
+                                              release=release.commit, port=new.port,
+                                              unit=control.unit(new.port, config.forwarder)))
         # Past the switch a failure can leave either release carrying the traffic: what
         # serves is then for the controller to read back from systemd.
+        old = serving if serving is not None and serving.ports != new.ports else None
         try:
-            if serving is None or serving.ports == new.ports:
-                step = Step.WORKERS
-                record = await self.swap_workers(record, processes, env)
-                return replace(record, state=State.SUCCEEDED), new
-
-            step = Step.DRAIN
-            for port in serving.ports:  # keep-alive clients leave at their next request
-                drainflag.put(self.run_dir, port)
-            record = await self.drain(record, serving.ports)
-            if self.config.post_switch_watch > 0:
-                step = Step.WATCH
-                record = await self.report(record, step, new.port)
-                self.watching = True
-                try:
-                    trouble = await self.watch(new.ports, serving.ports)
-                finally:
-                    self.watching = False
-                if trouble:
-                    step = Step.SWITCH_BACK
-                    record = await self.report(record, step, serving.port)
-                    # Before it acts: a controller that dies during it then finishes it.
-                    switchback.record(self.run_dir, self.config.app_name, record.id)
-                    await self.switch_back(serving.ports, new.ports)
-                    switchback.clear(self.run_dir, self.config.app_name)
-                    why = (self.switch_back_reason if self.switch_back_asked.is_set()
-                           else f"unhealthy after the switch ({trouble})")
-                    raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
-                                       f"{serving.release[:12]} on {serving.describe()}",
-                                       State.SWITCHED_BACK)
-            step = Step.WORKERS
-            record = await self.swap_workers(record, processes, env)
-            step = Step.STOP_OLD
-            record = await self.stop_old(record, serving.ports)
+            if old is not None:
+                async with recorder.step(Step.DRAIN, old.port):
+                    await self.drain(old.ports, config, recorder.record.id)
+                if config.post_switch_watch > 0:
+                    async with recorder.step(Step.WATCH, new.port):
+                        trouble = await self.watch(new.ports, old.ports, config)
+                    if trouble:
+                        async with recorder.step(Step.SWITCH_BACK, old.port):
+                            await self.switch_back(old.ports, new.ports, config, recorder.record.id)
+                        why = (self.switch_back_reason if self.switch_back_asked.is_set()
+                               else f"unhealthy after the switch ({trouble})")
+                        raise DeployFailed(Step.WATCH, f"{why}; traffic went back to "
+                                           f"{old.release[:12]} on {old.describe()}",
+                                           State.SWITCHED_BACK)
+            if release.processes.workers or await workers.listing(self.systemd, self.run_dir,
+                                                                  config.app_name):
+                async with recorder.step(Step.WORKERS, new.port):
+                    await self.swap_workers(new.port, release, config, recorder)
+            if old is not None:
+                async with recorder.step(Step.STOP_OLD, old.port):
+                    await self.stop_old(old.ports, recorder)
         except _STEP_ERRORS as exc:
-            raise Unsettled(step, self.repository.secrets.redact(_reason(exc))) from None
-        return replace(record, state=State.SUCCEEDED), new
+            raise Unsettled(recorder.current, self.redact(_reason(exc))) from None
+        return new
 
-    async def wait_healthy(self, port: int) -> None:
-        await health.wait_healthy(port, health.Check.of(self.config),
+    async def release_phase(self, release: Prepared, config: Config, recorder: Recorder,
+                            skip: str | None) -> None:
+        """Run the Procfile's release line (migrations, say), unless ``skip`` says why not."""
+        if not release.processes.release:
+            return
+        if skip is not None:
+            log.info("release phase of %s not run: %s", release.commit[:12], skip,
+                     extra=fields(deployment_id=recorder.record.id, release=release.commit))
+            return
+        async with recorder.step(Step.MIGRATE):
+            try:
+                await transient.run(self.systemd, appenv.command(
+                    config, "the release phase", "migrate",
+                    ["/bin/sh", "-c", release.processes.release], release.directory,
+                    release.environment), recorder.record.id)
+            except transient.CommandFailed as exc:
+                raise transient.CommandFailed(
+                    f"{exc.reason}. If this release is older than the app's data (its "
+                    f"migrations behind the database's), `bluegreenctl rollback "
+                    f"{release.commit[:12]}` serves it without its release phase") from None
+
+    async def start_instances(self, release: Prepared, config: Config, recorder: Recorder,
+                              started: list[int]) -> Serving:
+        """Start app.instances instances of the release; ``started`` collects their ports."""
+        appenv.prepare_data_dir(config.app_name)
+        for _ in range(config.app.instances):
+            started.append(await self.start_instance(release, config, recorder, started))
+        new = Serving.of(started, release.commit)
+        recorder.update(port=new.port)
+        return new
+
+    async def wait_healthy(self, port: int, config: Config) -> None:
+        await health.wait_healthy(port, health.Check.of(config),
                                   lambda: instances.failure(self.systemd, port))
 
-    async def start_instance(self, record: Deployment, env: dict[str, str], wsgi: str,
-                             started: list[int]) -> Deployment:
+    async def start_instance(self, release: Prepared, config: Config, recorder: Recorder,
+                             started: list[int]) -> int:
         """Start bluegreen-app@PORT on a free port (not one of the ``started`` instances of
-        this deploy); the record returned carries the port.
+        this deploy); return the port.
 
         Should another program bind the port between our look and the instance's socket unit's
         bind, the instance fails to start: it is stopped and another port is tried.
@@ -250,51 +197,78 @@ class Deployer:
             # Another app's deploy may have picked a port whose unit is not loaded yet: its
             # settings file, written in the same step as the pick, says so.
             in_use.extend(instances.ports_with_env(self.run_dir))
-            port = ports.pick(self.config.ports.range, avoid.union(in_use))
-            instances.write_env(self.run_dir, self.instance_spec(port, env, wsgi))
-            record = replace(record, port=port)
-            if not started:  # the step is reported once, with the first instance's port
-                record = await self.report(record, Step.START, port)
+            port = ports.pick(config.ports.range, avoid.union(in_use))
+            instances.write_env(self.run_dir, self.instance_spec(port, release, config))
+            recorder.at_port(port)
             try:
-                await appenv.give_secrets(self.systemd, instances.unit(port), self.config.app_name)
+                await appenv.give_secrets(self.systemd, instances.unit(port), config.app_name)
                 await self.systemd.set_properties(instances.unit(port),
-                                                  transient.network_properties(self.config.app.network))
+                                                  transient.network_properties(config.app.network))
                 await instances.start(self.systemd, port)
-                return record
+                return port
             except (SystemdError, OSError):
-                await self.abandon([port], None)
+                await self.stop_instances([port])
                 taken = bool(sockdiag.listeners(port))  # by someone else: ours is closed now
                 if attempt == PORT_ATTEMPTS or not taken:
                     raise
             log.warning("port %d was taken by another program; trying another port", port,
-                        extra=fields(deployment_id=record.id, port=port))
+                        extra=fields(deployment_id=recorder.record.id, port=port))
             avoid.add(port)
         raise AssertionError("unreachable")
 
-    async def drain(self, record: Deployment, old_ports: tuple[int, ...]) -> Deployment:
+    async def switch(self, new: Serving, config: Config) -> None:
+        """Start the forwarders from the public port to each new instance."""
+        for port in new.ports:
+            stranger = await instances.foreign_listener(self.systemd, port)
+            if stranger:  # never route traffic to a process bluegreen did not start
+                raise ForwarderError(stranger)
+        app, public = config.app_name, config.ports.public
+        user = await self.port_user(app, public)
+        if user:  # its listeners would share that app's traffic
+            raise ForwarderError(f"port {public} is still served by the app {user}: the app "
+                                 f"{app} cannot start its forwarders there")
+        control.ensure_migrate_req()
+        # The forwarders' settings as this deploy has them (a reload may have changed them).
+        address = self.forwarders.write_env(config)
+        if not config.ports.public_address and address == "0.0.0.0" and control.ipv6_available():
+            log.info("port %d stays on 0.0.0.0, where it is served now; set "
+                     "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
+                     "resets the connections queued then)", public)
+        await self.forwarders.switch_to(new.ports, config)
+
+    async def drain(self, old_ports: tuple[int, ...], config: Config, deployment_id: int) -> None:
         """Stop the old forwarders once their requests are done; wait for the old instances'."""
-        record = await self.report(record, Step.DRAIN, old_ports[0])
-        deadline = time.monotonic() + self.config.drain_timeout
+        for port in old_ports:  # keep-alive clients leave at their next request
+            drainflag.put(self.run_dir, port)
+        deadline = time.monotonic() + config.drain_timeout
         for old_port in old_ports:
             try:
-                await self.forwarders.drain(old_port)
+                await self.forwarders.drain(old_port, config)
             except (SystemdError, ForwarderError) as exc:
                 log.error("could not stop the old forwarder to port %d: %s", old_port, exc,
-                          extra=fields(deployment_id=record.id, port=old_port))
+                          extra=fields(deployment_id=deployment_id, port=old_port))
         for old_port in old_ports:
             left = await wait_until_idle(old_port, deadline)
             if left:
                 log.warning("%d connections to the old instance on port %d still open after "
-                            "drain_timeout (%g s)", left, old_port, self.config.drain_timeout,
-                            extra=fields(deployment_id=record.id, port=old_port))
-        return record
+                            "drain_timeout (%g s)", left, old_port, config.drain_timeout,
+                            extra=fields(deployment_id=deployment_id, port=old_port))
 
-    async def watch(self, new_ports: tuple[int, ...], old_ports: tuple[int, ...]) -> str | None:
+    async def watch(self, new_ports: tuple[int, ...], old_ports: tuple[int, ...],
+                    config: Config) -> str | None:
         """Check the new release for post_switch_watch seconds; return why it is unhealthy.
 
         Every new instance is watched: one that fails here fails the release."""
-        check = health.Check.of(self.config)
-        deadline = time.monotonic() + self.config.post_switch_watch
+        self.watching = True
+        try:
+            return await self._watch(new_ports, old_ports, config)
+        finally:
+            self.watching = False
+
+    async def _watch(self, new_ports: tuple[int, ...], old_ports: tuple[int, ...],
+                     config: Config) -> str | None:
+        check = health.Check.of(config)
+        deadline = time.monotonic() + config.post_switch_watch
         failures = {port: health.Failures() for port in new_ports}
         while time.monotonic() < deadline:
             if self.switch_back_asked.is_set():
@@ -306,7 +280,7 @@ class Deployer:
                 if failure:
                     return failure
                 unhealthy = failures[new_port].count(await health.probe(new_port, check),
-                                                      check.unhealthy_threshold)
+                                                     check.unhealthy_threshold)
                 if unhealthy:
                     return unhealthy
             with contextlib.suppress(TimeoutError):
@@ -322,63 +296,62 @@ class Deployer:
         self.switch_back_asked.set()
         return True
 
-    async def switch_back(self, old_ports: tuple[int, ...], new_ports: tuple[int, ...]) -> None:
+    async def switch_back(self, old_ports: tuple[int, ...], new_ports: tuple[int, ...],
+                          config: Config, deployment_id: int) -> None:
         """Point the public port at the old instances again and retire the new ones."""
+        # Before it acts: a controller that dies during it then finishes it.
+        switchback.record(self.run_dir, config.app_name, deployment_id)
         for old_port in old_ports:
             drainflag.clear(self.run_dir, old_port)
-            await self.forwarders.switch_to([old_port])
+            await self.forwarders.switch_to([old_port], config)
         try:
             for new_port in new_ports:  # before any drain: it steers away from them all
                 drainflag.put(self.run_dir, new_port)
             for new_port in new_ports:
-                await self.forwarders.drain(new_port)
+                await self.forwarders.drain(new_port, config)
         finally:
-            await self.abandon(list(new_ports), None)
+            await self.stop_instances(list(new_ports))
+        switchback.clear(self.run_dir, config.app_name)
 
-    async def swap_workers(self, record: Deployment, processes: Processes,
-                           env: dict[str, str]) -> Deployment:
+    async def swap_workers(self, port: int, release: Prepared, config: Config,
+                           recorder: Recorder) -> None:
         """Start the serving release's workers, then stop the old release's (gracefully).
 
         A worker that does not start is logged and noted in the record; the web release,
         healthy, stays.
         """
-        assert record.port
-        app = self.config.app_name
-        if not processes.workers and not await workers.listing(self.systemd, self.run_dir, app):
-            return record
-        record = await self.report(record, Step.WORKERS, record.port)
-        problems = await workers.start(self.systemd, self.run_dir, record.port, processes.workers,
-                                       env, self.config.app.network, app)
-        await workers.stop(self.systemd, self.run_dir, keep=record.port, app=app)
+        app = config.app_name
+        problems = await workers.start(self.systemd, self.run_dir, port, release.processes.workers,
+                                       release.environment, config.app.network, app)
+        await workers.stop(self.systemd, self.run_dir, keep=port, app=app)
         if problems:
             text = "; ".join(f"worker {name}: {why}" for name, why in problems.items())
-            record = replace(record, reason=self.repository.secrets.redact(text))
-        return record
+            recorder.update(reason=self.redact(text))
 
-    async def stop_old(self, record: Deployment, old_ports: tuple[int, ...]) -> Deployment:
-        record = await self.report(record, Step.STOP_OLD, old_ports[0])
+    async def stop_old(self, old_ports: tuple[int, ...], recorder: Recorder) -> None:
         for old_port in old_ports:
             try:
                 await instances.stop(self.systemd, old_port)
                 instances.remove_env(self.run_dir, old_port)
             except SystemdError as exc:
                 log.error("could not stop the old instance on port %d: %s", old_port, exc,
-                          extra=fields(deployment_id=record.id, port=old_port))
-                record = replace(record,
-                                 reason=f"old instance on port {old_port} not stopped: {exc}")
-        return record
+                          extra=fields(deployment_id=recorder.record.id, port=old_port))
+                recorder.update(reason=f"old instance on port {old_port} not stopped: {exc}")
 
-    async def undo_switch(self, new_ports: list[int], serving: Serving | None) -> None:
-        """After a failed switch, what forwards is what serves: the old release alone."""
-        try:
-            await self.forwarders.switch_back(new_ports, serving.ports if serving else ())
-        except (SystemdError, ForwarderError) as exc:
-            log.error("the forwarders of the failed switch are not all undone: %s", exc)
+    async def abandon(self, new_ports: list[int], serving: Serving | None, config: Config,
+                      failed: Step) -> None:
+        """A deploy that did not get past its switch: what forwards is what serves, the old
+        release alone, and the new instances stop."""
+        if failed == Step.SWITCH:
+            try:
+                await self.forwarders.switch_back(new_ports, serving.ports if serving else (),
+                                                  config)
+            except (SystemdError, ForwarderError) as exc:
+                log.error("the forwarders of the failed switch are not all undone: %s", exc)
+        await self.stop_instances(new_ports)
 
-    async def abandon(self, ports: list[int], staging: Path | None) -> None:
-        """Stop instances that are not to serve, and drop an unfinished release."""
-        if staging is not None:
-            self.releases.discard(staging)
+    async def stop_instances(self, ports: list[int]) -> None:
+        """Stop instances that are not to serve."""
         for port in ports:
             try:
                 await instances.stop(self.systemd, port)
@@ -386,30 +359,12 @@ class Deployer:
                 log.error("could not stop the new instance on port %d: %s", port, exc)
             instances.remove_env(self.run_dir, port)
 
-    def verifier(self, record: Deployment) -> Verifier:
-        return Verifier(self.systemd, self.config, self.environments, record.id)
-
-    def app_environment(self, record: Deployment, release_dir: Path,
-                        environment_dir: Path | None) -> dict[str, str]:
-        return appenv.environment(self.config, record.commit, release_dir, environment_dir, record.id)
-
-    def wsgi(self, record: Deployment, processes: Processes) -> str:
-        """The WSGI app to serve: app.wsgi, else the one the Procfile's web line names, else
-        app:app."""
-        if self.config.app.wsgi:
-            return self.config.app.wsgi
-        if processes.web:
-            log.info("serving %s, the app the Procfile's web line names", processes.web,
-                     extra=fields(deployment_id=record.id))
-            return processes.web
-        return DEFAULT_WSGI
-
-    def instance_spec(self, port: int, env: dict[str, str], wsgi: str) -> InstanceSpec:
-        app = self.config.app
-        return InstanceSpec(port=port, wsgi=wsgi, workers=app.workers,
-                            worker_class=app.worker_class, app_environment=env,
+    def instance_spec(self, port: int, release: Prepared, config: Config) -> InstanceSpec:
+        app = config.app
+        return InstanceSpec(port=port, wsgi=release.wsgi, workers=app.workers,
+                            worker_class=app.worker_class, app_environment=release.environment,
                             drain_file=drainflag.path(self.run_dir, port),
-                            forwarded_allow_ips=control.trusted_proxies(self.config))
+                            forwarded_allow_ips=control.trusted_proxies(config))
 
 
 def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:

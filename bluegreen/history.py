@@ -87,17 +87,6 @@ class Deployment:
     def duration(self) -> float | None:
         return None if self.finished_at is None else self.finished_at - self.started_at
 
-    def step_time(self, step: Step) -> StepTiming | None:
-        for timing in self.steps:
-            if timing.step == step:
-                return timing
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["steps"] = [asdict(s) for s in self.steps]
-        data["duration"] = self.duration
-        return data
 
 
 SCHEMA = """
@@ -301,11 +290,14 @@ class History:
                 (str(State.RUNNING), keep, *needed))
             return cursor.rowcount
 
-    def get_setting(self, key: str) -> str | None:
+    # The controller's own values kept with the records (the refresher's seen head, the
+    # settings the serving release was deployed with), by key. The table keeps its first name.
+
+    def get_value(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
 
-    def set_setting(self, key: str, value: str) -> None:
+    def set_value(self, key: str, value: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
@@ -327,8 +319,7 @@ def _past_release_phase(deployment: Deployment) -> bool:
 
 
 def _step_end(deployment: Deployment, step: Step) -> float:
-    timing = deployment.step_time(step)
-    assert timing is not None
+    timing = next(timing for timing in deployment.steps if timing.step == step)
     return timing.finished or timing.started
 
 

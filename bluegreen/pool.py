@@ -90,7 +90,7 @@ class Pool:
 
     async def _drain(self, port: int) -> None:
         try:
-            await self.forwarders.drain(port)
+            await self.forwarders.drain(port, self.config_now())
         except (SystemdError, control.ForwarderError) as exc:
             log.error("the forwarder to port %d is not stopped: %s", port, exc)
 
@@ -115,7 +115,7 @@ class Pool:
             if await instances.failure(self.systemd, port):
                 return  # answered, but its unit is on its way out
             try:
-                await self.forwarders.switch_to([port])
+                await self.forwarders.switch_to([port], self.config_now())
             except (SystemdError, control.ForwarderError) as exc:
                 log.error("the instance on port %d stays out: its forwarder did not start: %s",
                           port, exc)

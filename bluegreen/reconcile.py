@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bluegreen import drainflag, instances, ports, switchback, workers
-from bluegreen.config import DEFAULT_APP, Forwarder
+from bluegreen.config import DEFAULT_APP, Config, Forwarder
 from bluegreen.forwarders import control
 from bluegreen.history import History, HistoryError
 from bluegreen.log import MessageId, fields
-from bluegreen.release import appenv
+from bluegreen.release import appenv, procfile, transient
+from bluegreen.release.releases import Releases
 from bluegreen.serving import Serving
 from bluegreen.systemd import Systemd, SystemdError
 
@@ -42,12 +43,66 @@ def mark_interrupted(history: History) -> None:
                     extra=fields(deployment_id=record.id, release=record.commit))
 
 
+async def read_back(systemd: Systemd, run_dir: Path, forwarders: control.Forwarders,
+                    config: Config) -> tuple[Serving | None, list[int]]:
+    """After a failure that may have moved the traffic: what serves (see adopt), alone, and
+    which of its instances the public port does not reach."""
+    serving = await adopt(systemd, run_dir, config.app_name)
+    await settle(systemd, run_dir, serving, forwarders, config)
+    return serving, await adopt_pool(systemd, run_dir, serving, config)
+
+
+async def clean_up(systemd: Systemd, run_dir: Path, serving: Serving | None,
+                   forwarders: control.Forwarders, config: Config, releases: Releases) -> list[int]:
+    """The start-up's clean-up once ``serving`` is adopted: stop what must not run, settle the
+    builds a dead controller left, drop unfinished releases. Return the serving instances the
+    public port does not reach."""
+    await settle(systemd, run_dir, serving, forwarders, config)
+    out = await adopt_pool(systemd, run_dir, serving, config)
+    await transient.settle_orphans(systemd, config.app_name, config.release.timeout)
+    releases.remove_incomplete()  # once no build writes into them
+    return out
+
+
+async def adopt_pool(systemd: Systemd, run_dir: Path, serving: Serving | None,
+                     config: Config) -> list[int]:
+    """Start the serving release's missing workers; return its instances no forwarder target
+    of the public port reaches."""
+    if serving is None:
+        return []
+    await adopt_workers(systemd, run_dir, serving, config)
+    targets = await control.targets(systemd, run_dir, config.app_name)
+    return [port for port in serving.ports if not targets.get(port)]
+
+
+async def adopt_workers(systemd: Systemd, run_dir: Path, serving: Serving, config: Config) -> None:
+    """Start the serving release's workers that do not run (a controller that died between
+    the switch and the workers step left them unstarted)."""
+    env = instances.read_app_environment(run_dir, serving.port)
+    release_dir = env.get("BLUEGREEN_RELEASE_DIR", "")
+    if not release_dir:
+        return
+    try:
+        wanted = procfile.processes(Path(release_dir), config.release.migrate_command,
+                                    config.processes).workers
+    except procfile.ProcfileError as exc:
+        log.error("workers of %s not adopted: %s", serving.release[:12], exc)
+        return
+    app = config.app_name
+    running = {w.name for w in await workers.listing(systemd, run_dir, app)
+               if w.port == serving.port and w.state.startswith(("active", "activating"))}
+    missing = {name: command for name, command in wanted.items() if name not in running}
+    if missing:
+        log.warning("starting the workers %s of the serving release %s", ", ".join(missing),
+                    serving.release[:12])
+        await workers.start(systemd, run_dir, serving.port, missing, env, config.app.network, app)
+
+
 async def running_instances(systemd: Systemd, run_dir: Path, app: str) -> dict[int, dict[str, str]]:
     """The app's running instances: each one's port and settings (its instances/PORT.env)."""
     running = await ports.of_units(systemd, (instances.PATTERN,), running_only=True)
-    settings = {port: instances.read_env(run_dir, port) for port in running}
-    return {port: env for port, env in settings.items()
-            if instances.app_named(env) == app}
+    envs = {port: instances.read_env(run_dir, port) for port in running}
+    return {port: env for port, env in envs.items() if instances.app_named(env) == app}
 
 
 async def adopt(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> Serving | None:
@@ -88,10 +143,11 @@ def _deployment_of(env: Mapping[str, str]) -> int:
 
 
 async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
-                 forwarders: control.Forwarders, app: str = DEFAULT_APP) -> None:
+                 forwarders: control.Forwarders, config: Config) -> None:
     """Leave only ``serving`` of the app: drain-stop every other forwarder target of it, stop
     its every other instance and the workers of its every other release."""
     keep = serving.ports if serving is not None else ()
+    app = config.app_name
     targets = await control.targets(systemd, run_dir, app)
     running = await running_instances(systemd, run_dir, app)
     # A controller that died during a switch may leave a kept forwarder still starting: let it
@@ -104,7 +160,7 @@ async def settle(systemd: Systemd, run_dir: Path, serving: Serving | None,
         if port not in keep:
             log.warning("stopping the stale forwarder to port %d", port, extra=fields(port=port))
             try:
-                await forwarders.drain(port)
+                await forwarders.drain(port, config)
             except control.ForwarderError as exc:
                 log.error("the stale forwarder to port %d is not stopped: %s", port, exc)
     for port in running:

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 
 from bluegreen import sockdiag
-from bluegreen.config import Applies, Config, ConfigError, ListenAddress, changed
+from bluegreen.config import Applies, Config, ConfigError, ListenAddress, changed, with_deployed
 from bluegreen.history import History, HistoryError
 from bluegreen.systemd import Systemd, SystemdError
 
@@ -26,10 +26,47 @@ DEPLOYED = "serving.settings"
 API_SOCKET = "bluegreen-api.socket"
 
 
+class Settings:
+    """One app's settings, three ways: ``in_file``, as its file says now; ``deployed_with``,
+    as the serving release was deployed; ``in_effect``, the file's but for the keys that
+    apply at the next deploy, which keep the values the serving release was deployed with."""
+
+    def __init__(self, in_file: Config, history: History) -> None:
+        self.history = history
+        self.in_file = in_file
+        self.deployed_with = load_deployed(history) or in_file
+        self.in_effect = with_deployed(in_file, self.deployed_with)
+
+    def reload(self, in_file: Config, serving: bool) -> list[tuple[str, str]]:
+        """The file as read again (``serving``: a release serves, deployed with what it was);
+        return each changed key with when it takes effect."""
+        changes = [(key.dotted, str(key.applies)) for key in changed(self.in_file, in_file)]
+        self.in_file = in_file
+        self.in_effect = with_deployed(in_file, self.deployed_with if serving else in_file)
+        for key, when in changes:
+            log.info("reload: %s changed; it applies %s", key, when)
+        if not changes:
+            log.info("reload: no change in %s", in_file.source)
+        return changes
+
+    def deployed(self, config: Config) -> None:
+        """A deployment succeeded with ``config``: its deploy-time settings are in effect."""
+        self.deployed_with = config
+        save_deployed(self.history, config)
+        self.in_effect = with_deployed(self.in_file, config)
+
+    async def pending(self, systemd: Systemd, serving: bool) -> list[tuple[str, str]]:
+        """Settings of the file not in effect yet, each with what applies it."""
+        pending = pending_until_deploy(self.in_effect, self.in_file) if serving else []
+        if await api_socket_pending(systemd, self.in_file.api.listen):
+            pending.append(("api.listen", str(Applies.API_SOCKET)))
+        return pending
+
+
 def load_deployed(history: History) -> Config | None:
     """The settings the serving release was deployed with (None: not known)."""
     try:
-        text = history.get_setting(DEPLOYED)
+        text = history.get_value(DEPLOYED)
         return Config.from_json(text) if text else None
     except (HistoryError, ConfigError, ValueError) as exc:
         log.warning("the settings of the serving release are not known (%s): "
@@ -39,7 +76,7 @@ def load_deployed(history: History) -> Config | None:
 
 def save_deployed(history: History, config: Config) -> None:
     try:
-        history.set_setting(DEPLOYED, config.to_json())
+        history.set_value(DEPLOYED, config.to_json())
     except HistoryError as exc:
         log.error("%s; after a restart, bluegreenctl status may not list settings pending "
                   "until the next deploy", exc)

@@ -21,8 +21,9 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 from bluegreen import instances, workers
 from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
 from bluegreen.config import ConfigError
-from bluegreen.controller import BadSignature, Busy, Controller, NoRollbackTarget, NotConfigured
+from bluegreen.controller import Controller
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
+from bluegreen.refusals import BadSignature, Busy, NoRollbackTarget, NotConfigured
 from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
 
 # What a request to deploy may be refused with (a subclass before its base).
@@ -285,7 +286,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def PublicPort(self) -> "q":
-        return self.controller.config.ports.public
+        return self.controller.settings.in_effect.ports.public
 
     @dbus_property(access=PropertyAccess.READ)
     def CurrentDeployment(self) -> "s":
@@ -311,12 +312,13 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Branch(self) -> "s":
-        return self.controller.config.repository.branch
+        return self.controller.settings.in_effect.repository.branch
 
     @dbus_property(access=PropertyAccess.READ)
     def Watching(self) -> "b":
         """Whether new commits of the branch are deployed by themselves."""
-        return bool(self.controller.config.repository.url and self.controller.config.repository.watch)
+        return bool(self.controller.settings.in_effect.repository.url
+                    and self.controller.settings.in_effect.repository.watch)
 
     @dbus_property(access=PropertyAccess.READ)
     def RemoteError(self) -> "s":

@@ -26,7 +26,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from bluegreen import instances, sockdiag
@@ -320,22 +320,18 @@ async def drain_stop(systemd: Systemd, run_dir: Path, port: int, timeout: float)
 
 class Forwarders:
     """An app's forwarders, whatever their kind: ``switch_to`` instances, ``drain`` one,
-    ``switch_back`` after a failed switch, ``write_env`` their settings.
+    ``switch_back`` after a failed switch, ``write_env`` their settings. Each is told the
+    settings to follow: a deployment's own while it runs (it switches the forwarders to them),
+    else those in effect."""
 
-    ``config_now`` gives the settings they follow now: while a deployment runs, its own (it
-    switches the forwarders to them), else those in effect."""
-
-    def __init__(self, systemd: Systemd, run_dir: Path, app: str,
-                 config_now: Callable[[], Config]) -> None:
+    def __init__(self, systemd: Systemd, run_dir: Path, app: str) -> None:
         self.systemd = systemd
         self.run_dir = run_dir
         self.app = app
-        self.config_now = config_now
 
-    def write_env(self, config: Config | None = None) -> str:
-        """Write what the app's forwarder units read, from ``config`` (by default the settings
-        they follow now); return the address they will listen on."""
-        config = config or self.config_now()
+    def write_env(self, config: Config) -> str:
+        """Write what the app's forwarder units read, from ``config``; return the address they
+        will listen on."""
         ports, public_port = config.ports, config.ports.public
         address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
         path = env_path(self.run_dir, self.app)
@@ -353,21 +349,20 @@ class Forwarders:
                                  config.drain_timeout)
         return address
 
-    async def switch_to(self, ports: Iterable[int]) -> None:
+    async def switch_to(self, ports: Iterable[int], config: Config) -> None:
         """Make the public port reach each of ``ports`` too; return once it does (see start)."""
-        config = self.config_now()
         for port in ports:
             await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,
                         app=self.app)
 
-    async def drain(self, port: int) -> None:
+    async def drain(self, port: int, config: Config) -> None:
         """Stop forwarding to ``port`` once the requests it carries are done, or at
         drain_timeout (see drain_stop)."""
-        await drain_stop(self.systemd, self.run_dir, port, self.config_now().drain_timeout)
+        await drain_stop(self.systemd, self.run_dir, port, config.drain_timeout)
 
-    async def switch_back(self, new_ports: Sequence[int], served: Sequence[int]) -> None:
+    async def switch_back(self, new_ports: Sequence[int], served: Sequence[int],
+                          config: Config) -> None:
         """A switch to ``new_ports`` failed part way: forward to the ``served`` ports alone
         again (see undo_switch)."""
-        config = self.config_now()
         await undo_switch(self.systemd, self.run_dir, config.forwarder, new_ports, served,
                           config.drain_timeout)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bluegreen.credentials import Secrets
+from bluegreen.files import atomic_write
 from bluegreen.run import CommandError, run
 
 _REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}")
@@ -73,6 +74,10 @@ class Repository:
         self.secrets = secrets or Secrets()
         # ssh trusts the host keys in this file and no other (never ~/.ssh, hidden anyway).
         self.known_hosts = known_hosts or mirror.with_name("ssh_known_hosts")
+
+    def trust(self, known_hosts: str) -> None:
+        """The ssh host keys git may trust: repository.ssh_known_hosts, in ssh's own file."""
+        atomic_write(self.known_hosts, known_hosts + ("\n" if known_hosts else ""))
 
     def ssh_command(self) -> str:
         """GIT_SSH_COMMAND: no prompt, only the pinned host keys, only the ssh-key credential."""

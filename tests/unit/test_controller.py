@@ -17,13 +17,19 @@ from bluegreen import controller as controller_module
 from bluegreen import log as logsetup
 from bluegreen.appmanager import AppManager
 from bluegreen.config import Config, ConfigError
-from bluegreen.controller import Busy, Controller, Paths
+from bluegreen.controller import Controller
+from bluegreen.credentials import Secrets
 from bluegreen.deploy import DeployFailed
 from bluegreen.files import environment_file
 from bluegreen.forwarders import control
 from bluegreen.history import Deployment, History, State, Step, Trigger, finished
+from bluegreen.parts import Parts, Paths, build
+from bluegreen.recorder import Recorder
+from bluegreen.refusals import Busy
 from bluegreen.release import appenv
-from bluegreen.release.repository import Commit
+from bluegreen.release.repository import Commit, Repository
+from bluegreen.release.venvs import Venvs
+from bluegreen.release.verify import Verifier
 from bluegreen.serving import Serving
 from bluegreen.systemd import JobFailed, SystemdError, UnitStatus
 
@@ -107,9 +113,10 @@ class World:
                          ports=replace(base.ports, public=public))
         self.systemd = systemd or FakeSystemd()
         self.paths = Paths(state=tmp_path / f"state-{app}", runtime=tmp_path / "run")
-        self.controller = Controller(config, self.systemd, self.paths)  # type: ignore[arg-type]
         self.healthy = True
         self.remote_head: str | None = NEW
+        self.controller = Controller(config, self.systemd, self.paths,  # type: ignore[arg-type]
+                                     self.parts(config))
         self.patch(monkeypatch)
         if systemd is not None:  # a restarted controller: it finds out for itself what serves
             return
@@ -121,17 +128,30 @@ class World:
         self.systemd.units[control.unit(OLD_PORT)] = "active"
         self.controller.serving = Serving(OLD_PORT, OLD)
 
-    def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def resolve(ref: str = "") -> Commit:
-            return Commit(ref or NEW, "subject", "author", 0)
+    def parts(self, config: Config) -> Parts:
+        """The controller's parts, with a repository whose remote is this world's and a verify
+        step that builds nothing."""
+        world = self
 
-        async def remote_head() -> str | None:
-            return self.remote_head
+        class Remote(Repository):
+            async def resolve(self, ref: str = "") -> Commit:
+                return Commit(ref or NEW, "subject", "author", 0)
 
-        class Verifier:
+            async def remote_head(self) -> str | None:
+                return world.remote_head
+
+        class NoBuild(Verifier):
             async def environment(self, release_dir: Path) -> None:
                 return None
 
+        repository = Remote(config.repository.url, config.repository.branch, self.paths.mirror,
+                            Secrets())
+        return build(config, self.systemd, self.paths,  # type: ignore[arg-type]
+                     repository=repository, verifier=lambda config, deployment_id: NoBuild(
+                         self.systemd, config, Venvs(self.paths.environments),  # type: ignore[arg-type]
+                         deployment_id))
+
+    def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         async def wait_healthy(*_: Any) -> int:
             return 1
 
@@ -146,9 +166,6 @@ class World:
             control._link(run_dir, port, app)
             await systemd.start_unit(control.unit(port))
 
-        monkeypatch.setattr(self.controller.repository, "resolve", resolve)
-        monkeypatch.setattr(self.controller.repository, "remote_head", remote_head)
-        monkeypatch.setattr(self.controller.deployer, "verifier", lambda record: Verifier())
         monkeypatch.setattr(health, "wait_healthy", wait_healthy)
         monkeypatch.setattr(health, "probe", probe)
         monkeypatch.setattr(instances, "foreign_listener", no_stranger)
@@ -247,7 +264,7 @@ def test_the_procfiles_web_line_names_the_app_unless_app_wsgi_does(world: World,
                                                                   served: str) -> None:
     (world.controller.releases.path(NEW) / "Procfile").write_text(
         "web: gunicorn --workers 3 --bind 0.0.0.0:$PORT shop.wsgi\n")
-    config = world.controller.config
+    config = world.controller.settings.in_effect
     world.controller.reload(replace(config, app=replace(config.app, wsgi=configured)))
     assert asyncio.run(world.deploy()).state == State.SUCCEEDED
     assert instances.read_env(world.paths.runtime, 8002)["BLUEGREEN_WSGI"] == served
@@ -322,18 +339,18 @@ def test_a_background_task_that_fails_or_ends_stops_the_daemon(world: World) -> 
             await asyncio.sleep(3600)
 
         controller = world.controller
-        controller._spawn(ends(), "one-shot", forever=False)
+        controller.tasks.spawn(ends(), "one-shot", forever=False)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         after_one_shot = controller.fatal.is_set()
-        controller._spawn(fails(), "loop")
+        controller.tasks.spawn(fails(), "loop")
         await asyncio.wait_for(controller.fatal.wait(), 5)
         controller.fatal.clear()
-        controller._spawn(ends(), "loop")
+        controller.tasks.spawn(ends(), "loop")
         await asyncio.wait_for(controller.fatal.wait(), 5)
         ended = controller.fatal.is_set()
         controller.fatal.clear()
-        controller._spawn(runs(), "loop")
+        controller.tasks.spawn(runs(), "loop")
         await controller.stop()  # cancelled while stopping: nothing to report
         await asyncio.sleep(0)
         return after_one_shot, ended, controller.fatal.is_set()
@@ -348,7 +365,7 @@ def test_the_monitor_loop_dying_stops_the_daemon(world: World, monkeypatch: pyte
     monkeypatch.setattr(health, "probe", broken)
 
     async def scenario() -> bool:
-        world.controller._spawn(world.controller.monitor.run(), "health-monitor")
+        world.controller.tasks.spawn(world.controller.monitor.run(), "health-monitor")
         await asyncio.wait_for(world.controller.fatal.wait(), 5)
         await world.controller.stop()
         return True
@@ -361,7 +378,7 @@ def test_an_interrupted_deploy_of_a_pushed_head_is_retried_after_a_restart(
     first = World(tmp_path, monkeypatch)
     blocked = asyncio.Event()
 
-    async def hang(deployment: Deployment, serving: Serving | None, skip: str | None) -> Deployment:
+    async def hang(*_: Any) -> Serving:
         blocked.set()
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
@@ -413,19 +430,19 @@ def test_recovery_tries_again_while_the_release_stays_unhealthy(world: World,
     attempts: list[int] = []
     real_deploy = world.controller.deployer.deploy
 
-    async def first_fails(deployment: Deployment, serving: Serving | None,
-                          skip: str | None) -> tuple[Deployment, Serving]:
-        attempts.append(deployment.id)
+    async def first_fails(serving: Serving | None, config: Config, recorder: Recorder,
+                          skip: str | None) -> Serving:
+        attempts.append(recorder.record.id)
         if len(attempts) == 1:
             raise DeployFailed(Step.START, "bluegreen-app@8002.service failed to start")
-        return await real_deploy(deployment, serving, skip)
+        return await real_deploy(serving, config, recorder, skip)
 
     monkeypatch.setattr(world.controller.deployer, "deploy", first_fails)
 
     async def scenario() -> None:
         world.controller.monitor.healthy = False
-        await world.controller._on_health_change(False, "3 failed checks in a row: HTTP 500")
-        recovery = world.controller._recovery
+        await world.controller.recovery.on_health_change(False, "3 failed checks in a row: HTTP 500")
+        recovery = world.controller.recovery.task
         assert recovery is not None
         await asyncio.wait_for(recovery, 30)
 
@@ -506,8 +523,8 @@ def test_a_deploy_asked_for_during_the_start_up_clean_up_waits_for_it(world: Wor
 def with_instances(world: World, count: int) -> None:
     """app.instances = count (World.patch picks instance ports in order from 8002)."""
     controller = world.controller
-    controller.loaded = replace(controller.loaded,
-                                app=replace(controller.loaded.app, instances=count))
+    settings = controller.settings
+    settings.in_file = replace(settings.in_file, app=replace(settings.in_file.app, instances=count))
 
 
 def test_a_deploy_starts_and_switches_in_every_instance(world: World,
@@ -560,7 +577,7 @@ def test_a_dead_instance_is_taken_out_and_put_back_once_healthy(
                                                          control.unit(8003)]
         await controller.stop()
         # Stopped (an app removed by a reload), it no longer hears of its instances' units.
-        assert controller._on_unit_state not in systemd.on_unit_state
+        assert controller.recovery.on_unit_state not in systemd.on_unit_state
         assert controller.pool.members == {}
 
     asyncio.run(scenario())
@@ -690,8 +707,8 @@ def test_a_reload_refuses_a_public_port_another_app_still_serves(
     assert message.startswith(f"{apps_dir / 'beta.toml'}:2: ports.public: "), message
     assert "the app beta" in message and "the app default" in message, message
     assert list(manager.controllers) == ["default"]
-    assert default.controller.loaded.ports.public == 5000  # nothing changed
-    assert default.controller.config.ports.public == 5000
+    assert default.controller.settings.in_file.ports.public == 5000  # nothing changed
+    assert default.controller.settings.in_effect.ports.public == 5000
 
 
 def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
@@ -699,11 +716,12 @@ def test_a_deploy_onto_a_public_port_another_app_serves_is_refused(
     default = World(tmp_path, monkeypatch)
     manager = AppManager(default.systemd, default.paths, tmp_path / "apps")  # type: ignore[arg-type]
     manager.controllers["default"] = default.controller
-    beta_config = replace(default.controller.loaded, app_name="beta")  # public port 5000 too
+    beta_config = replace(default.controller.settings.in_file, app_name="beta")  # public port 5000 too
     beta = manager.add(beta_config)
     World.patch(default, monkeypatch)  # the stand-ins for git, health and the forwarders
     monkeypatch.setattr(beta.repository, "resolve", default.controller.repository.resolve)
-    monkeypatch.setattr(beta.deployer, "verifier", default.controller.deployer.verifier)
+    monkeypatch.setattr(beta.deployer.preparer, "verifier",
+                        default.controller.deployer.preparer.verifier)
     beta.releases.path(NEW).mkdir(parents=True)
 
     async def scenario() -> Deployment:
@@ -790,7 +808,7 @@ def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_d
     """A forwarder's drain steers new connections away from the instances whose drain flag is
     up (forwarders/hook.py): one not flagged yet would take new connections while the one before
     it drains, for as long as that takes."""
-    config = world.controller.config
+    config = world.controller.settings.in_effect
     world.controller.reload(replace(config, app=replace(config.app, instances=2)))
     world.healthy = False  # the watch fails: back to the old release
     flagged: list[list[int]] = []
@@ -808,10 +826,50 @@ def test_a_switch_back_flags_every_new_instance_before_any_of_their_forwarders_d
 
 def test_a_failed_deploy_prunes_environments_too(world: World) -> None:
     """Deploys that keep failing (each with other dependencies) must not pile environments up."""
-    unused = world.controller.environments.path("0" * 32)
+    unused = world.controller.catalog.environments.path("0" * 32)
     (unused / "bin").mkdir(parents=True)
     (unused / ".bluegreen-ready").write_text("requirements.txt\n")
     world.systemd.refuse_start.add(instances.unit(8002))
     record = asyncio.run(world.deploy())
     assert (record.state, record.failed_step) == (State.FAILED, Step.START), record
-    assert world.controller.environments.on_disk() == []
+    assert world.controller.catalog.environments.on_disk() == []
+
+
+class StepLog:
+    """An observer of the controller: the steps it is told of, and the outcomes."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int, int]] = []  # step, its port, the record's port
+        self.outcomes: list[tuple[str, str]] = []
+
+    def step(self, deployment: Deployment, step: Step, port: int) -> None:
+        self.steps.append((str(step), port, deployment.port))
+
+    def finished(self, deployment: Deployment) -> None:
+        self.outcomes.append((deployment.state, deployment.failed_step))
+
+    def changed(self) -> None:
+        pass
+
+
+def test_observers_are_told_of_each_step_once_with_the_port_it_works_on(world: World) -> None:
+    seen = StepLog()
+    world.controller.observers.append(seen)
+    record = asyncio.run(world.deploy())
+    assert seen.steps == [("materialize", 0, 0), ("verify", 0, 0), ("start", 8002, 8002),
+                          ("health", 8002, 8002), ("switch", 8002, 8002), ("drain", OLD_PORT, 8002),
+                          ("watch", 8002, 8002), ("stop-old", OLD_PORT, 8002)]
+    assert seen.outcomes == [(State.SUCCEEDED, "")]
+    assert [timing.step for timing in record.steps] == [
+        "resolve", "materialize", "verify", "start", "health", "switch", "drain", "watch",
+        "stop-old"]
+
+
+def test_a_failed_step_is_the_last_one_observers_were_told_of(world: World) -> None:
+    world.systemd.refuse_start.add(instances.unit(8002))
+    seen = StepLog()
+    world.controller.observers.append(seen)
+    record = asyncio.run(world.deploy())
+    assert seen.steps[-1] == ("start", 8002, 8002)
+    assert seen.outcomes == [(State.FAILED, "start")]
+    assert (record.port, record.steps[-1].step) == (8002, "start")

@@ -18,7 +18,7 @@ from bluegreen.forwarders import control
 def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> None:
     """The default app's forwarder settings, written by its Forwarders object."""
     config = replace(Config(), ports=ports, drain_timeout=drain_timeout)
-    control.Forwarders(None, run_dir, DEFAULT_APP, lambda: config).write_env()  # type: ignore[arg-type]
+    control.Forwarders(None, run_dir, DEFAULT_APP).write_env(config)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("address", "listen"), [
@@ -63,9 +63,9 @@ def test_the_socat_unit_passes_the_limit_and_the_address() -> None:
     assert "max-children=${BLUEGREEN_MAX_CONNECTIONS}" in start
 
 
-def test_the_forwarders_follow_the_settings_of_the_moment(
+def test_the_forwarders_follow_the_settings_they_are_given(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reload or a deployment's own settings change what the next switch or drain does."""
+    """A deployment switches with its own settings; a reload's apply to what follows."""
     calls: list[tuple[Any, ...]] = []
 
     async def start(systemd: object, run_dir: Path, port: int, public_port: int,
@@ -78,22 +78,21 @@ def test_the_forwarders_follow_the_settings_of_the_moment(
 
     monkeypatch.setattr(control, "start", start)
     monkeypatch.setattr(control, "drain_stop", drain_stop)
-    settings = [Config()]
-    forwarders = control.Forwarders(None, tmp_path, "shop", lambda: settings[0])  # type: ignore[arg-type]
+    forwarders = control.Forwarders(None, tmp_path, "shop")  # type: ignore[arg-type]
+    deploying = replace(Config(), ports=PortsConfig(public=6000), forwarder=Forwarder.PROXY,
+                        drain_timeout=5)
 
     async def moves() -> None:
-        await forwarders.switch_to([8002, 8003])
-        settings[0] = replace(Config(), ports=PortsConfig(public=6000), forwarder=Forwarder.PROXY,
-                              drain_timeout=5)
-        await forwarders.drain(8002)
-        await forwarders.switch_to([8004])
+        await forwarders.switch_to([8002, 8003], Config())
+        await forwarders.drain(8002, deploying)
+        await forwarders.switch_to([8004], deploying)
 
     asyncio.run(moves())
     assert calls == [("start", 8002, 5000, Forwarder.SOCAT, "shop"),
                      ("start", 8003, 5000, Forwarder.SOCAT, "shop"),
                      ("drain", 8002, 5), ("start", 8004, 6000, Forwarder.PROXY, "shop")]
     written = control.env_path(tmp_path, "shop")
-    forwarders.write_env()
+    forwarders.write_env(deploying)
     assert read_environment_file(written)["BLUEGREEN_PUBLIC_PORT"] == "6000"
     forwarders.write_env(Config())  # the settings in effect again, after a failed deployment
     assert read_environment_file(written)["BLUEGREEN_PUBLIC_PORT"] == "5000"

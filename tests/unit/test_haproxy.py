@@ -19,7 +19,7 @@ from bluegreen.systemd import UnitStatus
 def write_env(run_dir: Path, ports: PortsConfig, drain_timeout: float) -> None:
     """The default app's forwarder settings, written by its Forwarders object."""
     config = replace(Config(), ports=ports, drain_timeout=drain_timeout)
-    control.Forwarders(None, run_dir, DEFAULT_APP, lambda: config).write_env()  # type: ignore[arg-type]
+    control.Forwarders(None, run_dir, DEFAULT_APP).write_env(config)  # type: ignore[arg-type]
 
 
 STATE_HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "

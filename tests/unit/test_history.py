@@ -22,7 +22,7 @@ def test_a_deployment_is_recorded_step_by_step(tmp_path: Path) -> None:
     assert [(s.step, s.started, s.finished) for s in again.steps] == [
         ("materialize", 101.0, 102.5), ("start", 102.5, 104.0)]
     assert again.duration == 4.0
-    assert again.to_dict()["steps"][0]["step"] == "materialize"
+    assert again.steps[0].step == "materialize"
 
 
 def test_recent_last_succeeded_and_interrupted(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def monitored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain_stop: objec
     checks = Checks()
     monkeypatch.setattr(health, "probe", checks.probe)
     monkeypatch.setattr(control, "drain_stop", drain_stop)
-    forwarders = control.Forwarders(None, tmp_path, "default", lambda: config)  # type: ignore[arg-type]
+    forwarders = control.Forwarders(None, tmp_path, "default")  # type: ignore[arg-type]
     pool = Pool(None, forwarders, lambda: config, is_busy=lambda: False)  # type: ignore[arg-type]
     pool.reset(Serving.of([WELL, SICK], "a" * 40))
 

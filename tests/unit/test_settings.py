@@ -25,7 +25,7 @@ def test_deploy_time_settings_survive_in_the_records(tmp_path: Path) -> None:
     deployed = config.load_mapping({"app": {"workers": 7}, "processes": {"w": "run"}}, source="x")
     settings.save_deployed(history, deployed)
     assert config.changed(settings.load_deployed(history) or Config(), deployed) == []
-    history.set_setting(settings.DEPLOYED, "{not json")
+    history.set_value(settings.DEPLOYED, "{not json")
     assert settings.load_deployed(history) is None
 
 

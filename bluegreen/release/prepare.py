@@ -1,0 +1,97 @@
+"""Making a commit ready to serve: the materialize and verify steps of a deploy.
+
+A release not on disk yet is materialized into a staging directory, built and checked there,
+then published; one on disk (a rollback, a recovery) is only read again. Either way the
+result says what every process of the release gets: its directory, process types, WSGI app
+and environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bluegreen.config import DEFAULT_WSGI, Config
+from bluegreen.history import Step
+from bluegreen.log import fields
+from bluegreen.recorder import Recorder
+from bluegreen.release import appenv, procfile
+from bluegreen.release.procfile import Processes
+from bluegreen.release.releases import Releases
+from bluegreen.release.repository import Repository
+from bluegreen.release.venvs import Venvs
+from bluegreen.release.verify import Verifier
+from bluegreen.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A verified release on disk, and what its processes run with."""
+
+    commit: str
+    directory: Path
+    processes: Processes
+    wsgi: str
+    environment: dict[str, str]
+
+
+# Given the settings and the deployment id: what builds and checks a release.
+VerifierFactory = Callable[[Config, int], Verifier]
+
+
+@dataclass
+class Preparer:
+    systemd: Systemd
+    repository: Repository
+    releases: Releases
+    environments: Venvs
+    make_verifier: VerifierFactory | None = None
+
+    def verifier(self, config: Config, deployment_id: int) -> Verifier:
+        if self.make_verifier is not None:
+            return self.make_verifier(config, deployment_id)
+        return Verifier(self.systemd, config, self.environments, deployment_id)
+
+    async def prepare(self, config: Config, recorder: Recorder) -> Prepared:
+        """Materialize and verify the recorded deployment's commit (unless on disk already)."""
+        commit, deployment_id = recorder.record.commit, recorder.record.id
+        directory = self.releases.path(commit)
+        staging: Path | None = None
+        try:
+            async with recorder.step(Step.MATERIALIZE):
+                if not self.releases.exists(commit):
+                    staging = await self.releases.stage(self.repository, commit)
+            async with recorder.step(Step.VERIFY):
+                source = staging or directory
+                processes = procfile.processes(source, config.release.migrate_command,
+                                               config.processes)
+                wsgi = _wsgi(config, processes, deployment_id)
+                verifier = self.verifier(config, deployment_id)
+                environment_dir = await verifier.environment(source)
+                env = appenv.environment(config, commit, directory, environment_dir, deployment_id)
+                if staging is not None:
+                    # Built and checked where it lies until it is published.
+                    await verifier.verify(staging, {**env, "BLUEGREEN_RELEASE_DIR": str(staging)},
+                                          wsgi)
+                    directory = self.releases.publish(staging, commit)
+                    staging = None
+        finally:
+            if staging is not None:  # an unfinished release is never published
+                self.releases.discard(staging)
+        return Prepared(commit, directory, processes, wsgi, env)
+
+
+def _wsgi(config: Config, processes: Processes, deployment_id: int) -> str:
+    """The WSGI app to serve: app.wsgi, else the one the Procfile's web line names, else
+    app:app."""
+    if config.app.wsgi:
+        return config.app.wsgi
+    if processes.web:
+        log.info("serving %s, the app the Procfile's web line names", processes.web,
+                 extra=fields(deployment_id=deployment_id))
+        return processes.web
+    return DEFAULT_WSGI
