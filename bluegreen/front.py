@@ -88,6 +88,9 @@ def render(served: Iterable[Site], front: FrontConfig) -> str:
         "handle": [{
             "handler": "reverse_proxy",
             "upstreams": [{"dial": f"127.0.0.1:{site.port}"}],
+            # A connection the public port refuses (say its forwarder restarting) is tried
+            # again rather than answered with a 502.
+            "load_balancing": {"try_duration": "5s", "try_interval": "100ms"},
             "headers": {"request": {
                 "set": {
                     "X-Forwarded-For": ["{http.request.remote.host}"],
