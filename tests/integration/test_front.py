@@ -212,3 +212,19 @@ def test_a_deploy_under_https_load_fails_no_request(box: Sandbox, apps: dict[str
     assert report["ok"] > 100 and report["slow"] >= 2
     assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "3"
     assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "staging"
+
+
+def test_the_front_is_sandboxed_and_goes_with_the_package(box: Sandbox, apps: dict[str, App]) -> None:
+    unit = "bluegreen-front.service"
+    dropins = box.run("systemctl", "show", "-P", "DropInPaths", unit).stdout.split()
+    assert "/usr/lib/systemd/system/bluegreen-front.service.d/10-hardening.conf" in dropins
+    assert box.run("systemctl", "show", "-P", "DynamicUser", unit).stdout.strip() == "yes"
+    exposure = box.run("systemd-analyze", "security", unit, "--no-pager").stdout.splitlines()[-1]
+    print(f"\n{unit}: {exposure}")
+    assert box.exists("/var/lib/private/bluegreen-front/acme")  # certificates kept in its state
+    box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "bluegreen")
+    assert box.run("systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
+    listening = box.run("ss", "-Hltn").stdout
+    assert ":443 " not in listening and ":80 " not in listening, listening
+    box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "bluegreen")
+    assert not box.exists("/var/lib/private/bluegreen-front")
