@@ -182,7 +182,10 @@ def seen(box: Sandbox, *args: str) -> dict[str, Any]:
 
 def test_after_a_deploy_the_app_sees_https_and_the_client_whatever_it_claims(
         box: Sandbox, apps: dict[str, App]) -> None:
-    deploy_new_release(box, apps["production"], "The first release behind the front")
+    with HttpsLoad(box) as load:  # it moves the public port to 127.0.0.1
+        deploy_new_release(box, apps["production"], "The first release behind the front")
+    print(f"\nHTTPS load during the deploy that moves the public port to 127.0.0.1: "
+          f"{load.report['ok']} requests, failed: {load.report['failures'][:5]}")
     box.run("ip", "addr", "add", f"{CLIENT}/32", "dev", "lo")
     truth = {"scheme": "https", "remote_addr": "127.0.0.1", "forwarded_for": [CLIENT]}
     assert seen(box) == truth
@@ -193,19 +196,32 @@ def test_after_a_deploy_the_app_sees_https_and_the_client_whatever_it_claims(
     assert direct.returncode == 7, direct  # refused
 
 
+class HttpsLoad:
+    """LOAD inside the container while the block runs; its report afterwards."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.report: dict[str, Any] = {}
+
+    def __enter__(self) -> HttpsLoad:
+        self.box.write("/srv/httpsload.py", LOAD)
+        self.box.run("rm", "-f", "/run/httpsload.stop")
+        self.process = subprocess.Popen([*self.box.enter(), "/usr/bin/python3", "/srv/httpsload.py",
+                                         BLOG, ROOT], stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        time.sleep(2)
+        self.box.run("touch", "/run/httpsload.stop")
+        out, _err = self.process.communicate(timeout=60)
+        self.report = json.loads(out)
+
+
 def test_a_deploy_under_https_load_fails_no_request(box: Sandbox, apps: dict[str, App]) -> None:
-    box.write("/srv/httpsload.py", LOAD)
-    box.run("rm", "-f", "/run/httpsload.stop")
-    load = subprocess.Popen([*box.enter(), "/usr/bin/python3", "/srv/httpsload.py", BLOG, ROOT],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(2)
+    with HttpsLoad(box) as load:
         record = deploy_new_release(box, apps["production"], "A release deployed under HTTPS load")
-        time.sleep(2)
-    finally:
-        box.run("touch", "/run/httpsload.stop")
-        out, _ = load.communicate(timeout=60)
-    report = json.loads(out)
+    report = load.report
     print(f"\nHTTPS load through the front during deploy {record['id']}: {report['ok']} requests, "
           f"{report['slow']} 2-s requests, failed: {len(report['failures'])} {report['failures'][:5]}")
     assert report["failures"] == []
