@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import pwd
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bluegreen import config as configuration
+from bluegreen import sockdiag
 from bluegreen.config import LETSENCRYPT, Config, ConfigError, FrontConfig
 from bluegreen.files import atomic_write
-from bluegreen.systemd import Systemd, SystemdError
+from bluegreen.systemd import ActiveState, Systemd, SystemdError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ STORAGE = "/var/lib/bluegreen-front"
 # Headers a client may send to claim another scheme or address: the front removes them and
 # sets its own X-Forwarded-* (gunicorn believes X-Forwarded-Ssl and -Protocol too).
 SPOOFABLE = ("Forwarded", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "X-Real-Ip")
+PORTS = (80, 443)
 
 
 @dataclass(frozen=True)
@@ -135,12 +138,15 @@ async def apply(systemd: Systemd, run_dir: Path, served: list[Site], front: Fron
     new configuration keeps the old one (and the file says the old one again)."""
     path = run_dir / CONFIG_NAME
     try:
-        running = (await systemd.status(UNIT)).is_running
+        status = await systemd.status(UNIT)
     except SystemdError as exc:
         log.error("the front (%s) cannot be read: %s", UNIT, exc)
         return "unknown"
+    # Serving its configuration: not a front that failed, nor one systemd restarts after a
+    # failure (activating), which is started again rather than reloaded.
+    running = status.active_state in (ActiveState.ACTIVE, ActiveState.RELOADING)
     if not served:
-        if not running:
+        if not status.is_running:
             return "none"
         log.info("no app has domains any more: stopping the front (%s)", UNIT)
         await _quietly(systemd.stop_unit(UNIT), "stop")
@@ -162,10 +168,29 @@ async def apply(systemd: Systemd, run_dir: Path, served: list[Site], front: Fron
         if old is not None:
             atomic_write(path, old)
         return "failed"
+    await systemd.reset_failed(UNIT)  # a front that failed before may have hit its start limit
     if await _quietly(systemd.start_unit(UNIT), "start"):
         log.info("the front serves %s (started)", domains)
         return "started"
+    held = holders()
+    if held:
+        log.error("the front cannot listen: %s", held)
     return "failed"
+
+
+def holders(listening: Callable[[int], list[sockdiag.TcpSocket]] = sockdiag.listeners) -> str:
+    """Who else listens on the front's ports ("" if nobody): the port, the address and the
+    user, which is what the kernel tells a process without the right to look into others."""
+    held = []
+    for port in PORTS:
+        for sock in listening(port):
+            try:
+                user = pwd.getpwuid(sock.uid).pw_name
+            except KeyError:
+                user = "?"
+            held.append(f"port {port} on {sock.local_address} is held by a process of user "
+                        f"{user} (uid {sock.uid})")
+    return "; ".join(held)
 
 
 async def _quietly(job: Any, verb: str) -> bool:

@@ -132,13 +132,32 @@ def apps(box: Sandbox) -> dict[str, App]:
     return {"production": production, "staging": staging}
 
 
-def test_a_reload_puts_each_app_on_its_domains_with_certificates_from_the_acme_ca(
-        box: Sandbox, apps: dict[str, App]) -> None:
-    assert box.run("systemctl", "is-active", "bluegreen-front.service", check=False).stdout.strip() \
-        == "inactive"  # no app has domains: no front
+def with_domains(box: Sandbox) -> None:
     configure(box, f'post_switch_watch = 0\n[app]\ndomains = ["{BLOG}", "{WWW}"]\n{FRONT}')
     box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}"]\n')
     box.run("systemctl", "reload", "bluegreen.service")
+
+
+def front_state(box: Sandbox) -> str:
+    return box.run("systemctl", "is-active", "bluegreen-front.service", check=False).stdout.strip()
+
+
+def test_a_port_held_by_another_process_keeps_the_front_off_and_is_named(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    assert front_state(box) == "inactive"  # no app has domains: no front
+    box.run("systemd-run", "--unit=squatter", "/usr/bin/python3", "-m", "http.server", "80")
+    wait(lambda: ":80 " in box.run("ss", "-Hltn").stdout, "the squatter listening")
+    with_domains(box)  # the settings are good: the reload succeeds
+    assert front_state(box) != "active"
+    assert "port 80 on 0.0.0.0 is held by a process of user root (uid 0)" in box.journal(
+        "-u", "bluegreen.service", "--grep", "the front cannot listen")
+    assert json.loads(box.run("curl", "-sS", "http://127.0.0.1:5000/").stdout)["version"] == "1"
+    box.run("systemctl", "stop", "squatter.service")
+
+
+def test_a_reload_puts_each_app_on_its_domains_with_certificates_from_the_acme_ca(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    with_domains(box)  # the same settings again: the front starts now that it can
     assert box.run("systemctl", "is-active", "bluegreen-front.service").stdout.strip() == "active"
     started = time.monotonic()
     # Trusting pebble's root alone: the certificates are the ACME server's.

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from bluegreen import apps, config, front
+from bluegreen import apps, config, front, sockdiag
 from bluegreen.config import Config, ConfigError, FrontConfig
 from bluegreen.systemd import JobFailed, Systemd, UnitStatus
 
@@ -140,6 +140,9 @@ class FakeSystemd:
     async def stop_unit(self, unit: str, **_: Any) -> None:
         await self._job("stop", unit)
 
+    async def reset_failed(self, unit: str) -> None:
+        self.jobs.append(f"reset-failed {unit}")
+
 
 def apply(systemd: FakeSystemd, run_dir: Path, sites: list[front.Site],
           settings: FrontConfig | None = None) -> str:
@@ -156,7 +159,8 @@ def test_the_front_is_reloaded_only_when_its_configuration_changes(tmp_path: Pat
     assert apply(systemd, tmp_path, SITES[:1], FrontConfig(email="a@b.example")) == "reloaded"
     assert apply(systemd, tmp_path, []) == "stopped"
     assert not (tmp_path / "front.json").exists()
-    assert systemd.jobs == ["start bluegreen-front.service", "reload bluegreen-front.service",
+    assert systemd.jobs == ["reset-failed bluegreen-front.service", "start bluegreen-front.service",
+                            "reload bluegreen-front.service",
                             "reload bluegreen-front.service", "stop bluegreen-front.service"]
 
 
@@ -165,3 +169,11 @@ def test_a_front_that_refuses_new_settings_keeps_the_old_ones_on_file(tmp_path: 
     (tmp_path / "front.json").write_text(front.render(SITES, FrontConfig()))
     assert apply(systemd, tmp_path, SITES[:1]) == "failed"
     assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig())
+
+
+def test_a_port_held_by_another_process_is_named() -> None:
+    def listening(port: int) -> list[sockdiag.TcpSocket]:
+        return [sockdiag.TcpSocket("0.0.0.0", port, "0.0.0.0", 0, sockdiag.TcpState.LISTEN, 0, 0, 1)
+                ] if port == 80 else []
+    assert front.holders(listening) == "port 80 on 0.0.0.0 is held by a process of user root (uid 0)"
+    assert front.holders(lambda port: []) == ""
