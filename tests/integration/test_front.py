@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 PEBBLE = "/srv/pebble"
 ACME = "https://127.0.0.1:14000/dir"
 ROOT = f"{PEBBLE}/root.pem"  # the root of the certificates pebble issues (random per run)
-BLOG, WWW, STAGING = "blog.test", "www.blog.test", "staging.test"
+BLOG, WWW, STAGING, NEW = "blog.test", "www.blog.test", "staging.test", "new.test"
 STAGING_FILE = "/etc/bluegreen/apps/staging.toml"
 STAGING_CONFIG = '[repository]\nurl = "/srv/staging.git"\nwatch = false\n[ports]\npublic = 5100\n'
 FRONT = f'[front]\nemail = "ops@example.com"\nacme_ca = "{ACME}"\nacme_ca_root = "{PEBBLE}/cert.pem"\n'
@@ -121,7 +121,7 @@ def apps(box: Sandbox) -> dict[str, App]:
     """Two apps serving on their public ports (no domains yet), pebble running, the test's
     names pointed at this host."""
     start_pebble(box)
-    box.write("/etc/hosts", f"127.0.0.1 localhost {BLOG} {WWW} {STAGING}\n::1 localhost\n")
+    box.write("/etc/hosts", f"127.0.0.1 localhost {BLOG} {WWW} {STAGING} {NEW}\n::1 localhost\n")
     staging = App(box)
     staging.work, staging.bare = box.path("/srv/staging-work"), box.path("/srv/staging.git")
     staging.create()
@@ -247,6 +247,24 @@ def test_a_deploy_under_https_load_fails_no_request(box: Sandbox, apps: dict[str
     assert report["ok"] > 100 and report["slow"] >= 2
     assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "3"
     assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "staging"
+
+
+def test_a_reload_that_adds_a_domain_under_load_fails_no_request(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    """The front's reload runs its new configuration beside the old one on the same listeners."""
+    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen-front.service").stdout
+    with HttpsLoad(box) as load:
+        box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}", "{NEW}"]\n')
+        box.run("systemctl", "reload", "bluegreen.service")
+        wait(lambda: curl(box, f"https://{NEW}/", "-f", check=False).returncode == 0,
+             f"a certificate for {NEW}", 30)
+    report = load.report
+    print(f"\nHTTPS load on {BLOG} while a reload added {NEW}: {report['ok']} requests, "
+          f"failed: {len(report['failures'])} {report['failures'][:5]}")
+    assert report["failures"] == [] and report["ok"] > 100
+    assert json.loads(curl(box, f"https://{NEW}/").stdout)["version"] == "staging"
+    assert box.run("systemctl", "show", "-P", "MainPID", "bluegreen-front.service").stdout == pid
+    assert "(reloaded)" in box.journal("-u", "bluegreen.service", "--grep", "the front serves")
 
 
 def test_the_front_is_sandboxed_and_goes_with_the_package(box: Sandbox, apps: dict[str, App]) -> None:
