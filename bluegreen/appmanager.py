@@ -55,6 +55,7 @@ class AppManager:
         # Set when any app's controller meets an internal error: the daemon exits.
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
+        self._front = asyncio.Lock()  # one change of the front at a time (front.py)
         self._started = False  # READY=1 sent: a reload then tells systemd it is reloading
 
     def load(self) -> dict[str, Config]:
@@ -74,6 +75,7 @@ class AppManager:
         controller = Controller(config, self.systemd, paths, notify_status=status,
                                 secrets=self.secrets, fatal=self.fatal, port_user=self.port_user)
         self.controllers[name] = controller
+        controller.observers.append(front.AfterDeploy(self.apply_front))
         interface = ManagerInterface(controller, self.reload, self.bus)
         if self.bus is not None:
             self.bus.export(object_path(name), interface)
@@ -114,10 +116,11 @@ class AppManager:
     async def apply_front(self) -> None:
         """The HTTPS front serves every app's domains as the settings in effect say: the
         domains and [front] of the files, each app's public port (front.py)."""
-        default = self.controllers.get(DEFAULT_APP)
-        settings = default.config.front if default is not None else FrontConfig()
-        served = front.sites(controller.config for controller in self.controllers.values())
-        await front.apply(self.systemd, self.paths.runtime, served, settings)
+        async with self._front:
+            default = self.controllers.get(DEFAULT_APP)
+            settings = default.config.front if default is not None else FrontConfig()
+            served = front.sites(controller.config for controller in self.controllers.values())
+            await front.apply(self.systemd, self.paths.runtime, served, settings)
 
     async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:
         """The public ports each app's forwarders serve, or will serve: while a release serves,

@@ -17,10 +17,11 @@ an app with domains gets its public port on 127.0.0.1 and believes those headers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import pwd
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from bluegreen import config as configuration
 from bluegreen import sockdiag
 from bluegreen.config import LETSENCRYPT, Config, ConfigError, FrontConfig
 from bluegreen.files import atomic_write
+from bluegreen.history import Deployment, Step
 from bluegreen.systemd import ActiveState, Systemd, SystemdError
 
 log = logging.getLogger(__name__)
@@ -202,3 +204,27 @@ async def _quietly(job: Any, verb: str) -> bool:
         log.error("the %s of the front failed: %s (journalctl -u %s says why)", verb, exc, UNIT)
         return False
     return True
+
+
+class AfterDeploy:
+    """An observer of an app's controller: after each of its deployments the front follows
+    the public port the app serves then (a changed ports.public applies at a deploy). The same
+    port again changes nothing, so the front's configuration stays still across deploys."""
+
+    def __init__(self, follow: Callable[[], Awaitable[None]]) -> None:
+        self.follow = follow
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def step(self, deployment: Deployment, step: Step, port: int) -> None:
+        pass
+
+    def changed(self) -> None:
+        pass
+
+    def finished(self, deployment: Deployment) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow(), name="front")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _follow(self) -> None:
+        await self.follow()

@@ -267,6 +267,21 @@ def test_a_reload_that_adds_a_domain_under_load_fails_no_request(
     assert "(reloaded)" in box.journal("-u", "bluegreen.service", "--grep", "the front serves")
 
 
+def test_a_new_public_port_reaches_the_front_with_the_deploy_that_applies_it(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    box.write(STAGING_FILE, STAGING_CONFIG.replace("5100", "5200")
+              + f'[app]\ndomains = ["{STAGING}", "{NEW}"]\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+    assert '"127.0.0.1:5100"' in box.run("cat", "/run/bluegreen/front.json").stdout  # still served
+    apps["staging"].commit("Staging on another public port")
+    busctl(box, "call", MANAGER[0], f"{MANAGER[1]}/app/staging", MANAGER[2], "Deploy", "s", "")
+    wait(lambda: '"127.0.0.1:5200"' in box.run("cat", "/run/bluegreen/front.json").stdout,
+         "the front following staging's new port", 90)
+    wait(lambda: app_state(box, "staging") == "serving", "staging serving")
+    assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "2"
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "3"
+
+
 def test_the_front_is_sandboxed_and_goes_with_the_package(box: Sandbox, apps: dict[str, App]) -> None:
     unit = "bluegreen-front.service"
     dropins = box.run("systemctl", "show", "-P", "DropInPaths", unit).stdout.split()

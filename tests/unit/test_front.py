@@ -177,3 +177,18 @@ def test_a_port_held_by_another_process_is_named() -> None:
                 ] if port == 80 else []
     assert front.holders(listening) == "port 80 on 0.0.0.0 is held by a process of user root (uid 0)"
     assert front.holders(lambda port: []) == ""
+
+
+def test_after_each_deploy_the_front_follows_the_public_ports() -> None:
+    follows: list[str] = []
+
+    async def follow() -> None:
+        follows.append("follow")
+
+    async def deploy_finishes() -> None:
+        observer = front.AfterDeploy(follow)
+        observer.finished(cast(Any, None))
+        await asyncio.gather(*observer.tasks)
+
+    asyncio.run(deploy_finishes())
+    assert follows == ["follow"]
