@@ -22,11 +22,11 @@ from pathlib import Path
 
 from dbus_next.aio import MessageBus
 
-from bluegreen import apps
+from bluegreen import apps, front
 from bluegreen import log as logsetup
 from bluegreen.api.dbus import ManagerInterface
 from bluegreen.api.names import object_path
-from bluegreen.config import DEFAULT_APP, Config, ConfigError
+from bluegreen.config import DEFAULT_APP, Config, ConfigError, FrontConfig
 from bluegreen.controller import Controller
 from bluegreen.credentials import Secrets
 from bluegreen.forwarders import control
@@ -56,6 +56,7 @@ class AppManager:
         # Set when any app's controller meets an internal error: the daemon exits.
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
+        self._front = asyncio.Lock()  # one change of the front at a time (front.py)
         self._started = False  # READY=1 sent: a reload then tells systemd it is reloading
 
     def load(self) -> dict[str, Config]:
@@ -76,6 +77,7 @@ class AppManager:
         controller = Controller(config, self.systemd, paths, parts, notify_status=status,
                                 fatal=self.fatal)
         self.controllers[name] = controller
+        controller.observers.append(front.AfterDeploy(self.apply_front))
         interface = ManagerInterface(controller, self.reload, self.bus)
         if self.bus is not None:
             self.bus.export(object_path(name), interface)
@@ -85,6 +87,7 @@ class AppManager:
         """Start every app added: each adopts what systemd runs of it."""
         await asyncio.gather(*(self._start(name, controller)
                                for name, controller in self.controllers.items()))
+        await self.apply_front()
         self._started = True  # the daemon sends READY=1 next
 
     @staticmethod
@@ -106,9 +109,20 @@ class AppManager:
             notify = self.notify if self._started else (lambda line: None)
             notify("RELOADING=1")
             try:
-                return await self._apply(configs)
+                changes = await self._apply(configs)
+                await self.apply_front()
+                return changes
             finally:
                 notify("READY=1")
+
+    async def apply_front(self) -> None:
+        """The HTTPS front serves every app's domains as the settings in effect say: the
+        domains and [front] of the files, each app's public port (front.py)."""
+        async with self._front:
+            default = self.controllers.get(DEFAULT_APP)
+            settings = default.settings.in_effect.front if default is not None else FrontConfig()
+            served = front.sites(controller.settings.in_effect for controller in self.controllers.values())
+            await front.apply(self.systemd, self.paths.runtime, served, settings)
 
     async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:
         """The public ports each app's forwarders serve, or will serve: while a release serves,

@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from bluegreen import config as configuration
+from bluegreen import front
 from bluegreen.config import DEFAULT_APP, Config, ConfigError, Forwarder
 
 APPS_DIR = Path("/etc/bluegreen/apps")
@@ -95,6 +96,8 @@ def load_app(name: str, path: Path) -> Config:
 
     if config.api != configuration.ApiConfig():
         raise error("api.listen", f"the HTTP API is the host's: set it in {configuration.DEFAULT_PATH}")
+    if config.front != configuration.FrontConfig():
+        raise error("front", f"the HTTPS front is the host's: set [front] in {configuration.DEFAULT_PATH}")
     if config.forwarder == Forwarder.HAPROXY:
         raise error("forwarder", "\"haproxy\" serves the default app only (one haproxy for the "
                     "host): use \"socat\" or \"proxy\"")
@@ -104,11 +107,12 @@ def load_app(name: str, path: Path) -> Config:
 def load(default_path: Path = configuration.DEFAULT_PATH, apps_dir: Path = APPS_DIR,
          environ: Mapping[str, str] | None = None) -> dict[str, Config]:
     """Every app's settings, the default app's first; raises ConfigError for a bad file or
-    two apps on one public port."""
+    two apps on one public port or one domain."""
     configs = {DEFAULT_APP: configuration.load(default_path, environ)}
     for name, path in files(apps_dir).items():
         configs[name] = load_app(name, path)
     check_public_ports(configs)
+    front.check_domains(configs)
     return configs
 
 

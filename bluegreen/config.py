@@ -117,6 +117,8 @@ class AppConfig:
     network: Network = Network.ANY
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     forwarded_allow_ips: str = ""
+    # Served over HTTPS by the front (front.py); lower case, each app's own.
+    domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,19 @@ class HealthConfig:
     deadline: float = 60.0
 
 
+# Let's Encrypt's production directory: the ACME CA of the front unless [front] names another.
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """The host's HTTPS front (front.py): set in bluegreen.toml only, for every app."""
+
+    email: str = ""
+    acme_ca: str = ""  # "": LETSENCRYPT
+    acme_ca_root: str = ""  # a PEM file of the roots a private ACME server's TLS chains to
+
+
 @dataclass(frozen=True)
 class Config:
     repository: RepositoryConfig = RepositoryConfig()
@@ -149,6 +164,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     health: HealthConfig = HealthConfig()
     release: ReleaseConfig = ReleaseConfig()
+    front: FrontConfig = FrontConfig()
     forwarder: Forwarder = Forwarder.SOCAT
     drain_timeout: float = 30.0
     post_switch_watch: float = 10.0
@@ -267,6 +283,41 @@ def _forwarded_allow_ips(value: Any) -> str:
             raise ValueError(f"{address!r} is not an IP address (a list like \"127.0.0.1\"; "
                              "\"\" trusts nobody)") from None
     return ",".join(addresses)
+
+
+# A host name as DNS has it (RFC 1123 labels), with at least two labels and a last one that is
+# not a number: what an ACME CA issues a certificate for (no wildcard: that needs DNS-01).
+_DNS_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+DOMAIN = re.compile(rf"(?=.{{1,253}}\Z)(?:{_DNS_LABEL}\.)+(?![0-9]+\Z){_DNS_LABEL}")
+
+
+def _domains(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list like [\"example.com\"], got {type(value).__name__}")
+    result: list[str] = []
+    for name in value:
+        if not isinstance(name, str):
+            raise ValueError(f"expected domain names as strings, got {type(name).__name__}")
+        domain = name.lower()
+        if not DOMAIN.fullmatch(domain):
+            raise ValueError(f"{name!r} is not a domain name (labels of letters, digits and '-', "
+                             "separated by dots, at least two; no wildcard)")
+        if domain in result:
+            raise ValueError(f"{name!r} is listed twice")
+        result.append(domain)
+    return tuple(result)
+
+
+def _email(value: Any) -> str:
+    return _string(r"[^@\s]+@[^@\s]+\.[^@\s]+", "an email address", empty_ok=True)(value)
+
+
+def _acme_directory(value: Any) -> str:
+    return _string(r"https://[^\s]+", "an https URL of an ACME directory", empty_ok=True)(value)
+
+
+def _absolute_path(value: Any) -> str:
+    return _string(r"/[^\0\n]*", "an absolute path", empty_ok=True)(value)
 
 
 def _repository_url(value: Any) -> str:
@@ -430,6 +481,13 @@ KEYS: tuple[Key, ...] = (
         "from, comma-separated; every request reaches the instance from the forwarder on "
         "127.0.0.1, so \"127.0.0.1\" believes whatever reaches the public port: only behind a "
         "TLS proxy that alone can reach it. Empty: nobody."),
+    Key("app", "domains", _domains,
+        "Domain names the front (bluegreen-front.service, Caddy) serves this app on over HTTPS, "
+        "with certificates from front.acme_ca; http redirects to https. An app with domains "
+        "gets its public port on 127.0.0.1 and believes the X-Forwarded-* headers from there "
+        "(the front's), unless ports.public_address and app.forwarded_allow_ips say otherwise. "
+        "No two apps may list the same name. The front follows at reload; the public port's "
+        "address and the trust, at the next deploy."),
     Key("ports", "public", _integer(1, 65535), "Port the forwarder listens on for clients."),
     Key("ports", "range", parse_port_range, "Ports instances are started on, FIRST-LAST."),
     Key("ports", "public_address", _ip_address,
@@ -461,6 +519,15 @@ KEYS: tuple[Key, ...] = (
         "each."),
     Key("release", "keep", _integer(1, 1000),
         "Releases kept on disk, besides the serving one and the rollback target."),
+    Key("front", "email", _email,
+        "The ACME account's email address, for the CA's notices (expiry, revocation); "
+        "bluegreen.toml only, for every app."),
+    Key("front", "acme_ca", _acme_directory,
+        "The ACME directory the front gets certificates from. Empty: Let's Encrypt's, "
+        f"{LETSENCRYPT}."),
+    Key("front", "acme_ca_root", _absolute_path,
+        "A PEM file of the root certificates the ACME server's own TLS chains to, for a "
+        "private CA. Empty: the system's."),
     Key(None, "forwarder", _choice(Forwarder),
         "What carries the public port to the instance: \"socat\" (a process per connection), "
         "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections) or "
@@ -481,6 +548,9 @@ KEYS: tuple[Key, ...] = (
 _APPLIES: dict[str, Applies] = {
     "repository": Applies.NOW,
     "app": Applies.NEXT_DEPLOY,
+    # The front's routes; the public port's address and the trust follow at the next deploy.
+    "app.domains": Applies.NOW,
+    "front": Applies.NOW,
     "ports.public": Applies.NEXT_DEPLOY,
     "ports.public_address": Applies.NEXT_DEPLOY,
     "ports.max_connections": Applies.NEXT_DEPLOY,
@@ -568,6 +638,7 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
         api=section(ApiConfig, "api"),
         health=section(HealthConfig, "health"),
         release=section(ReleaseConfig, "release"),
+        front=section(FrontConfig, "front"),
         source=source,
         **{key: value for (sec, key), value in parsed.items() if sec is None},
     )
@@ -575,9 +646,26 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
         raise error("ports", "public", f"{config.ports.public} lies inside ports.range {config.ports.range}")
     if config.app.instances > 1 and config.forwarder != Forwarder.SOCAT:
         raise error("app", "instances", "more than one instance needs forwarder = \"socat\"")
+    if config.app.domains and config.forwarder == Forwarder.HAPROXY:
+        raise error("app", "domains", "the front needs forwarder = \"socat\" or \"proxy\" "
+                    "(haproxy replaces the X-Forwarded-* headers the front sets)")
     if config.health.timeout > config.health.deadline:
         raise error("health", "timeout", "must not exceed health.deadline")
-    return config
+    return behind_front(config)
+
+
+def behind_front(config: Config) -> Config:
+    """An app with domains is served by the front (front.py), which sets the X-Forwarded-*
+    headers from 127.0.0.1: its public port listens there alone, so that no client can send
+    them, and its instances believe them from there; unless the file says otherwise."""
+    if not config.app.domains:
+        return config
+    ports, app = config.ports, config.app
+    if not ports.public_address:
+        ports = dataclasses.replace(ports, public_address="127.0.0.1")
+    if not app.forwarded_allow_ips:
+        app = dataclasses.replace(app, forwarded_allow_ips="127.0.0.1")
+    return dataclasses.replace(config, ports=ports, app=app)
 
 
 ENVIRONMENT = {
@@ -664,6 +752,8 @@ def to_dict(config: Config) -> dict[str, Any]:
         value = getattr(holder, key.name)
         if isinstance(value, (PortRange, ListenAddress)):
             value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
         if key.section:
             result.setdefault(key.section, {})[key.name] = value
         else:

@@ -36,7 +36,7 @@ MASKED = ("postgresql.service", "postgresql@.service", "getty@.service", "consol
           "apt-daily-upgrade.timer", "man-db.timer", "e2scrub_all.timer", "fstrim.timer",
           "logrotate.timer", "exim4.service", "nginx.service", "redis-server.service",
           "memcached.service", "docker.service", "containerd.service", "packagekit.service",
-          "haproxy.service")
+          "haproxy.service", "caddy.service", "caddy-api.service")
 
 
 class SandboxError(Exception):

@@ -1,0 +1,230 @@
+"""The front: one Caddy (Debian's) for the host, bluegreen-front.service, on ports 80 and 443.
+
+It serves each app's ``domains`` over HTTPS with certificates it gets and renews itself from
+the ACME CA of ``[front]``, redirects http to https, and passes each request on to the public
+port of the app whose domain it names. bluegreen switches that port as it always does, so the
+front's configuration never changes during a deploy: it is written (and the front reloaded)
+only when the domains or ``[front]`` change, at ``systemctl reload bluegreen``.
+
+A Caddy reload runs the new configuration beside the old one on the same listeners: no
+connection is refused, requests in flight finish. It closes what a reload cannot carry over:
+upgraded connections (websockets) through the proxy and HTTP/3, which is therefore off.
+
+The front sets X-Forwarded-For, -Proto and -Host itself, replacing whatever the client sent;
+an app with domains gets its public port on 127.0.0.1 and believes those headers from there
+(config.py), so that only the front, not a client, can speak for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pwd
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bluegreen import config as configuration
+from bluegreen import sockdiag
+from bluegreen.config import LETSENCRYPT, Config, ConfigError, FrontConfig
+from bluegreen.files import atomic_write
+from bluegreen.history import Deployment, Step
+from bluegreen.systemd import ActiveState, Systemd, SystemdError
+
+log = logging.getLogger(__name__)
+
+UNIT = "bluegreen-front.service"
+# Under bluegreen's runtime directory; the unit reads it at start and at reload.
+CONFIG_NAME = "front.json"
+# The admin endpoint, which takes a whole new configuration: a unix socket of the front's own
+# runtime directory (mode 0700 under its user), never TCP, where any local process could reach it.
+ADMIN = "unix//run/bluegreen-front/admin.sock"
+# The certificates, keys and ACME account (StateDirectory= of the unit).
+STORAGE = "/var/lib/bluegreen-front"
+# Headers a client may send to claim another scheme or address: the front removes them and
+# sets its own X-Forwarded-* (gunicorn believes X-Forwarded-Ssl and -Protocol too).
+SPOOFABLE = ("Forwarded", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "X-Real-Ip")
+PORTS = (80, 443)
+
+
+@dataclass(frozen=True)
+class Site:
+    """The domains of one app and the public port that serves it."""
+
+    app: str
+    domains: tuple[str, ...]
+    port: int
+
+
+def check_domains(configs: Mapping[str, Config]) -> None:
+    """No domain may be two apps': the error names both, and where each lists it."""
+    owners: dict[str, Config] = {}
+    for config in configs.values():
+        for domain in config.app.domains:
+            other = owners.get(domain)
+            if other is not None:
+                raise ConfigError(f"{_where(config)}: app.domains: {domain!r} is a domain of the "
+                                  f"app {other.app_name} ({other.source}) already: the app "
+                                  f"{config.app_name} cannot have it too")
+            owners[domain] = config
+
+
+def _where(config: Config) -> str:
+    try:
+        text = Path(config.source).read_text(encoding="utf-8")
+    except OSError:
+        return config.source
+    line = configuration.line_of(text, "app.domains")
+    return f"{config.source}:{line}" if line else config.source
+
+
+def sites(configs: Iterable[Config]) -> list[Site]:
+    return [Site(config.app_name, config.app.domains, config.ports.public)
+            for config in configs if config.app.domains]
+
+
+def render(served: Iterable[Site], front: FrontConfig) -> str:
+    """Caddy's JSON configuration for these sites."""
+    served = list(served)
+    routes = [{
+        "match": [{"host": list(site.domains)}],
+        "handle": [{
+            "handler": "reverse_proxy",
+            "upstreams": [{"dial": f"127.0.0.1:{site.port}"}],
+            # A connection the public port refuses (say its forwarder restarting) is tried
+            # again rather than answered with a 502.
+            "load_balancing": {"try_duration": "5s", "try_interval": "100ms"},
+            "headers": {"request": {
+                "set": {
+                    "X-Forwarded-For": ["{http.request.remote.host}"],
+                    "X-Forwarded-Proto": ["{http.request.scheme}"],
+                    "X-Forwarded-Host": ["{http.request.host}"],
+                },
+                "delete": list(SPOOFABLE),
+            }},
+        }],
+        "terminal": True,
+    } for site in served]
+    issuer: dict[str, Any] = {"module": "acme", "ca": front.acme_ca or LETSENCRYPT}
+    if front.email:
+        issuer["email"] = front.email
+    if front.acme_ca_root:
+        issuer["trusted_roots_pem_files"] = [front.acme_ca_root]
+    document = {
+        "admin": {"listen": ADMIN, "config": {"persist": False}},
+        "storage": {"module": "file_system", "root": STORAGE},
+        "apps": {
+            "http": {
+                "http_port": 80,
+                "https_port": 443,
+                "servers": {"front": {
+                    "listen": [":443"],
+                    "protocols": ["h1", "h2"],  # no HTTP/3: a reload closes it without grace
+                    "routes": routes,
+                }},
+            },
+            "tls": {"automation": {"policies": [{
+                "subjects": sorted(domain for site in served for domain in site.domains),
+                "issuers": [issuer],
+            }]}},
+        },
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+async def apply(systemd: Systemd, run_dir: Path, served: list[Site], front: FrontConfig) -> str:
+    """Bring the front in line with the sites: start it, reload it when its configuration
+    changed, stop it when no app has a domain. Returns what it did; a front that refuses the
+    new configuration keeps the old one (and the file says the old one again)."""
+    path = run_dir / CONFIG_NAME
+    try:
+        status = await systemd.status(UNIT)
+    except SystemdError as exc:
+        log.error("the front (%s) cannot be read: %s", UNIT, exc)
+        return "unknown"
+    # Serving its configuration: not a front that failed, nor one systemd restarts after a
+    # failure (activating), which is started again rather than reloaded.
+    running = status.active_state in (ActiveState.ACTIVE, ActiveState.RELOADING)
+    if not served:
+        if not status.is_running:
+            return "none"
+        log.info("no app has domains any more: stopping the front (%s)", UNIT)
+        await _quietly(systemd.stop_unit(UNIT), "stop")
+        path.unlink(missing_ok=True)
+        return "stopped"
+    text = render(served, front)
+    try:
+        old: str | None = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    if text == old and running:
+        return "unchanged"
+    atomic_write(path, text)
+    domains = ", ".join(f"{site.app}: {' '.join(site.domains)} -> :{site.port}" for site in served)
+    if running:
+        if await _quietly(systemd.reload_unit(UNIT), "reload"):
+            log.info("the front serves %s (reloaded)", domains)
+            return "reloaded"
+        if old is not None:
+            atomic_write(path, old)
+        return "failed"
+    await systemd.reset_failed(UNIT)  # a front that failed before may have hit its start limit
+    if await _quietly(systemd.start_unit(UNIT), "start"):
+        log.info("the front serves %s (started)", domains)
+        return "started"
+    held = holders()
+    if held:
+        log.error("the front cannot listen: %s", held)
+    return "failed"
+
+
+def holders(listening: Callable[[int], list[sockdiag.TcpSocket]] = sockdiag.listeners) -> str:
+    """Who else listens on the front's ports ("" if nobody): the port, the address and the
+    user, which is what the kernel tells a process without the right to look into others."""
+    held = []
+    for port in PORTS:
+        for sock in listening(port):
+            try:
+                user = pwd.getpwuid(sock.uid).pw_name
+            except KeyError:
+                user = "?"
+            held.append(f"port {port} on {sock.local_address} is held by a process of user "
+                        f"{user} (uid {sock.uid})")
+    return "; ".join(held)
+
+
+async def _quietly(job: Any, verb: str) -> bool:
+    """Run a job of the front's unit; a failure is logged (the apps stay served on their
+    public ports), with where to look for the front's own reason."""
+    try:
+        await job
+    except SystemdError as exc:
+        log.error("the %s of the front failed: %s (journalctl -u %s says why)", verb, exc, UNIT)
+        return False
+    return True
+
+
+class AfterDeploy:
+    """An observer of an app's controller: after each of its deployments the front follows
+    the public port the app serves then (a changed ports.public applies at a deploy). The same
+    port again changes nothing, so the front's configuration stays still across deploys."""
+
+    def __init__(self, follow: Callable[[], Awaitable[None]]) -> None:
+        self.follow = follow
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def step(self, deployment: Deployment, step: Step, port: int) -> None:
+        pass
+
+    def changed(self) -> None:
+        pass
+
+    def finished(self, deployment: Deployment) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow(), name="front")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _follow(self) -> None:
+        await self.follow()

@@ -1,0 +1,298 @@
+"""The HTTPS front: two apps get their own domains at a reload, with certificates from a real
+ACME server (Debian's pebble, validating over HTTP-01 against the front's port 80); http
+redirects to https; the app sees https and the client's address, whatever the client claims;
+a deploy under HTTPS load fails no request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import (
+    MANAGER,
+    App,
+    busctl,
+    configure,
+    deploy_new_release,
+    serving_app,
+    unwrap,
+)
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+PEBBLE = "/srv/pebble"
+ACME = "https://127.0.0.1:14000/dir"
+ROOT = f"{PEBBLE}/root.pem"  # the root of the certificates pebble issues (random per run)
+BLOG, WWW, STAGING, NEW = "blog.test", "www.blog.test", "staging.test", "new.test"
+STAGING_FILE = "/etc/bluegreen/apps/staging.toml"
+STAGING_CONFIG = '[repository]\nurl = "/srv/staging.git"\nwatch = false\n[ports]\npublic = 5100\n'
+FRONT = f'[front]\nemail = "ops@example.com"\nacme_ca = "{ACME}"\nacme_ca_root = "{PEBBLE}/cert.pem"\n'
+CLIENT = "192.0.2.7"  # a client address other than the front's own (127.0.0.1)
+LIES = ["-H", "X-Forwarded-Proto: http", "-H", "X-Forwarded-Ssl: off",
+        "-H", "X-Forwarded-For: 203.0.113.9"]
+
+# A client inside the container: connections per request and keep-alive ones to a domain,
+# and a 2-second request always in flight, until /run/httpsload.stop appears; then a report.
+LOAD = """
+import http.client, json, os, ssl, sys, threading, time
+host, ca = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context(cafile=ca)
+lock, results, failures = threading.Lock(), {"ok": 0, "slow": 0}, []
+def done():
+    return os.path.exists("/run/httpsload.stop")
+def worker(keep_alive, path, key):
+    connection = None
+    while not done():
+        try:
+            if connection is None:
+                connection = http.client.HTTPSConnection(host, 443, context=context, timeout=20)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            with lock:
+                if response.status == 200:
+                    results[key] += 1
+                else:
+                    failures.append(f"http-{response.status}")
+        except Exception as exc:
+            with lock:
+                failures.append(repr(exc))
+            connection = None
+        if not keep_alive and connection is not None:
+            connection.close()
+            connection = None
+threads = [threading.Thread(target=worker, args=args) for args in
+           [(False, "/", "ok")] * 2 + [(True, "/", "ok")] * 2 + [(False, "/slow?seconds=2", "slow")]]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"ok": results["ok"], "slow": results["slow"], "failures": failures}))
+"""
+
+
+def curl(box: Sandbox, url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return box.run("curl", "-sS", "--max-time", "10", "--cacert", ROOT, *args, url, check=check)
+
+
+def app_state(box: Sandbox, app: str) -> str:
+    path = MANAGER[1] if app == "default" else f"{MANAGER[1]}/app/{app}"
+    result = busctl(box, "call", MANAGER[0], path, "org.freedesktop.DBus.Properties", "Get",
+                    "ss", MANAGER[2], "State", check=False)
+    return str(unwrap(json.loads(result.stdout))[0]) if result.returncode == 0 else ""
+
+
+def wait(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout} s")
+        time.sleep(0.2)
+
+
+def start_pebble(box: Sandbox) -> None:
+    """pebble on 127.0.0.1:14000 (ACME) and :15000 (its roots), with a certificate of its own
+    for its listeners (Debian ships none), validating at once (PEBBLE_VA_NOSLEEP)."""
+    box.run("mkdir", "-p", PEBBLE)
+    box.run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", f"{PEBBLE}/key.pem", "-out", f"{PEBBLE}/cert.pem")
+    box.run("chmod", "644", f"{PEBBLE}/cert.pem")
+    box.write(f"{PEBBLE}/pebble.json", json.dumps({"pebble": {
+        "listenAddress": "127.0.0.1:14000", "managementListenAddress": "127.0.0.1:15000",
+        "certificate": f"{PEBBLE}/cert.pem", "privateKey": f"{PEBBLE}/key.pem",
+        "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "",
+        "externalAccountBindingRequired": False}}))
+    box.run("systemd-run", "--unit=pebble", "--setenv=PEBBLE_VA_NOSLEEP=1", "/usr/bin/pebble",
+            "-config", f"{PEBBLE}/pebble.json")
+    wait(lambda: box.run("curl", "-sf", "--cacert", f"{PEBBLE}/cert.pem", ACME,
+                         check=False).returncode == 0, "pebble answering")
+    box.run("curl", "-sSf", "--cacert", f"{PEBBLE}/cert.pem", "-o", ROOT,
+            "https://127.0.0.1:15000/roots/0")
+
+
+@pytest.fixture(scope="module")
+def apps(box: Sandbox) -> dict[str, App]:
+    """Two apps serving on their public ports (no domains yet), pebble running, the test's
+    names pointed at this host."""
+    start_pebble(box)
+    box.write("/etc/hosts", f"127.0.0.1 localhost {BLOG} {WWW} {STAGING} {NEW}\n::1 localhost\n")
+    staging = App(box)
+    staging.work, staging.bare = box.path("/srv/staging-work"), box.path("/srv/staging.git")
+    staging.create()
+    staging.commit("Staging", {"VERSION": "staging\n"})
+    box.write(STAGING_FILE, STAGING_CONFIG)
+    production = serving_app(box, "post_switch_watch = 0\n")
+    wait(lambda: app_state(box, "staging") == "serving", "staging serving", 90)
+    return {"production": production, "staging": staging}
+
+
+def with_domains(box: Sandbox) -> None:
+    configure(box, f'post_switch_watch = 0\n[app]\ndomains = ["{BLOG}", "{WWW}"]\n{FRONT}')
+    box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}"]\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+
+
+def front_state(box: Sandbox) -> str:
+    return box.run("systemctl", "is-active", "bluegreen-front.service", check=False).stdout.strip()
+
+
+def test_a_port_held_by_another_process_keeps_the_front_off_and_is_named(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    assert front_state(box) == "inactive"  # no app has domains: no front
+    box.run("systemd-run", "--unit=squatter", "/usr/bin/python3", "-m", "http.server", "80")
+    wait(lambda: ":80 " in box.run("ss", "-Hltn").stdout, "the squatter listening")
+    with_domains(box)  # the settings are good: the reload succeeds
+    assert front_state(box) != "active"
+    assert "port 80 on 0.0.0.0 is held by a process of user root (uid 0)" in box.journal(
+        "-u", "bluegreen.service", "--grep", "the front cannot listen")
+    assert json.loads(box.run("curl", "-sS", "http://127.0.0.1:5000/").stdout)["version"] == "1"
+    box.run("systemctl", "stop", "squatter.service")
+
+
+def test_a_reload_puts_each_app_on_its_domains_with_certificates_from_the_acme_ca(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    with_domains(box)  # the same settings again: the front starts now that it can
+    assert box.run("systemctl", "is-active", "bluegreen-front.service").stdout.strip() == "active"
+    started = time.monotonic()
+    # Trusting pebble's root alone: the certificates are the ACME server's.
+    wait(lambda: all(curl(box, f"https://{name}/", "-f", check=False).returncode == 0
+                     for name in (BLOG, WWW, STAGING)), "certificates for every domain", 60)
+    print(f"\ncertificates for 3 domains {time.monotonic() - started:.1f} s after the reload")
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "1"
+    assert json.loads(curl(box, f"https://{WWW}/").stdout)["version"] == "1"
+    assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "staging"
+    redirect = box.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                       f"http://{BLOG}/request?x=1").stdout
+    assert redirect == f"308 https://{BLOG}/request?x=1"
+    assert curl(box, f"https://{BLOG}/", "--http2", "-o", "/dev/null", "-w", "%{http_version}").stdout == "2"
+    # No deploy was needed, and the front's admin endpoint is no TCP port.
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["release"] == apps["production"].head()
+    listening = box.run("ss", "-Hltnp").stdout
+    assert "caddy" in listening and all(
+        line.split()[3].rsplit(":", 1)[1] in ("80", "443")
+        for line in listening.splitlines() if "caddy" in line), listening
+
+
+def test_a_domain_of_two_apps_is_refused_and_changes_nothing(box: Sandbox, apps: dict[str, App]) -> None:
+    before = box.run("cat", "/run/bluegreen/front.json").stdout
+    box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}", "{BLOG}"]\n')
+    result = box.run("systemctl", "reload", "bluegreen.service", check=False)
+    assert result.returncode != 0
+    assert f"'{BLOG}' is a domain of the app default" in box.journal("-u", "bluegreen.service",
+                                                                     "--grep", "reload refused")
+    assert box.run("cat", "/run/bluegreen/front.json").stdout == before
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "1"
+    box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}"]\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+
+
+def seen(box: Sandbox, *args: str) -> dict[str, Any]:
+    """What the app believes about a request from CLIENT through the front."""
+    answer: dict[str, Any] = json.loads(curl(box, f"https://{BLOG}/request", "--resolve",
+                                             f"{BLOG}:443:{CLIENT}", *args).stdout)
+    return answer
+
+
+def test_after_a_deploy_the_app_sees_https_and_the_client_whatever_it_claims(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    with HttpsLoad(box) as load:  # it moves the public port to 127.0.0.1
+        deploy_new_release(box, apps["production"], "The first release behind the front")
+    print(f"\nHTTPS load during the deploy that moves the public port to 127.0.0.1: "
+          f"{load.report['ok']} requests, failed: {load.report['failures'][:5]}")
+    box.run("ip", "addr", "add", f"{CLIENT}/32", "dev", "lo")
+    truth = {"scheme": "https", "remote_addr": "127.0.0.1", "forwarded_for": [CLIENT]}
+    assert seen(box) == truth
+    assert seen(box, *LIES) == truth
+    # The public port is the front's alone: a client cannot reach it to make its own claims.
+    direct = box.run("curl", "-sS", "--max-time", "5", *LIES, f"http://{CLIENT}:5000/request",
+                     check=False)
+    assert direct.returncode == 7, direct  # refused
+
+
+class HttpsLoad:
+    """LOAD inside the container while the block runs; its report afterwards."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.report: dict[str, Any] = {}
+
+    def __enter__(self) -> HttpsLoad:
+        self.box.write("/srv/httpsload.py", LOAD)
+        self.box.run("rm", "-f", "/run/httpsload.stop")
+        self.process = subprocess.Popen([*self.box.enter(), "/usr/bin/python3", "/srv/httpsload.py",
+                                         BLOG, ROOT], stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        time.sleep(2)
+        self.box.run("touch", "/run/httpsload.stop")
+        out, _err = self.process.communicate(timeout=60)
+        self.report = json.loads(out)
+
+
+def test_a_deploy_under_https_load_fails_no_request(box: Sandbox, apps: dict[str, App]) -> None:
+    with HttpsLoad(box) as load:
+        record = deploy_new_release(box, apps["production"], "A release deployed under HTTPS load")
+    report = load.report
+    print(f"\nHTTPS load through the front during deploy {record['id']}: {report['ok']} requests, "
+          f"{report['slow']} 2-s requests, failed: {len(report['failures'])} {report['failures'][:5]}")
+    assert report["failures"] == []
+    assert report["ok"] > 100 and report["slow"] >= 2
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "3"
+    assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "staging"
+
+
+def test_a_reload_that_adds_a_domain_under_load_fails_no_request(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    """The front's reload runs its new configuration beside the old one on the same listeners."""
+    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen-front.service").stdout
+    with HttpsLoad(box) as load:
+        box.write(STAGING_FILE, f'{STAGING_CONFIG}[app]\ndomains = ["{STAGING}", "{NEW}"]\n')
+        box.run("systemctl", "reload", "bluegreen.service")
+        wait(lambda: curl(box, f"https://{NEW}/", "-f", check=False).returncode == 0,
+             f"a certificate for {NEW}", 30)
+    report = load.report
+    print(f"\nHTTPS load on {BLOG} while a reload added {NEW}: {report['ok']} requests, "
+          f"failed: {len(report['failures'])} {report['failures'][:5]}")
+    assert report["failures"] == [] and report["ok"] > 100
+    assert json.loads(curl(box, f"https://{NEW}/").stdout)["version"] == "staging"
+    assert box.run("systemctl", "show", "-P", "MainPID", "bluegreen-front.service").stdout == pid
+    assert "(reloaded)" in box.journal("-u", "bluegreen.service", "--grep", "the front serves")
+
+
+def test_a_new_public_port_reaches_the_front_with_the_deploy_that_applies_it(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    box.write(STAGING_FILE, STAGING_CONFIG.replace("5100", "5200")
+              + f'[app]\ndomains = ["{STAGING}", "{NEW}"]\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+    assert '"127.0.0.1:5100"' in box.run("cat", "/run/bluegreen/front.json").stdout  # still served
+    apps["staging"].commit("Staging on another public port")
+    busctl(box, "call", MANAGER[0], f"{MANAGER[1]}/app/staging", MANAGER[2], "Deploy", "s", "")
+    wait(lambda: '"127.0.0.1:5200"' in box.run("cat", "/run/bluegreen/front.json").stdout,
+         "the front following staging's new port", 90)
+    wait(lambda: app_state(box, "staging") == "serving", "staging serving")
+    assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "2"
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "3"
+
+
+def test_the_front_is_sandboxed_and_goes_with_the_package(box: Sandbox, apps: dict[str, App]) -> None:
+    unit = "bluegreen-front.service"
+    dropins = box.run("systemctl", "show", "-P", "DropInPaths", unit).stdout.split()
+    assert "/usr/lib/systemd/system/bluegreen-front.service.d/10-hardening.conf" in dropins
+    assert box.run("systemctl", "show", "-P", "DynamicUser", unit).stdout.strip() == "yes"
+    exposure = box.run("systemd-analyze", "security", unit, "--no-pager").stdout.splitlines()[-1]
+    print(f"\n{unit}: {exposure}")
+    assert box.exists("/var/lib/private/bluegreen-front/acme")  # certificates kept in its state
+    box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "remove", "-y", "bluegreen")
+    assert box.run("systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
+    listening = box.run("ss", "-Hltn").stdout
+    assert ":443 " not in listening and ":80 " not in listening, listening
+    box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "bluegreen")
+    assert not box.exists("/var/lib/private/bluegreen-front")

@@ -1,0 +1,194 @@
+"""The HTTPS front: the domains and [front] settings, the Caddy configuration written from them,
+and when the front is started, reloaded or left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from bluegreen import apps, config, front, sockdiag
+from bluegreen.config import Config, ConfigError, FrontConfig
+from bluegreen.systemd import JobFailed, Systemd, UnitStatus
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_domains_and_the_front_are_read_and_documented(tmp_path: Path) -> None:
+    path = write(tmp_path / "bluegreen.toml", """
+[app]
+domains = ["Blog.Example.com", "www.blog.example.com"]
+[front]
+email = "ops@example.com"
+acme_ca = "https://127.0.0.1:14000/dir"
+acme_ca_root = "/etc/ssl/pebble.pem"
+""")
+    loaded = config.load(path, environ={})
+    assert loaded.app.domains == ("blog.example.com", "www.blog.example.com")
+    assert loaded.front == FrontConfig("ops@example.com", "https://127.0.0.1:14000/dir",
+                                       "/etc/ssl/pebble.pem")
+    assert config.to_dict(Config.from_json(loaded.to_json())) == config.to_dict(loaded)
+    applies = {key.dotted: key.applies for key in config.KEYS}
+    assert applies["app.domains"] == applies["front.email"] == config.Applies.NOW
+
+
+def test_an_app_with_domains_listens_on_loopback_and_believes_the_front(tmp_path: Path) -> None:
+    behind = config.load(write(tmp_path / "a.toml", '[app]\ndomains = ["a.example"]\n'), environ={})
+    assert (behind.ports.public_address, behind.app.forwarded_allow_ips) == ("127.0.0.1", "127.0.0.1")
+    plain = config.load(write(tmp_path / "b.toml", ""), environ={})
+    assert (plain.ports.public_address, plain.app.forwarded_allow_ips) == ("", "")
+    # What the file says wins: a public port reachable from elsewhere, say.
+    said = config.load(write(tmp_path / "c.toml", '[app]\ndomains = ["a.example"]\n'
+                             '[ports]\npublic_address = "::"\n'), environ={})
+    assert said.ports.public_address == "::"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[app]\ndomains = ["localhost"]\n', ":2: app.domains: 'localhost' is not a domain name"),
+    ('[app]\ndomains = ["*.example.com"]\n', "'*.example.com' is not a domain name"),
+    ('[app]\ndomains = ["192.0.2.1"]\n', "'192.0.2.1' is not a domain name"),
+    ('[app]\ndomains = ["-a.example"]\n', "is not a domain name"),
+    ('[app]\ndomains = ["a..example"]\n', "is not a domain name"),
+    ('[app]\ndomains = ["a.example", "A.example"]\n', "'A.example' is listed twice"),
+    ('[app]\ndomains = "a.example"\n', "app.domains: expected a list"),
+    ('[front]\nemail = "nobody"\n', "front.email: 'nobody' is not an email address"),
+    ('[front]\nacme_ca = "http://ca.example/dir"\n', "front.acme_ca: 'http://ca.example/dir' is not"),
+    ('[front]\nacme_ca_root = "ca.pem"\n', "front.acme_ca_root: 'ca.pem' is not an absolute path"),
+    ('forwarder = "haproxy"\n[app]\ndomains = ["a.example"]\n', "app.domains: the front needs"),
+])
+def test_bad_domains_and_front_settings_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        config.load(write(tmp_path / "bluegreen.toml", text), environ={})
+    assert message in str(error.value)
+
+
+def test_a_domain_of_two_apps_is_an_error_naming_both(tmp_path: Path) -> None:
+    default = write(tmp_path / "bluegreen.toml", '[app]\ndomains = ["blog.example", "shop.example"]\n')
+    staging = write(tmp_path / "apps" / "staging.toml",
+                    '[ports]\npublic = 5100\n[app]\ndomains = ["SHOP.example"]\n')
+    with pytest.raises(ConfigError) as error:
+        apps.load(default, tmp_path / "apps", environ={})
+    assert str(error.value) == (
+        f"{staging}:4: app.domains: 'shop.example' is a domain of the app default ({default}) "
+        "already: the app staging cannot have it too")
+
+
+def test_front_settings_are_the_hosts(tmp_path: Path) -> None:
+    default = write(tmp_path / "bluegreen.toml", "")
+    write(tmp_path / "apps" / "staging.toml", '[ports]\npublic = 5100\n[front]\nemail = "a@b.example"\n')
+    with pytest.raises(ConfigError, match=r"staging.toml: front: the HTTPS front is the host's"):
+        apps.load(default, tmp_path / "apps", environ={})
+
+
+SITES = [front.Site("default", ("blog.example", "www.blog.example"), 5000),
+         front.Site("staging", ("staging.example",), 5100)]
+
+
+def test_the_caddy_configuration_routes_each_domain_to_its_apps_public_port() -> None:
+    document = json.loads(front.render(SITES, FrontConfig(
+        email="ops@example.com", acme_ca="https://ca.example/dir", acme_ca_root="/etc/ca.pem")))
+    assert document["admin"]["listen"].startswith("unix//run/")  # never TCP
+    server = document["apps"]["http"]["servers"]["front"]
+    assert server["protocols"] == ["h1", "h2"]  # no HTTP/3: a reload would close it
+    routes = {tuple(route["match"][0]["host"]): route["handle"][0] for route in server["routes"]}
+    assert list(routes) == [("blog.example", "www.blog.example"), ("staging.example",)]
+    proxy = routes[("staging.example",)]
+    assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}]
+    headers = proxy["headers"]["request"]
+    assert headers["set"] == {"X-Forwarded-For": ["{http.request.remote.host}"],
+                              "X-Forwarded-Proto": ["{http.request.scheme}"],
+                              "X-Forwarded-Host": ["{http.request.host}"]}
+    assert "X-Forwarded-Ssl" in headers["delete"]
+    (policy,) = document["apps"]["tls"]["automation"]["policies"]
+    assert policy["subjects"] == ["blog.example", "staging.example", "www.blog.example"]
+    assert policy["issuers"] == [{"module": "acme", "ca": "https://ca.example/dir",
+                                  "email": "ops@example.com",
+                                  "trusted_roots_pem_files": ["/etc/ca.pem"]}]
+    default_ca = json.loads(front.render(SITES, FrontConfig()))
+    assert default_ca["apps"]["tls"]["automation"]["policies"][0]["issuers"] == [
+        {"module": "acme", "ca": config.LETSENCRYPT}]
+
+
+class FakeSystemd:
+    def __init__(self, running: bool = False, fail: str = "") -> None:
+        self.running = running
+        self.fail = fail
+        self.jobs: list[str] = []
+
+    async def status(self, unit: str) -> UnitStatus:
+        return UnitStatus(unit, "active" if self.running else "inactive", "")
+
+    async def _job(self, verb: str, unit: str) -> None:
+        self.jobs.append(f"{verb} {unit}")
+        if verb == self.fail:
+            raise JobFailed(unit, verb, "failed")
+        self.running = verb != "stop"
+
+    async def start_unit(self, unit: str, **_: Any) -> None:
+        await self._job("start", unit)
+
+    async def reload_unit(self, unit: str, **_: Any) -> None:
+        await self._job("reload", unit)
+
+    async def stop_unit(self, unit: str, **_: Any) -> None:
+        await self._job("stop", unit)
+
+    async def reset_failed(self, unit: str) -> None:
+        self.jobs.append(f"reset-failed {unit}")
+
+
+def apply(systemd: FakeSystemd, run_dir: Path, sites: list[front.Site],
+          settings: FrontConfig | None = None) -> str:
+    return asyncio.run(front.apply(cast(Systemd, systemd), run_dir, sites, settings or FrontConfig()))
+
+
+def test_the_front_is_reloaded_only_when_its_configuration_changes(tmp_path: Path) -> None:
+    systemd = FakeSystemd()
+    assert apply(systemd, tmp_path, []) == "none"  # no domains, no front
+    assert apply(systemd, tmp_path, SITES) == "started"
+    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig())
+    assert apply(systemd, tmp_path, SITES) == "unchanged"
+    assert apply(systemd, tmp_path, SITES[:1]) == "reloaded"
+    assert apply(systemd, tmp_path, SITES[:1], FrontConfig(email="a@b.example")) == "reloaded"
+    assert apply(systemd, tmp_path, []) == "stopped"
+    assert not (tmp_path / "front.json").exists()
+    assert systemd.jobs == ["reset-failed bluegreen-front.service", "start bluegreen-front.service",
+                            "reload bluegreen-front.service",
+                            "reload bluegreen-front.service", "stop bluegreen-front.service"]
+
+
+def test_a_front_that_refuses_new_settings_keeps_the_old_ones_on_file(tmp_path: Path) -> None:
+    systemd = FakeSystemd(running=True, fail="reload")
+    (tmp_path / "front.json").write_text(front.render(SITES, FrontConfig()))
+    assert apply(systemd, tmp_path, SITES[:1]) == "failed"
+    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig())
+
+
+def test_a_port_held_by_another_process_is_named() -> None:
+    def listening(port: int) -> list[sockdiag.TcpSocket]:
+        return [sockdiag.TcpSocket("0.0.0.0", port, "0.0.0.0", 0, sockdiag.TcpState.LISTEN, 0, 0, 1)
+                ] if port == 80 else []
+    assert front.holders(listening) == "port 80 on 0.0.0.0 is held by a process of user root (uid 0)"
+    assert front.holders(lambda port: []) == ""
+
+
+def test_after_each_deploy_the_front_follows_the_public_ports() -> None:
+    follows: list[str] = []
+
+    async def follow() -> None:
+        follows.append("follow")
+
+    async def deploy_finishes() -> None:
+        observer = front.AfterDeploy(follow)
+        observer.finished(cast(Any, None))
+        await asyncio.gather(*observer.tasks)
+
+    asyncio.run(deploy_finishes())
+    assert follows == ["follow"]
