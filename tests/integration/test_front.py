@@ -275,7 +275,9 @@ def test_a_new_public_port_reaches_the_front_with_the_deploy_that_applies_it(
     assert '"127.0.0.1:5100"' in box.run("cat", "/run/bluegreen/front.json").stdout  # still served
     apps["staging"].commit("Staging on another public port")
     busctl(box, "call", MANAGER[0], f"{MANAGER[1]}/app/staging", MANAGER[2], "Deploy", "s", "")
-    wait(lambda: '"127.0.0.1:5200"' in box.run("cat", "/run/bluegreen/front.json").stdout,
+    # The front is reloaded after the deployment's end: its journal says when it follows.
+    wait(lambda: "staging.test new.test -> :5200 (reloaded)" in box.journal(
+        "-u", "bluegreen.service", "--grep", "the front serves"),
          "the front following staging's new port", 90)
     wait(lambda: app_state(box, "staging") == "serving", "staging serving")
     assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "2"
