@@ -248,16 +248,20 @@ def clone_instance(box: Sandbox, source: int, port: int, **settings: str) -> Non
     box.run("systemctl", "start", f"bluegreen-app@{port}.service")
 
 
+def main_pid(box: Sandbox, unit: str) -> int:
+    """The unit's main process (0 when it has none: stopped, or between two runs)."""
+    return int(box.run("systemctl", "show", "-P", "MainPID", unit).stdout)
+
+
 def kill_controller(box: Sandbox) -> None:
-    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
+    pid = main_pid(box, "bluegreen.service")
     # The controller's process dies, as in a crash. (Killing the whole cgroup at once sometimes
     # failed here with "Failed to send signal SIGKILL to auxiliary processes: Input/output
     # error" from systemd, with nothing of bluegreen's making in the way.)
     box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", "bluegreen.service")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
-        if now not in ("0", pid):
+        if main_pid(box, "bluegreen.service") not in (0, pid):
             return
         time.sleep(0.1)
     raise AssertionError("systemd did not restart the killed controller")

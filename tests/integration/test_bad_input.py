@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     configure,
     dbus_error,
     http,
+    main_pid,
     properties,
     serving_app,
     wait_deployment,
@@ -35,10 +36,6 @@ EXTRA = "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
     return serving_app(box, EXTRA)
-
-
-def controller_pid(box: Sandbox) -> str:
-    return box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
 
 
 @pytest.mark.parametrize(("member", "signature", "body", "types", "error"), [
@@ -60,14 +57,14 @@ def controller_pid(box: Sandbox) -> str:
 def test_bad_dbus_calls_get_errors_and_change_nothing(box: Sandbox, app: App, member: str, signature: str,
                                                       body: list[object], types: list[str] | None,
                                                       error: str) -> None:
-    before, pid = wait_serving(box), controller_pid(box)
+    before, pid = wait_serving(box), main_pid(box, "bluegreen.service")
     result = dbus_error(box, member, signature, body, types)
     assert result["error"] == error, result
     assert result["message"]
     after = properties(box)
     assert (after["LastDeployment"], after["ActiveRelease"]) == (before["LastDeployment"],
                                                                  before["ActiveRelease"])
-    assert controller_pid(box) == pid  # the daemon keeps running
+    assert main_pid(box, "bluegreen.service") == pid  # the daemon keeps running
 
 
 @pytest.mark.parametrize("member", ["Deploy", "Rollback", "Refresh"])

@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     App,
     call,
     http,
+    main_pid,
     properties,
     wait_for_commit,
     wait_serving,
@@ -106,8 +107,7 @@ def test_the_right_token_serves_and_never_shows(box: Sandbox, app: App) -> None:
     call(box, "Refresh")
     record = wait_for_commit(box, sha)
     assert record["state"] == "succeeded", record
-    instance = box.run("systemctl", "show", "-P", "MainPID", f"bluegreen-app@{record['port']}.service"
-                       ).stdout.strip()
+    instance = main_pid(box, f"bluegreen-app@{record['port']}.service")
     places = {
         "ps": seen,
         "journal": box.run("journalctl", "--no-pager", "-o", "export").stdout,

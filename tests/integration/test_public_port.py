@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, configure, properties, serving_app, wait_deployment
+from tests.integration.helpers import App, call, configure, main_pid, properties, serving_app, wait_deployment
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -37,8 +37,8 @@ def seen(box: Sandbox, host: str, headers: list[str] | None = None) -> dict[str,
 
 
 def forwarder_argv(box: Sandbox, unit: str) -> list[str]:
-    pid = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
-    assert pid != "0", unit
+    pid = main_pid(box, unit)
+    assert pid != 0, unit
     return box.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
 
 

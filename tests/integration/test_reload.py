@@ -12,6 +12,7 @@ from tests.integration.helpers import (
     App,
     configure,
     http,
+    main_pid,
     properties,
     public,
     serving_app,
@@ -36,10 +37,6 @@ def reload(box: Sandbox) -> Any:
     return box.run("systemctl", "reload", "bluegreen.service", check=False)
 
 
-def main_pid(box: Sandbox) -> str:
-    return box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
-
-
 def status(box: Sandbox) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(box.run("bluegreenctl", "status", "--json").stdout)
     return result
@@ -55,13 +52,13 @@ def instance_setting(box: Sandbox, port: int, name: str) -> str:
 def test_a_reload_applies_some_settings_at_once_and_lists_the_rest_as_pending(
         box: Sandbox, app: App) -> None:
     before = wait_serving(box)
-    pid = main_pid(box)
+    pid = main_pid(box, "bluegreen.service")
     assert before["Watching"] is False
     assert status(box)["PendingSettings"] == []
     configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
 
     assert reload(box).returncode == 0
-    assert main_pid(box) == pid  # no restart
+    assert main_pid(box, "bluegreen.service") == pid  # no restart
     journal = box.journal("-u", "bluegreen.service", "-n", "20", "-o", "cat")
     assert "reload: app.workers changed; it applies at the next deploy" in journal
     assert "reload: repository.watch changed; it applies at once" in journal
@@ -95,7 +92,7 @@ def test_a_broken_file_fails_the_reload_and_changes_nothing(
     configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
     assert reload(box).returncode == 0
     before = wait_serving(box)
-    pid = main_pid(box)
+    pid = main_pid(box, "bluegreen.service")
     since = time.time()
     box.write(CONFIG, broken + "[repository]\nwatch = false\n")
 
@@ -107,7 +104,7 @@ def test_a_broken_file_fails_the_reload_and_changes_nothing(
     assert box.run("bluegreenctl", "reload", check=False).returncode == 3
     # The daemon goes on as it was: same process, serving, still watching the branch.
     assert box.run("systemctl", "is-active", "bluegreen.service").stdout.strip() == "active"
-    assert main_pid(box) == pid
+    assert main_pid(box, "bluegreen.service") == pid
     assert public(box)["release"] == before["ActiveRelease"]
     assert properties(box)["Watching"] is True
     # The next deploy (the refresher's: watch is still on) uses the settings from before.
