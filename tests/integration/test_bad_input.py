@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     main_pid,
     properties,
     serving_app,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 MANAGER = ("org.bluegreen1", "/org/bluegreen1", "org.bluegreen1.Manager")
 CONFIG = "/etc/bluegreen/bluegreen.toml"
-EXTRA = "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+EXTRA = settings(0, workers=4)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def test_an_app_instance_cannot_deploy(box: Sandbox, app: App, api_token: str) -
 
 def test_a_build_that_calls_the_deploy_endpoint_is_refused(box: Sandbox, app: App, api_token: str) -> None:
     good = box.path(CONFIG).read_text()
-    configure(box, EXTRA + f"[release]\nbuild_command = {json.dumps(CALL_THE_API)}\n")
+    configure(box, settings(0, workers=4, release={"build_command": CALL_THE_API}))
     try:
         box.run("systemctl", "restart", "bluegreen.service")
         before = wait_serving(box)

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     main_pid,
     properties,
     public,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -49,7 +50,7 @@ def health():
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return "post_switch_watch = 1\n[health]\ninterval = 0.2\ndeadline = 10\n"
+    return settings(1, health={"deadline": 10})
 
 
 def unit_state(box: Sandbox, unit: str) -> str:

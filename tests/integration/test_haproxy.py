@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -27,7 +28,14 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 UNIT = "bluegreen-haproxy.service"
-CONFIG = 'forwarder = "haproxy"\npost_switch_watch = 0\ndrain_timeout = 5\n'
+
+
+def haproxy_settings(drain_timeout: float = 5, **ports: int) -> str:
+    return settings(0, forwarder="haproxy", interval=None, top={"drain_timeout": drain_timeout},
+                    ports=ports)
+
+
+CONFIG = haproxy_settings()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +157,7 @@ def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox,
     next deploy, under load, with a slow request in flight at the switch."""
     pid = main_pid(box, UNIT)
     before = settings_digest(box)
-    configure(box, CONFIG.replace("drain_timeout = 5", "drain_timeout = 8"))
+    configure(box, haproxy_settings(drain_timeout=8))
     box.run("systemctl", "reload", "bluegreen.service")
     assert settings_digest(box) == before  # nothing changes before the deploy
     old = properties(box)["ActivePort"]
@@ -172,7 +180,7 @@ def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox,
         "-u", "bluegreen.service", "-n", "100")
 
     try:
-        configure(box, CONFIG + "[ports]\npublic = 5050\n")
+        configure(box, haproxy_settings(public=5050))
         box.run("systemctl", "reload", "bluegreen.service")
         deploy_new_release(box, app, "Another public port")
         moved = http(box, "GET", "/", port=5050)

@@ -9,12 +9,21 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import App, call, configure, main_pid, properties, serving_app, wait_deployment
+from tests.integration.helpers import (
+    App,
+    call,
+    configure,
+    main_pid,
+    properties,
+    serving_app,
+    settings,
+    wait_deployment,
+)
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
-EXTRA = "post_switch_watch = 0\n"
+EXTRA = settings(0, interval=None)
 # What any client can send: a scheme and a client address of its choosing.
 LIES = ["-H", "X-Forwarded-Proto: https", "-H", "X-Forwarded-Ssl: on",
         "-H", "X-Forwarded-For: 203.0.113.9"]
@@ -42,8 +51,8 @@ def forwarder_argv(box: Sandbox, unit: str) -> list[str]:
     return box.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
 
 
-def redeploy_with(box: Sandbox, app: App, extra: str) -> int:
-    configure(box, EXTRA + extra)
+def redeploy_with(box: Sandbox, app: App, forwarder: str, **ports: str) -> int:
+    configure(box, settings(0, forwarder=forwarder, interval=None, ports=ports))
     box.run("systemctl", "restart", "bluegreen.service")
     app.commit("Another release, with new settings")
     record = wait_deployment(box, call(box, "Deploy", "s", ""))
@@ -76,11 +85,11 @@ def test_behind_a_tls_proxy_the_admin_opts_in(box: Sandbox, app: App) -> None:
 
 
 def test_the_builtin_forwarder_listens_where_told(box: Sandbox, app: App) -> None:
-    port = redeploy_with(box, app, 'forwarder = "proxy"\n[ports]\npublic_address = "127.0.0.1"\n')
+    port = redeploy_with(box, app, "proxy", public_address="127.0.0.1")
     assert seen(box, "127.0.0.1", LIES) == {"scheme": "http", "remote_addr": "127.0.0.1"}
     assert seen(box, "[::1]") is None
     assert forwarder_argv(box, f"bluegreen-proxy@{port}.service")[2] == "bluegreen.forwarders.proxy"
-    redeploy_with(box, app, 'forwarder = "proxy"\n')
+    redeploy_with(box, app, "proxy")
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 
 

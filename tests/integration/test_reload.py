@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_for_commit,
     wait_serving,
 )
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 CONFIG = "/etc/bluegreen/bluegreen.toml"
 # Deploys are quick: no watch, frequent health checks.
-BASE = "post_switch_watch = 0\ndrain_timeout = 2\n[health]\ninterval = 0.2\n"
+QUICK = {"drain_timeout": 2}
+BASE = settings(0, top=QUICK)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_a_reload_applies_some_settings_at_once_and_lists_the_rest_as_pending(
     pid = main_pid(box, "bluegreen.service")
     assert before["Watching"] is False
     assert status(box)["PendingSettings"] == []
-    configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
+    configure(box, settings(0, workers=3, top=QUICK), repository="watch = true\npoll_interval = 1\n")
 
     assert reload(box).returncode == 0
     assert main_pid(box, "bluegreen.service") == pid  # no restart
@@ -89,7 +91,7 @@ def test_a_reload_applies_some_settings_at_once_and_lists_the_rest_as_pending(
 ])
 def test_a_broken_file_fails_the_reload_and_changes_nothing(
         box: Sandbox, app: App, broken: str, reason: str) -> None:
-    configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
+    configure(box, settings(0, workers=3, top=QUICK), repository="watch = true\npoll_interval = 1\n")
     assert reload(box).returncode == 0
     before = wait_serving(box)
     pid = main_pid(box, "bluegreen.service")
@@ -120,7 +122,7 @@ def test_a_new_api_listen_is_pending_until_the_socket_is_restarted(box: Sandbox,
 
     pending = [{"key": "api.listen",
                 "applies": "after systemctl daemon-reload && systemctl restart bluegreen-api.socket"}]
-    configure(box, BASE + '[api]\nlisten = "127.0.0.1:5002"\n')
+    configure(box, settings(0, top=QUICK, api={"listen": "127.0.0.1:5002"}))
     try:
         assert reload(box).returncode == 0
         assert api_listen() == pending
@@ -138,7 +140,7 @@ def test_a_new_api_listen_is_pending_until_the_socket_is_restarted(box: Sandbox,
 
 
 def test_a_new_public_port_waits_for_the_next_deploy(box: Sandbox, app: App) -> None:
-    configure(box, BASE + "[ports]\npublic = 5005\n")
+    configure(box, settings(0, top=QUICK, ports={"public": 5005}))
     assert reload(box).returncode == 0
     assert {"key": "ports.public", "applies": "at the next deploy"} in status(box)["PendingSettings"]
     assert properties(box)["PublicPort"] == 5000
