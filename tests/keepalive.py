@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Keep-alive HTTP clients that check and count every request (tests/integration/test_keepalive.py).
+"""Keep-alive HTTP clients that check and count every request (tests/integration/forwarder_suite.py).
 
 Runs until SIGINT/SIGTERM, then prints a JSON report on stdout. Each client holds one connection
 and reuses it the way urllib3 and browsers do:

@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,44 @@ def serving_app(box: Sandbox, extra: str = "", repository: str = "watch = false\
     box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
     wait_serving(box)
     return application
+
+
+Value = str | int | float | bool
+
+
+def toml_value(value: Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for anything a test writes
+    return repr(value)
+
+
+def settings(watch: float | None = 1, *, forwarder: str | None = None, workers: int | None = None,
+             interval: float | None = 0.2, top: Mapping[str, Value] | None = None,
+             **tables: Mapping[str, Value]) -> str:
+    """bluegreen.toml's settings, for configure or serving_app: a post-switch watch of ``watch``
+    seconds, health checks every ``interval`` s, ``workers`` per instance, the ``forwarder``
+    (None: the setting's default, or left out); more top-level keys in ``top``, more keys of any
+    other table as keyword arguments (``health={"timeout": 0.5}``, ``ports={"range": "..."}``)."""
+    keys: dict[str, Value] = {}
+    if forwarder is not None:
+        keys["forwarder"] = forwarder
+    if watch is not None:
+        keys["post_switch_watch"] = watch
+    keys.update(top or {})
+    merged: dict[str, dict[str, Value]] = {name: dict(values) for name, values in tables.items()}
+    if workers is not None:
+        merged["app"] = {"workers": workers, **merged.get("app", {})}
+    if interval is not None:
+        merged["health"] = {"interval": interval, **merged.get("health", {})}
+    lines = [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+    for name, values in sorted(merged.items(), key=lambda item: item[0] not in ("app", "health")):
+        if not values:
+            continue
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def configure(box: Sandbox, extra: str = "", repository: str = "watch = false\n") -> None:
@@ -248,16 +286,20 @@ def clone_instance(box: Sandbox, source: int, port: int, **settings: str) -> Non
     box.run("systemctl", "start", f"bluegreen-app@{port}.service")
 
 
+def main_pid(box: Sandbox, unit: str) -> int:
+    """The unit's main process (0 when it has none: stopped, or between two runs)."""
+    return int(box.run("systemctl", "show", "-P", "MainPID", unit).stdout)
+
+
 def kill_controller(box: Sandbox) -> None:
-    pid = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
+    pid = main_pid(box, "bluegreen.service")
     # The controller's process dies, as in a crash. (Killing the whole cgroup at once sometimes
     # failed here with "Failed to send signal SIGKILL to auxiliary processes: Input/output
     # error" from systemd, with nothing of bluegreen's making in the way.)
     box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", "bluegreen.service")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
-        if now not in ("0", pid):
+        if main_pid(box, "bluegreen.service") not in (0, pid):
             return
         time.sleep(0.1)
     raise AssertionError("systemd did not restart the killed controller")

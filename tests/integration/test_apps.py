@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     git,
     http,
     kill_controller,
+    settings,
     unwrap,
 )
 from tests.sandbox import Sandbox
@@ -157,7 +158,7 @@ def repos(box: Sandbox) -> dict[str, App]:
     for app, version in ((production, "1"), (staging, "staging-1")):  # two different commits
         app.commit("Show the environment",
                    {"app.py": (app.work / "app.py").read_text() + ENV_ROUTE, "VERSION": f"{version}\n"})
-    configure(box, "post_switch_watch = 1\n[health]\ninterval = 0.2\n")
+    configure(box, settings(1))
     box.write(STAGING_FILE, STAGING_CONFIG)
     box.run("install", "-d", "-m", "700", "/etc/bluegreen/secrets/staging")
     box.write("/etc/bluegreen/secrets/TOKEN", "production-token\n")

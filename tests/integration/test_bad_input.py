@@ -18,8 +18,10 @@ from tests.integration.helpers import (
     configure,
     dbus_error,
     http,
+    main_pid,
     properties,
     serving_app,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -29,16 +31,12 @@ pytestmark = pytest.mark.integration
 
 MANAGER = ("org.bluegreen1", "/org/bluegreen1", "org.bluegreen1.Manager")
 CONFIG = "/etc/bluegreen/bluegreen.toml"
-EXTRA = "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
+EXTRA = settings(0, workers=4)
 
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
     return serving_app(box, EXTRA)
-
-
-def controller_pid(box: Sandbox) -> str:
-    return box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
 
 
 @pytest.mark.parametrize(("member", "signature", "body", "types", "error"), [
@@ -60,14 +58,14 @@ def controller_pid(box: Sandbox) -> str:
 def test_bad_dbus_calls_get_errors_and_change_nothing(box: Sandbox, app: App, member: str, signature: str,
                                                       body: list[object], types: list[str] | None,
                                                       error: str) -> None:
-    before, pid = wait_serving(box), controller_pid(box)
+    before, pid = wait_serving(box), main_pid(box, "bluegreen.service")
     result = dbus_error(box, member, signature, body, types)
     assert result["error"] == error, result
     assert result["message"]
     after = properties(box)
     assert (after["LastDeployment"], after["ActiveRelease"]) == (before["LastDeployment"],
                                                                  before["ActiveRelease"])
-    assert controller_pid(box) == pid  # the daemon keeps running
+    assert main_pid(box, "bluegreen.service") == pid  # the daemon keeps running
 
 
 @pytest.mark.parametrize("member", ["Deploy", "Rollback", "Refresh"])
@@ -239,7 +237,7 @@ def test_an_app_instance_cannot_deploy(box: Sandbox, app: App, api_token: str) -
 
 def test_a_build_that_calls_the_deploy_endpoint_is_refused(box: Sandbox, app: App, api_token: str) -> None:
     good = box.path(CONFIG).read_text()
-    configure(box, EXTRA + f"[release]\nbuild_command = {json.dumps(CALL_THE_API)}\n")
+    configure(box, settings(0, workers=4, release={"build_command": CALL_THE_API}))
     try:
         box.run("systemctl", "restart", "bluegreen.service")
         before = wait_serving(box)

@@ -15,8 +15,10 @@ from tests.integration.helpers import (
     call,
     deployment,
     http,
+    main_pid,
     properties,
     public,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -48,7 +50,7 @@ def health():
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return "post_switch_watch = 1\n[health]\ninterval = 0.2\ndeadline = 10\n"
+    return settings(1, health={"deadline": 10})
 
 
 def unit_state(box: Sandbox, unit: str) -> str:
@@ -271,14 +273,12 @@ def test_the_journal_tells_the_story_with_structured_fields(box: Sandbox, app: A
 
 def test_history_survives_a_controller_restart(box: Sandbox, app: App) -> None:
     before = wait_serving(box)
-    before_pid = box.run("systemctl", "show", "-P", "MainPID",
-                               f"bluegreen-app@{before['ActivePort']}.service").stdout.strip()
+    before_pid = main_pid(box, f"bluegreen-app@{before['ActivePort']}.service")
     box.run("systemctl", "restart", "bluegreen.service")
     after = wait_serving(box)
     assert (after["ActiveRelease"], after["ActivePort"]) == (before["ActiveRelease"], before["ActivePort"])
     assert after["LastDeployment"] == before["LastDeployment"]
-    pid = box.run("systemctl", "show", "-P", "MainPID",
-                  f"bluegreen-app@{after['ActivePort']}.service").stdout.strip()
+    pid = main_pid(box, f"bluegreen-app@{after['ActivePort']}.service")
     assert pid == before_pid
     assert deployment(box, after["LastDeployment"])["state"] in ("succeeded", "failed")
 

@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_deployment,
     wait_for_commit,
     wait_serving,
@@ -35,9 +36,8 @@ def app(box: Sandbox) -> App:
 
     fill = "test ! -e FILL || head -c 100000000 /dev/zero > filler"
     # The refresher looks only when asked (Refresh): the tests deploy by themselves.
-    return serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
-                       f'[release]\nbuild_command = "{fill}"\n', repository="poll_interval = 3600\n",
-                       prepare=small_state_directory)
+    return serving_app(box, settings(0, workers=4, release={"build_command": fill}),
+                       repository="poll_interval = 3600\n", prepare=small_state_directory)
 
 
 def integrity(box: Sandbox) -> str:

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -41,8 +42,7 @@ def app(box: Sandbox) -> App:
         box.write("/etc/systemd/system/bluegreen-app@.socket.d/grab.conf", GRAB)
         box.run("systemctl", "daemon-reload")
 
-    return serving_app(box, "post_switch_watch = 1\n[app]\nworkers = 4\n"
-                       f'[ports]\nrange = "{RANGE}"\n[health]\ninterval = 0.2\ntimeout = 0.5\n',
+    return serving_app(box, settings(1, workers=4, health={"timeout": 0.5}, ports={"range": RANGE}),
                        prepare=grabbing_drop_in)
 
 

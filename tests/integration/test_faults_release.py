@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -44,8 +45,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    return serving_app(box, "post_switch_watch = 3\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
-                       f"timeout = 1\nhealthy_threshold = 3\ndeadline = {DEADLINE}\n")
+    return serving_app(box, settings(3, workers=4, health={"timeout": 1, "healthy_threshold": 3,
+                                                        "deadline": DEADLINE}))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -16,9 +16,11 @@ from tests.integration.helpers import (
     configure,
     deploy_new_release,
     http,
+    main_pid,
     properties,
     public,
     serving_app,
+    settings,
     wait_serving,
 )
 from tests.sandbox import Sandbox
@@ -26,7 +28,14 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 UNIT = "bluegreen-haproxy.service"
-CONFIG = 'forwarder = "haproxy"\npost_switch_watch = 0\ndrain_timeout = 5\n'
+
+
+def haproxy_settings(drain_timeout: float = 5, **ports: int) -> str:
+    return settings(0, forwarder="haproxy", interval=None, top={"drain_timeout": drain_timeout},
+                    ports=ports)
+
+
+CONFIG = haproxy_settings()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,7 @@ def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App)
     assert box.run("stat", "-c", "%U %a", "/run/bluegreen/haproxy.sock").stdout.split() == ["root", "600"]
     assert box.run("socat", "-", "UNIX-CONNECT:/run/bluegreen/haproxy.sock", user="nobody",
                    check=False, input="show info\n").returncode != 0
-    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    pid = main_pid(box, UNIT)
 
     deploy_new_release(box, app, "Another release")
     second = properties(box)["ActivePort"]
@@ -60,7 +69,7 @@ def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App)
     assert servers(box) == {f"p{second}": 0}
     assert public(box)["version"] == str(app.version)
     # No reload, no restart: the same haproxy switched.
-    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+    assert main_pid(box, UNIT) == pid
     assert box.run("systemctl", "is-active", f"bluegreen-app@{first}.service",
                    check=False).stdout.strip() == "inactive"
     # What a restarted haproxy would serve.
@@ -70,13 +79,13 @@ def test_haproxy_serves_and_a_deploy_switches_its_server(box: Sandbox, app: App)
 
 def test_a_restarted_haproxy_serves_the_serving_instance_at_once(box: Sandbox, app: App) -> None:
     port = properties(box)["ActivePort"]
-    killed = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    killed = main_pid(box, UNIT)
     # systemd may report an error for a worker that dies of the master's death meanwhile
     # ("Failed to send signal SIGKILL to auxiliary processes"): the wait below tells.
     box.run("systemctl", "kill", "--signal=KILL", UNIT, check=False)
     deadline = time.monotonic() + 30
     # Restarted: another main process, active (right after the kill it may still say active).
-    while (box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() in (killed, "0")
+    while (main_pid(box, UNIT) in (killed, 0)
            or box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active"):
         assert time.monotonic() < deadline, box.journal("-u", UNIT, "-n", "30")
         time.sleep(0.1)
@@ -88,10 +97,10 @@ def test_a_restarted_haproxy_serves_the_serving_instance_at_once(box: Sandbox, a
 
 def test_a_restarted_controller_rebuilds_the_state_from_haproxy(box: Sandbox, app: App) -> None:
     port = properties(box)["ActivePort"]
-    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    pid = main_pid(box, UNIT)
     box.run("systemctl", "restart", "bluegreen.service")
     assert wait_serving(box)["ActivePort"] == port
-    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+    assert main_pid(box, UNIT) == pid
     assert servers(box) == {f"p{port}": 0}
     deploy_new_release(box, app, "Another release")
     assert servers(box) == {f"p{properties(box)['ActivePort']}": 0}
@@ -146,9 +155,9 @@ def haproxy_processes(box: Sandbox) -> list[str]:
 def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox, app: App) -> None:
     """A longer drain_timeout, then another public port: each takes a reload of haproxy at the
     next deploy, under load, with a slow request in flight at the switch."""
-    pid = box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
+    pid = main_pid(box, UNIT)
     before = settings_digest(box)
-    configure(box, CONFIG.replace("drain_timeout = 5", "drain_timeout = 8"))
+    configure(box, haproxy_settings(drain_timeout=8))
     box.run("systemctl", "reload", "bluegreen.service")
     assert settings_digest(box) == before  # nothing changes before the deploy
     old = properties(box)["ActivePort"]
@@ -159,7 +168,7 @@ def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox,
           f"{[s['outcome'] for s in report['slow']]}")
     assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
     assert report["slow"] and all(s["outcome"] == "ok" for s in report["slow"]), report["slow"]
-    assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid  # reloaded
+    assert main_pid(box, UNIT) == pid  # reloaded
     after = settings_digest(box)
     assert after != before
     assert f"description {after}" in box.run("cat", "/run/bluegreen/haproxy.cfg").stdout
@@ -171,13 +180,13 @@ def test_new_settings_reach_haproxy_by_a_reload_at_the_next_switch(box: Sandbox,
         "-u", "bluegreen.service", "-n", "100")
 
     try:
-        configure(box, CONFIG + "[ports]\npublic = 5050\n")
+        configure(box, haproxy_settings(public=5050))
         box.run("systemctl", "reload", "bluegreen.service")
         deploy_new_release(box, app, "Another public port")
         moved = http(box, "GET", "/", port=5050)
         assert moved.status == 200 and moved.body["version"] == str(app.version), moved
         assert box.net("curl", "-s", "--max-time", "5", "http://127.0.0.1:5000/", check=False).returncode == 7
-        assert box.run("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() == pid
+        assert main_pid(box, UNIT) == pid
     finally:
         configure(box, CONFIG)
         box.run("systemctl", "reload", "bluegreen.service")

@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     call,
     deploy_new_release,
     public,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -25,8 +26,6 @@ pytestmark = pytest.mark.integration
 # Five deploys prove the flow; a loss that shows once in 100,000 requests needs the stress
 # test's 100 two-instance switches (test_stress.py, scripts/test --stress).
 DEPLOYS = 5
-CONFIG = ("post_switch_watch = 1\n[app]\ninstances = {instances}\nworkers = 4\n"
-          "[health]\ninterval = 0.2\n")
 # Load after the kill: long enough for systemd to restart the instance (RestartSec=1) and for
 # gunicorn to boot it again.
 AFTER_KILL = 8.0
@@ -37,7 +36,7 @@ CLIENTS = 4
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return CONFIG.format(instances=2)
+    return settings(1, workers=4, app={"instances": 2})
 
 
 def running_instances(box: Sandbox) -> list[int]:

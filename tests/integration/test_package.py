@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import App, Load, public, wait_for_commit, wait_serving
+from tests.integration.helpers import App, Load, main_pid, public, wait_for_commit, wait_serving
 from tests.sandbox import ROOT, Sandbox, build_deb
 
 pytestmark = pytest.mark.integration
@@ -35,10 +35,6 @@ def newer_deb() -> Path:
     version = subprocess.run(["dpkg-parsechangelog", "-l", "packaging/debian/changelog", "-S", "Version"],
                              cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
     return build_deb(f"{version}+rebuild1")
-
-
-def main_pid(box: Sandbox, unit: str) -> int:
-    return int(box.run("systemctl", "show", "-P", "MainPID", unit).stdout)
 
 
 def active_units(box: Sandbox) -> list[str]:

@@ -20,7 +20,9 @@ from tests.integration.helpers import (
     App,
     call,
     http,
+    main_pid,
     properties,
+    settings,
     wait_for_commit,
     wait_serving,
 )
@@ -57,8 +59,7 @@ def app(box: Sandbox, server: subprocess.Popen[str]) -> App:
     application = App(box)
     application.create()
     box.write("/etc/bluegreen/bluegreen.toml",
-              "post_switch_watch = 1\n[health]\ninterval = 0.2\n"
-              f'[repository]\nurl = "http://127.0.0.1:{PORT}/app.git"\npoll_interval = 600\n')
+              settings(1) + f'[repository]\nurl = "http://127.0.0.1:{PORT}/app.git"\npoll_interval = 600\n')
     box.write("/etc/systemd/system/bluegreen.service.d/credentials.conf", DROP_IN)
     box.write("/etc/bluegreen/github-token", WRONG + "\n", mode=0o600)
     box.write("/etc/bluegreen/webhook-secret", SECRET + "\n", mode=0o600)
@@ -106,8 +107,7 @@ def test_the_right_token_serves_and_never_shows(box: Sandbox, app: App) -> None:
     call(box, "Refresh")
     record = wait_for_commit(box, sha)
     assert record["state"] == "succeeded", record
-    instance = box.run("systemctl", "show", "-P", "MainPID", f"bluegreen-app@{record['port']}.service"
-                       ).stdout.strip()
+    instance = main_pid(box, f"bluegreen-app@{record['port']}.service")
     places = {
         "ps": seen,
         "journal": box.run("journalctl", "--no-pager", "-o", "export").stdout,

@@ -17,15 +17,17 @@ from tests.integration.helpers import (
     call,
     configure,
     http,
+    main_pid,
     properties,
     serving_app,
+    settings,
     wait_deployment,
 )
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
-EXTRA = "post_switch_watch = 0\n"
+EXTRA = settings(0, interval=None)
 # What any client can send: a scheme and a client address of its choosing.
 LIES = ["-H", "X-Forwarded-Proto: https", "-H", "X-Forwarded-Ssl: on",
         "-H", "X-Forwarded-For: 203.0.113.9"]
@@ -48,13 +50,13 @@ def seen(box: Sandbox, host: str, headers: list[str] | None = None) -> dict[str,
 
 
 def forwarder_argv(box: Sandbox, unit: str) -> list[str]:
-    pid = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
-    assert pid != "0", unit
+    pid = main_pid(box, unit)
+    assert pid != 0, unit
     return box.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
 
 
-def redeploy_with(box: Sandbox, app: App, extra: str) -> int:
-    configure(box, EXTRA + extra)
+def redeploy_with(box: Sandbox, app: App, text: str) -> int:
+    configure(box, text)
     box.run("systemctl", "restart", "bluegreen.service")
     app.commit("Another release, with new settings")
     record = wait_deployment(box, call(box, "Deploy", "s", ""))
@@ -77,8 +79,8 @@ def test_by_default_the_forwarder_listens_on_both_stacks_with_a_connection_limit
 
 
 def test_behind_a_tls_proxy_the_admin_opts_in(box: Sandbox, app: App) -> None:
-    port = redeploy_with(box, app, '[app]\nforwarded_allow_ips = "127.0.0.1"\n'
-                                   '[ports]\npublic_address = "127.0.0.1"\nmax_connections = 64\n')
+    port = redeploy_with(box, app, settings(0, interval=None, app={"forwarded_allow_ips": "127.0.0.1"},
+                                            ports={"public_address": "127.0.0.1", "max_connections": 64}))
     assert seen(box, "127.0.0.1", LIES) == {"scheme": "https", "remote_addr": "127.0.0.1"}
     assert seen(box, "[::1]") is None  # only the proxy on this host reaches the public port
     argv = forwarder_argv(box, f"bluegreen-forward@{port}.service")
@@ -87,11 +89,12 @@ def test_behind_a_tls_proxy_the_admin_opts_in(box: Sandbox, app: App) -> None:
 
 
 def test_the_builtin_forwarder_listens_where_told(box: Sandbox, app: App) -> None:
-    port = redeploy_with(box, app, 'forwarder = "proxy"\n[ports]\npublic_address = "127.0.0.1"\n')
+    port = redeploy_with(box, app, settings(0, forwarder="proxy", interval=None,
+                                            ports={"public_address": "127.0.0.1"}))
     assert seen(box, "127.0.0.1", LIES) == {"scheme": "http", "remote_addr": "127.0.0.1"}
     assert seen(box, "[::1]") is None
     assert forwarder_argv(box, f"bluegreen-proxy@{port}.service")[2] == "bluegreen.forwarders.proxy"
-    redeploy_with(box, app, 'forwarder = "proxy"\n')
+    redeploy_with(box, app, settings(0, forwarder="proxy", interval=None))
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 
 
@@ -100,7 +103,7 @@ def test_a_restarting_builtin_forwarder_keeps_the_public_port_from_strangers(
     """The built-in forwarder, the only one, dies; the next one takes its listener over from
     the unit's file descriptor store: no other user can take the port meanwhile, and the
     connections that come wait for it."""
-    port = redeploy_with(box, app, 'forwarder = "proxy"\n')
+    port = redeploy_with(box, app, settings(0, forwarder="proxy", interval=None))
     unit = f"bluegreen-proxy@{port}.service"
     answers: list[object] = []
     with ThreadPoolExecutor(1) as pool:
@@ -121,7 +124,7 @@ def test_a_restarting_builtin_forwarder_keeps_the_public_port_from_strangers(
     assert not stolen
     assert len(failed) <= 1, failed  # the one the proxy was carrying at the kill, if any
     assert box.run("systemctl", "show", "-P", "NRestarts", unit).stdout.strip() == "1"
-    redeploy_with(box, app, "")
+    redeploy_with(box, app, EXTRA)
 
 
 def test_a_port_served_on_ipv4_alone_stays_there_until_an_address_is_named(
@@ -129,12 +132,12 @@ def test_a_port_served_on_ipv4_alone_stays_there_until_an_address_is_named(
     """As after an upgrade from forwarders that listened on 0.0.0.0: moving to "::" unasked
     would put the new listener in another SO_REUSEPORT group, where the connections queued on
     the old one cannot follow."""
-    redeploy_with(box, app, '[ports]\npublic_address = "0.0.0.0"\n')
+    redeploy_with(box, app, settings(0, interval=None, ports={"public_address": "0.0.0.0"}))
     assert seen(box, "[::1]") is None
-    redeploy_with(box, app, "")
+    redeploy_with(box, app, EXTRA)
     assert seen(box, "[::1]") is None and seen(box, "127.0.0.1") is not None
     assert "stays on 0.0.0.0" in box.journal("-u", "bluegreen.service", "--grep", "stays on")
-    redeploy_with(box, app, '[ports]\npublic_address = "::"\n')
+    redeploy_with(box, app, settings(0, interval=None, ports={"public_address": "::"}))
     assert seen(box, "[::1]") is not None and seen(box, "127.0.0.1") is not None
 
 

@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     configure,
     git,
     http,
+    main_pid,
     properties,
     public,
     wait_deployment,
@@ -374,13 +375,13 @@ def test_the_app_may_reach_the_network_by_default(box: Sandbox, notes: Notes) ->
 
 def test_a_crashed_worker_is_restarted(box: Sandbox, notes: Notes) -> None:
     unit = f"bluegreen-worker@{properties(box)['ActivePort']}-worker.service"
-    before = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
+    before = main_pid(box, unit)
     box.run("systemctl", "kill", "--signal=KILL", unit)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        after = box.run("systemctl", "show", "-P", "MainPID", unit).stdout.strip()
+        after = main_pid(box, unit)
         state = box.run("systemctl", "is-active", unit, check=False).stdout.strip()
-        if state == "active" and after not in ("0", before):
+        if state == "active" and after not in (0, before):
             break
         time.sleep(0.2)
     else:

@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     kill_controller,
     properties,
     public,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -34,10 +35,10 @@ SLOW_BUILD = 6
 
 @pytest.fixture(scope="module")
 def config_extra() -> str:
-    return ("drain_timeout = 5\npost_switch_watch = 3\n[app]\nworkers = 4\n"
-            "[health]\ninterval = 0.2\ntimeout = 0.5\nunhealthy_threshold = 3\n"
-            # A release that holds the file slow-build takes a while to build.
-            f"[release]\nbuild_command = \"if [ -e slow-build ]; then sleep {SLOW_BUILD}; fi\"\n")
+    # A release that holds the file slow-build takes a while to build.
+    return settings(3, workers=4, top={"drain_timeout": 5},
+                    health={"timeout": 0.5, "unhealthy_threshold": 3},
+                    release={"build_command": f"if [ -e slow-build ]; then sleep {SLOW_BUILD}; fi"})
 
 
 @pytest.fixture(scope="module", autouse=True)

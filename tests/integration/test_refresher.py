@@ -14,6 +14,7 @@ from tests.integration.helpers import (
     kill_controller,
     properties,
     serving_app,
+    settings,
     wait_for_commit,
     wait_serving,
 )
@@ -27,8 +28,7 @@ BUILD_FAILS = "echo building; echo 'compiler says no' >&2; exit 3"
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    return serving_app(box, "post_switch_watch = 1\n[health]\ninterval = 0.2\n"
-                       '[release]\nbuild_command = "test ! -e BUILD_FAILS || sh BUILD_FAILS"\n',
+    return serving_app(box, settings(1, release={"build_command": "test ! -e BUILD_FAILS || sh BUILD_FAILS"}),
                        repository=f"poll_interval = {POLL:g}\n")
 
 

@@ -12,9 +12,11 @@ from tests.integration.helpers import (
     App,
     configure,
     http,
+    main_pid,
     properties,
     public,
     serving_app,
+    settings,
     wait_for_commit,
     wait_serving,
 )
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 CONFIG = "/etc/bluegreen/bluegreen.toml"
 # Deploys are quick: no watch, frequent health checks.
-BASE = "post_switch_watch = 0\ndrain_timeout = 2\n[health]\ninterval = 0.2\n"
+QUICK = {"drain_timeout": 2}
+BASE = settings(0, top=QUICK)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +37,6 @@ def app(box: Sandbox) -> App:
 
 def reload(box: Sandbox) -> Any:
     return box.run("systemctl", "reload", "bluegreen.service", check=False)
-
-
-def main_pid(box: Sandbox) -> str:
-    return box.run("systemctl", "show", "-P", "MainPID", "bluegreen.service").stdout.strip()
 
 
 def status(box: Sandbox) -> dict[str, Any]:
@@ -55,13 +54,13 @@ def instance_setting(box: Sandbox, port: int, name: str) -> str:
 def test_a_reload_applies_some_settings_at_once_and_lists_the_rest_as_pending(
         box: Sandbox, app: App) -> None:
     before = wait_serving(box)
-    pid = main_pid(box)
+    pid = main_pid(box, "bluegreen.service")
     assert before["Watching"] is False
     assert status(box)["PendingSettings"] == []
-    configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
+    configure(box, settings(0, workers=3, top=QUICK), repository="watch = true\npoll_interval = 1\n")
 
     assert reload(box).returncode == 0
-    assert main_pid(box) == pid  # no restart
+    assert main_pid(box, "bluegreen.service") == pid  # no restart
     journal = box.journal("-u", "bluegreen.service", "-n", "20", "-o", "cat")
     assert "reload: app.workers changed; it applies at the next deploy" in journal
     assert "reload: repository.watch changed; it applies at once" in journal
@@ -92,10 +91,10 @@ def test_a_reload_applies_some_settings_at_once_and_lists_the_rest_as_pending(
 ])
 def test_a_broken_file_fails_the_reload_and_changes_nothing(
         box: Sandbox, app: App, broken: str, reason: str) -> None:
-    configure(box, BASE + "[app]\nworkers = 3\n", repository="watch = true\npoll_interval = 1\n")
+    configure(box, settings(0, workers=3, top=QUICK), repository="watch = true\npoll_interval = 1\n")
     assert reload(box).returncode == 0
     before = wait_serving(box)
-    pid = main_pid(box)
+    pid = main_pid(box, "bluegreen.service")
     since = time.time()
     box.write(CONFIG, broken + "[repository]\nwatch = false\n")
 
@@ -107,7 +106,7 @@ def test_a_broken_file_fails_the_reload_and_changes_nothing(
     assert box.run("bluegreenctl", "reload", check=False).returncode == 3
     # The daemon goes on as it was: same process, serving, still watching the branch.
     assert box.run("systemctl", "is-active", "bluegreen.service").stdout.strip() == "active"
-    assert main_pid(box) == pid
+    assert main_pid(box, "bluegreen.service") == pid
     assert public(box)["release"] == before["ActiveRelease"]
     assert properties(box)["Watching"] is True
     # The next deploy (the refresher's: watch is still on) uses the settings from before.
@@ -123,7 +122,7 @@ def test_a_new_api_listen_is_pending_until_the_socket_is_restarted(box: Sandbox,
 
     pending = [{"key": "api.listen",
                 "applies": "after systemctl daemon-reload && systemctl restart bluegreen-api.socket"}]
-    configure(box, BASE + '[api]\nlisten = "127.0.0.1:5002"\n')
+    configure(box, settings(0, top=QUICK, api={"listen": "127.0.0.1:5002"}))
     try:
         assert reload(box).returncode == 0
         assert api_listen() == pending
@@ -141,7 +140,7 @@ def test_a_new_api_listen_is_pending_until_the_socket_is_restarted(box: Sandbox,
 
 
 def test_a_new_public_port_waits_for_the_next_deploy(box: Sandbox, app: App) -> None:
-    configure(box, BASE + "[ports]\npublic = 5005\n")
+    configure(box, settings(0, top=QUICK, ports={"public": 5005}))
     assert reload(box).returncode == 0
     assert {"key": "ports.public", "applies": "at the next deploy"} in status(box)["PendingSettings"]
     assert properties(box)["PublicPort"] == 5000

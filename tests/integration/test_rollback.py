@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     properties,
     public,
     serving_app,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -37,8 +38,8 @@ SOURS_AFTER_START = SCRIPTED_APP + (
 
 @pytest.fixture(scope="module")
 def app(box: Sandbox) -> App:
-    return serving_app(box, "post_switch_watch = 5\n[app]\nworkers = 4\n[health]\ninterval = 0.2\n"
-                       f"unhealthy_threshold = 3\n[release]\nkeep = {KEEP}\n")
+    return serving_app(box, settings(5, workers=4, health={"unhealthy_threshold": 3},
+                                release={"keep": KEEP}))
 
 
 def test_cli_rollback_under_load(box: Sandbox, app: App) -> None:

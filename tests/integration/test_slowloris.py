@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     configure,
     properties,
     serving_app,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -25,7 +26,7 @@ from tests.sandbox import Sandbox
 pytestmark = pytest.mark.integration
 
 WORKERS = 2
-CONFIG = f"post_switch_watch = 0\n[app]\nworkers = {WORKERS}\n"
+CONFIG = settings(0, workers=WORKERS, interval=None)
 HOLD = 20  # seconds the slow clients dribble, under gunicorn's 30 s worker timeout
 
 # argv[1] connections, each sending a request's headers one byte at a time, a byte every 0.5 s,
@@ -70,9 +71,9 @@ def answer_time(box: Sandbox) -> float | None:
         slow.wait()
 
 
-def redeploy(box: Sandbox, app: App, extra: str) -> None:
+def redeploy(box: Sandbox, app: App, forwarder: str | None = None) -> None:
     wait_serving(box)  # the stalled app may have been redeployed by the health monitor
-    configure(box, extra + CONFIG)
+    configure(box, settings(0, forwarder=forwarder, workers=WORKERS, interval=None))
     box.run("systemctl", "reload", "bluegreen.service")
     record = wait_deployment(box, call(box, "Deploy", "s", app.commit("Next release")))
     assert record["state"] == "succeeded", record
@@ -86,7 +87,7 @@ def test_slow_clients_stall_the_app_through_socat(box: Sandbox, app: App) -> Non
 
 def test_a_deploy_moves_the_public_port_from_socat_to_haproxy(box: Sandbox, app: App) -> None:
     old = properties(box)["ActivePort"]
-    redeploy(box, app, 'forwarder = "haproxy"\n')
+    redeploy(box, app, forwarder="haproxy")
     new = properties(box)["ActivePort"]
     assert box.run("systemctl", "is-active", "bluegreen-haproxy.service").stdout.strip() == "active"
     assert box.run("systemctl", "is-active", f"bluegreen-forward@{old}.service",
@@ -104,7 +105,7 @@ def test_slow_clients_do_not_stall_the_app_through_haproxy(box: Sandbox, app: Ap
 
 
 def test_back_to_socat(box: Sandbox, app: App) -> None:
-    redeploy(box, app, "")
+    redeploy(box, app)
     port = properties(box)["ActivePort"]
     assert box.run("systemctl", "is-active", f"bluegreen-forward@{port}.service").stdout.strip() == "active"
     assert box.run("systemctl", "is-active", "bluegreen-haproxy.service",

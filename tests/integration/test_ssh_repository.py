@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     http,
     properties,
     public,
+    settings,
     wait_deployment,
     wait_serving,
 )
@@ -48,8 +49,7 @@ def keygen(box: Sandbox, path: str) -> str:
 
 def configure_ssh(box: Sandbox, pinned: str) -> None:
     box.write("/etc/bluegreen/bluegreen.toml",
-              "post_switch_watch = 1\n[health]\ninterval = 0.2\n"
-              f'[repository]\nurl = "{URL}"\nwatch = false\n'
+              settings(1) + f'[repository]\nurl = "{URL}"\nwatch = false\n'
               f'ssh_known_hosts = "[127.0.0.1]:{PORT} {pinned}"\n')
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.integration.helpers import App, configure, http, properties, public, wait_serving
+from tests.integration.helpers import App, configure, http, properties, public, settings, wait_serving
 from tests.sandbox import ROOT, Sandbox
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def test_a_remote_that_hangs_at_the_first_start_holds_up_no_start(box: Sandbox, 
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "listening"
         hang_ends = time.monotonic() + HANG
-        configure(box, "post_switch_watch = 0\n[health]\ninterval = 0.2\n",
+        configure(box, settings(0),
                   repository=f'url = "http://127.0.0.1:{PORT}/app.git"\nwatch = false\n')
         box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
         # Ready (Type=notify: systemctl start waited for READY=1) while the remote still hangs.

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import clone_instance, serving_app, wait_serving
+from tests.integration.helpers import clone_instance, serving_app, settings, wait_serving
 from tests.sandbox import ROOT, Sandbox
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def answers(box: Sandbox, port: int) -> bool:
 
 def two_instances(box: Sandbox) -> tuple[int, int]:
     """Two instances of the sample app, the first served by a socat forwarder; no controller."""
-    serving_app(box, "post_switch_watch = 0\n[app]\nworkers = 3\n[health]\ninterval = 0.2\n")
+    serving_app(box, settings(0, workers=3))
     first = int(wait_serving(box)["ActivePort"])
     box.run("systemctl", "stop", "bluegreen.service")
     second = first + 1 if first < 8999 else first - 1
