@@ -121,7 +121,8 @@ class AppManager:
         async with self._front:
             default = self.controllers.get(DEFAULT_APP)
             settings = default.settings.in_effect.front if default is not None else FrontConfig()
-            served = front.sites(controller.settings.in_effect for controller in self.controllers.values())
+            served = front.sites((controller.settings.in_effect, controller.settings.in_file)
+                                 for controller in self.controllers.values())
             await front.apply(self.systemd, self.paths.runtime, served, settings)
 
     async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:

@@ -51,11 +51,17 @@ PORTS = (80, 443)
 
 @dataclass(frozen=True)
 class Site:
-    """The domains of one app and the public port that serves it."""
+    """The domains of one app and the public port that serves it; ``next_port``, one a reload
+    has set that its next deploy moves to (None when there is none)."""
 
     app: str
     domains: tuple[str, ...]
     port: int
+    next_port: int | None = None
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,) if self.next_port in (None, self.port) else (self.port, self.next_port)
 
 
 def check_domains(configs: Mapping[str, Config]) -> None:
@@ -80,9 +86,21 @@ def _where(config: Config) -> str:
     return f"{config.source}:{line}" if line else config.source
 
 
-def sites(configs: Iterable[Config]) -> list[Site]:
-    return [Site(config.app_name, config.app.domains, config.ports.public)
-            for config in configs if config.app.domains]
+def sites(configs: Iterable[tuple[Config, Config]]) -> list[Site]:
+    """The sites of the apps whose settings (in effect, in the file) these are."""
+    return [Site(in_effect.app_name, in_effect.app.domains, in_effect.ports.public,
+                 in_file.ports.public) for in_effect, in_file in configs if in_effect.app.domains]
+
+
+def _load_balancing(site: Site) -> dict[str, Any]:
+    # A connection the public port refuses is tried again rather than answered with a 502.
+    balancing: dict[str, Any] = {"try_duration": "5s", "try_interval": "100ms"}
+    if len(site.ports) > 1:
+        # The deploy that moves the app to its next public port switches to it, then closes
+        # the old one: the old port first while it answers; once it refuses, the next (a
+        # refused dial marks it down for a while), until the deploy's end rewrites the front.
+        balancing["selection_policy"] = {"policy": "first"}
+    return balancing
 
 
 def render(served: Iterable[Site], front: FrontConfig) -> str:
@@ -92,10 +110,10 @@ def render(served: Iterable[Site], front: FrontConfig) -> str:
         "match": [{"host": list(site.domains)}],
         "handle": [{
             "handler": "reverse_proxy",
-            "upstreams": [{"dial": f"127.0.0.1:{site.port}"}],
-            # A connection the public port refuses (say its forwarder restarting) is tried
-            # again rather than answered with a 502.
-            "load_balancing": {"try_duration": "5s", "try_interval": "100ms"},
+            "upstreams": [{"dial": f"127.0.0.1:{port}"} for port in site.ports],
+            "load_balancing": _load_balancing(site),
+            **({"health_checks": {"passive": {"fail_duration": "2s", "max_fails": 1}}}
+               if len(site.ports) > 1 else {}),
             "headers": {"request": {
                 "set": {
                     "X-Forwarded-For": ["{http.request.remote.host}"],
@@ -162,7 +180,8 @@ async def apply(systemd: Systemd, run_dir: Path, served: list[Site], front: Fron
     if text == old and running:
         return "unchanged"
     atomic_write(path, text)
-    domains = ", ".join(f"{site.app}: {' '.join(site.domains)} -> :{site.port}" for site in served)
+    domains = ", ".join(f"{site.app}: {' '.join(site.domains)} -> "
+                        + " then ".join(f":{port}" for port in site.ports) for site in served)
     if running:
         if await _quietly(systemd.reload_unit(UNIT), "reload"):
             log.info("the front serves %s (reloaded)", domains)

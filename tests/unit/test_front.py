@@ -116,6 +116,21 @@ def test_the_caddy_configuration_routes_each_domain_to_its_apps_public_port() ->
         {"module": "acme", "ca": config.LETSENCRYPT}]
 
 
+def test_an_app_moving_to_another_public_port_is_reached_on_either_during_the_move() -> None:
+    """After a reload sets ports.public, the deploy that applies it switches to the new port
+    and closes the old one; the front must not wait for the deploy's end to find it."""
+    moving = front.Site("staging", ("staging.example",), 5100, next_port=5200)
+    route = json.loads(front.render([moving], FrontConfig()))["apps"]["http"]["servers"]["front"]
+    proxy = route["routes"][0]["handle"][0]
+    assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}, {"dial": "127.0.0.1:5200"}]
+    assert proxy["load_balancing"]["selection_policy"] == {"policy": "first"}
+    assert proxy["health_checks"]["passive"]["max_fails"] == 1  # a refused dial: the next one
+    settled = front.Site("staging", ("staging.example",), 5200, next_port=5200)
+    proxy = json.loads(front.render([settled], FrontConfig()))["apps"]["http"]["servers"][
+        "front"]["routes"][0]["handle"][0]
+    assert proxy["upstreams"] == [{"dial": "127.0.0.1:5200"}] and "health_checks" not in proxy
+
+
 class FakeSystemd:
     def __init__(self, running: bool = False, fail: str = "") -> None:
         self.running = running
