@@ -3,12 +3,19 @@ lays it out (certificates/ISSUER-KEY/DOMAIN/DOMAIN.crt), or why there is none.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bluegreen import certificates
+from bluegreen.api import dbus
+from bluegreen.config import AppConfig, Config
+from bluegreen.systemd import UnitStatus
 
 
 def make_certificate(storage: Path, issuer_key: str, domain: str, issuer: str, days: int) -> Path:
@@ -84,3 +91,47 @@ def test_each_domain_gets_its_certificate_or_why_it_has_none(tmp_path: Path) -> 
     # A certificate kept from before still says what it is, even with the front stopped.
     kept = certificates.describe(["a.example"], tmp_path, front_running=False, error_of=lambda d: "")
     assert kept[0].issuer and kept[0].reason == "the front (bluegreen-front.service) is not running"
+
+
+class Settings:
+    def __init__(self, domains: tuple[str, ...]) -> None:
+        self.in_effect = Config(app=AppConfig(domains=domains))
+
+
+class Controller:
+    def __init__(self, domains: tuple[str, ...], front: str) -> None:
+        self.observers: list[Any] = []
+        self.settings = Settings(domains)
+        self.front = front
+
+    @property
+    def systemd(self) -> Controller:
+        return self
+
+    async def status(self, unit: str) -> UnitStatus:
+        assert unit == "bluegreen-front.service"
+        return UnitStatus(unit, self.front, "running" if self.front == "active" else "dead")
+
+
+def test_the_dbus_api_lists_the_apps_domains_with_their_certificates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_certificate(tmp_path, "localhost-14000-dir", "a.example", "Pebble Intermediate CA 1", 5)
+    monkeypatch.setattr(certificates, "STORAGES", (tmp_path / "private", tmp_path))
+    monkeypatch.setattr(certificates, "journal_error", lambda domain: "")
+
+    async def reload() -> list[tuple[str, str]]:
+        return []
+
+    def listed(domains: tuple[str, ...], front: str) -> list[list[Any]]:
+        controller = Controller(domains, front)
+        interface = dbus.ManagerInterface(controller, reload)  # type: ignore[arg-type]
+        # The method itself, as dbus-next calls it (its decorator's wrapper drops the result).
+        method = dbus.ManagerInterface.ListDomains.__wrapped__
+        return asyncio.run(method(interface))
+
+    running = listed(("a.example", "b.example"), "active")
+    assert [(domain, issuer, reason) for domain, issuer, _, reason in running] == [
+        ("a.example", "Pebble Intermediate CA 1", ""), ("b.example", "", "not issued yet")]
+    assert running[0][2] > time.time()
+    assert [row[3] for row in listed(("a.example",), "inactive")] == [certificates.NOT_RUNNING]
+    assert listed((), "inactive") == []
