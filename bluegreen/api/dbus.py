@@ -26,7 +26,7 @@ from bluegreen.controller import Controller
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.refusals import BadSignature, Busy, NoRollbackTarget, NotConfigured
 from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
-from bluegreen.systemd import SystemdError
+from bluegreen.systemd import ActiveState, SystemdError
 
 # What a request to deploy may be refused with (a subclass before its base).
 _REFUSALS: dict[type[Exception], Error] = {
@@ -272,8 +272,9 @@ class ManagerInterface(ServiceInterface):
         domains = self.controller.settings.in_effect.app.domains
         if not domains:
             return []
-        try:
-            running = (await self.controller.systemd.status(front.UNIT)).is_running
+        try:  # serving, as front.apply reckons: not failing nor waiting to be restarted
+            state = (await self.controller.systemd.status(front.UNIT)).active_state
+            running = state in (ActiveState.ACTIVE, ActiveState.RELOADING)
         except SystemdError:
             running = False
         # Files and the journal: read off the event loop.

@@ -134,4 +134,6 @@ def test_the_dbus_api_lists_the_apps_domains_with_their_certificates(
         ("a.example", "Pebble Intermediate CA 1", ""), ("b.example", "", "not issued yet")]
     assert running[0][2] > time.time()
     assert [row[3] for row in listed(("a.example",), "inactive")] == [certificates.NOT_RUNNING]
+    # A front that failed and waits to be restarted serves nothing either.
+    assert [row[3] for row in listed(("a.example",), "activating")] == [certificates.NOT_RUNNING]
     assert listed((), "inactive") == []
