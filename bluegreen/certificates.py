@@ -1,21 +1,23 @@
-"""The certificate of each domain of an app, as the front (front.py) has stored it, or why it
-has none: what ``bluegreenctl status`` and ``GET /status`` show. Runs in the controller, as
-root, which may read the front's storage (its unit's StateDirectory).
+"""The certificate of each domain of an app, as the front (front.py) serves it, or why it has
+none: what ``bluegreenctl status`` and ``GET /status`` show. Runs in the controller.
 
-Caddy's file_system storage keeps a certificate at
-``certificates/ISSUER-KEY/DOMAIN/DOMAIN.crt`` (PEM, the leaf first), ISSUER-KEY naming the ACME
-directory it came from ("acme-v02.api.letsencrypt.org-directory", "localhost-14000-dir").
+The controller asks the front itself, with a TLS handshake on 127.0.0.1:443 naming the domain,
+rather than reading the front's storage: Caddy keeps its certificates in directories of mode
+0700 of its dynamic user, which the controller cannot read without CAP_DAC_OVERRIDE (its
+bounding set keeps CAP_CHOWN and CAP_KILL alone); and the handshake shows what clients get.
 
-The certificate is read with ``ssl._ssl._test_decode_cert``, CPython's own decoder of a PEM
+The certificate is decoded with ``ssl._ssl._test_decode_cert``, CPython's own decoder of a PEM
 file into the dictionary ``getpeercert()`` returns: private, but in every CPython 3 and fixed
 with the Debian release bluegreen runs on, where python3-cryptography would be a new
-dependency for two fields. Should it ever go, no certificate reads and the unit tests fail.
+dependency for three fields. Should it ever go, no certificate reads and the unit tests fail.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,9 @@ from typing import Any
 
 from bluegreen.front import UNIT
 
-# The front's StateDirectory= seen from root: systemd keeps a DynamicUser's state under
-# /var/lib/private and links /var/lib/NAME to it once the unit has run.
-STORAGES = (Path("/var/lib/private/bluegreen-front"), Path("/var/lib/bluegreen-front"))
+# Where the front listens for HTTPS, and how long a handshake with it may take.
+FRONT_ADDRESS = ("127.0.0.1", 443)
+HANDSHAKE_TIMEOUT = 3.0
 NOT_RUNNING = f"the front ({UNIT}) is not running"
 NOT_ISSUED = "not issued yet"
 # How far back in the front's journal an ACME error of a domain is looked for.
@@ -40,8 +42,7 @@ class Certificate:
 
 @dataclass(frozen=True)
 class DomainCertificate:
-    """A domain and its certificate: issuer and expiry, or (0, "") with ``reason``. A stored
-    certificate of a front that does not run has a reason too: nobody serves it."""
+    """A domain and its certificate: issuer and expiry, or ("", 0) and ``reason``."""
 
     domain: str
     issuer: str
@@ -61,19 +62,29 @@ def _name(rdns: Iterable[Iterable[tuple[str, str]]]) -> str:
     return fields.get("commonName") or fields.get("organizationName") or ", ".join(fields.values())
 
 
-def read(path: Path) -> Certificate | None:
+def served(domain: str, address: tuple[str, int] | None = None,
+           timeout: float = HANDSHAKE_TIMEOUT) -> Certificate | None:
+    """The certificate the front presents for the domain; None when it has none for it (the
+    handshake fails, or the certificate is another name's)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # an expired or untrusted certificate is shown too
     try:
-        decoded = decode(path)
+        with socket.create_connection(address or FRONT_ADDRESS, timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=domain) as tls:
+            der = tls.getpeercert(binary_form=True)
+        if not der:
+            return None
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:
+            pem.write(ssl.DER_cert_to_PEM_cert(der))
+            pem.flush()
+            decoded = decode(Path(pem.name))
+        names = {value for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"}
+        if domain not in names:
+            return None
         return Certificate(_name(decoded["issuer"]), float(ssl.cert_time_to_seconds(decoded["notAfter"])))
-    except (OSError, ValueError, KeyError, ssl.SSLError):
+    except (OSError, ValueError, KeyError):  # ssl.SSLError is an OSError
         return None
-
-
-def stored(storage: Path, domain: str) -> Certificate | None:
-    """The domain's certificate in the storage, of whichever issuer's lasts longest (after a
-    change of ACME CA both may be there; Caddy serves the newer)."""
-    found = [read(path) for path in (storage / "certificates").glob(f"*/{domain}/{domain}.crt")]
-    return max((c for c in found if c is not None), key=lambda c: c.not_after, default=None)
 
 
 def last_error(newest_first: Iterable[Mapping[str, Any]], domain: str) -> str:
@@ -110,21 +121,17 @@ def journal_error(domain: str) -> str:
         return ""
 
 
-def describe(domains: Iterable[str], storage: Path | None, front_running: bool,
+def describe(domains: Iterable[str], front_running: bool,
+             certificate_of: Callable[[str], Certificate | None] = served,
              error_of: Callable[[str], str] = journal_error) -> list[DomainCertificate]:
     result = []
     for domain in domains:
-        certificate = stored(storage, domain) if storage is not None else None
         if not front_running:
-            reason = NOT_RUNNING
-        elif certificate is None:
-            reason = error_of(domain) or NOT_ISSUED
+            result.append(DomainCertificate(domain, "", 0.0, NOT_RUNNING))
+            continue
+        certificate = certificate_of(domain)
+        if certificate is None:
+            result.append(DomainCertificate(domain, "", 0.0, error_of(domain) or NOT_ISSUED))
         else:
-            reason = ""
-        result.append(DomainCertificate(domain, certificate.issuer if certificate else "",
-                                        certificate.not_after if certificate else 0.0, reason))
+            result.append(DomainCertificate(domain, certificate.issuer, certificate.not_after, ""))
     return result
-
-
-def storage() -> Path | None:
-    return next((path for path in STORAGES if path.is_dir()), None)

@@ -266,9 +266,8 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def ListDomains(self) -> "a(ssds)":
-        """Each of the app's domains with its certificate: issuer and expiry (seconds since the
-        epoch), or "", 0 and why it has none; a stored certificate of a front that does not run
-        comes with that reason too."""
+        """Each of the app's domains with the certificate the front serves for it: issuer and
+        expiry (seconds since the epoch), or "", 0 and why it has none."""
         domains = self.controller.settings.in_effect.app.domains
         if not domains:
             return []
@@ -277,9 +276,9 @@ class ManagerInterface(ServiceInterface):
             running = state in (ActiveState.ACTIVE, ActiveState.RELOADING)
         except SystemdError:
             running = False
-        # Files and the journal: read off the event loop.
-        listed = await asyncio.to_thread(certificates.describe, domains, certificates.storage(),
-                                         running, certificates.journal_error)
+        # Handshakes with the front and its journal: off the event loop.
+        listed = await asyncio.to_thread(certificates.describe, domains, running,
+                                         certificates.served, certificates.journal_error)
         return [[d.domain, d.issuer, d.not_after, d.reason] for d in listed]
 
     # --- properties ------------------------------------------------------------------------

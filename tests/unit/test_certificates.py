@@ -1,12 +1,17 @@
-"""What the status says of each domain's certificate: read from the front's storage as Caddy
-lays it out (certificates/ISSUER-KEY/DOMAIN/DOMAIN.crt), or why there is none."""
+"""What the status says of each domain's certificate: the one the front presents in a TLS
+handshake naming the domain, or why there is none."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import ssl
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +23,83 @@ from bluegreen.config import AppConfig, Config
 from bluegreen.systemd import UnitStatus
 
 
-def make_certificate(storage: Path, issuer_key: str, domain: str, issuer: str, days: int) -> Path:
-    """A self-signed certificate for ``domain`` issued by ``issuer``, where Caddy keeps it."""
-    folder = storage / "certificates" / issuer_key / domain
-    folder.mkdir(parents=True)
-    crt = folder / f"{domain}.crt"
+def make_certificate(folder: Path, domain: str, issuer: str, days: int) -> tuple[Path, Path]:
+    """A self-signed certificate for ``domain`` issued by ``issuer``, and its key."""
+    crt, key = folder / f"{domain}.crt", folder / f"{domain}.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", str(folder / f"{domain}.key"), "-out", str(crt),
-                    "-days", str(days), "-subj", f"/CN={issuer}",
-                    "-addext", f"subjectAltName=DNS:{domain}"],
+                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", str(days),
+                    "-subj", f"/CN={issuer}", "-addext", f"subjectAltName=DNS:{domain}"],
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
-    return crt
+    return crt, key
 
 
-def test_a_stored_certificate_gives_its_issuer_and_expiry(tmp_path: Path) -> None:
-    make_certificate(tmp_path, "localhost-14000-dir", "a.example", "Pebble Intermediate CA 5e1f", 30)
-    found = certificates.stored(tmp_path, "a.example")
+@contextlib.contextmanager
+def front(folder: Path, certificates_by_name: dict[str, tuple[str, int]],
+          aliases: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """A TLS server on loopback presenting each name's certificate (by SNI; an alias gets
+    another name's), failing the handshake for a name it has none for, as Caddy does; its
+    address."""
+    contexts = {}
+    for name, (issuer, days) in certificates_by_name.items():
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*make_certificate(folder, name, issuer, days))
+        contexts[name] = context
+    for alias, name in (aliases or {}).items():
+        contexts[alias] = contexts[name]
+    default = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def pick(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> int | None:
+        if name not in contexts:
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        sock.context = contexts[name]
+        return None
+
+    default.sni_callback = pick
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)  # to see ``stop`` soon
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            connection.settimeout(5)
+            with contextlib.suppress(OSError), default.wrap_socket(connection, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def test_the_certificate_the_front_presents_gives_its_issuer_and_expiry(tmp_path: Path) -> None:
+    with front(tmp_path, {"a.example": ("Pebble Intermediate CA 5e1f", 30)}) as address:
+        found = certificates.served("a.example", address)
     assert found is not None
     assert found.issuer == "Pebble Intermediate CA 5e1f"
     assert abs(found.not_after - (time.time() + 30 * 86400)) < 86400 * 1.5
 
 
-def test_of_two_issuers_the_certificate_that_lasts_longer_is_the_one_served(tmp_path: Path) -> None:
-    make_certificate(tmp_path, "old-ca-directory", "a.example", "Old CA", 2)
-    make_certificate(tmp_path, "acme-v02.api.letsencrypt.org-directory", "a.example", "R3", 90)
-    found = certificates.stored(tmp_path, "a.example")
-    assert found is not None and found.issuer == "R3"
-
-
-def test_no_certificate_no_storage_or_an_unreadable_one_is_none(tmp_path: Path) -> None:
-    assert certificates.stored(tmp_path / "absent", "a.example") is None
-    make_certificate(tmp_path, "ca", "b.example", "CA", 1)
-    assert certificates.stored(tmp_path, "a.example") is None
-    broken = tmp_path / "certificates" / "ca" / "c.example"
-    broken.mkdir()
-    (broken / "c.example.crt").write_text("not a certificate")
-    assert certificates.stored(tmp_path, "c.example") is None
+def test_no_certificate_another_names_or_no_front_is_none(tmp_path: Path) -> None:
+    with front(tmp_path, {"b.example": ("CA", 1)}) as address:
+        assert certificates.served("a.example", address) is None  # the handshake fails
+    # A front answering with another name's certificate has none for the domain either.
+    with front(tmp_path, {"c.example": ("CA", 1)}, aliases={"a.example": "c.example"}) as address:
+        assert certificates.served("c.example", address) is not None
+        assert certificates.served("a.example", address) is None
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    assert certificates.served("a.example", ("127.0.0.1", port), timeout=1) is None  # refused
 
 
 def caddy_line(level: str, identifier: str, error: str,
@@ -75,22 +121,20 @@ def test_the_reason_is_the_last_acme_error_the_front_logged_for_the_domain() -> 
     assert certificates.last_error(newest_first, "c.example") == ""
 
 
-def test_each_domain_gets_its_certificate_or_why_it_has_none(tmp_path: Path) -> None:
-    make_certificate(tmp_path, "ca", "a.example", "Pebble Intermediate CA 1", 5)
+def test_each_domain_gets_its_certificate_or_why_it_has_none() -> None:
+    served = {"a.example": certificates.Certificate("Pebble Intermediate CA 1", time.time() + 5 * 86400)}
     errors = {"b.example": "could not get certificate from issuer: refused"}
-    listed = certificates.describe(["a.example", "b.example", "c.example"], tmp_path,
-                                   front_running=True, error_of=lambda d: errors.get(d, ""))
+    listed = certificates.describe(["a.example", "b.example", "c.example"], True,
+                                   served.get, lambda d: errors.get(d, ""))
     assert [(d.domain, d.issuer, d.reason) for d in listed] == [
         ("a.example", "Pebble Intermediate CA 1", ""),
         ("b.example", "", "could not get certificate from issuer: refused"),
         ("c.example", "", "not issued yet"),
     ]
     assert listed[0].not_after > time.time() and listed[1].not_after == 0
-    stopped = certificates.describe(["c.example"], tmp_path, front_running=False, error_of=lambda d: "")
-    assert stopped[0].reason == "the front (bluegreen-front.service) is not running"
-    # A certificate kept from before still says what it is, even with the front stopped.
-    kept = certificates.describe(["a.example"], tmp_path, front_running=False, error_of=lambda d: "")
-    assert kept[0].issuer and kept[0].reason == "the front (bluegreen-front.service) is not running"
+    stopped = certificates.describe(["a.example"], False, served.get, lambda d: "")
+    assert [(d.issuer, d.reason) for d in stopped] == [
+        ("", "the front (bluegreen-front.service) is not running")]
 
 
 class Settings:
@@ -115,21 +159,21 @@ class Controller:
 
 def test_the_dbus_api_lists_the_apps_domains_with_their_certificates(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_certificate(tmp_path, "localhost-14000-dir", "a.example", "Pebble Intermediate CA 1", 5)
-    monkeypatch.setattr(certificates, "STORAGES", (tmp_path / "private", tmp_path))
     monkeypatch.setattr(certificates, "journal_error", lambda domain: "")
 
     async def reload() -> list[tuple[str, str]]:
         return []
 
-    def listed(domains: tuple[str, ...], front: str) -> list[list[Any]]:
-        controller = Controller(domains, front)
+    def listed(domains: tuple[str, ...], state: str) -> list[list[Any]]:
+        controller = Controller(domains, state)
         interface = dbus.ManagerInterface(controller, reload)  # type: ignore[arg-type]
         # The method itself, as dbus-next calls it (its decorator's wrapper drops the result).
         method = dbus.ManagerInterface.ListDomains.__wrapped__
         return asyncio.run(method(interface))
 
-    running = listed(("a.example", "b.example"), "active")
+    with front(tmp_path, {"a.example": ("Pebble Intermediate CA 1", 5)}) as address:
+        monkeypatch.setattr(certificates, "FRONT_ADDRESS", address)
+        running = listed(("a.example", "b.example"), "active")
     assert [(domain, issuer, reason) for domain, issuer, _, reason in running] == [
         ("a.example", "Pebble Intermediate CA 1", ""), ("b.example", "", "not issued yet")]
     assert running[0][2] > time.time()
