@@ -163,6 +163,13 @@ class Client:
         return [{"port": port, "name": name, "state": state, "release": release}
                 for port, name, state, release in raw]
 
+    async def domains(self) -> list[dict[str, Any]]:
+        """The app's domains, each with its certificate's issuer and expiry (None without one)
+        or the reason it has none."""
+        (raw,) = await self._call("ListDomains")
+        return [{"domain": domain, "issuer": issuer, "expires": expires or None, "reason": reason}
+                for domain, issuer, expires, reason in raw]
+
     async def follow(self, start: Callable[[], Awaitable[str]],
                      on_step: Callable[[str, str, int], None] = lambda step, release, port: None,
                      ) -> dict[str, Any]:

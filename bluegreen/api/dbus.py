@@ -9,6 +9,7 @@ sent from the object of the deployment's app.
 
 from __future__ import annotations
 
+import asyncio
 import pwd
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -18,13 +19,14 @@ from dbus_next import DBusError, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from bluegreen import instances, workers
+from bluegreen import certificates, front, instances, workers
 from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
 from bluegreen.config import ConfigError
 from bluegreen.controller import Controller
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.refusals import BadSignature, Busy, NoRollbackTarget, NotConfigured
 from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
+from bluegreen.systemd import ActiveState, SystemdError
 
 # What a request to deploy may be refused with (a subclass before its base).
 _REFUSALS: dict[type[Exception], Error] = {
@@ -261,6 +263,23 @@ class ManagerInterface(ServiceInterface):
         c = self.controller
         return [[w.port, w.name, w.state, w.release]
                 for w in await workers.listing(c.systemd, c.paths.runtime, c.app)]
+
+    @method()
+    async def ListDomains(self) -> "a(ssds)":
+        """Each of the app's domains with the certificate the front serves for it: issuer and
+        expiry (seconds since the epoch), or "", 0 and why it has none."""
+        domains = self.controller.settings.in_effect.app.domains
+        if not domains:
+            return []
+        try:  # serving, as front.apply reckons: not failing nor waiting to be restarted
+            state = (await self.controller.systemd.status(front.UNIT)).active_state
+            running = state in (ActiveState.ACTIVE, ActiveState.RELOADING)
+        except SystemdError:
+            running = False
+        # Handshakes with the front and its journal: off the event loop.
+        listed = await asyncio.to_thread(certificates.describe, domains, running,
+                                         certificates.served, certificates.journal_error)
+        return [[d.domain, d.issuer, d.not_after, d.reason] for d in listed]
 
     # --- properties ------------------------------------------------------------------------
 

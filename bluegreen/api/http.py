@@ -147,6 +147,7 @@ def status() -> Response:
         result["instances"] = await c.instances()
         result["workers"] = await c.workers()
         result["pending_settings"] = await c.pending_settings()
+        result["domains"] = await c.domains()
         current, last = status["CurrentDeployment"], status["LastDeployment"]
         result["current_deployment"] = await c.deployment(current) if current else None
         result["last_deployment"] = await c.deployment(last) if last else None

@@ -19,10 +19,12 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 async def run(client: Client, args: argparse.Namespace) -> int:
     status = await client.status()
     pending = await client.pending_settings()
+    domains = await client.domains()
     if args.json:
         status["Instances"] = await client.instances()
         status["Workers"] = await client.workers()
         status["PendingSettings"] = pending
+        status["Domains"] = domains
         print_json(status)
         return 0
     release = status["ActiveRelease"]
@@ -47,6 +49,11 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     for worker in await client.workers():
         print(f"Worker:      {worker['name']} (port {worker['port']}) {worker['state']} "
               f"{worker['release'][:12]}")
+    for domain in domains:
+        certificate = f"certificate from {domain['issuer']}, expires {timestamp(domain['expires'])}" \
+            if domain["issuer"] else "no certificate"
+        reason = f": {domain['reason']}" if domain["reason"] else ""
+        print(f"Domain:      {domain['domain']}: {certificate}{reason}")
     for setting in pending:
         print(f"Pending:     {setting['key']} (applies {setting['applies']})")
     totals: dict[str, int] = status.get("DeploymentsFinished", {})

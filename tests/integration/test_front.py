@@ -140,6 +140,12 @@ def with_domains(box: Sandbox) -> None:
     box.run("systemctl", "reload", "bluegreen.service")
 
 
+def domains(box: Sandbox, app: str = "default") -> dict[str, dict[str, Any]]:
+    """What ``bluegreenctl status --json`` says of the app's domains and their certificates."""
+    status = json.loads(box.run("bluegreenctl", "-a", app, "status", "--json").stdout)
+    return {entry["domain"]: entry for entry in status["Domains"]}
+
+
 def front_state(box: Sandbox) -> str:
     return box.run("systemctl", "is-active", "bluegreen-front.service", check=False).stdout.strip()
 
@@ -154,6 +160,8 @@ def test_a_port_held_by_another_process_keeps_the_front_off_and_is_named(
     assert "port 80 on 0.0.0.0 is held by a process of user root (uid 0)" in box.journal(
         "-u", "bluegreen.service", "--grep", "the front cannot listen")
     assert json.loads(box.run("curl", "-sS", "http://127.0.0.1:5000/").stdout)["version"] == "1"
+    assert {domain: (entry["issuer"], entry["reason"]) for domain, entry in domains(box).items()} == {
+        name: ("", "the front (bluegreen-front.service) is not running") for name in (BLOG, WWW)}
     box.run("systemctl", "stop", "squatter.service")
 
 
@@ -166,6 +174,15 @@ def test_a_reload_puts_each_app_on_its_domains_with_certificates_from_the_acme_c
     wait(lambda: all(curl(box, f"https://{name}/", "-f", check=False).returncode == 0
                      for name in (BLOG, WWW, STAGING)), "certificates for every domain", 60)
     print(f"\ncertificates for 3 domains {time.monotonic() - started:.1f} s after the reload")
+    # The status names the certificate the front presents for each domain.
+    listed = {**domains(box), **domains(box, "staging")}
+    print(f"status: {listed[BLOG]}")
+    assert sorted(listed) == sorted([BLOG, WWW, STAGING])
+    for entry in listed.values():
+        assert "Pebble" in entry["issuer"] and entry["reason"] == "", entry
+        assert entry["expires"] > time.time() + 86400, entry
+    human = box.run("bluegreenctl", "status").stdout
+    assert f"Domain:      {BLOG}: certificate from Pebble" in human, human
     assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == "1"
     assert json.loads(curl(box, f"https://{WWW}/").stdout)["version"] == "1"
     assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "staging"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import time
 from typing import Any
 
 import pytest
@@ -46,6 +48,30 @@ class Client:
 
     async def workers(self) -> list[Any]:
         return []
+
+    async def domains(self) -> list[dict[str, Any]]:
+        return [{"domain": "a.example", "issuer": "Pebble Intermediate CA 1", "expires": 1800000000.0,
+                 "reason": ""},
+                {"domain": "b.example", "issuer": "", "expires": None, "reason": "not issued yet"}]
+
+
+def interface() -> dbus.ManagerInterface:
+    async def reload() -> list[tuple[str, str]]:
+        return []
+
+    return dbus.ManagerInterface(Controller(), reload)  # type: ignore[arg-type]
+
+
+def test_status_shows_each_domain_with_its_certificate_or_why_it_has_none(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    expiry = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1800000000.0))
+    assert f"Domain:      a.example: certificate from Pebble Intermediate CA 1, expires {expiry}" in lines
+    assert "Domain:      b.example: no certificate: not issued yet" in lines
+    assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=True))) == 0  # type: ignore[arg-type]
+    shown = json.loads(capsys.readouterr().out)
+    assert [d["domain"] for d in shown["Domains"]] == ["a.example", "b.example"]
 
 
 def test_status_shows_the_deployments_finished_since_the_start(

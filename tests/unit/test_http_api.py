@@ -47,6 +47,18 @@ class StubClient:
     async def app_statuses(self) -> dict[str, dict[str, Any]]:
         return {"default": await self.status(), "staging": {**await self.status(), "App": "staging"}}
 
+    async def instances(self) -> list[dict[str, Any]]:
+        return []
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return []
+
+    async def pending_settings(self) -> list[dict[str, str]]:
+        return []
+
+    async def domains(self) -> list[dict[str, Any]]:
+        return [{"domain": "a.example", "issuer": "R3", "expires": 1800000000.0, "reason": ""}]
+
 
 @pytest.fixture()
 def stub(monkeypatch: pytest.MonkeyPatch) -> StubClient:
@@ -140,6 +152,14 @@ def test_health_is_503_with_the_reason_when_unhealthy(stub: StubClient, web: Fla
     response = web.get("/health")
     assert response.status_code == 503
     assert response.json == {"healthy": False, "reason": "the serving release is unhealthy: HTTP 500"}
+
+
+def test_status_shows_each_domain_and_its_certificate(stub: StubClient, web: FlaskClient) -> None:
+    response = web.get("/status")
+    assert response.status_code == 200
+    assert response.json is not None
+    assert response.json["domains"] == [{"domain": "a.example", "issuer": "R3",
+                                         "expires": 1800000000.0, "reason": ""}]
 
 
 def test_history_limit_is_validated(stub: StubClient, web: FlaskClient) -> None:
