@@ -20,7 +20,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from bluegreen import config as configuration
-from bluegreen import front
 from bluegreen.config import DEFAULT_APP, Config, ConfigError, Forwarder
 
 APPS_DIR = Path("/etc/bluegreen/apps")
@@ -112,7 +111,7 @@ def load(default_path: Path = configuration.DEFAULT_PATH, apps_dir: Path = APPS_
     for name, path in files(apps_dir).items():
         configs[name] = load_app(name, path)
     check_public_ports(configs)
-    front.check_domains(configs)
+    check_domains(configs)
     return configs
 
 
@@ -152,10 +151,27 @@ def check_served_ports(configs: Mapping[str, Config], served: Mapping[str, Colle
 
 
 def _port_error(config: Config, reason: str) -> ConfigError:
+    return ConfigError(f"{_where(config, 'ports.public')}: ports.public: {reason}")
+
+
+def check_domains(configs: Mapping[str, Config]) -> None:
+    """No domain may be two apps': the error names both, and where each lists it."""
+    owners: dict[str, Config] = {}
+    for config in configs.values():
+        for domain in config.app.domains:
+            other = owners.get(domain)
+            if other is not None:
+                raise ConfigError(f"{_where(config, 'app.domains')}: app.domains: {domain!r} is a "
+                                  f"domain of the app {other.app_name} ({other.source}) already: the app "
+                                  f"{config.app_name} cannot have it too")
+            owners[domain] = config
+
+
+def _where(config: Config, key: str) -> str:
+    """The file and line of ``key`` in the app's file (the file alone if it is not there)."""
     try:
         text = Path(config.source).read_text(encoding="utf-8")
     except OSError:
-        text = ""
-    line = configuration.line_of(text, "ports.public")
-    where = f"{config.source}:{line}" if line else config.source
-    return ConfigError(f"{where}: ports.public: {reason}")
+        return config.source
+    line = configuration.line_of(text, key)
+    return f"{config.source}:{line}" if line else config.source

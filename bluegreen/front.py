@@ -21,14 +21,13 @@ import asyncio
 import json
 import logging
 import pwd
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bluegreen import config as configuration
 from bluegreen import sockdiag
-from bluegreen.config import LETSENCRYPT, Config, ConfigError, FrontConfig
+from bluegreen.config import LETSENCRYPT, Config, FrontConfig
 from bluegreen.files import atomic_write
 from bluegreen.history import Deployment, Step
 from bluegreen.systemd import ActiveState, Systemd, SystemdError
@@ -62,28 +61,6 @@ class Site:
     @property
     def ports(self) -> tuple[int, ...]:
         return (self.port,) if self.next_port in (None, self.port) else (self.port, self.next_port)
-
-
-def check_domains(configs: Mapping[str, Config]) -> None:
-    """No domain may be two apps': the error names both, and where each lists it."""
-    owners: dict[str, Config] = {}
-    for config in configs.values():
-        for domain in config.app.domains:
-            other = owners.get(domain)
-            if other is not None:
-                raise ConfigError(f"{_where(config)}: app.domains: {domain!r} is a domain of the "
-                                  f"app {other.app_name} ({other.source}) already: the app "
-                                  f"{config.app_name} cannot have it too")
-            owners[domain] = config
-
-
-def _where(config: Config) -> str:
-    try:
-        text = Path(config.source).read_text(encoding="utf-8")
-    except OSError:
-        return config.source
-    line = configuration.line_of(text, "app.domains")
-    return f"{config.source}:{line}" if line else config.source
 
 
 def sites(configs: Iterable[tuple[Config, Config]]) -> list[Site]:
