@@ -279,6 +279,12 @@ class Deployer:
                 failure = await instances.failure(self.systemd, new_port)
                 if failure:
                     return failure
+                # A death systemd has already made good (Restart=) between two checks: the
+                # instance may answer again, but the release died once under traffic.
+                restarts = (await self.systemd.status(instances.unit(new_port))).restarts
+                if restarts:
+                    return (f"{instances.unit(new_port)} died and was restarted by systemd "
+                            f"({restarts} times) since the deploy started it")
                 unhealthy = failures[new_port].count(await health.probe(new_port, check),
                                                      check.unhealthy_threshold)
                 if unhealthy:

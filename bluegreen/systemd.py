@@ -99,6 +99,7 @@ class UnitStatus:
     exec_main_status: int = 0
     exec_main_code: int = 0
     uid: int = -1  # the user its processes run as (dynamic users included); -1: unknown
+    restarts: int = 0  # automatic restarts (Restart=) since it was last started
 
     @property
     def main_succeeded(self) -> bool:
@@ -350,6 +351,7 @@ class Systemd:
             exec_main_status=value(service, "ExecMainStatus", 0),
             exec_main_code=value(service, "ExecMainCode", 0),
             uid=_uid(value(service, "UID", 0xFFFFFFFF)),
+            restarts=value(service, "NRestarts", 0),
         )
 
     async def socket_listens(self, unit: str) -> tuple[str, list[str]]:

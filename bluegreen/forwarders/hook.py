@@ -189,6 +189,15 @@ def store(copies: list[socket.socket]) -> None:
     notify_barrier()
 
 
+def executing_systemd(pid: int) -> bool:
+    """Whether process ``pid`` still runs the service manager's code (forked, not yet
+    executing the unit's command)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == os.readlink("/proc/1/exe")
+    except PermissionError:  # not the service manager's hook: nothing to tell apart
+        return False
+
+
 def passed_fds(pid: int) -> dict[int, int]:
     """The sockets systemd passed to process ``pid`` from the file descriptor store
     (LISTEN_FDS, from descriptor 3 on): {inode: descriptor}."""
@@ -214,13 +223,17 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
     Then close the listeners its dead predecessor left in the file descriptor store, and
     store its own."""
     deadline = time.monotonic() + timeout
-    inherited = passed_fds(pid)
     while True:
         try:
+            # Type=simple: this may run before systemd's child has become socat, when it
+            # holds the stored listener already but not yet socat's environment (LISTEN_FDS).
+            started = not executing_systemd(pid)
+            inherited = passed_fds(pid)
             fds = sockdiag.socket_fds(pid)
         except (FileNotFoundError, ProcessLookupError):
             return "the forwarder has exited"
-        mine = sockdiag.held_by(sockdiag.listeners(port), fds.keys() - inherited.keys())
+        mine = sockdiag.held_by(sockdiag.listeners(port), fds.keys() - inherited.keys()) \
+            if started else []
         if mine:
             break
         if time.monotonic() >= deadline:
