@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,27 @@ while time.monotonic() < until:
     served += 1
 print(json.dumps({"bound": True, "served": served}))
 """
+
+
+def stranger_during_restart(box: Sandbox, unit: str, port: int, kill_who: str = "main",
+                            seconds: float = 3) -> tuple[dict[str, Any], list[object], list[object]]:
+    """SIGKILL ``unit`` while THIEF, as user nobody, tries to bind ``port``, and send requests
+    to port 5000 meanwhile: what the stranger got, the answers it gave, the requests that
+    failed."""
+    answers: list[object] = []
+    with ThreadPoolExecutor(1) as pool:
+        thief = pool.submit(box.run, "/usr/bin/python3", "-c", THIEF, str(port), str(seconds),
+                            str(seconds), user="nobody", timeout=60)
+        time.sleep(0.5)  # it is trying
+        box.run("systemctl", "kill", f"--kill-who={kill_who}", "--signal=SIGKILL", unit)
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            answers.append(http(box, "GET", "/", port=5000).body)
+        outcome: dict[str, Any] = json.loads(thief.result().stdout)
+    stolen: list[object] = [answer for answer in answers
+                            if isinstance(answer, dict) and "stranger" in answer]
+    failed = [answer for answer in answers if not isinstance(answer, dict)]
+    print(f"\nanother user tried to bind port {port} while {unit} restarted: {outcome}; "
+          f"{len(answers)} requests to port 5000 meanwhile, {len(stolen)} answered by it, "
+          f"{len(failed)} failed")
+    return outcome, stolen, failed

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     public,
     serving_app,
     settings,
+    stranger_during_restart,
     wait_deployment,
     wait_serving,
 )
@@ -112,21 +113,7 @@ def test_a_restarting_forwarder_keeps_the_public_port_from_strangers(box: Sandbo
     public port, and the connections that come meanwhile wait for the new socat."""
     props = wait_serving(box)
     unit = f"bluegreen-forward@{props['ActivePort']}.service"
-    answers: list[object] = []
-    with ThreadPoolExecutor(1) as pool:
-        thief = pool.submit(box.run, "/usr/bin/python3", "-c", THIEF, "5000", "3", "3",
-                            user="nobody", timeout=60)
-        time.sleep(0.5)  # it is trying
-        box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", unit)
-        until = time.monotonic() + 3
-        while time.monotonic() < until:
-            answers.append(http(box, "GET", "/", port=5000).body)
-        outcome = json.loads(thief.result().stdout)
-    stolen = [answer for answer in answers if isinstance(answer, dict) and "stranger" in answer]
-    failed = [answer for answer in answers if not isinstance(answer, dict)]
-    print(f"\nanother user tried to bind port 5000 while {unit} restarted: {outcome}; "
-          f"{len(answers)} requests to port 5000 meanwhile, {len(stolen)} answered by it, "
-          f"{len(failed)} failed")
+    outcome, stolen, failed = stranger_during_restart(box, unit, 5000)
     assert not outcome["bound"] and outcome["error"] == "EADDRINUSE", outcome
     assert not stolen
     # One request can be in a socat child the kill stops; none meets a closed port.

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from tests.integration.helpers import (
-    THIEF,
     App,
     call,
     configure,
-    http,
     main_pid,
     properties,
     serving_app,
     settings,
+    stranger_during_restart,
     wait_deployment,
 )
 from tests.sandbox import Sandbox
@@ -105,21 +102,7 @@ def test_a_restarting_builtin_forwarder_keeps_the_public_port_from_strangers(
     connections that come wait for it."""
     port = redeploy_with(box, app, settings(0, forwarder="proxy", interval=None))
     unit = f"bluegreen-proxy@{port}.service"
-    answers: list[object] = []
-    with ThreadPoolExecutor(1) as pool:
-        thief = pool.submit(box.run, "/usr/bin/python3", "-c", THIEF, "5000", "3", "3",
-                            user="nobody", timeout=60)
-        time.sleep(0.5)  # it is trying
-        box.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", unit)
-        until = time.monotonic() + 3
-        while time.monotonic() < until:
-            answers.append(http(box, "GET", "/", port=5000).body)
-        outcome = json.loads(thief.result().stdout)
-    stolen = [answer for answer in answers if isinstance(answer, dict) and "stranger" in answer]
-    failed = [answer for answer in answers if not isinstance(answer, dict)]
-    print(f"\nanother user tried to bind port 5000 while {unit} restarted: {outcome}; "
-          f"{len(answers)} requests to port 5000 meanwhile, {len(stolen)} answered by it, "
-          f"{len(failed)} failed")
+    outcome, stolen, failed = stranger_during_restart(box, unit, 5000)
     assert not outcome["bound"] and outcome["error"] == "EADDRINUSE", outcome
     assert not stolen
     assert len(failed) <= 1, failed  # the one the proxy was carrying at the kill, if any
