@@ -223,17 +223,18 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
     Then close the listeners its dead predecessor left in the file descriptor store, and
     store its own."""
     deadline = time.monotonic() + timeout
+    inherited: dict[int, int] | None = None  # read once the process runs socat
     while True:
         try:
             # Type=simple: this may run before systemd's child has become socat, when it
             # holds the stored listener already but not yet socat's environment (LISTEN_FDS).
-            started = not executing_systemd(pid)
-            inherited = passed_fds(pid)
+            if inherited is None and not executing_systemd(pid):
+                inherited = passed_fds(pid)
             fds = sockdiag.socket_fds(pid)
         except (FileNotFoundError, ProcessLookupError):
             return "the forwarder has exited"
-        mine = sockdiag.held_by(sockdiag.listeners(port), fds.keys() - inherited.keys()) \
-            if started else []
+        mine = [] if inherited is None else sockdiag.held_by(sockdiag.listeners(port),
+                                                             fds.keys() - inherited.keys())
         if mine:
             break
         if time.monotonic() >= deadline:
@@ -253,8 +254,9 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
                 group.join(sock.inode)
                 group.targets[sock.inode], group.owners[sock.inode] = target, pid
                 done.append(steer(group, via=copy))
-        for sock in sockdiag.held_by(sockdiag.listeners(port), inherited):
-            how = close_listener(pid, sock, inherited[sock.inode])
+        passed = inherited or {}  # set: socat listens
+        for sock in sockdiag.held_by(sockdiag.listeners(port), passed):
+            how = close_listener(pid, sock, passed[sock.inode])
             done.append(f"the listener kept through the restart (socket {sock.inode}) {how}")
         if os.environ.get("NOTIFY_SOCKET"):  # the unit keeps it (the proxy does it itself)
             try:
