@@ -170,6 +170,9 @@ class Client:
         return [{"domain": domain, "issuer": issuer, "expires": expires or None, "reason": reason}
                 for domain, issuer, expires, reason in raw]
 
+    async def set_maintenance(self, on: bool, message: str = "") -> None:
+        await self._call("SetMaintenance", "bs", [on, message])
+
     async def follow(self, start: Callable[[], Awaitable[str]],
                      on_step: Callable[[str, str, int], None] = lambda step, release, port: None,
                      ) -> dict[str, Any]:

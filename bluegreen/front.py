@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bluegreen import sockdiag
+from bluegreen import maintenance, sockdiag
 from bluegreen.config import LETSENCRYPT, Config, FrontConfig
 from bluegreen.files import atomic_write
 from bluegreen.history import Deployment, Step
@@ -57,6 +57,7 @@ class Site:
     domains: tuple[str, ...]
     port: int
     next_port: int | None = None
+    maintenance_page: Path | None = None  # while this file exists, the front answers with it
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -66,7 +67,8 @@ class Site:
 def sites(configs: Iterable[tuple[Config, Config]]) -> list[Site]:
     """The sites of the apps whose settings (in effect, in the file) these are."""
     return [Site(in_effect.app_name, in_effect.app.domains, in_effect.ports.public,
-                 in_file.ports.public) for in_effect, in_file in configs if in_effect.app.domains]
+                 in_file.ports.public, maintenance.page(in_effect.app_name))
+            for in_effect, in_file in configs if in_effect.app.domains]
 
 
 def _load_balancing(site: Site) -> dict[str, Any]:
@@ -80,12 +82,58 @@ def _load_balancing(site: Site) -> dict[str, Any]:
     return balancing
 
 
+# The error that turns a request into the maintenance page (the server's error routes).
+_MAINTENANCE = "maintenance"
+# Conditions and ranges would turn the page into a 304 or a part of it.
+_CONDITIONS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "Range",
+               "If-Range")
+
+
+def _maintenance_check(site: Site) -> list[dict[str, Any]]:
+    """The route that, while the site's page exists, ends the request with the maintenance
+    error: checked on each request, so that turning maintenance on or off is no reload."""
+    if site.maintenance_page is None:
+        return []
+    return [{
+        "match": [{"file": {"root": str(site.maintenance_page.parent),
+                            "try_files": [f"/{site.maintenance_page.name}"]}}],
+        "handle": [{"handler": "error", "status_code": 503, "error": _MAINTENANCE}],
+    }]
+
+
+def _maintenance_page(site: Site) -> dict[str, Any]:
+    """The error route that answers the maintenance error with the site's page, whatever the
+    method asked, never cached, with Retry-After."""
+    assert site.maintenance_page is not None
+    return {
+        "match": [{"host": list(site.domains)}],
+        "handle": [{"handler": "subroute", "routes": [{
+            "match": [{"expression": f'{{http.error.message}} == "{_MAINTENANCE}"'}],
+            "handle": [
+                {"handler": "headers",
+                 "request": {"delete": list(_CONDITIONS)},
+                 "response": {"set": {"Retry-After": [str(maintenance.RETRY_AFTER)],
+                                      "Cache-Control": ["no-store"]},
+                              "delete": ["Etag", "Last-Modified", "Accept-Ranges"],
+                              "deferred": True}},
+                {"handler": "rewrite", "uri": f"/{site.maintenance_page.name}"},
+                {"handler": "subroute", "routes": [{
+                    "match": [{"not": [{"method": ["GET", "HEAD"]}]}],
+                    "handle": [{"handler": "rewrite", "method": "GET"}],
+                }]},
+                {"handler": "file_server", "root": str(site.maintenance_page.parent)},
+            ],
+        }]}],
+        "terminal": True,
+    }
+
+
 def render(served: Iterable[Site], front: FrontConfig) -> str:
     """Caddy's JSON configuration for these sites."""
     served = list(served)
     routes = [{
         "match": [{"host": list(site.domains)}],
-        "handle": [{
+        "handle": [{"handler": "subroute", "routes": [*_maintenance_check(site), {"handle": [{
             "handler": "reverse_proxy",
             "upstreams": [{"dial": f"127.0.0.1:{port}"} for port in site.ports],
             "load_balancing": _load_balancing(site),
@@ -99,9 +147,10 @@ def render(served: Iterable[Site], front: FrontConfig) -> str:
                 },
                 "delete": list(SPOOFABLE),
             }},
-        }],
+        }]}]}],
         "terminal": True,
     } for site in served]
+    errors = [_maintenance_page(site) for site in served if site.maintenance_page is not None]
     issuer: dict[str, Any] = {"module": "acme", "ca": front.acme_ca or LETSENCRYPT}
     if front.email:
         issuer["email"] = front.email
@@ -118,6 +167,7 @@ def render(served: Iterable[Site], front: FrontConfig) -> str:
                     "listen": [":443"],
                     "protocols": ["h1", "h2"],  # no HTTP/3: a reload closes it without grace
                     "routes": routes,
+                    **({"errors": {"routes": errors}} if errors else {}),
                 }},
             },
             "tls": {"automation": {"policies": [{

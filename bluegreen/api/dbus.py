@@ -10,6 +10,7 @@ sent from the object of the deployment's app.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pwd
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -19,14 +20,17 @@ from dbus_next import DBusError, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from bluegreen import certificates, front, instances, workers
+from bluegreen import certificates, front, instances, maintenance, workers
 from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
 from bluegreen.config import ConfigError
 from bluegreen.controller import Controller
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
+from bluegreen.log import fields
 from bluegreen.refusals import BadSignature, Busy, NoRollbackTarget, NotConfigured
 from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
 from bluegreen.systemd import ActiveState, SystemdError
+
+log = logging.getLogger(__name__)
 
 # What a request to deploy may be refused with (a subclass before its base).
 _REFUSALS: dict[type[Exception], Error] = {
@@ -51,7 +55,7 @@ def failure(error: Error, message: str) -> DBusError:
 
 # Properties announced with PropertiesChanged when the controller reports a change.
 _CHANGING = ("State", "ActiveRelease", "ActivePort", "PublicPort", "CurrentDeployment",
-             "LastDeployment", "Healthy", "HealthReason")
+             "LastDeployment", "Healthy", "HealthReason", "Maintenance", "MaintenanceMessage")
 
 _CLIENT_TRIGGERS = {Trigger.DBUS, Trigger.HTTP, Trigger.CLI}
 
@@ -281,6 +285,34 @@ class ManagerInterface(ServiceInterface):
                                          certificates.served, certificates.journal_error)
         return [[d.domain, d.issuer, d.not_after, d.reason] for d in listed]
 
+    @method()
+    async def SetMaintenance(self, on: "b", message: "s"):
+        """Turn maintenance on (see _set_maintenance)."""
+        await self._set_maintenance(on, message)
+
+    async def _set_maintenance(self, on: bool, message: str) -> None:
+        """Turn maintenance on (the front answers every request for the app's domains with a
+        503 page showing ``message``, or a default one) or off. Only the front serves it: the
+        app needs domains; its own port and bluegreen's health checks are untouched."""
+        app = self.controller.app
+        if on and not self.controller.settings.in_effect.app.domains:
+            raise failure(Error.NOT_CONFIGURED,
+                          f"the app {app} has no domains (app.domains): the maintenance page "
+                          "is served by the HTTPS front, for the app's domains only")
+        caller = await self._caller(Trigger.DBUS)
+        try:
+            if on:
+                state = maintenance.turn_on(app, message)
+                log.info("maintenance on for %s, %s: %s", app, caller, state.message,
+                         extra=fields(app=app))
+            elif maintenance.turn_off(app):
+                log.info("maintenance off for %s, %s", app, caller, extra=fields(app=app))
+        except maintenance.MaintenanceError as exc:
+            raise failure(Error.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            raise failure(Error.RECORDS, f"the maintenance page cannot be written: {exc}") from None
+        self.changed()
+
     # --- properties ------------------------------------------------------------------------
 
     @dbus_property(access=PropertyAccess.READ)
@@ -348,6 +380,16 @@ class ManagerInterface(ServiceInterface):
     def DeploymentsFinished(self) -> "a{su}":
         """Deployments finished since the controller started, by result."""
         return self.controller.metrics.by_result()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Maintenance(self) -> "b":
+        """Whether the front answers the app's domains with its maintenance page."""
+        return maintenance.current(self.controller.app) is not None
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MaintenanceMessage(self) -> "s":
+        state = maintenance.current(self.controller.app)
+        return state.message if state else ""
 
     # --- signals ---------------------------------------------------------------------------
 

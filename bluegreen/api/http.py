@@ -113,6 +113,7 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
         "health": status["HealthReason"],
         "repository": status["Repository"],
         "branch": status["Branch"],
+        "maintenance": status["Maintenance"],
     }
 
 
@@ -156,14 +157,13 @@ def status() -> Response:
     return reply(_call(gather))
 
 
-def _json_request(field: str) -> tuple[str, bool]:
-    """The string field a POST body may hold ("" when there is no body), and its ``wait``: while
-    another deployment runs, wait for it to end (instead of 409)."""
+def _json_object(accepted: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object of a POST body ({} when there is none), with no field but these."""
     if (request.content_length or 0) > MAX_BODY:
         raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
     body = request.get_data(cache=True)
     if not body.strip():
-        return "", False
+        return {}
     if request.mimetype != "application/json":
         raise BadRequest("the body must be JSON (Content-Type: application/json)", 415)
     try:
@@ -171,20 +171,29 @@ def _json_request(field: str) -> tuple[str, bool]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise BadRequest(f"the body must be a JSON object like {{\"{field}\": \"...\"}}")
-    unknown = sorted(set(data) - {field, "wait"})
+        raise BadRequest(f"the body must be a JSON object like {{\"{accepted[0]}\": ...}}")
+    unknown = sorted(set(data) - set(accepted))
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only \"{field}\" and \"wait\" "
-                         "are accepted")
-    wait = data.get("wait", False)
-    if not isinstance(wait, bool):
-        raise BadRequest(f"\"wait\" must be true or false, not {type(wait).__name__}")
-    value = data.get(field, "")
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; only "
+                         + " and ".join(f'"{name}"' for name in accepted) + " are accepted")
+    return data
+
+
+def _field(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = data.get(name)
     if value is None:
-        return "", wait
-    if not isinstance(value, str):
-        raise BadRequest(f"\"{field}\" must be a string, not {type(value).__name__}")
-    return value, wait
+        return default
+    if not isinstance(value, kind):
+        wanted = {bool: "true or false", str: "a string"}.get(kind, kind.__name__)
+        raise BadRequest(f"\"{name}\" must be {wanted}, not {type(value).__name__}")
+    return value
+
+
+def _json_request(field: str) -> tuple[str, bool]:
+    """The string field a POST body may hold ("" when there is no body), and its ``wait``: while
+    another deployment runs, wait for it to end (instead of 409)."""
+    data = _json_object((field, "wait"))
+    return _field(data, field, str, ""), _field(data, "wait", bool, False)
 
 
 def _accepted(deployment_id: str) -> Response:
@@ -204,6 +213,23 @@ def rollback() -> Response:
     """Roll back to the previous good release, or to {"target": DEPLOYMENT_ID or COMMIT}."""
     target, wait = _json_request("target")
     return _accepted(_call(lambda c: c.rollback(target, trigger="http", wait=wait)))
+
+
+@routes.post("/maintenance")
+def set_maintenance() -> Response:
+    """{"on": true, "message": "..."}: the front answers the app's domains with a 503 page;
+    {"on": false}: it serves them again."""
+    data = _json_object(("on", "message"))
+    if "on" not in data:
+        raise BadRequest('"on" is required: true turns maintenance on, false off')
+    on, message = _field(data, "on", bool, False), _field(data, "message", str, "")
+
+    async def change(c: Client) -> dict[str, Any]:
+        await c.set_maintenance(on, message)
+        status = await c.status()
+        return {"maintenance": status["Maintenance"], "message": status["MaintenanceMessage"]}
+
+    return reply(_call(change))
 
 
 @routes.post("/hooks/push")

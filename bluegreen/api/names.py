@@ -38,6 +38,7 @@ class Error(Enum):
 
     BUSY = ("org.bluegreen1.Error.Busy", 409, EXIT_BUSY)
     INVALID_REF = ("org.bluegreen1.Error.InvalidRef", 400, EXIT_USAGE)
+    INVALID_ARGUMENT = ("org.bluegreen1.Error.InvalidArgument", 400, EXIT_USAGE)
     UNKNOWN_REF = ("org.bluegreen1.Error.UnknownRef", 422, EXIT_USAGE)
     REPOSITORY = ("org.bluegreen1.Error.Repository", 502, EXIT_FAILED)
     NOT_CONFIGURED = ("org.bluegreen1.Error.NotConfigured", 409, EXIT_FAILED)

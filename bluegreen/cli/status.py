@@ -36,6 +36,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     print(f"Serving:     {serving}")
     print(f"Health:      {health}: {status['HealthReason']}")
     print(f"Repository:  {status['Repository'] or '(not configured)'} ({watching})")
+    if status["Maintenance"]:
+        print(f"Maintenance: on: the front answers 503 with \"{status['MaintenanceMessage']}\"")
     if status["RemoteError"]:
         print(f"Remote:      {status['RemoteError']}")
     if status["CurrentDeployment"]:

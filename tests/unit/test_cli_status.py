@@ -31,14 +31,16 @@ def finished(state: State) -> Deployment:
 class Client:
     """Answers as the daemon does, its DeploymentsFinished from the D-Bus interface itself."""
 
-    def __init__(self, interface: dbus.ManagerInterface) -> None:
+    def __init__(self, interface: dbus.ManagerInterface, maintenance: str = "") -> None:
         self.interface = interface
+        self.maintenance = maintenance
 
     async def status(self) -> dict[str, Any]:
         return {"ActiveRelease": "a" * 40, "ActivePort": 8001, "PublicPort": 5000,
                 "Healthy": True, "HealthReason": "fine", "Watching": False, "Branch": "main",
                 "State": "serving", "Repository": "", "RemoteError": "", "CurrentDeployment": "",
-                "LastDeployment": "", "DeploymentsFinished": self.interface.DeploymentsFinished}
+                "LastDeployment": "", "DeploymentsFinished": self.interface.DeploymentsFinished,
+                "Maintenance": bool(self.maintenance), "MaintenanceMessage": self.maintenance}
 
     async def pending_settings(self) -> list[Any]:
         return []
@@ -72,6 +74,15 @@ def test_status_shows_each_domain_with_its_certificate_or_why_it_has_none(
     assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=True))) == 0  # type: ignore[arg-type]
     shown = json.loads(capsys.readouterr().out)
     assert [d["domain"] for d in shown["Domains"]] == ["a.example", "b.example"]
+
+
+def test_status_says_when_the_front_answers_with_the_maintenance_page(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    client = Client(interface(), maintenance="Back at noon")
+    assert asyncio.run(status.run(client, argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    assert 'Maintenance: on: the front answers 503 with "Back at noon"' in capsys.readouterr().out
+    assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    assert "Maintenance" not in capsys.readouterr().out
 
 
 def test_status_shows_the_deployments_finished_since_the_start(

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from bluegreen import apps, config, front, sockdiag
+from bluegreen import apps, config, front, maintenance, sockdiag
 from bluegreen.config import Config, ConfigError, FrontConfig
 from bluegreen.systemd import JobFailed, Systemd, UnitStatus
 
@@ -87,6 +87,15 @@ def test_front_settings_are_the_hosts(tmp_path: Path) -> None:
         apps.load(default, tmp_path / "apps", environ={})
 
 
+def proxy_of(route: dict[str, Any]) -> dict[str, Any]:
+    """The reverse_proxy handler of a site's route (after its maintenance check)."""
+    (subroute,) = route["handle"]
+    *_checks, last = subroute["routes"]
+    (proxy,) = last["handle"]
+    assert proxy["handler"] == "reverse_proxy"
+    return dict(proxy)
+
+
 SITES = [front.Site("default", ("blog.example", "www.blog.example"), 5000),
          front.Site("staging", ("staging.example",), 5100)]
 
@@ -97,7 +106,7 @@ def test_the_caddy_configuration_routes_each_domain_to_its_apps_public_port() ->
     assert document["admin"]["listen"].startswith("unix//run/")  # never TCP
     server = document["apps"]["http"]["servers"]["front"]
     assert server["protocols"] == ["h1", "h2"]  # no HTTP/3: a reload would close it
-    routes = {tuple(route["match"][0]["host"]): route["handle"][0] for route in server["routes"]}
+    routes = {tuple(route["match"][0]["host"]): proxy_of(route) for route in server["routes"]}
     assert list(routes) == [("blog.example", "www.blog.example"), ("staging.example",)]
     proxy = routes[("staging.example",)]
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}]
@@ -121,14 +130,33 @@ def test_an_app_moving_to_another_public_port_is_reached_on_either_during_the_mo
     and closes the old one; the front must not wait for the deploy's end to find it."""
     moving = front.Site("staging", ("staging.example",), 5100, next_port=5200)
     route = json.loads(front.render([moving], FrontConfig()))["apps"]["http"]["servers"]["front"]
-    proxy = route["routes"][0]["handle"][0]
+    proxy = proxy_of(route["routes"][0])
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}, {"dial": "127.0.0.1:5200"}]
     assert proxy["load_balancing"]["selection_policy"] == {"policy": "first"}
     assert proxy["health_checks"]["passive"]["max_fails"] == 1  # a refused dial: the next one
     settled = front.Site("staging", ("staging.example",), 5200, next_port=5200)
-    proxy = json.loads(front.render([settled], FrontConfig()))["apps"]["http"]["servers"][
-        "front"]["routes"][0]["handle"][0]
+    proxy = proxy_of(json.loads(front.render([settled], FrontConfig()))["apps"]["http"][
+        "servers"]["front"]["routes"][0])
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5200"}] and "health_checks" not in proxy
+
+
+def test_maintenance_is_a_file_the_front_looks_for_on_each_request(tmp_path: Path) -> None:
+    """Turning maintenance on or off changes no configuration: the front is not reloaded."""
+    page = maintenance.page("staging", tmp_path)
+    site = front.Site("staging", ("staging.example",), 5100, maintenance_page=page)
+    server = json.loads(front.render([site], FrontConfig()))["apps"]["http"]["servers"]["front"]
+    (check, _proxy) = server["routes"][0]["handle"][0]["routes"]
+    assert check["match"] == [{"file": {"root": str(tmp_path / "maintenance"),
+                                        "try_files": ["/staging.html"]}}]
+    assert check["handle"] == [{"handler": "error", "status_code": 503, "error": "maintenance"}]
+    (answer,) = server["errors"]["routes"]
+    assert answer["match"] == [{"host": ["staging.example"]}]
+    handlers = answer["handle"][0]["routes"][0]["handle"]
+    assert handlers[0]["response"]["set"]["Retry-After"] == [str(maintenance.RETRY_AFTER)]
+    assert "If-None-Match" in handlers[0]["request"]["delete"]  # never a 304 for the page
+    assert handlers[-1] == {"handler": "file_server", "root": str(tmp_path / "maintenance")}
+    assert "errors" not in json.loads(front.render([front.Site("a", ("a.example",), 5000)],
+                                                   FrontConfig()))["apps"]["http"]["servers"]["front"]
 
 
 class FakeSystemd:

@@ -26,6 +26,7 @@ class StubClient:
         self.deployed: list[tuple[str, str]] = []
         self.error: ApiError | None = None
         self.apps: list[str] = []  # the app of each call
+        self.maintenance: tuple[bool, str] = (False, "")
 
     async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         if self.error:
@@ -42,7 +43,11 @@ class StubClient:
                 "PublicPort": 5000,
                 "Healthy": False, "HealthReason": "the serving release is unhealthy: HTTP 500",
                 "Repository": "https://example.com/app.git", "Branch": "main",
-                "CurrentDeployment": "", "LastDeployment": ""}
+                "CurrentDeployment": "", "LastDeployment": "",
+                "Maintenance": self.maintenance[0], "MaintenanceMessage": self.maintenance[1]}
+
+    async def set_maintenance(self, on: bool, message: str = "") -> None:
+        self.maintenance = (on, message if on else "")
 
     async def app_statuses(self) -> dict[str, dict[str, Any]]:
         return {"default": await self.status(), "staging": {**await self.status(), "App": "staging"}}
@@ -133,6 +138,29 @@ def test_malformed_deploy_requests(stub: StubClient, web: FlaskClient, kwargs: d
     assert response.status_code == status
     assert response.json is not None and text in response.json["message"]
     assert stub.deployed == []
+
+
+def test_maintenance_is_turned_on_and_off_and_shown_in_the_status(
+        stub: StubClient, web: FlaskClient) -> None:
+    response = web.post("/maintenance", json={"on": True, "message": "Back at noon"})
+    assert response.status_code == 200
+    assert response.json == {"maintenance": True, "message": "Back at noon"}
+    assert web.get("/status").json["maintenance"] is True  # type: ignore[index]
+    assert web.post("/maintenance", json={"on": False}).json == {"maintenance": False, "message": ""}
+
+
+@pytest.mark.parametrize(("body", "text"), [
+    ({}, '"on" is required'),
+    ({"on": "yes"}, '"on" must be true or false'),
+    ({"on": True, "message": 3}, '"message" must be a string'),
+    ({"on": True, "until": "noon"}, "unknown field(s): until"),
+])
+def test_malformed_maintenance_requests_change_nothing(
+        stub: StubClient, web: FlaskClient, body: dict[str, Any], text: str) -> None:
+    response = web.post("/maintenance", json=body)
+    assert response.status_code == 400
+    assert response.json is not None and text in response.json["message"]
+    assert stub.maintenance == (False, "")
 
 
 @pytest.mark.parametrize(("name", "status"), [
