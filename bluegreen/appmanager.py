@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
 from dbus_next.aio import MessageBus
 
-from bluegreen import apps, front
+from bluegreen import apps, certificates, front
 from bluegreen import log as logsetup
 from bluegreen.api.dbus import ManagerInterface
 from bluegreen.api.names import object_path
@@ -34,6 +35,9 @@ from bluegreen.parts import Paths, build
 from bluegreen.systemd import Systemd
 
 log = logging.getLogger(__name__)
+
+# How long a first handshake may wait for the ACME CA to issue the domain's certificate.
+WARM_TIMEOUT = 60.0
 
 
 def _unsaid(text: str) -> None:
@@ -57,6 +61,7 @@ class AppManager:
         self.fatal = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._front = asyncio.Lock()  # one change of the front at a time (front.py)
+        self._tasks: set[asyncio.Task[None]] = set()  # first handshakes with the front
         self._started = False  # READY=1 sent: a reload then tells systemd it is reloading
 
     def load(self) -> dict[str, Config]:
@@ -123,7 +128,27 @@ class AppManager:
             settings = default.settings.in_effect.front if default is not None else FrontConfig()
             served = front.sites((controller.settings.in_effect, controller.settings.in_file)
                                  for controller in self.controllers.values())
-            await front.apply(self.systemd, self.paths.runtime, served, settings)
+            done = await front.apply(self.systemd, self.paths.runtime, served, settings)
+        if done in ("started", "reloaded", "domains"):
+            domains = [domain for site in served for domain in site.domains]
+            task = asyncio.get_running_loop().create_task(self._warm(domains), name="certificates")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _warm(domains: list[str]) -> None:
+        """The front gets a domain's certificate at the first handshake that names it: make
+        that handshake now, not a client's, and say in the journal what came of it."""
+        for domain in domains:
+            got = await asyncio.to_thread(certificates.served, domain, None, WARM_TIMEOUT)
+            if got is not None:
+                log.info("the front has a certificate for %s from %s, valid until %s", domain,
+                         got.issuer, time.strftime("%Y-%m-%d", time.gmtime(got.not_after)))
+            else:
+                reason = await asyncio.to_thread(certificates.journal_error, domain)
+                log.warning("the front has no certificate for %s yet: %s", domain,
+                            reason or "the ACME CA has not answered (journalctl -u "
+                            f"{front.UNIT} says more)")
 
     async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:
         """The public ports each app's forwarders serve, or will serve: while a release serves,

@@ -100,42 +100,82 @@ SITES = [front.Site("default", ("blog.example", "www.blog.example"), 5000),
          front.Site("staging", ("staging.example",), 5100)]
 
 
+RUN = Path("/run/bluegreen")
+
+
 def test_the_caddy_configuration_routes_each_domain_to_its_apps_public_port() -> None:
     document = json.loads(front.render(SITES, FrontConfig(
-        email="ops@example.com", acme_ca="https://ca.example/dir", acme_ca_root="/etc/ca.pem")))
+        email="ops@example.com", acme_ca="https://ca.example/dir", acme_ca_root="/etc/ca.pem"),
+        RUN))
     assert document["admin"]["listen"].startswith("unix//run/")  # never TCP
     server = document["apps"]["http"]["servers"]["front"]
     assert server["protocols"] == ["h1", "h2"]  # no HTTP/3: a reload would close it
-    routes = {tuple(route["match"][0]["host"]): proxy_of(route) for route in server["routes"]}
-    assert list(routes) == [("blog.example", "www.blog.example"), ("staging.example",)]
-    proxy = routes[("staging.example",)]
+    *sites, last = server["routes"]
+    routes = {route["match"][0]["file"]["root"]: proxy_of(route) for route in sites}
+    # The domains are files in each app's directory: the configuration does not name them.
+    assert list(routes) == ["/run/bluegreen/front/sites/default", "/run/bluegreen/front/sites/staging"]
+    assert sites[0]["match"][0]["file"]["try_files"] == ["/{http.request.host}"]
+    assert last["handle"][0]["status_code"] == 404  # a name no app has
+    proxy = routes["/run/bluegreen/front/sites/staging"]
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}]
     headers = proxy["headers"]["request"]
     assert headers["set"] == {"X-Forwarded-For": ["{http.request.remote.host}"],
                               "X-Forwarded-Proto": ["{http.request.scheme}"],
                               "X-Forwarded-Host": ["{http.request.host}"]}
     assert "X-Forwarded-Ssl" in headers["delete"]
-    (policy,) = document["apps"]["tls"]["automation"]["policies"]
-    assert policy["subjects"] == ["blog.example", "staging.example", "www.blog.example"]
+    # Certificates on demand, for the names the ask endpoint (port 80, loopback) finds.
+    automation = document["apps"]["tls"]["automation"]
+    (policy,) = automation["policies"]
+    assert policy["on_demand"] is True and "subjects" not in policy
+    assert automation["on_demand"] == {"ask": "http://127.0.0.1:80/.well-known/bluegreen/ask"}
     assert policy["issuers"] == [{"module": "acme", "ca": "https://ca.example/dir",
                                   "email": "ops@example.com",
                                   "trusted_roots_pem_files": ["/etc/ca.pem"]}]
-    default_ca = json.loads(front.render(SITES, FrontConfig()))
+    plain = document["apps"]["http"]["servers"]["plain"]
+    ask, redirect, _ = plain["routes"]
+    assert ask["match"][0]["remote_ip"] == {"ranges": ["127.0.0.0/8", "::1/128"]}
+    assert ask["handle"][0]["routes"][0]["match"] == [{"file": {
+        "root": "/run/bluegreen/front/names", "try_files": ["/{http.request.uri.query.domain}"]}}]
+    assert redirect["handle"][0]["status_code"] == 308
+    default_ca = json.loads(front.render(SITES, FrontConfig(), RUN))
     assert default_ca["apps"]["tls"]["automation"]["policies"][0]["issuers"] == [
         {"module": "acme", "ca": config.LETSENCRYPT}]
+
+
+def test_domains_are_files_that_follow_the_settings(tmp_path: Path) -> None:
+    sites, names = front.sites_directory(tmp_path), front.names_directory(tmp_path)
+
+    def files() -> tuple[dict[str, list[str]], list[str]]:
+        return ({app.name: sorted(f.name for f in app.iterdir()) for app in sorted(sites.iterdir())},
+                sorted(f.name for f in names.iterdir()))
+
+    assert front.publish(tmp_path, SITES) == (["blog.example", "www.blog.example",
+                                               "staging.example"], [])
+    assert files() == ({"default": ["blog.example", "www.blog.example"],
+                        "staging": ["staging.example"]},
+                       ["blog.example", "staging.example", "www.blog.example"])
+    assert front.publish(tmp_path, SITES) == ([], [])
+    # www moves to staging; blog goes; staging's app loses its domain and the app goes.
+    moved = [front.Site("default", ("new.example",), 5000),
+             front.Site("staging", ("staging.example", "www.blog.example"), 5100)]
+    assert front.publish(tmp_path, moved) == (["new.example", "www.blog.example"], ["blog.example"])
+    assert files() == ({"default": ["new.example"], "staging": ["staging.example", "www.blog.example"]},
+                       ["new.example", "staging.example", "www.blog.example"])
+    assert front.publish(tmp_path, moved[:1]) == ([], ["staging.example", "www.blog.example"])
+    assert files() == ({"default": ["new.example"]}, ["new.example"])
 
 
 def test_an_app_moving_to_another_public_port_is_reached_on_either_during_the_move() -> None:
     """After a reload sets ports.public, the deploy that applies it switches to the new port
     and closes the old one; the front must not wait for the deploy's end to find it."""
     moving = front.Site("staging", ("staging.example",), 5100, next_port=5200)
-    route = json.loads(front.render([moving], FrontConfig()))["apps"]["http"]["servers"]["front"]
+    route = json.loads(front.render([moving], FrontConfig(), RUN))["apps"]["http"]["servers"]["front"]
     proxy = proxy_of(route["routes"][0])
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5100"}, {"dial": "127.0.0.1:5200"}]
     assert proxy["load_balancing"]["selection_policy"] == {"policy": "first"}
     assert proxy["health_checks"]["passive"]["max_fails"] == 1  # a refused dial: the next one
     settled = front.Site("staging", ("staging.example",), 5200, next_port=5200)
-    proxy = proxy_of(json.loads(front.render([settled], FrontConfig()))["apps"]["http"][
+    proxy = proxy_of(json.loads(front.render([settled], FrontConfig(), RUN))["apps"]["http"][
         "servers"]["front"]["routes"][0])
     assert proxy["upstreams"] == [{"dial": "127.0.0.1:5200"}] and "health_checks" not in proxy
 
@@ -144,19 +184,19 @@ def test_maintenance_is_a_file_the_front_looks_for_on_each_request(tmp_path: Pat
     """Turning maintenance on or off changes no configuration: the front is not reloaded."""
     page = maintenance.page("staging", tmp_path)
     site = front.Site("staging", ("staging.example",), 5100, maintenance_page=page)
-    server = json.loads(front.render([site], FrontConfig()))["apps"]["http"]["servers"]["front"]
+    server = json.loads(front.render([site], FrontConfig(), RUN))["apps"]["http"]["servers"]["front"]
     (check, _proxy) = server["routes"][0]["handle"][0]["routes"]
     assert check["match"] == [{"file": {"root": str(tmp_path / "maintenance"),
                                         "try_files": ["/staging.html"]}}]
     assert check["handle"] == [{"handler": "error", "status_code": 503, "error": "maintenance"}]
     (answer,) = server["errors"]["routes"]
-    assert answer["match"] == [{"host": ["staging.example"]}]
+    assert answer["match"] == server["routes"][0]["match"]  # the app's domains
     handlers = answer["handle"][0]["routes"][0]["handle"]
     assert handlers[0]["response"]["set"]["Retry-After"] == [str(maintenance.RETRY_AFTER)]
     assert "If-None-Match" in handlers[0]["request"]["delete"]  # never a 304 for the page
     assert handlers[-1] == {"handler": "file_server", "root": str(tmp_path / "maintenance")}
     assert "errors" not in json.loads(front.render([front.Site("a", ("a.example",), 5000)],
-                                                   FrontConfig()))["apps"]["http"]["servers"]["front"]
+                                                   FrontConfig(), RUN))["apps"]["http"]["servers"]["front"]
 
 
 class FakeSystemd:
@@ -194,14 +234,19 @@ def apply(systemd: FakeSystemd, run_dir: Path, sites: list[front.Site],
 
 def test_the_front_is_reloaded_only_when_its_configuration_changes(tmp_path: Path) -> None:
     systemd = FakeSystemd()
-    assert apply(systemd, tmp_path, []) == "none"  # no domains, no front
+    no_domains = [front.Site("default", (), 5000), front.Site("staging", (), 5100)]
+    assert apply(systemd, tmp_path, no_domains) == "none"  # no domains, no front
     assert apply(systemd, tmp_path, SITES) == "started"
-    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig())
+    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig(), tmp_path)
     assert apply(systemd, tmp_path, SITES) == "unchanged"
-    assert apply(systemd, tmp_path, SITES[:1]) == "reloaded"
+    fewer = [SITES[0], front.Site("staging", (), 5100)]
+    assert apply(systemd, tmp_path, fewer) == "domains"  # a file less, no reload
+    assert not (front.sites_directory(tmp_path) / "staging" / "staging.example").exists()
+    assert apply(systemd, tmp_path, SITES[:1]) == "reloaded"  # an app less
     assert apply(systemd, tmp_path, SITES[:1], FrontConfig(email="a@b.example")) == "reloaded"
     assert apply(systemd, tmp_path, []) == "stopped"
     assert not (tmp_path / "front.json").exists()
+    assert list(front.names_directory(tmp_path).iterdir()) == []
     assert systemd.jobs == ["reset-failed bluegreen-front.service", "start bluegreen-front.service",
                             "reload bluegreen-front.service",
                             "reload bluegreen-front.service", "stop bluegreen-front.service"]
@@ -209,9 +254,9 @@ def test_the_front_is_reloaded_only_when_its_configuration_changes(tmp_path: Pat
 
 def test_a_front_that_refuses_new_settings_keeps_the_old_ones_on_file(tmp_path: Path) -> None:
     systemd = FakeSystemd(running=True, fail="reload")
-    (tmp_path / "front.json").write_text(front.render(SITES, FrontConfig()))
+    (tmp_path / "front.json").write_text(front.render(SITES, FrontConfig(), tmp_path))
     assert apply(systemd, tmp_path, SITES[:1]) == "failed"
-    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig())
+    assert (tmp_path / "front.json").read_text() == front.render(SITES, FrontConfig(), tmp_path)
 
 
 def test_a_port_held_by_another_process_is_named() -> None:
