@@ -104,14 +104,14 @@ def serving_app(box: Sandbox, extra: str = "", repository: str = "watch = false\
     return application
 
 
-Value = str | int | float | bool
+Value = str | int | float | bool | list[str]
 
 
 def toml_value(value: Value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for anything a test writes
+    if isinstance(value, str | list):
+        return json.dumps(value)  # a TOML basic string (or array of them) for what a test writes
     return repr(value)
 
 
