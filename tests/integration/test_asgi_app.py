@@ -4,7 +4,8 @@ deployed with ``app.asgi``, under load.
 Five deploys under three kinds of clients at once: a connection per request (with a slow
 request always in flight), keep-alive clients (tests/keepalive.py) and websocket clients
 (tests/wsclients.py, which reconnect when the server closes). No request fails; the keep-alive
-clients are on the new release within 1 s; every websocket of the old release gets a close frame
+clients are on the new release within 1 s of the drain step (when the old instance gets its
+drain flag); every websocket of the old release gets a close frame
 (1012) promptly after the switch, and its client is on the new release right after.
 
 The container has no network: pip installs from the wheelhouse built on the test host
@@ -22,7 +23,7 @@ import pytest
 
 from bluegreen import instances
 from tests import wheelhouse
-from tests.integration.forwarder_suite import Clients, first_start, step_time
+from tests.integration.forwarder_suite import Clients, step_time
 from tests.integration.helpers import (
     App,
     Load,
@@ -149,11 +150,11 @@ def test_five_deploys_lose_no_request_and_move_every_client(box: Sandbox, servic
     busy = [client for client in keepalive["clients"] if client["kind"] == "busy"]
     lags = []
     for version, record in versions.items():
-        reached = first_start(keepalive, version)
         moved = [[start for seen, start, _end, _count in client["segments"] if seen == version]
                  for client in busy]
         assert all(moved), f"a keep-alive client never reached release {version}"
-        lags.append(max(starts[0] - reached for starts in moved))
+        # From the drain step, when the old instance got its drain flag.
+        lags.append(max(starts[0] - drains[version] for starts in moved))
         old = str(int(version) - 1)
         closes = [s[2] - drains[version] for s in sessions if s[0] == old and s[3] in CLOSE_CODES]
         drained = step_time(record, "watch") - drains[version]
@@ -184,3 +185,17 @@ def test_a_release_that_does_not_pin_uvicorn_fails_at_verify(box: Sandbox, servi
     assert "do not pin uvicorn" in record["reason"], record["reason"]
     assert properties(box)["ActiveRelease"] == serving
     assert http(box, "GET", "/", port=5000).status == 200
+
+
+def test_a_release_whose_lifespan_startup_fails_never_serves(box: Sandbox, service: Service) -> None:
+    serving = properties(box)["ActiveRelease"]
+    git(service.work, "checkout", "-q", serving, "--", ".")
+    source = (service.work / "main.py").read_text()
+    startup = "    await asyncio.sleep(STARTUP_SECONDS)\n"
+    assert startup in source
+    sha = service.commit("A startup that fails", {"main.py": source.replace(
+        startup, startup + '    raise RuntimeError("no database")\n')})
+    record = wait_deployment(box, call(box, "Deploy", "s", ""), timeout=300)
+    assert (record["commit"], record["state"], record["failed_step"]) == (sha, "failed", "health"), record
+    assert properties(box)["ActiveRelease"] == serving
+    assert public(box)["release"] == serving
