@@ -3,9 +3,10 @@ the ``[processes]`` table of the configuration.
 
 ``web`` is what bluegreen serves itself (gunicorn on the instance's port): a ``gunicorn``
 command there names the WSGI app, used unless ``app.wsgi`` names one; its options are not
-(bluegreen sets the port, workers and worker class). A ``uvicorn`` command, or ``gunicorn``
-with uvicorn's worker class (``uvicorn.workers.*``, ``uvicorn_worker.*``), names an ASGI app
-instead, used unless ``app.asgi`` or ``app.wsgi`` names one. ``release`` is the release phase
+(bluegreen sets the port, workers and worker class). A ``uvicorn`` command, ``gunicorn``
+with uvicorn's worker class (``uvicorn.workers.*``, ``uvicorn_worker.*``), ``fastapi run``,
+``daphne`` or ``hypercorn`` names an ASGI app instead, used unless ``app.asgi`` or
+``app.wsgi`` names one; bluegreen serves it with uvicorn's worker. ``release`` is the release phase
 (``release.migrate_command`` wins over it); every other type is a worker.
 """
 
@@ -60,6 +61,21 @@ _UVICORN_VALUED = frozenset(("--host", "--port", "--uds", "--fd", "--reload-dir"
     "--forwarded-allow-ips", "--app-dir", "--h11-max-incomplete-event-size",
     "--timeout-worker-healthcheck"))
 _UVICORN_WORKERS = ("uvicorn.workers.", "uvicorn_worker.")
+# Other ASGI servers' options that take a value: what they serve, uvicorn's worker serves.
+_ASGI_VALUED = {
+    "daphne": frozenset(("-b", "--bind", "-p", "--port", "-u", "--unix-socket", "--fd", "-e",
+        "--endpoint", "-v", "--verbosity", "-t", "--http-timeout", "--access-log", "--log-fmt",
+        "--ping-interval", "--ping-timeout", "--application-close-timeout", "--root-path",
+        "--proxy-headers-host", "--proxy-headers-port", "-s", "--server-name",
+        "--websocket_timeout", "--websocket_connect_timeout")),
+    "hypercorn": frozenset(("-b", "--bind", "-w", "--workers", "-k", "--worker-class", "-c",
+        "--config", "--root-path", "--keep-alive", "--graceful-timeout", "--access-logfile",
+        "--error-logfile", "--log-level", "--log-config", "--ca-certs", "--certfile", "--keyfile",
+        "-u", "--user", "-g", "--group", "-m", "--umask", "-p", "--pid", "--backlog",
+        "--insecure-bind", "--quic-bind", "--access-logformat", "--server-name")),
+    "fastapi": frozenset(("--host", "--port", "--workers", "--root-path", "--app",
+        "--entrypoint", "-e", "--forwarded-allow-ips")),
+}
 
 
 def _server(command: str) -> tuple[str, list[str]]:
@@ -123,17 +139,40 @@ def web_app(command: str) -> str:
 
 def web_asgi(command: str) -> str:
     """The ASGI app (MODULE:CALLABLE, or MODULE:FACTORY() for ``--factory``) a ``web``
-    command's uvicorn serves, or its gunicorn with uvicorn's worker; "" if none. An app
-    imported from another directory (``--app-dir``) is not served as is: none."""
+    command's uvicorn serves (or its gunicorn with uvicorn's worker, FastAPI's ``fastapi run``,
+    daphne, hypercorn); "" if none. An app imported from another directory (``--app-dir``) is
+    not served as is: none."""
     server, arguments = _server(command)
     if server == "gunicorn":
         return _gunicorn_app(arguments) if _worker_class(arguments).startswith(_UVICORN_WORKERS) else ""
+    if server == "fastapi":
+        return _fastapi_app(arguments)
+    if server in _ASGI_VALUED:
+        word = _positional(arguments, _ASGI_VALUED[server])
+        return word if WSGI_APP.fullmatch(word) else ""
     if server != "uvicorn" or any(word.startswith("--app-dir") for word in arguments):
         return ""
     word = _positional(arguments, _UVICORN_VALUED)
     if not WSGI_APP.fullmatch(word):
         return ""
     return f"{word}()" if "--factory" in arguments and not word.endswith(")") else word
+
+
+def _fastapi_app(arguments: list[str]) -> str:
+    """``fastapi run FILE.py [--app NAME]``: the module of FILE (a path in the repository) and
+    NAME, ``app`` by default. Without a file the CLI searches: not guessed."""
+    if arguments[:1] != ["run"]:
+        return ""
+    path = _positional(arguments[1:], _ASGI_VALUED["fastapi"])
+    name = "app"
+    for number, word in enumerate(arguments):
+        if word == "--app" and number + 1 < len(arguments):
+            name = arguments[number + 1]
+        elif word.startswith("--app="):
+            name = word.partition("=")[2]
+    module = path.removeprefix("./").removesuffix(".py").replace("/", ".")
+    app = f"{module}:{name}"
+    return app if path.endswith(".py") and WSGI_APP.fullmatch(app) else ""
 
 
 def parse(text: str) -> dict[str, str]:

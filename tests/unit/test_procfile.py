@@ -69,7 +69,14 @@ def test_the_web_lines_gunicorn_names_the_app(command: str, app: str) -> None:
     ("gunicorn --worker-class=uvicorn.workers.UvicornH11Worker -b :8000 main:app", "main:app"),
     ("exec uvicorn --app-dir src main:app", ""),  # another import root: not served as is
     ("gunicorn -k gthread main:app", ""),  # WSGI
-    ("hypercorn main:app", ""),
+    # FastAPI's own command: a file, its app found by name (app unless --app says otherwise).
+    ("fastapi run main.py --port $PORT", "main:app"),
+    ("fastapi run --host 0.0.0.0 --app api service/main.py", "service.main:api"),
+    ("fastapi run", ""),  # it would search: not guessed
+    ("fastapi dev main.py", ""),
+    # Other ASGI servers: served by uvicorn's worker all the same (which the release must pin).
+    ("daphne -b 0.0.0.0 -p $PORT mysite.asgi:application", "mysite.asgi:application"),
+    ("hypercorn --bind 0.0.0.0:$PORT -w 2 main:app", "main:app"),
 ])
 def test_the_web_lines_asgi_server_names_the_asgi_app(command: str, app: str) -> None:
     assert procfile.web_asgi(command) == app
