@@ -108,6 +108,7 @@ WSGI_APP = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*")
 @dataclass(frozen=True)
 class AppConfig:
     wsgi: str = ""  # "": the Procfile's web line's, else DEFAULT_WSGI (deploy.py)
+    asgi: str = ""  # an ASGI app instead (uvicorn's gunicorn worker); never with wsgi
     health_path: str = "/health"
     workers: int = 2
     instances: int = 1
@@ -455,6 +456,10 @@ KEYS: tuple[Key, ...] = (
     Key("app", "wsgi", _string(WSGI_APP.pattern, "MODULE:CALLABLE", empty_ok=True),
         "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release; "
         "unset: the one the Procfile's web line gives gunicorn, else app:app."),
+    Key("app", "asgi", _string(WSGI_APP.pattern, "MODULE:CALLABLE", empty_ok=True),
+        "ASGI application (FastAPI, Starlette, Django's asgi.py) gunicorn serves with uvicorn's "
+        "worker, which the release must pin; instead of app.wsgi. Unset: the one the Procfile's "
+        "web line gives uvicorn (or gunicorn -k uvicorn...), if any."),
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
         "Path probed on each instance; any 2xx answer is healthy."),
     Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),
@@ -649,6 +654,8 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     if config.app.domains and config.forwarder == Forwarder.HAPROXY:
         raise error("app", "domains", "the front needs forwarder = \"socat\" or \"proxy\" "
                     "(haproxy replaces the X-Forwarded-* headers the front sets)")
+    if config.app.asgi and config.app.wsgi:
+        raise error("app", "asgi", "app.wsgi names the app already: set one of the two")
     if config.health.timeout > config.health.deadline:
         raise error("health", "timeout", "must not exceed health.deadline")
     return behind_front(config)

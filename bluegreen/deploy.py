@@ -367,8 +367,9 @@ class Deployer:
 
     def instance_spec(self, port: int, release: Prepared, config: Config) -> InstanceSpec:
         app = config.app
+        worker_class = instances.ASGI_WORKER_CLASS if release.asgi else app.worker_class
         return InstanceSpec(port=port, wsgi=release.wsgi, workers=app.workers,
-                            worker_class=app.worker_class, app_environment=release.environment,
+                            worker_class=worker_class, app_environment=release.environment,
                             drain_file=drainflag.path(self.run_dir, port),
                             forwarded_allow_ips=control.trusted_proxies(config))
 

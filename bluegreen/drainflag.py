@@ -1,7 +1,8 @@
 """The drain flag: a file that tells an instance's gunicorn to stop keeping connections alive.
 
 The controller creates ``/run/bluegreen/instances/PORT.drain`` for the old instance right after
-a switch, before its forwarder drains. The instance's pre_request hook (gunicornconf.py) sees it
+a switch, before its forwarder drains. The instance's pre_request hook (gunicornconf.py), or for
+an ASGI app the wrapper around it (asgidrain.py, which also closes its websockets), sees it
 and answers every request with ``Connection: close``: a busy keep-alive client makes its next
 request on a new connection, which reaches the new release, and the old instance is soon left
 with no connection. The flag goes when the instance's settings file goes, and when the instance

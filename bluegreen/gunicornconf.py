@@ -14,6 +14,8 @@ How the close is asked for, by gunicorn version (the gthread worker; sync never 
 - otherwise (gunicorn 20.1 and 21 from PyPI) the worker's ``keepalive`` setting is 0 while the
   file exists, which gthread and the async workers turn into the same ``Connection: close``.
 
+uvicorn's worker (ASGI apps) never calls the hook: asgidrain.py does the same there.
+
 The check is one access(2) per request, about 1 us. Nothing else is set, so the command line
 and GUNICORN_CMD_ARGS decide every other setting; importing the module only reads the
 environment.

@@ -26,6 +26,9 @@ _NAME = re.compile(r"bluegreen-app@(\d{1,5})\.service")
 _SOCKET_NAME = re.compile(r"bluegreen-app@(\d{1,5})\.socket")
 # The owner the kernel gives a listener systemd created (a socket unit's): root.
 SYSTEMD_UID = 0
+# gunicorn's worker class for ASGI apps: uvicorn's from the release's environment, the drain
+# flag around the app (asgiworker.py).
+ASGI_WORKER_CLASS = "bluegreen.asgiworker.UvicornWorker"
 
 
 def unit(port: int) -> str:

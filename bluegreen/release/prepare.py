@@ -35,8 +35,9 @@ class Prepared:
     commit: str
     directory: Path
     processes: Processes
-    wsgi: str
+    wsgi: str  # the app gunicorn serves, MODULE:CALLABLE
     environment: dict[str, str]
+    asgi: bool = False  # wsgi is an ASGI app, served by uvicorn's worker
 
 
 # Given the settings and the deployment id: what builds and checks a release.
@@ -69,29 +70,31 @@ class Preparer:
                 source = staging or directory
                 processes = procfile.processes(source, config.release.migrate_command,
                                                config.processes)
-                wsgi = _wsgi(config, processes, deployment_id)
+                wsgi, asgi = _app(config, processes, deployment_id)
                 verifier = self.verifier(config, deployment_id)
                 environment_dir = await verifier.environment(source)
                 env = appenv.environment(config, commit, directory, environment_dir, deployment_id)
                 if staging is not None:
                     # Built and checked where it lies until it is published.
                     await verifier.verify(staging, {**env, "BLUEGREEN_RELEASE_DIR": str(staging)},
-                                          wsgi)
+                                          wsgi, asgi=asgi)
                     directory = self.releases.publish(staging, commit)
                     staging = None
         finally:
             if staging is not None:  # an unfinished release is never published
                 self.releases.discard(staging)
-        return Prepared(commit, directory, processes, wsgi, env)
+        return Prepared(commit, directory, processes, wsgi, env, asgi)
 
 
-def _wsgi(config: Config, processes: Processes, deployment_id: int) -> str:
-    """The WSGI app to serve: app.wsgi, else the one the Procfile's web line names, else
-    app:app."""
+def _app(config: Config, processes: Processes, deployment_id: int) -> tuple[str, bool]:
+    """The app to serve, and whether it is an ASGI app: app.wsgi or app.asgi, else the one the
+    Procfile's web line names, else the WSGI app app:app."""
     if config.app.wsgi:
-        return config.app.wsgi
+        return config.app.wsgi, False
+    if config.app.asgi:
+        return config.app.asgi, True
     if processes.web:
-        log.info("serving %s, the app the Procfile's web line names", processes.web,
-                 extra=fields(deployment_id=deployment_id))
-        return processes.web
-    return DEFAULT_WSGI
+        log.info("serving %s, the %s app the Procfile's web line names", processes.web,
+                 "ASGI" if processes.asgi else "WSGI", extra=fields(deployment_id=deployment_id))
+        return processes.web, processes.asgi
+    return DEFAULT_WSGI, False

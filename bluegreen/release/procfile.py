@@ -3,7 +3,10 @@ the ``[processes]`` table of the configuration.
 
 ``web`` is what bluegreen serves itself (gunicorn on the instance's port): a ``gunicorn``
 command there names the WSGI app, used unless ``app.wsgi`` names one; its options are not
-(bluegreen sets the port, workers and worker class). ``release`` is the release phase
+(bluegreen sets the port, workers and worker class). A ``uvicorn`` command, ``gunicorn``
+with uvicorn's worker class (``uvicorn.workers.*``, ``uvicorn_worker.*``), ``fastapi run``,
+``daphne`` or ``hypercorn`` names an ASGI app instead, used unless ``app.asgi`` or
+``app.wsgi`` names one; bluegreen serves it with uvicorn's worker. ``release`` is the release phase
 (``release.migrate_command`` wins over it); every other type is a worker.
 """
 
@@ -43,35 +46,133 @@ _VALUED = frozenset(("-b", "--bind", "-w", "--workers", "-k", "--worker-class", 
 class Processes:
     release: str = ""
     workers: Mapping[str, str] = field(default_factory=dict)
-    web: str = ""  # the WSGI app the web line's gunicorn names ("" if none)
+    web: str = ""  # the app the web line's gunicorn or uvicorn names ("" if none)
+    asgi: bool = False  # web is an ASGI app (uvicorn's)
 
 
-def web_app(command: str) -> str:
-    """The WSGI app (MODULE:CALLABLE) a ``web`` command's gunicorn serves, "" if the command
-    is not gunicorn's or names none. A bare MODULE is gunicorn's MODULE:application."""
+# uvicorn's options that take a value as the next word.
+_UVICORN_VALUED = frozenset(("--host", "--port", "--uds", "--fd", "--reload-dir", "--reload-include",
+    "--reload-exclude", "--reload-delay", "--workers", "--loop", "--http", "--ws", "--ws-max-size",
+    "--ws-max-queue", "--ws-ping-interval", "--ws-ping-timeout", "--ws-per-message-deflate",
+    "--lifespan", "--interface", "--env-file", "--log-config", "--log-level", "--root-path",
+    "--limit-concurrency", "--backlog", "--limit-max-requests", "--timeout-keep-alive",
+    "--timeout-graceful-shutdown", "--ssl-keyfile", "--ssl-certfile", "--ssl-keyfile-password",
+    "--ssl-version", "--ssl-cert-reqs", "--ssl-ca-certs", "--ssl-ciphers", "--header",
+    "--forwarded-allow-ips", "--app-dir", "--h11-max-incomplete-event-size",
+    "--timeout-worker-healthcheck"))
+_UVICORN_WORKERS = ("uvicorn.workers.", "uvicorn_worker.")
+# Other ASGI servers' options that take a value: what they serve, uvicorn's worker serves.
+_ASGI_VALUED = {
+    "daphne": frozenset(("-b", "--bind", "-p", "--port", "-u", "--unix-socket", "--fd", "-e",
+        "--endpoint", "-v", "--verbosity", "-t", "--http-timeout", "--access-log", "--log-fmt",
+        "--ping-interval", "--ping-timeout", "--application-close-timeout", "--root-path",
+        "--proxy-headers-host", "--proxy-headers-port", "-s", "--server-name",
+        "--websocket_timeout", "--websocket_connect_timeout")),
+    "hypercorn": frozenset(("-b", "--bind", "-w", "--workers", "-k", "--worker-class", "-c",
+        "--config", "--root-path", "--keep-alive", "--graceful-timeout", "--access-logfile",
+        "--error-logfile", "--log-level", "--log-config", "--ca-certs", "--certfile", "--keyfile",
+        "-u", "--user", "-g", "--group", "-m", "--umask", "-p", "--pid", "--backlog",
+        "--insecure-bind", "--quic-bind", "--access-logformat", "--server-name")),
+    "fastapi": frozenset(("--host", "--port", "--workers", "--root-path", "--app",
+        "--entrypoint", "-e", "--forwarded-allow-ips")),
+}
+
+
+def _server(command: str) -> tuple[str, list[str]]:
+    """The server a web command runs ("gunicorn", "uvicorn", or another program's name) and
+    its arguments."""
     try:
         words = shlex.split(command)
     except ValueError:
-        return ""
+        return "", []
     while words and ("=" in words[0] and not words[0].startswith("-")):
         words.pop(0)  # VAR=value before the command
     if words[:1] == ["exec"]:
         words.pop(0)
-    if len(words) >= 3 and words[0].startswith("python") and words[1:3] == ["-m", "gunicorn"]:
+    if len(words) >= 3 and words[0].startswith("python") and words[1] == "-m":
         words = words[2:]
-    if not words or words[0].rsplit("/", 1)[-1] != "gunicorn":
-        return ""
+    if not words:
+        return "", []
+    return words[0].rsplit("/", 1)[-1], words[1:]
+
+
+def _positional(arguments: list[str], valued: frozenset[str]) -> str:
+    """The first argument that is neither an option nor an option's value."""
     skip = False
-    for word in words[1:]:
+    for word in arguments:
         if skip:
             skip = False
         elif word.startswith("-"):
-            skip = word in _VALUED
-        elif WSGI_APP.fullmatch(word):
+            skip = word in valued
+        else:
             return word
-        elif re.fullmatch(r"[A-Za-z_][\w.]*", word):
-            return f"{word}:application"
     return ""
+
+
+def _gunicorn_app(arguments: list[str]) -> str:
+    word = _positional(arguments, _VALUED)
+    if WSGI_APP.fullmatch(word):
+        return word
+    if re.fullmatch(r"[A-Za-z_][\w.]*", word):
+        return f"{word}:application"
+    return ""
+
+
+def _worker_class(arguments: list[str]) -> str:
+    for number, word in enumerate(arguments):
+        if word in ("-k", "--worker-class") and number + 1 < len(arguments):
+            return arguments[number + 1]
+        if word.startswith("--worker-class="):
+            return word.partition("=")[2]
+    return ""
+
+
+def web_app(command: str) -> str:
+    """The WSGI app (MODULE:CALLABLE) a ``web`` command's gunicorn serves, "" if the command
+    is not gunicorn's, names none, or serves ASGI. A bare MODULE is gunicorn's
+    MODULE:application."""
+    server, arguments = _server(command)
+    if server != "gunicorn" or _worker_class(arguments).startswith(_UVICORN_WORKERS):
+        return ""
+    return _gunicorn_app(arguments)
+
+
+def web_asgi(command: str) -> str:
+    """The ASGI app (MODULE:CALLABLE, or MODULE:FACTORY() for ``--factory``) a ``web``
+    command's uvicorn serves (or its gunicorn with uvicorn's worker, FastAPI's ``fastapi run``,
+    daphne, hypercorn); "" if none. An app imported from another directory (``--app-dir``) is
+    not served as is: none."""
+    server, arguments = _server(command)
+    if server == "gunicorn":
+        return _gunicorn_app(arguments) if _worker_class(arguments).startswith(_UVICORN_WORKERS) else ""
+    if server == "fastapi":
+        return _fastapi_app(arguments)
+    if server in _ASGI_VALUED:
+        word = _positional(arguments, _ASGI_VALUED[server])
+        return word if WSGI_APP.fullmatch(word) else ""
+    if server != "uvicorn" or any(word.startswith("--app-dir") for word in arguments):
+        return ""
+    word = _positional(arguments, _UVICORN_VALUED)
+    if not WSGI_APP.fullmatch(word):
+        return ""
+    return f"{word}()" if "--factory" in arguments and not word.endswith(")") else word
+
+
+def _fastapi_app(arguments: list[str]) -> str:
+    """``fastapi run FILE.py [--app NAME]``: the module of FILE (a path in the repository) and
+    NAME, ``app`` by default. Without a file the CLI searches: not guessed."""
+    if arguments[:1] != ["run"]:
+        return ""
+    path = _positional(arguments[1:], _ASGI_VALUED["fastapi"])
+    name = "app"
+    for number, word in enumerate(arguments):
+        if word == "--app" and number + 1 < len(arguments):
+            name = arguments[number + 1]
+        elif word.startswith("--app="):
+            name = word.partition("=")[2]
+    module = path.removeprefix("./").removesuffix(".py").replace("/", ".")
+    app = f"{module}:{name}"
+    return app if path.endswith(".py") and WSGI_APP.fullmatch(app) else ""
 
 
 def parse(text: str) -> dict[str, str]:
@@ -105,7 +206,9 @@ def processes(release: Path, migrate_command: str, overrides: Mapping[str, str])
     types = parse(text)
     release_command = migrate_command or types.pop("release", "")
     types.pop("release", None)
-    web = web_app(types.pop("web", ""))
+    web_line = types.pop("web", "")
+    asgi = web_asgi(web_line)
     types.update(overrides)
     workers = {name: command for name, command in sorted(types.items()) if command}
-    return Processes(release=release_command, workers=workers, web=web)
+    return Processes(release=release_command, workers=workers, web=asgi or web_app(web_line),
+                     asgi=bool(asgi))

@@ -7,7 +7,8 @@
 2. ``release.build_command``, as ``bluegreen-build``, in the release's directory, which
    belongs to that user for the time of the command and to root again afterwards;
 3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
-   directory and network), since that is how an instance will import it moments later;
+   directory and network), since that is how an instance will import it moments later; for
+   an ASGI app, first uvicorn's gunicorn worker from the release's own environment;
 4. ``release.check_command``, as ``bluegreen-build``, with the release read-only.
 """
 
@@ -47,6 +48,20 @@ for part in name.split("."):
 if not callable(target):
     sys.exit(f"{sys.argv[1]} is not callable")
 """
+
+# An ASGI app runs on uvicorn's gunicorn worker, which the release brings: Debian's python3-*
+# packages (seen through the venv) do not count, so that what serves is what the app pinned.
+ASGI_CHECK = """\
+import importlib.util, os, sys, warnings
+venv = os.environ.get("VIRTUAL_ENV", "")
+found = importlib.util.find_spec("uvicorn")
+if not venv or found is None or not (found.origin or "").startswith(venv + "/"):
+    sys.exit(f"{sys.argv[1]} is an ASGI app, and the release's requirements do not pin uvicorn: "
+             "add uvicorn (and websockets, for websocket routes) to requirements.txt")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import bluegreen.asgiworker
+""" + IMPORT_CHECK
 
 # $1: the environment's directory; the rest: what pip installs. pip's cache is pruned whether
 # pip succeeded or not (-I: the release's directory, the working one, is not on sys.path).
@@ -125,9 +140,10 @@ class Verifier:
                  extra=fields(deployment_id=self.deployment_id))
         return directory
 
-    async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str) -> None:
-        """Build and check the release in ``directory``, which serves ``wsgi``; ``env`` is the
-        app's environment."""
+    async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str, *,
+                     asgi: bool = False) -> None:
+        """Build and check the release in ``directory``, which serves ``wsgi`` (an ASGI app if
+        ``asgi``); ``env`` is the app's environment."""
         release = self.config.release
         tools = {name: env[name] for name in ("PATH", "VIRTUAL_ENV") if name in env}
         build_env = {**tools, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
@@ -143,7 +159,8 @@ class Verifier:
                 give_tree(directory, 0, 0)
         await self._run(appenv.command(
             self.config, f"importing {wsgi}", "check",
-            [env["BLUEGREEN_PYTHON"], "-c", IMPORT_CHECK, wsgi], directory, env))
+            [env["BLUEGREEN_PYTHON"], "-c", ASGI_CHECK if asgi else IMPORT_CHECK, wsgi],
+            directory, env))
         if release.check_command:
             await self._run(Command(
                 what="release.check_command", kind="check",

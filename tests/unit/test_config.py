@@ -239,3 +239,16 @@ def test_with_deployed_keeps_the_deploy_time_keys_only() -> None:
     assert {key.dotted for key in config.changed(effective, new)} == {
         "app.workers", "ports.public", "forwarder"}
     assert config.changed(new, new) == []
+
+
+def test_app_asgi_names_an_asgi_app_and_excludes_app_wsgi(tmp_path: Path) -> None:
+    path = tmp_path / "bluegreen.toml"
+    path.write_text('[app]\nasgi = "service.main:app"\n')
+    assert config_module.load(path, environ={}).app.asgi == "service.main:app"
+    assert config_module.load(path, environ={}).app.wsgi == ""
+    path.write_text('[app]\nwsgi = "app:app"\nasgi = "service.main:app"\n')
+    with pytest.raises(ConfigError, match=r":3: app.asgi: app.wsgi names the app already"):
+        config_module.load(path, environ={})
+    path.write_text('[app]\nasgi = "main"\n')
+    with pytest.raises(ConfigError, match=r":2: app.asgi: .*MODULE:CALLABLE"):
+        config_module.load(path, environ={})

@@ -270,6 +270,26 @@ def test_the_procfiles_web_line_names_the_app_unless_app_wsgi_does(world: World,
     assert instances.read_env(world.paths.runtime, 8002)["BLUEGREEN_WSGI"] == served
 
 
+@pytest.mark.parametrize(("procfile", "wsgi", "asgi", "served", "worker_class"), [
+    ("web: uvicorn service.main:app --port $PORT\n", "", "", "service.main:app",
+     instances.ASGI_WORKER_CLASS),
+    ("web: gunicorn -k uvicorn.workers.UvicornWorker main:app\n", "", "", "main:app",
+     instances.ASGI_WORKER_CLASS),
+    ("web: gunicorn shop.wsgi\n", "", "service.main:app", "service.main:app",
+     instances.ASGI_WORKER_CLASS),  # app.asgi wins
+    ("web: uvicorn service.main:app\n", "shop.wsgi:application", "", "shop.wsgi:application",
+     "sync"),  # app.wsgi wins
+])
+def test_an_asgi_app_runs_on_uvicorns_worker(world: World, procfile: str, wsgi: str, asgi: str,
+                                             served: str, worker_class: str) -> None:
+    (world.controller.releases.path(NEW) / "Procfile").write_text(procfile)
+    config = world.controller.settings.in_effect
+    world.controller.reload(replace(config, app=replace(config.app, wsgi=wsgi, asgi=asgi)))
+    assert asyncio.run(world.deploy()).state == State.SUCCEEDED
+    settings = instances.read_env(world.paths.runtime, 8002)
+    assert (settings["BLUEGREEN_WSGI"], settings["BLUEGREEN_WORKER_CLASS"]) == (served, worker_class)
+
+
 def fail_switch_back(world: World) -> None:
     world.healthy = False  # the watch sees it, and the switch back cannot start the old forwarder
     world.systemd.refuse_start.add(control.unit(OLD_PORT))

@@ -57,3 +57,37 @@ def test_no_procfile_means_no_release_phase_and_no_workers(tmp_path: Path) -> No
 ])
 def test_the_web_lines_gunicorn_names_the_app(command: str, app: str) -> None:
     assert procfile.web_app(command) == app
+
+
+@pytest.mark.parametrize("command, app", [
+    ("uvicorn main:app --host 0.0.0.0 --port $PORT", "main:app"),
+    ("python -m uvicorn --workers 2 service.main:app", "service.main:app"),
+    ("uvicorn --factory service:create_app", "service:create_app()"),
+    ("uvicorn mysite.asgi:application --proxy-headers", "mysite.asgi:application"),
+    ("gunicorn -k uvicorn.workers.UvicornWorker main:app", "main:app"),
+    ("gunicorn main:app --worker-class uvicorn_worker.UvicornWorker -w 4", "main:app"),
+    ("gunicorn --worker-class=uvicorn.workers.UvicornH11Worker -b :8000 main:app", "main:app"),
+    ("exec uvicorn --app-dir src main:app", ""),  # another import root: not served as is
+    ("gunicorn -k gthread main:app", ""),  # WSGI
+    # FastAPI's own command: a file, its app found by name (app unless --app says otherwise).
+    ("fastapi run main.py --port $PORT", "main:app"),
+    ("fastapi run --host 0.0.0.0 --app api service/main.py", "service.main:api"),
+    ("fastapi run", ""),  # it would search: not guessed
+    ("fastapi dev main.py", ""),
+    # Other ASGI servers: served by uvicorn's worker all the same (which the release must pin).
+    ("daphne -b 0.0.0.0 -p $PORT mysite.asgi:application", "mysite.asgi:application"),
+    ("hypercorn --bind 0.0.0.0:$PORT -w 2 main:app", "main:app"),
+])
+def test_the_web_lines_asgi_server_names_the_asgi_app(command: str, app: str) -> None:
+    assert procfile.web_asgi(command) == app
+    if app:  # never taken for a WSGI app as well
+        assert procfile.web_app(command) == ""
+
+
+def test_processes_say_whether_the_web_line_serves_asgi(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text("web: uvicorn main:app --port $PORT\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert (found.web, found.asgi) == ("main:app", True)
+    (tmp_path / "Procfile").write_text("web: gunicorn main:app\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert (found.web, found.asgi) == ("main:app", False)
