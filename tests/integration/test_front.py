@@ -33,6 +33,7 @@ BLOG, WWW, STAGING, NEW = "blog.test", "www.blog.test", "staging.test", "new.tes
 STAGING_FILE = "/etc/bluegreen/apps/staging.toml"
 STAGING_CONFIG = '[repository]\nurl = "/srv/staging.git"\nwatch = false\n[ports]\npublic = 5100\n'
 FRONT = f'[front]\nemail = "ops@example.com"\nacme_ca = "{ACME}"\nacme_ca_root = "{PEBBLE}/cert.pem"\n'
+NOWHERE = "nowhere.test"
 CLIENT = "192.0.2.7"  # a client address other than the front's own (127.0.0.1)
 LIES = ["-H", "X-Forwarded-Proto: http", "-H", "X-Forwarded-Ssl: off",
         "-H", "X-Forwarded-For: 203.0.113.9"]
@@ -406,6 +407,21 @@ def test_a_new_public_port_reaches_the_front_with_the_deploy_that_applies_it(
     assert len(report["failures"]) <= max(4, report["ok"] // 1000), report["failures"]
     assert report["ok"] > 100
     assert '"127.0.0.1:5100"' not in box.run("cat", "/run/bluegreen/front.json").stdout
+    assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "2"
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["release"] == apps["production"].head()
+
+
+def test_a_name_the_acme_ca_cannot_validate_is_reported_and_the_others_are_served(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    """nowhere.test resolves nowhere (not in /etc/hosts): pebble refuses its certificate."""
+    box.write(STAGING_FILE, STAGING_CONFIG.replace("5100", "5200")
+              + f'[app]\ndomains = ["{STAGING}", "{NEW}", "{NOWHERE}"]\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+    wait(lambda: "no certificate for nowhere.test" in box.journal(
+        "-u", "bluegreen.service", "--grep", "certificate for"), "the first handshake's report", 90)
+    entry = domains(box, "staging")[NOWHERE]
+    print(f"\nstatus of {NOWHERE}: {entry}")
+    assert entry["issuer"] == "" and entry["reason"] not in ("", "not issued yet"), entry
     assert json.loads(curl(box, f"https://{STAGING}/").stdout)["version"] == "2"
     assert json.loads(curl(box, f"https://{BLOG}/").stdout)["release"] == apps["production"].head()
 
