@@ -68,7 +68,9 @@ class Preparer:
             async with recorder.step(Step.VERIFY):
                 source = staging or directory
                 processes = procfile.processes(source, config.release.migrate_command,
-                                               config.processes)
+                                               config.processes,
+                                               build_command=config.release.build_command)
+                _tell_web_steps(processes, recorder)
                 wsgi = _wsgi(config, processes, deployment_id)
                 verifier = self.verifier(config, deployment_id)
                 environment_dir = await verifier.environment(source)
@@ -76,13 +78,22 @@ class Preparer:
                 if staging is not None:
                     # Built and checked where it lies until it is published.
                     await verifier.verify(staging, {**env, "BLUEGREEN_RELEASE_DIR": str(staging)},
-                                          wsgi)
+                                          wsgi, processes.build)
                     directory = self.releases.publish(staging, commit)
                     staging = None
         finally:
             if staging is not None:  # an unfinished release is never published
                 self.releases.discard(staging)
         return Prepared(commit, directory, processes, wsgi, env)
+
+
+def _tell_web_steps(processes: Processes, recorder: Recorder) -> None:
+    """Say what became of each step of a chained web line, in the journal and the record."""
+    if not processes.web_steps:
+        return
+    recorder.update(web_steps=processes.web_steps)
+    log.info("the Procfile's web line chains steps; bluegreen runs none at an instance's start: %s",
+             "; ".join(processes.web_steps), extra=fields(deployment_id=recorder.record.id))
 
 
 def _wsgi(config: Config, processes: Processes, deployment_id: int) -> str:
