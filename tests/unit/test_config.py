@@ -239,3 +239,18 @@ def test_with_deployed_keeps_the_deploy_time_keys_only() -> None:
     assert {key.dotted for key in config.changed(effective, new)} == {
         "app.workers", "ports.public", "forwarder"}
     assert config.changed(new, new) == []
+
+
+@pytest.mark.parametrize("value, app", [
+    ("myproject.wsgi", "myproject.wsgi:application"),  # gunicorn's MODULE, Django's form
+    ("myproject.wsgi:application", "myproject.wsgi:application"),
+    ("app:create_app()", "app:create_app()"),
+])
+def test_app_wsgi_takes_gunicorns_bare_module(value: str, app: str) -> None:
+    loaded = config.load_mapping({"app": {"wsgi": value}}, source="x")
+    assert loaded.app.wsgi == app
+
+
+def test_app_wsgi_refuses_what_is_no_module() -> None:
+    with pytest.raises(config.ConfigError, match=r"app\.wsgi"):
+        config.load_mapping({"app": {"wsgi": "my-project/wsgi.py"}}, source="x")
