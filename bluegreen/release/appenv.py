@@ -115,6 +115,17 @@ def credentials(app_name: str = DEFAULT_APP) -> list[tuple[str, str]]:
     return found
 
 
+def secret_names(app_name: str) -> list[str]:
+    """The names of the app's secrets (its variables')."""
+    directory = apps.secrets_dir(app_name)
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [path.name for path in paths if _SECRET_FILE.fullmatch(path.name)
+            and not path.is_symlink() and path.is_file()]
+
+
 def build_credentials(app_name: str, names: Sequence[str]) -> list[tuple[str, str]]:
     """LoadCredential= of the app's secrets ``names`` (release.build_secrets), one by one: a
     build gets those and no other."""

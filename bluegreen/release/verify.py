@@ -88,6 +88,19 @@ class Verifier:
         except CommandFailed as exc:
             raise VerifyFailed(exc.reason) from None
 
+    async def _run_build(self, command: Command) -> None:
+        """Run a command of the build; one that failed naming a secret it was not given (the
+        settings of a Django project that require one at import) says how to give it."""
+        try:
+            await self._run(command)
+        except VerifyFailed as exc:
+            withheld = [name for name in appenv.secret_names(self.config.app_name)
+                        if name not in self.config.release.build_secrets and name in str(exc)]
+            if not withheld:
+                raise
+            raise VerifyFailed(f"{exc} (a build gets the app's secret {', '.join(withheld)} only "
+                               "if release.build_secrets names it)") from None
+
     async def environment(self, release_dir: Path) -> Path | None:
         """The release's Python environment, built unless one with its dependencies exists;
         None when the release declares no dependencies (it runs on Debian's packages)."""
@@ -141,7 +154,7 @@ class Verifier:
             give_tree(directory, *build_identity())
             try:
                 for step in steps:
-                    await self._run(Command(
+                    await self._run_build(Command(
                         what=step.what, kind="build", argv=[*with_secrets, *step.argv],
                         directory=directory, user=BUILD_USER, timeout=release.timeout,
                         environment=build_env, writable=[directory], credentials=credentials,
@@ -152,7 +165,7 @@ class Verifier:
             self.config, f"importing {wsgi}", "check",
             [env["BLUEGREEN_PYTHON"], "-c", IMPORT_CHECK, wsgi], directory, env))
         if release.check_command:
-            await self._run(Command(
+            await self._run_build(Command(
                 what="release.check_command", kind="check",
                 argv=[*with_secrets, "/bin/sh", "-c", release.check_command],
                 directory=directory, user=BUILD_USER, timeout=release.timeout,

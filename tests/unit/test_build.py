@@ -92,3 +92,24 @@ def test_a_django_project_gets_collectstatic_at_build(
                             files=("manage.py",))
     assert configured[0].what == "release.build_command"
     assert len(configured) == 2
+
+
+def test_a_build_that_fails_for_a_secret_it_was_not_given_says_how_to_give_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_verify(tmp_path, monkeypatch, settings(build_command="make"))  # the secrets in place
+
+    async def run(systemd: Any, command: Command, deployment_id: int | None = None) -> None:
+        raise transient.CommandFailed(f"{command.what} failed: KeyError: 'DJANGO_SECRET_KEY'")
+
+    monkeypatch.setattr(transient, "run", run)
+    release = tmp_path / "release"
+    env = appenv.environment(Config(), "abc", release, None, 7)
+    for config, hint in ((settings(build_command="make"), True),
+                         (settings(build_command="make", build_secrets=("DJANGO_SECRET_KEY",)), False)):
+        verifier = verify.Verifier(None, config, Venvs(tmp_path / "environments"), 7)  # type: ignore[arg-type]
+        with pytest.raises(verify.VerifyFailed) as failed:
+            asyncio.run(verifier.verify(release, env, "myproject.wsgi:application"))
+        reason = "release.build_command failed: KeyError: 'DJANGO_SECRET_KEY'"
+        assert str(failed.value) == reason + (
+            " (a build gets the app's secret DJANGO_SECRET_KEY only if release.build_secrets "
+            "names it)" if hint else "")
