@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ async def probe(port: int, check: Check) -> Probe:
                          "User-Agent: bluegreen-health\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
             line = await reader.readline()
-            answer = await _rest(reader) if line.split(None, 2)[1:2] == [b"400"] else b""
+        answer = await _rest(reader, timeout) if line.split(None, 2)[1:2] == [b"400"] else b""
     except TimeoutError:
         return Probe(False, f"no answer within {timeout:g} s")
     except OSError as exc:
@@ -90,11 +91,21 @@ async def probe(port: int, check: Check) -> Probe:
 _ANSWER_BYTES = 16384
 
 
-async def _rest(reader: asyncio.StreamReader) -> bytes:
+async def _rest(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """The head and the start of the body of an answer whose status line was read (what came
+    within ``timeout``)."""
+    received = b""
     try:
-        return await reader.read(_ANSWER_BYTES)
-    except OSError:
-        return b""
+        async with asyncio.timeout(timeout):
+            received = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", received)
+            wanted = min(int(length[1]) if length else _ANSWER_BYTES, _ANSWER_BYTES)
+            received += await reader.readexactly(wanted)
+    except asyncio.IncompleteReadError as exc:
+        received += exc.partial
+    except (TimeoutError, OSError, asyncio.LimitOverrunError):
+        pass
+    return received
 
 
 def _bad_request(path: str, host: str, answer: bytes) -> str:
