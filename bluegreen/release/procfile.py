@@ -131,7 +131,7 @@ def step_phase(step: str) -> str:
     """The phase a step of a web line belongs to (RELEASE_PHASE, BUILD), "" if none."""
     words = _command_words(step)
     if words[:1] and words[0].rsplit("/", 1)[-1].startswith("python"):
-        words = words[1:]
+        words = ["django-admin", *words[3:]] if words[1:3] == ["-m", "django"] else words[1:]
     if words[:1] and words[0].rsplit("/", 1)[-1] in ("manage.py", "django-admin"):
         return _DJANGO_STEPS.get(words[1] if len(words) > 1 else "", "")
     if any(tuple(words[:len(migration)]) == migration for migration in _MIGRATIONS):

@@ -108,3 +108,18 @@ def test_a_web_line_splits_at_and_and_semicolon_outside_quotes(command: str, ste
 def test_a_single_web_line_maps_nothing(tmp_path: Path) -> None:
     (tmp_path / "Procfile").write_text("web: gunicorn app:app\n")
     assert procfile.processes(tmp_path, "", {}).web_steps == ()
+
+
+@pytest.mark.parametrize("step, phase", [
+    ("python manage.py migrate --no-input", "release phase"),
+    ("./manage.py collectstatic --noinput", "build"),
+    ("python3 -m django migrate --settings=mysite.settings", "release phase"),
+    ("DJANGO_SETTINGS_MODULE=mysite.prod django-admin collectstatic", "build"),
+    ("flask db upgrade", "release phase"),
+    ("alembic upgrade head", "release phase"),
+    ("python manage.py createsuperuser --no-input", ""),
+    ("python -c 'print(1)'", ""),
+    ("npm run build", ""),
+])
+def test_the_phase_of_a_web_lines_step(step: str, phase: str) -> None:
+    assert procfile.step_phase(step) == phase
