@@ -98,11 +98,15 @@ class ReleaseConfig:
     check_command: str = ""
     migrate_command: str = ""
     timeout: float = 600.0
+    # Django's collectstatic at build (release/build.py); secrets a build may see, by name.
+    collectstatic: bool = True
+    build_secrets: tuple[str, ...] = ()
     keep: int = 5
 
 
 DEFAULT_WSGI = "app:app"
 WSGI_APP = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.()]*")
+WSGI_MODULE = re.compile(r"[A-Za-z_][\w.]*")  # gunicorn's MODULE alone: MODULE:application
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class AppConfig:
     instances: int = 1
     worker_class: str = "sync"
     team: str = ""
-    health_host: str = "localhost"
+    health_host: str = ""  # "": the first of domains, else localhost (health.py)
     network: Network = Network.ANY
     environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
     forwarded_allow_ips: str = ""
@@ -245,6 +249,24 @@ def _command(value: Any) -> str:
     if "\0" in value:
         raise ValueError("a command cannot contain NUL")
     return value
+
+
+def _wsgi_app(value: Any) -> str:
+    """MODULE:CALLABLE, or gunicorn's bare MODULE (Django's documented "mysite.wsgi"), which
+    means MODULE:application."""
+    if isinstance(value, str) and WSGI_MODULE.fullmatch(value):
+        return f"{value}:application"
+    return _string(WSGI_APP.pattern, "MODULE:CALLABLE or MODULE", empty_ok=True)(value)
+
+
+def _secret_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list like [\"DJANGO_SECRET_KEY\"], got {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not the name of a secret (a variable name: letters, "
+                             "digits, '_')")
+    return tuple(dict.fromkeys(value))
 
 
 def _known_hosts(value: Any) -> str:
@@ -453,9 +475,10 @@ KEYS: tuple[Key, ...] = (
     Key("repository", "ssh_known_hosts", _known_hosts,
         "The ssh host keys of an ssh repository.url, as known_hosts lines (ssh-keyscan "
         "HOST); ssh accepts no other. The key is the credential ssh-key."),
-    Key("app", "wsgi", _string(WSGI_APP.pattern, "MODULE:CALLABLE", empty_ok=True),
-        "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release; "
-        "unset: the one the Procfile's web line gives gunicorn, else app:app."),
+    Key("app", "wsgi", _wsgi_app,
+        "WSGI application gunicorn serves, as MODULE:CALLABLE relative to the release (a bare "
+        "MODULE, as Django's \"mysite.wsgi\", is MODULE:application); unset: the one the "
+        "Procfile's web line gives gunicorn, else app:app."),
     Key("app", "asgi", _string(WSGI_APP.pattern, "MODULE:CALLABLE", empty_ok=True),
         "ASGI application (FastAPI, Starlette, Django's asgi.py) gunicorn serves with uvicorn's "
         "worker, which the release must pin; instead of app.wsgi. Unset: the one the Procfile's "
@@ -472,9 +495,9 @@ KEYS: tuple[Key, ...] = (
     Key("app", "team", _string(r"[A-Za-z0-9_-]*", "letters, digits, '-' or '_'"),
         "Team identifier, exported to the app as TEAM_NUMBER and substituted for {team} "
         "in repository.url."),
-    Key("app", "health_host", _string(r"[A-Za-z0-9.:\[\]-]+", "a host name"),
+    Key("app", "health_host", _string(r"[A-Za-z0-9.:\[\]-]+", "a host name", empty_ok=True),
         "Host header of the health checks (apps that check Host, as Django's ALLOWED_HOSTS "
-        "does, must accept it)."),
+        "does, must accept it). Empty: the first of app.domains, else localhost."),
     Key("app", "network", _choice(Network),
         "What the app's processes may reach: \"any\" (its database, DNS, APIs) or "
         "\"loopback\" (this host only)."),
@@ -513,12 +536,21 @@ KEYS: tuple[Key, ...] = (
     Key("health", "deadline", _number(1, 3600),
         "Seconds a new instance has to become healthy before the deploy fails."),
     Key("release", "build_command", _command,
-        "Shell command run in a new release's directory before it is verified (empty: none)."),
+        "Shell command run in a new release's directory before it is verified, with the app's "
+        "settings but only release.build_secrets of its secrets. Empty: the build steps of the "
+        "Procfile's web line (collectstatic), if any."),
     Key("release", "check_command", _command,
         "Shell command that must succeed in a new release's directory (empty: none)."),
     Key("release", "migrate_command", _command,
         "Shell command run once per deploy before the new release starts, as the app's user "
-        "with its environment (e.g. \"flask db upgrade\"). Empty: the Procfile's release: line."),
+        "with its environment (e.g. \"flask db upgrade\"). Empty: the Procfile's release: line, "
+        "else a migrate step of its web line."),
+    Key("release", "collectstatic", _boolean,
+        "Run Django's collectstatic at build in a release with a manage.py whose settings "
+        "install django.contrib.staticfiles and set STATIC_ROOT (unless a build step runs it)."),
+    Key("release", "build_secrets", _secret_names,
+        "Names of the app's secrets the build, collectstatic and check commands get in their "
+        "environment (e.g. [\"DJANGO_SECRET_KEY\"]); the others never reach a build."),
     Key("release", "timeout", _number(1, 7200),
         "Seconds the dependency install and the build, check and migrate commands may take, "
         "each."),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,8 +42,11 @@ class Check:
 
     @classmethod
     def of(cls, config: Config) -> Check:
-        health = config.health
-        return cls(config.app.health_path, config.app.health_host, health.timeout, health.interval,
+        """The configuration's check; its Host is app.health_host, else the first of the app's
+        domains (the name its ALLOWED_HOSTS holds for sure), else localhost."""
+        health, app = config.health, config.app
+        host = app.health_host or (app.domains[0] if app.domains else "localhost")
+        return cls(app.health_path, host, health.timeout, health.interval,
                    health.unhealthy_threshold, health.healthy_threshold, health.deadline)
 
 
@@ -63,6 +67,7 @@ async def probe(port: int, check: Check) -> Probe:
                          "User-Agent: bluegreen-health\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
             line = await reader.readline()
+        answer = await _rest(reader, timeout) if line.split(None, 2)[1:2] == [b"400"] else b""
     except TimeoutError:
         return Probe(False, f"no answer within {timeout:g} s")
     except OSError as exc:
@@ -77,7 +82,41 @@ async def probe(port: int, check: Check) -> Probe:
     status = int(parts[1])
     if 200 <= status < 300:
         return Probe(True, f"HTTP {status}")
+    if status == 400:
+        return Probe(False, _bad_request(path, host, answer))
     return Probe(False, f"HTTP {status} from {path}")
+
+
+# What of a 400 answer is read to tell Django's DisallowedHost from another Bad Request.
+_ANSWER_BYTES = 16384
+
+
+async def _rest(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """The head and the start of the body of an answer whose status line was read (what came
+    within ``timeout``)."""
+    received = b""
+    try:
+        async with asyncio.timeout(timeout):
+            received = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", received)
+            wanted = min(int(length[1]) if length else _ANSWER_BYTES, _ANSWER_BYTES)
+            received += await reader.readexactly(wanted)
+    except asyncio.IncompleteReadError as exc:
+        received += exc.partial
+    except (TimeoutError, OSError, asyncio.LimitOverrunError):
+        pass
+    return received
+
+
+def _bad_request(path: str, host: str, answer: bytes) -> str:
+    """Why a check got 400. A GET without a body is refused so mostly for its Host: Django
+    answers 400 to a Host its ALLOWED_HOSTS lacks (DisallowedHost, named in the page only with
+    DEBUG on)."""
+    advice = (f"Host: {host} is not in the app's ALLOWED_HOSTS: add it there, or set "
+              "app.health_host to a name it allows")
+    if b"DisallowedHost" in answer or b"Invalid HTTP_HOST header" in answer:
+        return f"HTTP 400 from {path}: DisallowedHost ({advice})"
+    return f"HTTP 400 from {path} (Bad Request: as Django answers when {advice})"
 
 
 async def wait_healthy(port: int, check: Check,

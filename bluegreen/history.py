@@ -82,6 +82,8 @@ class Deployment:
     failed_step: str = ""
     reason: str = ""
     steps: tuple[StepTiming, ...] = field(default_factory=tuple)
+    # What became of each step of the Procfile's chained web line (release/procfile.py).
+    web_steps: tuple[str, ...] = ()
 
     @property
     def duration(self) -> float | None:
@@ -105,7 +107,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     finished_at REAL,
     failed_step TEXT NOT NULL DEFAULT '',
     reason TEXT NOT NULL DEFAULT '',
-    steps TEXT NOT NULL DEFAULT '[]'
+    steps TEXT NOT NULL DEFAULT '[]',
+    web_steps TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state);
 CREATE TABLE IF NOT EXISTS settings (
@@ -125,7 +128,7 @@ _PAST_RELEASE_PHASE = (f'steps LIKE \'%"step": "{Step.MIGRATE}"%\' '
                        f'AND steps LIKE \'%"step": "{Step.START}"%\'')
 
 _COLUMNS = ("id, ref, trigger, state, started_at, commit_sha, subject, author, port, "
-            "previous_port, previous_release, finished_at, failed_step, reason, steps")
+            "previous_port, previous_release, finished_at, failed_step, reason, steps, web_steps")
 
 
 # The former names of the switch back's state and step.
@@ -135,12 +138,13 @@ _FORMER_STEP = "rollback"
 
 def _row(row: tuple[Any, ...]) -> Deployment:
     (id_, ref, trigger, state, started_at, commit, subject, author, port, previous_port,
-     previous_release, finished_at, failed_step, reason, steps) = row
+     previous_release, finished_at, failed_step, reason, steps, web_steps) = row
     return Deployment(
         id=id_, ref=ref, trigger=trigger, state=state, started_at=started_at, commit=commit,
         subject=subject, author=author, port=port, previous_port=previous_port,
         previous_release=previous_release, finished_at=finished_at, failed_step=failed_step,
         reason=reason, steps=tuple(StepTiming(**s) for s in json.loads(steps)),
+        web_steps=tuple(json.loads(web_steps)),
     )
 
 
@@ -153,6 +157,9 @@ class History:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA journal_size_limit=1048576")  # the WAL shrinks back after checkpoints
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(deployments)")}
+        if "web_steps" not in columns:  # records written before it was kept
+            self.db.execute("ALTER TABLE deployments ADD COLUMN web_steps TEXT NOT NULL DEFAULT '[]'")
         self.db.execute("INSERT OR IGNORE INTO release_phases (commit_sha, deployment_id, finished_at) "
                         "SELECT commit_sha, MIN(id), MIN(started_at) FROM deployments "
                         f"WHERE {_PAST_RELEASE_PHASE} GROUP BY commit_sha")
@@ -227,11 +234,12 @@ class History:
             db.execute(
                 "UPDATE deployments SET state = ?, commit_sha = ?, subject = ?, author = ?, "
                 "port = ?, previous_port = ?, previous_release = ?, finished_at = ?, "
-                "failed_step = ?, reason = ?, steps = ? WHERE id = ?",
+                "failed_step = ?, reason = ?, steps = ?, web_steps = ? WHERE id = ?",
                 (deployment.state, deployment.commit, deployment.subject, deployment.author,
                  deployment.port, deployment.previous_port, deployment.previous_release,
                  deployment.finished_at, deployment.failed_step, deployment.reason,
-                 json.dumps([asdict(s) for s in deployment.steps]), deployment.id))
+                 json.dumps([asdict(s) for s in deployment.steps]),
+                 json.dumps(list(deployment.web_steps)), deployment.id))
             if _past_release_phase(deployment):
                 db.execute("INSERT OR IGNORE INTO release_phases (commit_sha, deployment_id, "
                            "finished_at) VALUES (?, ?, ?)",

@@ -1,6 +1,5 @@
-"""The wheelhouse of the example apps (examples/notes, examples/fastapi-service): every wheel
-their releases need, so that pip in a test container, which has no network, installs them
-from a directory.
+"""The wheelhouse of the example apps (examples/*/requirements.txt): every wheel their releases
+need, so that pip in a test container, which has no network, installs them from a directory.
 
 Built on the test host with the pip of Debian's /usr/bin/python3 (the interpreter the container
 runs too, so the wheels' tags fit), binary wheels only (nothing is compiled), into
@@ -21,9 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTES = ROOT / "examples/notes"
-# Other examples whose requirements.txt the tests install as is.
-OTHERS = (ROOT / "examples/fastapi-service",)
+EXAMPLES = ROOT / "examples"
 TOOLS = Path(os.environ.get("BLUEGREEN_TOOLS", "/var/tmp/bluegreen-tools"))
 STAMP = ".complete"
 
@@ -33,17 +30,20 @@ class WheelhouseError(Exception):
 
 
 def requirement_files(scratch: Path) -> list[Path]:
-    """The app's requirements.txt, and the one of each variant (a patch the tests apply)
+    """Each example's requirements.txt, and the one of each variant (a patch the tests apply)
     that changes it. Variants whose requirements cannot install (on purpose) are left out."""
-    files = [NOTES / "requirements.txt", *(example / "requirements.txt" for example in OTHERS)]
-    for patch in sorted((NOTES / "variants").glob("*.patch")):
-        if "+++ b/requirements.txt" not in patch.read_text():
-            continue
-        work = scratch / patch.stem
-        work.mkdir()
-        shutil.copyfile(NOTES / "requirements.txt", work / "requirements.txt")
-        _run(["git", "apply", "--include=requirements.txt", str(patch)], cwd=work)
-        files.append(work / "requirements.txt")
+    files = []
+    for requirements in sorted(EXAMPLES.glob("*/requirements.txt")):
+        example = requirements.parent
+        files.append(requirements)
+        for patch in sorted((example / "variants").glob("*.patch")):
+            if "+++ b/requirements.txt" not in patch.read_text():
+                continue
+            work = scratch / example.name / patch.stem
+            work.mkdir(parents=True)
+            shutil.copyfile(requirements, work / "requirements.txt")
+            _run(["git", "apply", "--include=requirements.txt", str(patch)], cwd=work)
+            files.append(work / "requirements.txt")
     return files
 
 

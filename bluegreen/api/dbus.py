@@ -101,6 +101,7 @@ def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
         "failed_step": Variant("s", d.failed_step),
         "reason": Variant("s", d.reason),
         "steps": Variant("a(sdd)", [[s.step, s.started, s.finished or 0.0] for s in d.steps]),
+        "web_steps": Variant("as", list(d.web_steps)),
     }
 
 

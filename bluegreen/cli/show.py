@@ -25,6 +25,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         print(f"{key.replace('_', ' ').capitalize() + ':':18} {record[key]}")
     print(f"{'Started:':18} {timestamp(record['started_at'])}")
     print(f"{'Finished:':18} {timestamp(record['finished_at'])}")
+    for web_step in record.get("web_steps", ()):
+        print(f"{'Web line step:':18} {web_step}")
     for step in record["steps"]:
         took = f"{step['finished'] - step['started']:7.3f} s" if step["finished"] else "    ..."
         print(f"  {step['step']:12} {took}")

@@ -46,6 +46,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         last = await client.deployment(status["LastDeployment"])
         print(f"Last:        deployment {last['id']} {last['state']} at {timestamp(last['finished_at'])}"
               f" ({last['commit'][:12]} {last['subject']})")
+        for step in last.get("web_steps", ()):  # what became of the Procfile's web line
+            print(f"Web line:    {step}")
     for instance in await client.instances():
         print(f"Instance:    port {instance['port']} {instance['state']} {instance['release'][:12]}")
     for worker in await client.workers():

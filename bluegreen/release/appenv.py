@@ -26,7 +26,7 @@ import logging
 import os
 import pwd
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bluegreen import apps
@@ -112,6 +112,32 @@ def credentials(app_name: str = DEFAULT_APP) -> list[tuple[str, str]]:
             log.warning("secret %s ignored: not a name the app may set", path)
             continue
         found.append((f"{apps.credential(app_name)}_{path.name}", str(path)))
+    return found
+
+
+def secret_names(app_name: str) -> list[str]:
+    """The names of the app's secrets (its variables')."""
+    directory = apps.secrets_dir(app_name)
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [path.name for path in paths if _SECRET_FILE.fullmatch(path.name)
+            and not path.is_symlink() and path.is_file()]
+
+
+def build_credentials(app_name: str, names: Sequence[str]) -> list[tuple[str, str]]:
+    """LoadCredential= of the app's secrets ``names`` (release.build_secrets), one by one: a
+    build gets those and no other."""
+    directory = apps.secrets_dir(app_name)
+    found = []
+    for name in names:
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            log.warning("release.build_secrets: the app %s has no secret %s (no file %s)",
+                        app_name, name, path)
+            continue
+        found.append((f"{apps.credential(app_name)}_{name}", str(path)))
     return found
 
 

@@ -69,7 +69,9 @@ class Preparer:
             async with recorder.step(Step.VERIFY):
                 source = staging or directory
                 processes = procfile.processes(source, config.release.migrate_command,
-                                               config.processes)
+                                               config.processes,
+                                               build_command=config.release.build_command)
+                _tell_web_steps(processes, recorder)
                 wsgi, asgi = _app(config, processes, deployment_id)
                 verifier = self.verifier(config, deployment_id)
                 environment_dir = await verifier.environment(source)
@@ -77,13 +79,22 @@ class Preparer:
                 if staging is not None:
                     # Built and checked where it lies until it is published.
                     await verifier.verify(staging, {**env, "BLUEGREEN_RELEASE_DIR": str(staging)},
-                                          wsgi, asgi=asgi)
+                                          wsgi, processes.build, asgi=asgi)
                     directory = self.releases.publish(staging, commit)
                     staging = None
         finally:
             if staging is not None:  # an unfinished release is never published
                 self.releases.discard(staging)
         return Prepared(commit, directory, processes, wsgi, env, asgi)
+
+
+def _tell_web_steps(processes: Processes, recorder: Recorder) -> None:
+    """Say what became of each step of a chained web line, in the journal and the record."""
+    if not processes.web_steps:
+        return
+    recorder.update(web_steps=processes.web_steps)
+    log.info("the Procfile's web line chains steps; bluegreen runs none at an instance's start: %s",
+             "; ".join(processes.web_steps), extra=fields(deployment_id=recorder.record.id))
 
 
 def _app(config: Config, processes: Processes, deployment_id: int) -> tuple[str, bool]:

@@ -8,6 +8,12 @@ with uvicorn's worker class (``uvicorn.workers.*``, ``uvicorn_worker.*``), ``fas
 ``daphne`` or ``hypercorn`` names an ASGI app instead, used unless ``app.asgi`` or
 ``app.wsgi`` names one; bluegreen serves it with uvicorn's worker. ``release`` is the release phase
 (``release.migrate_command`` wins over it); every other type is a worker.
+
+A web line may chain steps before gunicorn (``python manage.py migrate && python manage.py
+collectstatic --no-input && gunicorn mysite.wsgi``, as on Railway or Render). bluegreen never
+runs the line itself, since every instance's start would then migrate: each step is mapped to
+what does the same once per release (collectstatic to the build, a migration to the release
+phase) or ignored, and ``Processes.web_steps`` says which, for the journal and the record.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bluegreen.config import PROCESS_NAME, WSGI_APP
+from bluegreen.config import PROCESS_NAME, WSGI_APP, WSGI_MODULE
 
 FILENAME = "Procfile"
 _LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*)")
@@ -42,12 +48,35 @@ _VALUED = frozenset(("-b", "--bind", "-w", "--workers", "-k", "--worker-class", 
     "--logger-class", "--dogstatsd-tags", "--raw-env", "--header-map"))
 
 
+# Steps of a chained web line that belong to a phase of their own: (what the step runs, e.g.
+# Django's manage.py COMMAND or the words after a program) -> the phase.
+RELEASE_PHASE, BUILD = "release phase", "build"
+_DJANGO_STEPS = {"migrate": RELEASE_PHASE, "collectstatic": BUILD}
+_MIGRATIONS = (("alembic", "upgrade"), ("flask", "db", "upgrade"))
+
+
 @dataclass(frozen=True)
 class Processes:
     release: str = ""
     workers: Mapping[str, str] = field(default_factory=dict)
     web: str = ""  # the app the web line's gunicorn or uvicorn names ("" if none)
     asgi: bool = False  # web is an ASGI app (uvicorn's)
+    build: str = ""  # the web line's build steps, when release.build_command is empty
+    # Each step of a chained web line and what bluegreen made of it ("STEP -> build").
+    web_steps: tuple[str, ...] = ()
+
+
+def _command_words(command: str) -> list[str]:
+    """The words of a command less what only sets its environment (VAR=value, exec)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return []
+    while words and ("=" in words[0] and not words[0].startswith("-")):
+        words.pop(0)  # VAR=value before the command
+    if words[:1] == ["exec"]:
+        words.pop(0)
+    return words
 
 
 # uvicorn's options that take a value as the next word.
@@ -81,14 +110,7 @@ _ASGI_VALUED = {
 def _server(command: str) -> tuple[str, list[str]]:
     """The server a web command runs ("gunicorn", "uvicorn", or another program's name) and
     its arguments."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return "", []
-    while words and ("=" in words[0] and not words[0].startswith("-")):
-        words.pop(0)  # VAR=value before the command
-    if words[:1] == ["exec"]:
-        words.pop(0)
+    words = _command_words(command)
     if len(words) >= 3 and words[0].startswith("python") and words[1] == "-m":
         words = words[2:]
     if not words:
@@ -113,7 +135,7 @@ def _gunicorn_app(arguments: list[str]) -> str:
     word = _positional(arguments, _VALUED)
     if WSGI_APP.fullmatch(word):
         return word
-    if re.fullmatch(r"[A-Za-z_][\w.]*", word):
+    if WSGI_MODULE.fullmatch(word):
         return f"{word}:application"
     return ""
 
@@ -175,6 +197,49 @@ def _fastapi_app(arguments: list[str]) -> str:
     return app if path.endswith(".py") and WSGI_APP.fullmatch(app) else ""
 
 
+def chain(command: str) -> list[str]:
+    """The steps of a shell command chained with ``&&`` or ``;`` (outside quotes)."""
+    steps: list[str] = []
+    current: list[str] = []
+    quote = ""
+    index = 0
+    while index < len(command):
+        char = command[index]
+        if quote:
+            if char == "\\" and quote == '"':
+                current.append(command[index:index + 2])
+                index += 2
+                continue
+            quote = "" if char == quote else quote
+        elif char == "\\":
+            current.append(command[index:index + 2])
+            index += 2
+            continue
+        elif char in "'\"":
+            quote = char
+        elif char == ";" or command.startswith("&&", index):
+            steps.append("".join(current).strip())
+            current = []
+            index += 1 if char == ";" else 2
+            continue
+        current.append(char)
+        index += 1
+    steps.append("".join(current).strip())
+    return [step for step in steps if step]
+
+
+def step_phase(step: str) -> str:
+    """The phase a step of a web line belongs to (RELEASE_PHASE, BUILD), "" if none."""
+    words = _command_words(step)
+    if words[:1] and words[0].rsplit("/", 1)[-1].startswith("python"):
+        words = ["django-admin", *words[3:]] if words[1:3] == ["-m", "django"] else words[1:]
+    if words[:1] and words[0].rsplit("/", 1)[-1] in ("manage.py", "django-admin"):
+        return _DJANGO_STEPS.get(words[1] if len(words) > 1 else "", "")
+    if any(tuple(words[:len(migration)]) == migration for migration in _MIGRATIONS):
+        return RELEASE_PHASE
+    return ""
+
+
 def parse(text: str) -> dict[str, str]:
     """Process types of a Procfile: ``name: command`` lines; blank lines and # comments skip."""
     types: dict[str, str] = {}
@@ -195,8 +260,10 @@ def parse(text: str) -> dict[str, str]:
     return types
 
 
-def processes(release: Path, migrate_command: str, overrides: Mapping[str, str]) -> Processes:
-    """The release phase and the workers of the release in ``release``."""
+def processes(release: Path, migrate_command: str, overrides: Mapping[str, str], *,
+              build_command: str = "") -> Processes:
+    """The release phase, the workers and the web line's build steps of the release in
+    ``release``; ``migrate_command`` and ``build_command`` are the configuration's."""
     try:
         text = (release / FILENAME).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -204,11 +271,38 @@ def processes(release: Path, migrate_command: str, overrides: Mapping[str, str])
     except (OSError, UnicodeDecodeError) as exc:
         raise ProcfileError(f"{FILENAME}: cannot read: {exc}") from None
     types = parse(text)
-    release_command = migrate_command or types.pop("release", "")
-    types.pop("release", None)
+    release_line = types.pop("release", "")
     web_line = types.pop("web", "")
-    asgi = web_asgi(web_line)
     types.update(overrides)
     workers = {name: command for name, command in sorted(types.items()) if command}
-    return Processes(release=release_command, workers=workers, web=asgi or web_app(web_line),
-                     asgi=bool(asgi))
+    steps = chain(web_line)
+    if len(steps) < 2:
+        asgi = web_asgi(web_line)
+        return Processes(release=migrate_command or release_line, workers=workers,
+                         web=asgi or web_app(web_line), asgi=bool(asgi))
+    mapped: dict[str, list[str]] = {RELEASE_PHASE: [], BUILD: []}
+    # The configuration wins over the Procfile, and its release: line over its web line.
+    overridden = {RELEASE_PHASE: "release.migrate_command is the release phase" if migrate_command
+                  else "the Procfile's release: line is the release phase" if release_line else "",
+                  BUILD: "release.build_command is the build" if build_command else ""}
+    described = []
+    web, is_asgi = "", False
+    for step in steps:
+        asgi = web_asgi(step)
+        app = asgi or web_app(step)
+        phase = step_phase(step)
+        if app:
+            if not web:
+                web, is_asgi = app, bool(asgi)
+            described.append(f"{step} -> serves {app}")
+        elif phase and overridden[phase]:
+            described.append(f"{step} -> ignored ({overridden[phase]})")
+        elif phase:
+            mapped[phase].append(step)
+            described.append(f"{step} -> {phase}")
+        else:
+            described.append(f"{step} -> ignored")
+    return Processes(
+        release=migrate_command or release_line or " && ".join(mapped[RELEASE_PHASE]),
+        workers=workers, web=web, asgi=is_asgi, build=" && ".join(mapped[BUILD]),
+        web_steps=tuple(described))

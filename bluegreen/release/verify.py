@@ -4,12 +4,15 @@
 1. its Python environment: found by the key of its dependency files, or built (a venv, then
    ``pip install``) as the user ``bluegreen-build``, which may write only there and in the
    app's own pip cache (pruned to its size limit after each build, see release/pipcache.py);
-2. ``release.build_command``, as ``bluegreen-build``, in the release's directory, which
-   belongs to that user for the time of the command and to root again afterwards;
+2. its build (``release.build_command``, the Procfile web line's build steps, Django's
+   collectstatic: see release/build.py), as ``bluegreen-build``, in the release's directory,
+   which belongs to that user for the time of the build and to root again afterwards, with
+   the app's settings and only the secrets ``release.build_secrets`` names;
 3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
    directory and network), since that is how an instance will import it moments later; for
    an ASGI app, first uvicorn's gunicorn worker from the release's own environment;
-4. ``release.check_command``, as ``bluegreen-build``, with the release read-only.
+4. ``release.check_command``, as ``bluegreen-build``, with the release read-only, and the
+   build's settings and secrets.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from bluegreen.config import Config, Network
 from bluegreen.files import give_tree
 from bluegreen.log import fields
-from bluegreen.release import appenv, pipcache, transient
+from bluegreen.release import appenv, build, pipcache, transient
 from bluegreen.release.transient import Command, CommandFailed
 from bluegreen.release.venvs import SYSTEM_PYTHON, DependencyError, Venvs, dependencies
 from bluegreen.systemd import Systemd
@@ -100,6 +103,19 @@ class Verifier:
         except CommandFailed as exc:
             raise VerifyFailed(exc.reason) from None
 
+    async def _run_build(self, command: Command) -> None:
+        """Run a command of the build; one that failed naming a secret it was not given (the
+        settings of a Django project that require one at import) says how to give it."""
+        try:
+            await self._run(command)
+        except VerifyFailed as exc:
+            withheld = [name for name in appenv.secret_names(self.config.app_name)
+                        if name not in self.config.release.build_secrets and name in str(exc)]
+            if not withheld:
+                raise
+            raise VerifyFailed(f"{exc} (a build gets the app's secret {', '.join(withheld)} only "
+                               "if release.build_secrets names it)") from None
+
     async def environment(self, release_dir: Path) -> Path | None:
         """The release's Python environment, built unless one with its dependencies exists;
         None when the release declares no dependencies (it runs on Debian's packages)."""
@@ -140,21 +156,25 @@ class Verifier:
                  extra=fields(deployment_id=self.deployment_id))
         return directory
 
-    async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str, *,
-                     asgi: bool = False) -> None:
+    async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str,
+                     web_build: str = "", *, asgi: bool = False) -> None:
         """Build and check the release in ``directory``, which serves ``wsgi`` (an ASGI app if
-        ``asgi``); ``env`` is the app's environment."""
+        ``asgi``); ``env`` is the app's environment, ``web_build`` the build steps of the
+        Procfile's web line."""
         release = self.config.release
-        tools = {name: env[name] for name in ("PATH", "VIRTUAL_ENV") if name in env}
-        build_env = {**tools, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
-        if release.build_command:
+        build_env = {**env, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
+        credentials = appenv.build_credentials(self.config.app_name, release.build_secrets)
+        with_secrets = [appenv.WITH_SECRETS] if credentials else []
+        steps = build.steps(release, directory, web_build, env["BLUEGREEN_PYTHON"])
+        if steps:
             give_tree(directory, *build_identity())
             try:
-                await self._run(Command(
-                    what="release.build_command", kind="build",
-                    argv=["/bin/sh", "-c", release.build_command], directory=directory,
-                    user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                    writable=[directory], network=Network.ANY, app=self.config.app_name))
+                for step in steps:
+                    await self._run_build(Command(
+                        what=step.what, kind="build", argv=[*with_secrets, *step.argv],
+                        directory=directory, user=BUILD_USER, timeout=release.timeout,
+                        environment=build_env, writable=[directory], credentials=credentials,
+                        network=Network.ANY, app=self.config.app_name))
             finally:
                 give_tree(directory, 0, 0)
         await self._run(appenv.command(
@@ -162,8 +182,9 @@ class Verifier:
             [env["BLUEGREEN_PYTHON"], "-c", ASGI_CHECK if asgi else IMPORT_CHECK, wsgi],
             directory, env))
         if release.check_command:
-            await self._run(Command(
+            await self._run_build(Command(
                 what="release.check_command", kind="check",
-                argv=["/bin/sh", "-c", release.check_command], directory=directory,
-                user=BUILD_USER, timeout=release.timeout, environment=build_env,
-                network=Network.ANY, app=self.config.app_name))
+                argv=[*with_secrets, "/bin/sh", "-c", release.check_command],
+                directory=directory, user=BUILD_USER, timeout=release.timeout,
+                environment=build_env, credentials=credentials, network=Network.ANY,
+                app=self.config.app_name))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bluegreen import client
 from bluegreen.api import dbus
 from bluegreen.cli import status
 from bluegreen.history import Deployment, State, Trigger
@@ -98,3 +99,23 @@ def test_status_shows_the_deployments_finished_since_the_start(
     args = argparse.Namespace(json=False)
     assert asyncio.run(status.run(Client(interface), args)) == 0  # type: ignore[arg-type]
     assert "Since start: 1 failed, 2 succeeded" in capsys.readouterr().out.splitlines()
+
+
+def test_status_says_what_became_of_the_web_lines_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    record = Deployment(id=4, ref="main", trigger=Trigger.CLI, state=State.SUCCEEDED,
+                        started_at=1.0, finished_at=2.0, commit="b" * 40, subject="Django",
+                        web_steps=("python manage.py migrate -> release phase",
+                                   "echo hi -> ignored"))
+
+    class Deployed(Client):
+        async def status(self) -> dict[str, Any]:
+            return {**await super().status(), "LastDeployment": "4"}
+
+        async def deployment(self, deployment_id: str) -> dict[str, Any]:
+            assert deployment_id == "4"
+            return client.deployment(dbus.deployment_to_variant(record))
+
+    assert asyncio.run(status.run(Deployed(interface()), argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    assert "Web line:    python manage.py migrate -> release phase" in lines
+    assert "Web line:    echo hi -> ignored" in lines

@@ -252,3 +252,18 @@ def test_app_asgi_names_an_asgi_app_and_excludes_app_wsgi(tmp_path: Path) -> Non
     path.write_text('[app]\nasgi = "main"\n')
     with pytest.raises(ConfigError, match=r":2: app.asgi: .*MODULE:CALLABLE"):
         config_module.load(path, environ={})
+
+
+@pytest.mark.parametrize("value, app", [
+    ("myproject.wsgi", "myproject.wsgi:application"),  # gunicorn's MODULE, Django's form
+    ("myproject.wsgi:application", "myproject.wsgi:application"),
+    ("app:create_app()", "app:create_app()"),
+])
+def test_app_wsgi_takes_gunicorns_bare_module(value: str, app: str) -> None:
+    loaded = config.load_mapping({"app": {"wsgi": value}}, source="x")
+    assert loaded.app.wsgi == app
+
+
+def test_app_wsgi_refuses_what_is_no_module() -> None:
+    with pytest.raises(config.ConfigError, match=r"app\.wsgi"):
+        config.load_mapping({"app": {"wsgi": "my-project/wsgi.py"}}, source="x")

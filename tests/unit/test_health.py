@@ -141,3 +141,45 @@ def test_failures_count_only_in_a_row() -> None:
     assert [failures.count(result, 2) for result in (failing, passing, failing, failing, failing)] == [
         None, None, None, "2 failed checks in a row: HTTP 500 from /health",
         "3 failed checks in a row: HTTP 500 from /health"]
+
+
+def test_a_check_sends_the_first_domain_unless_health_host_is_set() -> None:
+    config = Config()
+    assert Check.of(config).host == "localhost"
+    fronted = replace(config, app=replace(config.app, domains=("shop.example.com", "www.shop.example.com")))
+    assert Check.of(fronted).host == "shop.example.com"
+    named = replace(fronted, app=replace(fronted.app, health_host="health.internal"))
+    assert Check.of(named).host == "health.internal"
+
+
+def bad_request_server(body: bytes) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+@pytest.mark.parametrize("body", [
+    b"<h1>Bad Request (400)</h1>",  # Django with DEBUG = False
+    b"<title>DisallowedHost at /health</title> Invalid HTTP_HOST header: 'localhost'.",
+])
+def test_a_400_names_the_host_header_and_allowed_hosts(body: bytes) -> None:
+    httpd = bad_request_server(body)
+    try:
+        result = asyncio.run(probe(httpd.server_address[1], Check(host="localhost", timeout=1)))
+    finally:
+        httpd.shutdown()
+    assert not result.ok
+    assert result.reason.startswith("HTTP 400 from /health")
+    assert "Host: localhost" in result.reason and "ALLOWED_HOSTS" in result.reason
+    assert "app.health_host" in result.reason
+    assert (b"DisallowedHost" in body) == result.reason.startswith("HTTP 400 from /health: DisallowedHost")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bluegreen.history import History, State, Step, Trigger, finished, with_step
+from bluegreen.history import SCHEMA, History, State, Step, Trigger, finished, with_step
 
 
 def test_a_deployment_is_recorded_step_by_step(tmp_path: Path) -> None:
@@ -130,3 +132,30 @@ def test_records_written_before_the_release_phases_were_kept_count(tmp_path: Pat
     history.db.execute("DELETE FROM release_phases")
     reopened = History(tmp_path / "db.sqlite")
     assert reopened.release_phase_ran("1" * 40) and not reopened.release_phase_ran("2" * 40)
+
+
+WEB_STEPS = ("python manage.py migrate -> release phase",
+             "gunicorn mysite.wsgi -> serves mysite.wsgi:application")
+
+
+def test_a_record_keeps_what_became_of_the_web_lines_steps(tmp_path: Path) -> None:
+    history = History(tmp_path / "db.sqlite")
+    record = history.begin("main", Trigger.HTTP, commit="a" * 40)
+    history.save(replace(record, web_steps=WEB_STEPS))
+    assert History(tmp_path / "db.sqlite").get(record.id).web_steps == WEB_STEPS
+
+
+def test_records_written_before_web_steps_were_kept_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA.replace("    steps TEXT NOT NULL DEFAULT '[]',\n"
+                                     "    web_steps TEXT NOT NULL DEFAULT '[]'\n",
+                                     "    steps TEXT NOT NULL DEFAULT '[]'\n"))
+    old.execute("INSERT INTO deployments (ref, trigger, state, started_at) "
+                "VALUES ('main', 'cli', 'succeeded', 1.0)")
+    old.commit()
+    old.close()
+    history = History(path)
+    assert history.get(1).web_steps == ()
+    history.save(replace(history.get(1), web_steps=WEB_STEPS))
+    assert History(path).get(1).web_steps == WEB_STEPS

@@ -91,3 +91,79 @@ def test_processes_say_whether_the_web_line_serves_asgi(tmp_path: Path) -> None:
     (tmp_path / "Procfile").write_text("web: gunicorn main:app\n")
     found = procfile.processes(tmp_path, "", {})
     assert (found.web, found.asgi) == ("main:app", False)
+
+
+DJANGO_WEB = ("python manage.py migrate && python manage.py collectstatic --no-input && "
+              "gunicorn myproject.wsgi --log-file -")
+
+
+def test_a_chained_web_line_names_the_app_and_maps_its_other_steps(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text(f"web: {DJANGO_WEB}\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert found.web == "myproject.wsgi:application"
+    assert found.release == "python manage.py migrate"
+    assert found.build == "python manage.py collectstatic --no-input"
+    assert found.web_steps == (
+        "python manage.py migrate -> release phase",
+        "python manage.py collectstatic --no-input -> build",
+        "gunicorn myproject.wsgi --log-file - -> serves myproject.wsgi:application",
+    )
+    assert dict(found.workers) == {}
+
+
+def test_the_configuration_and_the_release_line_win_over_the_web_lines_steps(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text(
+        "web: echo starting; python3 ./manage.py migrate --no-input && gunicorn myproject.wsgi\n"
+        "release: ./manage.py migrate --no-input\n")
+    found = procfile.processes(tmp_path, "", {}, build_command="make assets")
+    assert found.release == "./manage.py migrate --no-input"
+    assert found.build == ""
+    assert found.web_steps == (
+        "echo starting -> ignored",
+        "python3 ./manage.py migrate --no-input -> ignored (the Procfile's release: line is the "
+        "release phase)",
+        "gunicorn myproject.wsgi -> serves myproject.wsgi:application",
+    )
+    overridden = procfile.processes(tmp_path, "true", {})
+    assert overridden.release == "true"
+    assert "ignored (release.migrate_command is the release phase)" in overridden.web_steps[1]
+
+
+@pytest.mark.parametrize("command, steps", [
+    ("gunicorn app:app", ["gunicorn app:app"]),
+    ("a && 'b && c' ; d", ["a", "'b && c'", "d"]),
+    ('echo "x;y" && gunicorn app:app', ['echo "x;y"', "gunicorn app:app"]),
+    ("a || b && c", ["a || b", "c"]),
+])
+def test_a_web_line_splits_at_and_and_semicolon_outside_quotes(command: str, steps: list[str]) -> None:
+    assert procfile.chain(command) == steps
+
+
+def test_a_single_web_line_maps_nothing(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text("web: gunicorn app:app\n")
+    assert procfile.processes(tmp_path, "", {}).web_steps == ()
+
+
+@pytest.mark.parametrize("step, phase", [
+    ("python manage.py migrate --no-input", "release phase"),
+    ("./manage.py collectstatic --noinput", "build"),
+    ("python3 -m django migrate --settings=mysite.settings", "release phase"),
+    ("DJANGO_SETTINGS_MODULE=mysite.prod django-admin collectstatic", "build"),
+    ("flask db upgrade", "release phase"),
+    ("alembic upgrade head", "release phase"),
+    ("python manage.py createsuperuser --no-input", ""),
+    ("python -c 'print(1)'", ""),
+    ("npm run build", ""),
+])
+def test_the_phase_of_a_web_lines_step(step: str, phase: str) -> None:
+    assert procfile.step_phase(step) == phase
+
+
+def test_a_chained_web_line_that_ends_in_uvicorn_serves_asgi(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text(
+        "web: python manage.py migrate && uvicorn mysite.asgi:application --port $PORT\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert (found.web, found.asgi) == ("mysite.asgi:application", True)
+    assert found.release == "python manage.py migrate"
+    assert found.web_steps[-1] == ("uvicorn mysite.asgi:application --port $PORT -> serves "
+                                   "mysite.asgi:application")
