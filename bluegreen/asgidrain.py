@@ -11,6 +11,10 @@ Once the instance's drain flag exists (the controller creates it right after a s
   closed at once. What the app sends on it afterwards is dropped: its next receive() says it
   is disconnected.
 
+Every HTTP answer is also counted by status class and duration (answers.py), as
+gunicornconf.py's post_request hook does for WSGI apps: an app that raises before it answers
+counts as the 500 uvicorn then sends.
+
 The flag is one access(2) per response; websockets are watched by one task per worker that
 stats the flag every ``poll`` seconds while any is open. Without the flag the app is untouched.
 """
@@ -20,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from bluegreen import answers
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -65,12 +72,27 @@ class Drain:
         return self.flag is not None and os.access(self.flag, os.F_OK)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
-        if not self.flag or scope["type"] not in ("http", "websocket"):
+        if scope["type"] == "http":
+            await self._http(scope, receive, send if not self.flag else self._http_send(send))
+        elif not self.flag or scope["type"] != "websocket":
             await self.app(scope, receive, send)
-        elif scope["type"] == "http":
-            await self.app(scope, receive, self._http_send(send))
         else:
             await self._websocket(scope, receive, send)
+
+    async def _http(self, scope: Message, receive: Receive, send: Send) -> None:
+        """The app's answer, counted once it is sent (or the app failed)."""
+        started = time.monotonic()
+        status: list[int] = []
+
+        async def noted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message.get("status", 0)))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted)
+        finally:
+            answers.record(status[0] if status else None, time.monotonic() - started)
 
     def _http_send(self, send: Send) -> Send:
         async def drained(message: Message) -> None:

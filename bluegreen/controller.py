@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from bluegreen import answers, instances, pool, reconcile, refresher
 from bluegreen import log as logsetup
-from bluegreen import pool, reconcile, refresher
 from bluegreen import recorder as recorder_module
 from bluegreen.config import Config
 from bluegreen.deploy import DeployFailed, Unsettled, no_release_phase
@@ -137,7 +137,16 @@ class Controller:
         self.metrics.health_check_failures = self.monitor.failures_total
         serving = self.serving
         return self.metrics.render(serving.release if serving else "", serving.port if serving else 0,
-                                   self.health()[0])
+                                   self.health()[0], self.answered())
+
+    def answered(self) -> list[tuple[str, int, answers.Answers]]:
+        """What each of the app's running instances answered, with its release."""
+        result = []
+        for port in sorted(instances.ports_with_env(self.paths.runtime)):
+            settings = instances.read_env(self.paths.runtime, port)
+            if instances.app_named(settings) == self.app:
+                result.append((settings.get("BLUEGREEN_RELEASE", ""), port, answers.read(port)))
+        return result
 
     async def pending_settings(self) -> list[tuple[str, str]]:
         """Settings of the file not in effect yet, each with what applies it."""

@@ -1,6 +1,8 @@
 """gunicorn settings for app instances: ``gunicorn -c python:bluegreen.gunicornconf ...``.
 
-It sets one thing, a ``pre_request`` hook. Once the file named by ``BLUEGREEN_DRAIN_FILE``
+It sets two hooks. ``post_request`` counts each answer by status class and duration
+(answers.py), for /metrics and a canary's analysis. ``pre_request`` notes when the request
+began and, once the file named by ``BLUEGREEN_DRAIN_FILE``
 exists (the controller creates it for the old instance right after a switch), every response
 carries ``Connection: close`` and gunicorn closes the connection after it: a keep-alive client
 makes its next request on a new connection, which reaches the new release. Without it a busy
@@ -24,7 +26,10 @@ environment.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+from bluegreen import answers
 
 _drain_file = os.environ.get("BLUEGREEN_DRAIN_FILE", "")
 # The keepalive setting the worker had before a drain turned it to 0 (the fallback only).
@@ -37,6 +42,7 @@ def draining() -> bool:
 
 
 def pre_request(worker: Any, req: Any) -> None:
+    req.bluegreen_started = time.monotonic()
     worker.log.debug("%s %s", req.method, req.path)  # what gunicorn's default hook does
     drain = draining()
     force_close = getattr(req, "force_close", None)
@@ -56,3 +62,12 @@ def _keepalive_off(cfg: Any, off: bool) -> None:
         cfg.set("keepalive", 0)
     elif not off and not cfg.keepalive and "keepalive" in _configured:
         cfg.set("keepalive", _configured["keepalive"])
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """Count the answer: its status (none: the app failed, and gunicorn answers 500) and how
+    long it took. gunicorn calls it whether the app returned or raised."""
+    started = getattr(req, "bluegreen_started", None)
+    elapsed = time.monotonic() - started if started is not None else 0.0
+    status = getattr(resp, "status_code", None) if resp is not None else None
+    answers.record(status if isinstance(status, int) else None, elapsed)

@@ -2,6 +2,8 @@
 
 Counters start at zero when the controller starts (Prometheus takes resets in its stride);
 the serving release and the last successful deployment come from the controller's state.
+The answers of each running instance, by status class and duration, are counted inside it
+(answers.py) and carry its release and port as labels: old and new release side by side.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from bluegreen.answers import BUCKETS, CLASSES, Answers
 from bluegreen.history import Deployment, State, Trigger
 
 DURATION_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -65,7 +68,9 @@ class Metrics:
             totals[state] = totals.get(state, 0) + count
         return totals
 
-    def render(self, serving_release: str, serving_port: int, healthy: bool) -> str:
+    def render(self, serving_release: str, serving_port: int, healthy: bool,
+               answered: list[tuple[str, int, Answers]] | None = None) -> str:
+        """The text; ``answered``: each running instance's release, port and answers."""
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str) -> None:
@@ -110,4 +115,24 @@ class Metrics:
 
         family("bluegreen_healthy", "gauge", "1 when a release serves and passes its health checks.")
         lines.append(f"bluegreen_healthy {1 if healthy else 0}")
+
+        answered = sorted(answered or [], key=lambda item: item[1])
+        family("bluegreen_app_responses_total", "counter",
+               "Answers of each running instance by status class (a failed request is a 5xx).")
+        for release, port, counts in answered:
+            for name in CLASSES:
+                labels = _labels(release=release, port=str(port), **{"class": name})
+                lines.append(f"bluegreen_app_responses_total{labels} {counts.classes[name]}")
+        family("bluegreen_app_response_duration_seconds", "histogram",
+               "How long each running instance took to answer.")
+        for release, port, counts in answered:
+            for bound, count in zip(BUCKETS, counts.buckets, strict=True):
+                labels = _labels(release=release, port=str(port), le=_number(bound))
+                lines.append(f"bluegreen_app_response_duration_seconds_bucket{labels} {count}")
+            labels = _labels(release=release, port=str(port), le="+Inf")
+            lines.append(f"bluegreen_app_response_duration_seconds_bucket{labels} {counts.count}")
+            labels = _labels(release=release, port=str(port))
+            lines.append(f"bluegreen_app_response_duration_seconds_sum{labels} "
+                         f"{_number(round(counts.seconds, 6))}")
+            lines.append(f"bluegreen_app_response_duration_seconds_count{labels} {counts.count}")
         return "\n".join(lines) + "\n"

@@ -125,6 +125,28 @@ def test_deploy_over_dbus_switches_and_stops_the_old_unit(box: Sandbox, app: App
     assert unit_state(box, f"bluegreen-forward@{old}.service") == "inactive"
     assert not box.exists(f"/run/bluegreen/instances/{old}.env")
     assert box.exists(f"/run/bluegreen/instances/{after['ActivePort']}.env")
+    assert not box.exists(f"/run/bluegreen-app/{old}")  # its counters went with it
+
+
+def test_metrics_count_what_each_instance_answered_by_release(box: Sandbox, app: App) -> None:
+    """Counted inside the instance (its gunicorn's hooks), read by the controller."""
+    props = properties(box)
+    release, port = props["ActiveRelease"], props["ActivePort"]
+
+    def answered(status_class: str) -> int:
+        text = call(box, "GetMetrics")
+        label = f'bluegreen_app_responses_total{{release="{release}",port="{port}",class="{status_class}"}} '
+        found = [line for line in text.splitlines() if line.startswith(label)]
+        assert len(found) == 1, text
+        return int(found[0].rsplit(" ", 1)[1])
+
+    ok, missing = answered("2xx"), answered("4xx")
+    for _ in range(20):
+        public(box)
+    assert http(box, "GET", "/no-such-page", port=5000).status == 404
+    assert answered("2xx") >= ok + 20  # and the health checks' own
+    assert answered("4xx") == missing + 1
+    assert box.exists(f"/run/bluegreen-app/{port}")
 
 
 def test_deploy_over_http(box: Sandbox, app: App) -> None:

@@ -175,11 +175,13 @@ def test_idle_connections_close_at_the_keepalive_timeout(server: Server) -> None
 
 # --- the module itself -----------------------------------------------------------------------
 
-def test_sets_only_the_pre_request_hook() -> None:
+def test_sets_only_the_request_hooks() -> None:
     config = pytest.importorskip("gunicorn.config")
     settings = config.Config().settings
-    assert {name for name in vars(gunicornconf) if name in settings} == {"pre_request"}
+    assert {name for name in vars(gunicornconf) if name in settings} == {"pre_request",
+                                                                        "post_request"}
     config.Config().set("pre_request", gunicornconf.pre_request)  # gunicorn's own validation
+    config.Config().set("post_request", gunicornconf.post_request)
 
 
 class FakeRequest:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from bluegreen.answers import BUCKETS, Answers
 from bluegreen.history import Deployment, State, StepTiming, Trigger
 from bluegreen.metrics import Metrics
 
@@ -43,3 +44,18 @@ def test_deployments_by_result_sum_over_triggers() -> None:
     metrics.deployment_finished(record(State.SUCCEEDED, Trigger.CLI, 3.0))
     metrics.deployment_finished(record(State.FAILED, Trigger.CLI, 3.0))
     assert metrics.by_result() == {"succeeded": 2, "failed": 1}
+
+
+def test_each_instances_answers_carry_its_release_and_port() -> None:
+    old = Answers({"1xx": 0, "2xx": 90, "3xx": 0, "4xx": 2, "5xx": 1}, [93] * len(BUCKETS), 93, 1.5)
+    new = Answers({"1xx": 0, "2xx": 7, "3xx": 0, "4xx": 0, "5xx": 3}, [10] * len(BUCKETS), 10, 0.25)
+    text = Metrics().render("a" * 40, 8123, True, [("b" * 40, 8200, new), ("a" * 40, 8123, old)])
+    lines = text.splitlines()
+    assert f'bluegreen_app_responses_total{{release="{"a" * 40}",port="8123",class="2xx"}} 90' in lines
+    assert f'bluegreen_app_responses_total{{release="{"b" * 40}",port="8200",class="5xx"}} 3' in lines
+    assert (f'bluegreen_app_response_duration_seconds_bucket{{release="{"b" * 40}",port="8200",'
+            'le="+Inf"} 10') in lines
+    assert f'bluegreen_app_response_duration_seconds_sum{{release="{"a" * 40}",port="8123"}} 1.5' in lines
+    # The old instance first (by port), each family declared once.
+    assert text.index('port="8123"') < text.index('port="8200"')
+    assert text.count("# TYPE bluegreen_app_responses_total counter") == 1
