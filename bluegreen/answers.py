@@ -52,6 +52,9 @@ class Counter:
         self.path = directory / f"{PREFIX}{os.getpid()}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            # Readable by the controller, which reads without CAP_DAC_OVERRIDE, whatever the
+            # instance's umask (0077) made of the mode.
+            os.fchmod(fd, 0o644)
             os.ftruncate(fd, SIZE)
             self.map = mmap.mmap(fd, SIZE)
         finally:

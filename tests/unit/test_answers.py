@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,19 @@ from bluegreen import answers, asgidrain, gunicornconf
 
 
 @pytest.fixture
-def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An instance's runtime directory, as systemd gives it, and a fresh counter."""
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An instance's runtime directory, as systemd gives it, a fresh counter, its umask."""
+    old_umask = os.umask(0o077)
+    yield from _instance(tmp_path, monkeypatch)
+    os.umask(old_umask)
+
+
+def _instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     directory = tmp_path / "8123"
     directory.mkdir()
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(directory))
     monkeypatch.setattr(answers, "_mine", {})
-    return directory
+    yield directory
 
 
 def test_answers_are_counted_by_class_and_duration_and_summed(instance: Path) -> None:
@@ -37,6 +45,8 @@ def test_answers_are_counted_by_class_and_duration_and_summed(instance: Path) ->
     assert total.buckets[-2] == 10  # <= 5 s: all but the 7-s ones
     assert total.buckets[-1] == 12
     assert total.seconds == pytest.approx(2 * (0.001 + 0.02 + 0.3 + 0.004 + 7.0 + 0.002))
+    # Readable by a controller without CAP_DAC_OVERRIDE, whatever the instance's umask.
+    assert stat.S_IMODE((instance / f"answers.{os.getpid()}").stat().st_mode) == 0o644
 
 
 def test_an_instance_that_is_gone_or_cannot_count_has_no_answers(
