@@ -204,7 +204,7 @@ def test_release_1_runs_with_its_own_dependencies_secret_and_data(box: Sandbox, 
     verify = steps(record)["verify"]
     print(f"\nfirst build of the environment: verify took {verify[1] - verify[0]:.2f} s")
 
-    assert "serving app:app, the app the Procfile's web line names" in box.journal(
+    assert "serving app:app, the WSGI app the Procfile's web line names" in box.journal(
         "-u", "bluegreen.service", "-n", "200")
     assert 'BLUEGREEN_WSGI="app:app"' in box.run(
         "cat", f"/run/bluegreen/instances/{props['ActivePort']}.env").stdout
