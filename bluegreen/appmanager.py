@@ -138,17 +138,20 @@ class AppManager:
     @staticmethod
     async def _warm(domains: list[str]) -> None:
         """The front gets a domain's certificate at the first handshake that names it: make
-        that handshake now, not a client's, and say in the journal what came of it."""
-        for domain in domains:
-            got = await asyncio.to_thread(certificates.served, domain, None, WARM_TIMEOUT)
-            if got is not None:
-                log.info("the front has a certificate for %s from %s, valid until %s", domain,
-                         got.issuer, time.strftime("%Y-%m-%d", time.gmtime(got.not_after)))
-            else:
-                reason = await asyncio.to_thread(certificates.journal_error, domain)
-                log.warning("the front has no certificate for %s yet: %s", domain,
-                            reason or "the ACME CA has not answered (journalctl -u "
-                            f"{front.UNIT} says more)")
+        that handshake now, not a client's, and say in the journal what came of it. All at
+        once: a name the CA refuses keeps its handshake waiting, not the others'."""
+        await asyncio.gather(*(AppManager._warm_one(domain) for domain in domains))
+
+    @staticmethod
+    async def _warm_one(domain: str) -> None:
+        got = await asyncio.to_thread(certificates.served, domain, None, WARM_TIMEOUT)
+        if got is not None:
+            log.info("the front has a certificate for %s from %s, valid until %s", domain,
+                     got.issuer, time.strftime("%Y-%m-%d", time.gmtime(got.not_after)))
+            return
+        reason = await asyncio.to_thread(certificates.journal_error, domain)
+        log.warning("the front has no certificate for %s yet: %s", domain,
+                    reason or f"the ACME CA has not answered (journalctl -u {front.UNIT} says more)")
 
     async def served_ports(self, staying: Collection[str] | None = None) -> dict[str, set[int]]:
         """The public ports each app's forwarders serve, or will serve: while a release serves,
