@@ -550,7 +550,8 @@ KEYS: tuple[Key, ...] = (
         "install django.contrib.staticfiles and set STATIC_ROOT (unless a build step runs it)."),
     Key("release", "build_secrets", _secret_names,
         "Names of the app's secrets the build, collectstatic and check commands get in their "
-        "environment (e.g. [\"DJANGO_SECRET_KEY\"]); the others never reach a build."),
+        "environment; the others never reach a build, which sees a placeholder value in their "
+        "stead (settings that read one at import, as Django's SECRET_KEY, still load)."),
     Key("release", "timeout", _number(1, 7200),
         "Seconds the dependency install and the build, check and migrate commands may take, "
         "each."),

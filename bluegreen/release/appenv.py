@@ -126,6 +126,20 @@ def secret_names(app_name: str) -> list[str]:
             and not path.is_symlink() and path.is_file()]
 
 
+def build_placeholder(name: str) -> str:
+    """What a build sees for a secret of the app it is not given: settings that read the
+    secret at import (Django's SECRET_KEY) load, and the secret stays out of the build."""
+    return f"bluegreen-build-placeholder-not-the-secret-{name}"
+
+
+def build_placeholders(app_name: str, given: Sequence[str],
+                       environment: Mapping[str, str]) -> dict[str, str]:
+    """A placeholder for each secret of the app that a build is not given (and that no
+    setting of [app.environment] names)."""
+    return {name: build_placeholder(name) for name in secret_names(app_name)
+            if name not in given and name not in environment}
+
+
 def build_credentials(app_name: str, names: Sequence[str]) -> list[tuple[str, str]]:
     """LoadCredential= of the app's secrets ``names`` (release.build_secrets), one by one: a
     build gets those and no other."""

@@ -8,8 +8,9 @@ the release has a ``manage.py`` whose settings install ``django.contrib.staticfi
 and a manifest storage (whitenoise's) finds its manifest.
 
 A build sees the app's settings (``[app.environment]``, so that it can import the project's
-settings) and only the secrets ``release.build_secrets`` names: it runs code of the
-repository, with the network, as ``bluegreen-build``, which writes the release.
+settings) and only the secrets ``release.build_secrets`` names, a placeholder for each other
+(appenv.build_placeholder): it runs code of the repository, with the network, as
+``bluegreen-build``, which writes the release.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ except Exception:
     import traceback
     traceback.print_exc()
     sys.exit(f"collectstatic: the settings {name} do not load at build, which has the app's "
-             "[app.environment] but only the secrets release.build_secrets names")
+             "[app.environment] but, of the secrets, only those release.build_secrets names (and "
+             "a placeholder for each other)")
 from django.apps import apps
 from django.conf import settings
 if not apps.is_installed("django.contrib.staticfiles"):

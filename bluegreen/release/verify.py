@@ -7,7 +7,8 @@
 2. its build (``release.build_command``, the Procfile web line's build steps, Django's
    collectstatic: see release/build.py), as ``bluegreen-build``, in the release's directory,
    which belongs to that user for the time of the build and to root again afterwards, with
-   the app's settings and only the secrets ``release.build_secrets`` names;
+   the app's settings and only the secrets ``release.build_secrets`` names (a placeholder for
+   each other: settings that read one at import load);
 3. an import of the WSGI application, as the app itself (its user, settings, secrets, data
    directory and network), since that is how an instance will import it moments later; for
    an ASGI app, first uvicorn's gunicorn worker from the release's own environment;
@@ -113,8 +114,9 @@ class Verifier:
                         if name not in self.config.release.build_secrets and name in str(exc)]
             if not withheld:
                 raise
-            raise VerifyFailed(f"{exc} (a build gets the app's secret {', '.join(withheld)} only "
-                               "if release.build_secrets names it)") from None
+            raise VerifyFailed(f"{exc} (a build gets a placeholder for the app's secret "
+                               f"{', '.join(withheld)}, the secret itself only if "
+                               "release.build_secrets names it)") from None
 
     async def environment(self, release_dir: Path) -> Path | None:
         """The release's Python environment, built unless one with its dependencies exists;
@@ -162,7 +164,8 @@ class Verifier:
         ``asgi``); ``env`` is the app's environment, ``web_build`` the build steps of the
         Procfile's web line."""
         release = self.config.release
-        build_env = {**env, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
+        build_env = {**appenv.build_placeholders(self.config.app_name, release.build_secrets, env),
+                     **env, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
         credentials = appenv.build_credentials(self.config.app_name, release.build_secrets)
         with_secrets = [appenv.WITH_SECRETS] if credentials else []
         steps = build.steps(release, directory, web_build, env["BLUEGREEN_PYTHON"])

@@ -37,8 +37,9 @@ pytestmark = pytest.mark.integration
 SITE = ROOT / "examples/django-site"
 SECRET = "django-" + "Sup3rS3cretK3y" * 4
 DATABASE = "/var/lib/bluegreen/data/site.sqlite3"
-# No app.wsgi, build_command or migrate_command: the Procfile's web line says it all. The
-# settings read DJANGO_SECRET_KEY at import, and collectstatic imports them at build.
+# No app.wsgi, build_command, migrate_command or build_secrets: the Procfile's web line says
+# it all. The settings read DJANGO_SECRET_KEY at import, and collectstatic imports them at
+# build, where the key is a placeholder.
 CONFIG = """post_switch_watch = 1
 [app]
 health_host = "site.internal"
@@ -49,7 +50,6 @@ DATABASE_URL = "sqlite:///{data_dir}/site.sqlite3"
 interval = 0.2
 [release]
 timeout = 300
-build_secrets = ["DJANGO_SECRET_KEY"]
 """
 WEB_STEPS = [
     "python manage.py migrate --no-input -> release phase",
@@ -169,13 +169,24 @@ def test_three_releases_under_load_migrate_before_serving_and_keep_the_data(
 
 
 def test_the_secret_reaches_no_build_that_does_not_ask_for_it(box: Sandbox, site: Site) -> None:
-    # Without build_secrets, the settings cannot load at build: the deploy fails at verify,
-    # saying why, while release 3 serves on.
-    configure(box, CONFIG.replace('build_secrets = ["DJANGO_SECRET_KEY"]\n', ""))
+    """The check command, run as the build is, must find what the build saw, or the deploy
+    fails: the placeholder without build_secrets, the secret with it."""
+    placeholder = "bluegreen-build-placeholder-not-the-secret-DJANGO_SECRET_KEY"
+    for given, expected in (("", placeholder), ('build_secrets = ["DJANGO_SECRET_KEY"]\n', SECRET)):
+        check = f"check_command = 'test \"$DJANGO_SECRET_KEY\" = {expected}'\n"
+        configure(box, CONFIG + given + check)
+        box.run("systemctl", "reload", "bluegreen.service")
+        sha = site.commit(f"Release with {given or 'no build secret'}",
+                          {"guestbook/static/guestbook/site.css": f"/* {given} */ body {{ margin: 0; }}\n"})
+        record = deploy(box)
+        assert (record["state"], record["commit"]) == ("succeeded", sha), record
+        # The instance has the secret itself, whatever the build saw.
+        assert public(box)["secret_fingerprint"] == hashlib.sha256(SECRET.encode()).hexdigest()[:12]
+    # And a build told the placeholder is the secret fails at verify: the old release serves.
+    configure(box, CONFIG + f"check_command = 'test \"$DJANGO_SECRET_KEY\" = {SECRET}'\n")
     box.run("systemctl", "reload", "bluegreen.service")
-    sha = site.commit("Release 4", {"guestbook/static/guestbook/site.css": "body { margin: 0; }\n"})
+    serving = public(box)["release"]
+    sha = site.commit("Release 6", {"guestbook/static/guestbook/site.css": "body { margin: 1px; }\n"})
     record = deploy(box)
     assert (record["state"], record["failed_step"], record["commit"]) == ("failed", "verify", sha), record
-    assert "release.build_secrets" in record["reason"], record["reason"]
-    assert "KeyError: 'DJANGO_SECRET_KEY'" in box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
-    assert public(box)["version"] == "3"
+    assert public(box)["release"] == serving

@@ -139,3 +139,13 @@ def test_network_properties_lock_down_or_open_up() -> None:
     # "any" sets empty lists: that undoes an earlier lockdown of the same unit (runtime drop-in).
     opened = {name: value.value for name, value in transient.network_properties(Network.ANY)}
     assert opened == {"IPAddressDeny": [], "IPAddressAllow": []}
+
+
+def test_a_build_sees_a_placeholder_for_each_secret_it_is_not_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps, "SECRETS_DIR", tmp_path)
+    for name in ("DJANGO_SECRET_KEY", "API_TOKEN", "SHARED"):
+        (tmp_path / name).write_text("the real value\n")
+    placeholders = appenv.build_placeholders("default", ["API_TOKEN"], {"SHARED": "a setting"})
+    assert placeholders == {"DJANGO_SECRET_KEY": appenv.build_placeholder("DJANGO_SECRET_KEY")}
+    assert "the real value" not in appenv.build_placeholder("DJANGO_SECRET_KEY")
