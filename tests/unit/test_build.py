@@ -61,6 +61,9 @@ def test_a_build_sees_the_apps_settings_but_no_secret_unless_it_asks(
         assert command.environment["BLUEGREEN_APP"] == "default"
         assert command.credentials == []
         assert appenv.WITH_SECRETS not in command.argv
+        # In the secrets' stead, placeholders: settings that read one at import still load.
+        assert command.environment["DJANGO_SECRET_KEY"] == appenv.build_placeholder("DJANGO_SECRET_KEY")
+        assert "s3cret" not in str(command.environment)
 
 
 def test_a_build_gets_the_secrets_it_names_and_no_other(
@@ -70,6 +73,8 @@ def test_a_build_gets_the_secrets_it_names_and_no_other(
     assert build.credentials == [("secrets_DJANGO_SECRET_KEY",
                                   str(tmp_path / "secrets/DJANGO_SECRET_KEY"))]
     assert list(build.argv) == [appenv.WITH_SECRETS, "/bin/sh", "-c", "make"]
+    assert "DJANGO_SECRET_KEY" not in build.environment  # the secret, from with-secrets
+    assert build.environment["STRIPE_KEY"] == appenv.build_placeholder("STRIPE_KEY")
 
 
 def test_a_django_project_gets_collectstatic_at_build(
@@ -111,5 +116,5 @@ def test_a_build_that_fails_for_a_secret_it_was_not_given_says_how_to_give_it(
             asyncio.run(verifier.verify(release, env, "myproject.wsgi:application"))
         reason = "release.build_command failed: KeyError: 'DJANGO_SECRET_KEY'"
         assert str(failed.value) == reason + (
-            " (a build gets the app's secret DJANGO_SECRET_KEY only if release.build_secrets "
-            "names it)" if hint else "")
+            " (a build gets a placeholder for the app's secret DJANGO_SECRET_KEY, the secret "
+            "itself only if release.build_secrets names it)" if hint else "")
