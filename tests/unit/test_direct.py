@@ -1,0 +1,97 @@
+"""forwarder = "direct": the instances' own listeners on the public port, steered by the
+group's program (forwarders/direct.py, the controller's side; forwarders/directhook.py, the
+units' hooks). Real listeners in a real SO_REUSEPORT group, stand-ins for the instances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bluegreen.forwarders import direct, directhook, hook
+from tests.unit.test_reuseport import Forwarder, spread
+
+Instance = Forwarder  # a process that holds a listener of the group and accepts nothing
+
+
+@pytest.fixture
+def instances(run_dir: Path) -> Iterator[Callable[[int], Instance]]:
+    """Start instances in turn on one public port; each is recorded by its ExecStartPost hook."""
+    started: list[Instance] = []
+
+    def start(target: int) -> Instance:
+        instance = Instance(started[0].port if started else 0)
+        started.append(instance)
+        assert "socket" in directhook.joined(instance.pid, instance.port, target)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(hook, "RUN_DIR", tmp_path, raising=False)
+    return tmp_path
+
+
+def switch(run_dir: Path, port: int, **change: list[int]) -> None:
+    """What the controller does: write what the group admits, then start the steering unit."""
+    direct.admit(run_dir, port, **change)
+    directhook.steer(port)
+
+
+def test_an_instance_gets_nothing_until_the_switch_admits_it(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    new = instances(8002)  # started, not yet proven healthy
+    assert spread(old.port, [old, new]) == [60, 0]
+    assert direct.targets(run_dir, old.port) == {8001: True, 8002: False}
+    switch(run_dir, old.port, add=[8002], remove=[8001])
+    assert spread(old.port, [old, new]) == [0, 60]
+    switch(run_dir, old.port, only=[8001])  # a switch back
+    assert spread(old.port, [old, new]) == [60, 0]
+
+
+def test_two_instances_share_and_a_third_waits_for_its_switch(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c, d = instances(8003), instances(8004)
+    got = spread(a.port, [a, b, c, d])
+    assert got[2:] == [0, 0] and min(got[:2]) > 0, got
+    switch(run_dir, a.port, only=[8003, 8004])
+    got = spread(a.port, [a, b, c, d])
+    assert got[:2] == [0, 0] and min(got[2:]) > 0, got
+    a.stop()  # the old instances stop: the last listener fills each hole, the program follows
+    directhook.left(a.port, 8001)
+    b.stop()
+    directhook.left(a.port, 8002)
+    got = spread(c.port, [c, d])
+    assert sum(got) == 60 and min(got) > 0, got
+
+
+def test_a_dead_instance_is_steered_around_until_it_is_back(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    # b's gunicorn died; systemd still holds its listener (the socket unit) and says so
+    # (ExecStopPost=): its share goes to a until the restarted gunicorn has joined again.
+    directhook.left(a.port, 8002)
+    assert direct.targets(run_dir, a.port) == {8001: True, 8002: False}
+    assert spread(a.port, [a, b]) == [60, 0]
+    directhook.joined(b.pid, b.port, 8002)
+    got = spread(a.port, [a, b])
+    assert min(got) > 0, got
+
+
+def test_the_drain_waits_for_the_queue_of_an_instance_no_longer_admitted(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    spread(old.port, [old])  # queued on it, never accepted: the stand-in accepts nothing
+    queued, _connected = directhook.drain(8001, old.port, timeout=0.2)
+    assert queued > 0  # still queued at the timeout: a drain never says done too early
