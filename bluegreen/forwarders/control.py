@@ -363,6 +363,13 @@ class Forwarders:
             direct.forget(self.systemd, port)
             return
         public_port = config.ports.public
+        others = {sock.uid for sock in sockdiag.listeners(public_port)} - {direct.LISTENER_UID}
+        if others:  # SO_REUSEPORT shares a port between sockets of one user only
+            raise ForwarderError(
+                f"port {public_port} is held by another kind of forwarder (user {min(others)}): "
+                "the instances cannot listen there beside it. Changing to forwarder = "
+                "\"direct\" needs the port free: stop bluegreen and its forwarder units, then "
+                "start bluegreen again (a short outage)")
         address = listen_address(config.ports.public_address, ipv6_available(),
                                  served_addresses(public_port))
         await direct.prepare(self.systemd, port, address, public_port)

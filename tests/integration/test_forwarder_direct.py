@@ -6,11 +6,13 @@ instances (and systemd, which holds their listeners) has the public port."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
-from tests.integration.forwarder_suite import ForwarderSuite
-from tests.integration.helpers import App, public, wait_serving
+from tests.integration.forwarder_suite import ForwarderSuite, serve
+from tests.integration.helpers import App, Load, call, public, settings, wait_serving
+from tests.integration.test_instances import AFTER_KILL, CLIENTS, failed_when_killed
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -24,8 +26,35 @@ def holders(box: Sandbox, states: str) -> dict[int, str]:
             for pid in pids}
 
 
+def instances_taking(box: Sandbox) -> set[str]:
+    """The instances a few seconds of load on the public port reach."""
+    with Load(box, "--fast", "4", "--slow", "0") as load:
+        time.sleep(3.0)
+    return {key.partition("@")[2] for key in load.report["instances"]}
+
+
 class TestDirect(ForwarderSuite):
     FORWARDER = "direct"
+
+    def test_a_killed_instance_of_two_costs_only_the_requests_it_was_serving(
+            self, box: Sandbox, sample: App) -> None:
+        """One of two instances SIGKILLed under load: new connections go to the other one as
+        soon as systemd has seen the death (its ExecStopPost=), those already queued on the
+        dead one's listener wait there for the restarted gunicorn (systemd holds it)."""
+        serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4,
+                                    app={"instances": 2}), threads=False)
+        two = sorted(port for port, state, _release in call(box, "ListInstances") if state == "active")
+        assert len(two) == 2, two
+        assert instances_taking(box) == {str(port) for port in two}
+        report = failed_when_killed(box, two[1])
+        print(f"\nfailed requests when one of two direct instances is SIGKILLed under load "
+              f"({AFTER_KILL:g} s after the kill): {report['failed']} of {report['requests']} "
+              f"{report['failures_by_kind']}, longest gap between successes "
+              f"{report['longest_gap']:.2f} s")
+        assert report["failed"] <= CLIENTS, report["failures"]
+        deadline = time.monotonic() + 30  # back on the public port once healthy
+        while instances_taking(box) != {str(port) for port in two}:
+            assert time.monotonic() < deadline, "the restarted instance gets no connection"
 
     def test_nobody_but_the_instances_holds_the_public_port(self, box: Sandbox, serving: App) -> None:
         port = wait_serving(box)["ActivePort"]
