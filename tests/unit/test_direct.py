@@ -4,15 +4,23 @@ units' hooks). Real listeners in a real SO_REUSEPORT group, stand-ins for the in
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bluegreen.forwarders import direct, directhook, hook
-from tests.unit.test_reuseport import Forwarder, spread
+from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.forwarders import control, direct, directhook, hook
+from tests.unit.test_reuseport import Forwarder as StandIn
+from tests.unit.test_reuseport import spread
 
-Instance = Forwarder  # a process that holds a listener of the group and accepts nothing
+Instance = StandIn  # a process that holds a listener of the group and accepts nothing
 
 
 @pytest.fixture
@@ -95,3 +103,59 @@ def test_the_drain_waits_for_the_queue_of_an_instance_no_longer_admitted(
     spread(old.port, [old])  # queued on it, never accepted: the stand-in accepts nothing
     queued, _connected = directhook.drain(8001, old.port, timeout=0.2)
     assert queued > 0  # still queued at the timeout: a drain never says done too early
+
+
+class DropIns:
+    """The part of bluegreen.systemd.Systemd that prepare uses: drop-ins, by unit."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, str] = {}
+
+    async def set_dropin(self, unit: str, name: str, text: str) -> None:
+        self.written[unit] = text
+
+    def remove_dropin(self, unit: str, name: str) -> None:
+        self.written.pop(unit, None)
+
+
+def test_an_instance_listens_on_the_public_address_of_both_stacks(tmp_path: Path) -> None:
+    systemd = DropIns()
+    forwarders = control.Forwarders(systemd, tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+    config = replace(Config(), forwarder=Forwarder.DIRECT,
+                     ports=PortsConfig(public=free_port(), public_address="::"))
+    asyncio.run(forwarders.prepare_instance(8001, config))
+    socket_text = systemd.written["bluegreen-app-public@8001.socket"]
+    assert f"ListenStream=[::]:{config.ports.public}\nBindIPv6Only=both" in socket_text
+    service_text = systemd.written["bluegreen-app@8001.service"]
+    assert "Sockets=bluegreen-app-public@%i.socket" in service_text
+    assert f"directhook joined $MAINPID {config.ports.public} %i" in service_text
+    asyncio.run(forwarders.prepare_instance(8001, replace(config, forwarder=Forwarder.SOCAT)))
+    assert systemd.written == {}  # another forwarder: its own port alone
+
+
+def test_an_instance_does_not_start_beside_another_users_listener(tmp_path: Path) -> None:
+    """A forwarder of another kind listens as its own user: the kernel would refuse the
+    instance's listener, so the deploy is refused first, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to listen as another user")
+    port = free_port()
+    script = ("import os, socket, sys; os.setuid(65534); s = socket.socket(); "
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); "
+              f"s.bind(('127.0.0.1', {port})); s.listen(); print(1, flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "1"
+        forwarders = control.Forwarders(DropIns(), tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+        config = replace(Config(), forwarder=Forwarder.DIRECT, ports=PortsConfig(public=port))
+        with pytest.raises(control.ForwarderError, match="another kind of forwarder"):
+            asyncio.run(forwarders.prepare_instance(8001, config))
+    finally:
+        other.kill()
+        other.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
