@@ -208,6 +208,9 @@ class Deployer:
                 await instances.start(self.systemd, port,
                                       public=config.forwarder == Forwarder.DIRECT)
                 return port
+            except ForwarderError:  # the public port cannot be shared: no other port helps
+                await self.stop_instances([port])
+                raise
             except (SystemdError, OSError):
                 await self.stop_instances([port])
                 taken = bool(sockdiag.listeners(port))  # by someone else: ours is closed now

@@ -382,6 +382,13 @@ class Forwarders:
                 _link(self.run_dir, port, self.app)  # the drain unit reads the app's settings
             direct.admit(self.run_dir, config.ports.public, add=ports)
             await direct.steer(self.systemd, config.ports.public)
+            taking = direct.targets(self.run_dir, config.ports.public)
+            unknown = [port for port in ports if not taking.get(port)]
+            if unknown:  # its start hook did not record it: the program cannot name it
+                raise ForwarderError(
+                    f"the listener of the instance on port {unknown[0]} on port "
+                    f"{config.ports.public} is not in the port's steering record (see the "
+                    f"journal of {instances.unit(unknown[0])})")
             return
         for port in ports:
             await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,

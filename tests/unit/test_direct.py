@@ -159,3 +159,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_switch_to_an_instance_the_record_does_not_have_fails(tmp_path: Path) -> None:
+    """Its start hook did not record its listener: the program cannot send it anything, so
+    the switch fails (and the deploy switches back) rather than report a switch that was not."""
+    started: list[str] = []
+
+    class Units(DropIns):
+        async def start_unit(self, unit: str, **_: object) -> None:
+            started.append(unit)
+
+    forwarders = control.Forwarders(Units(), tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+    config = replace(Config(), forwarder=Forwarder.DIRECT)
+    with pytest.raises(control.ForwarderError, match=r"port 8002 .* not in the port's steering record"):
+        asyncio.run(forwarders.switch_to([8002], config))
+    assert started == [f"bluegreen-direct-steer@{config.ports.public}.service"]
