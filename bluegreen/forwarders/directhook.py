@@ -134,8 +134,15 @@ def held_connections(target: int, port: int) -> tuple[int, list[sockdiag.TcpSock
 
 def drain(target: int, port: int, timeout: float) -> tuple[int, int]:
     """Wait for instance ``target`` to have nothing of the public ``port``; at ``timeout``, cut
-    the connections it holds. Returns what was queued and cut then."""
-    deadline = time.monotonic() + timeout
+    the connections it holds. Returns what was queued and cut then.
+
+    The timeout runs from the drain's start, when the controller raised the instance's drain
+    flag (a busy host takes a second or more to start this hook after it), else from now."""
+    try:
+        began = min(os.stat(hook.drain_flag(target)).st_mtime, time.time())
+    except FileNotFoundError:
+        began = time.time()
+    deadline = time.monotonic() + max(0.0, began + timeout - time.time())
     while True:
         queued, connected = held_connections(target, port)
         if not queued and not connected:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -175,3 +176,17 @@ def test_a_switch_to_an_instance_the_record_does_not_have_fails(tmp_path: Path) 
     with pytest.raises(control.ForwarderError, match=r"port 8002 .* not in the port's steering record"):
         asyncio.run(forwarders.switch_to([8002], config))
     assert started == [f"bluegreen-direct-steer@{config.ports.public}.service"]
+
+
+def test_the_drain_timeout_runs_from_the_drain_flag(run_dir: Path,
+                                                    instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    spread(old.port, [old])  # queued for good: the stand-in accepts nothing
+    flag = hook.drain_flag(8001)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+    os.utime(flag, (time.time() - 5, time.time() - 5))  # raised 5 s ago
+    started = time.monotonic()
+    directhook.drain(8001, old.port, timeout=6)
+    assert time.monotonic() - started < 3
