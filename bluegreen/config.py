@@ -53,6 +53,7 @@ class Forwarder(StrEnum):
     SOCAT = "socat"
     PROXY = "proxy"
     HAPROXY = "haproxy"
+    DIRECT = "direct"
 
 
 @dataclass(frozen=True)
@@ -570,7 +571,9 @@ KEYS: tuple[Key, ...] = (
         "What carries the public port to the instance: \"socat\" (a process per connection), "
         "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections) or "
         "\"haproxy\" (Debian's haproxy, HTTP-aware: keep-alive clients move at their next "
-        "request, X-Forwarded-For, slow clients held off the app)."),
+        "request, X-Forwarded-For, slow clients held off the app) or \"direct\" (no process "
+        "between client and app: each instance listens on the public port itself, and the "
+        "kernel is told which one gets new connections)."),
     Key(None, "drain_timeout", _number(0, 600),
         "Seconds the old release gets to finish its in-flight requests after the switch."),
     Key(None, "post_switch_watch", _number(0, 3600),
@@ -682,8 +685,9 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     )
     if config.ports.public in config.ports.range:
         raise error("ports", "public", f"{config.ports.public} lies inside ports.range {config.ports.range}")
-    if config.app.instances > 1 and config.forwarder != Forwarder.SOCAT:
-        raise error("app", "instances", "more than one instance needs forwarder = \"socat\"")
+    if config.app.instances > 1 and config.forwarder not in (Forwarder.SOCAT, Forwarder.DIRECT):
+        raise error("app", "instances", "more than one instance needs forwarder = \"socat\" "
+                    "or \"direct\"")
     if config.app.domains and config.forwarder == Forwarder.HAPROXY:
         raise error("app", "domains", "the front needs forwarder = \"socat\" or \"proxy\" "
                     "(haproxy replaces the X-Forwarded-* headers the front sets)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bluegreen import drainflag, health, instances, ports, sockdiag, switchback, workers
-from bluegreen.config import Config
+from bluegreen.config import Config, Forwarder
 from bluegreen.forwarders import control
 from bluegreen.forwarders.control import ForwarderError
 from bluegreen.history import State, Step, Trigger
@@ -204,8 +204,13 @@ class Deployer:
                 await appenv.give_secrets(self.systemd, instances.unit(port), config.app_name)
                 await self.systemd.set_properties(instances.unit(port),
                                                   transient.network_properties(config.app.network))
-                await instances.start(self.systemd, port)
+                await self.forwarders.prepare_instance(port, config)
+                await instances.start(self.systemd, port,
+                                      public=config.forwarder == Forwarder.DIRECT)
                 return port
+            except ForwarderError:  # the public port cannot be shared: no other port helps
+                await self.stop_instances([port])
+                raise
             except (SystemdError, OSError):
                 await self.stop_instances([port])
                 taken = bool(sockdiag.listeners(port))  # by someone else: ours is closed now

@@ -17,6 +17,7 @@ from pathlib import Path
 from bluegreen import drainflag, sockdiag
 from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
+from bluegreen.forwarders import direct
 from bluegreen.release import appenv
 from bluegreen.systemd import Systemd
 
@@ -121,13 +122,14 @@ def remove_env(run_dir: Path, port: int) -> None:
     drainflag.clear(run_dir, port)
 
 
-async def start(systemd: Systemd, port: int) -> None:
-    """Bind the port (the socket unit: it fails if another program holds the port), then
-    start gunicorn on it."""
-    await systemd.reset_failed(socket_unit(port))
-    await systemd.reset_failed(unit(port))
-    await systemd.start_unit(socket_unit(port))
-    await systemd.start_unit(unit(port))
+async def start(systemd: Systemd, port: int, public: bool = False) -> None:
+    """Bind the port (the socket unit: it fails if another program holds the port), and the
+    public port too if ``public`` (forwarder = "direct"), then start gunicorn on them."""
+    sockets = [socket_unit(port), *([direct.socket_unit(port)] if public else [])]
+    for name in (*sockets, unit(port)):
+        await systemd.reset_failed(name)
+    for name in (*sockets, unit(port)):
+        await systemd.start_unit(name)
 
 
 async def stop(systemd: Systemd, port: int) -> None:
@@ -140,10 +142,13 @@ async def stop(systemd: Systemd, port: int) -> None:
     the socket closes.
     """
     await systemd.stop_unit(socket_unit(port))
+    await systemd.stop_unit(direct.socket_unit(port))
     await systemd.stop_unit(unit(port))
     await systemd.reset_failed(unit(port))
     await systemd.reset_failed(socket_unit(port))
+    await systemd.reset_failed(direct.socket_unit(port))
     appenv.take_secrets(systemd, unit(port))
+    direct.forget(systemd, port)
 
 
 async def failure(systemd: Systemd, port: int) -> str | None:

@@ -1,7 +1,8 @@
 """The forwarder carries the public port to instance PORT: bluegreen-forward@PORT.service
 (socat, the default), bluegreen-proxy@PORT.service (the built-in one, see forwarders/proxy.py), or one
-bluegreen-haproxy.service for every port (see forwarders/haproxy.py). This module runs in the
-controller.
+bluegreen-haproxy.service for every port (see forwarders/haproxy.py), or none at all: the
+instances listen on the public port themselves (forwarder = "direct", see
+forwarders/direct.py). This module runs in the controller.
 
 Retargeting never closes the public port. The TCP forwarders: the new one starts listening
 beside the old one (SO_REUSEPORT), then the old one is stopped with a drain (see
@@ -32,7 +33,7 @@ from pathlib import Path
 from bluegreen import instances, sockdiag
 from bluegreen.config import DEFAULT_APP, Config, Forwarder
 from bluegreen.files import atomic_write, environment_file, read_environment_file
-from bluegreen.forwarders import haproxy
+from bluegreen.forwarders import direct, haproxy
 from bluegreen.systemd import Systemd, SystemdError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class ForwarderError(Exception):
 
 
 def unit(port: int, kind: Forwarder = Forwarder.SOCAT) -> str:
+    if kind == Forwarder.DIRECT:
+        return direct.socket_unit(port)
     return haproxy.UNIT if kind == Forwarder.HAPROXY else _TEMPLATE[kind].format(port)
 
 
@@ -234,6 +237,10 @@ async def targets(systemd: Systemd, run_dir: Path, app: str = DEFAULT_APP) -> di
     """The instance ports the app's forwarders reach now, each with whether new connections
     get there (not so for a server haproxy drains)."""
     found = {port: True for port in await _running_ports(systemd) if app_of(run_dir, port) == app}
+    public_port = written_public_port(run_dir, app)
+    if public_port is not None:
+        for port, taking in direct.targets(run_dir, public_port).items():
+            found[port] = found.get(port, False) or taking
     if app == DEFAULT_APP and (await systemd.status(haproxy.UNIT)).is_running:
         try:
             servers = await haproxy.RuntimeApi(run_dir).servers()
@@ -349,8 +356,40 @@ class Forwarders:
                                  config.drain_timeout)
         return address
 
+    async def prepare_instance(self, port: int, config: Config) -> None:
+        """Before the instance on ``port`` starts: with forwarder = "direct" it listens on the
+        public port too (not admitted), with the others on its own port alone."""
+        if config.forwarder != Forwarder.DIRECT:
+            direct.forget(self.systemd, port)
+            return
+        public_port = config.ports.public
+        others = {sock.uid for sock in sockdiag.listeners(public_port)} - {direct.LISTENER_UID}
+        if others:  # SO_REUSEPORT shares a port between sockets of one user only
+            raise ForwarderError(
+                f"port {public_port} is held by another kind of forwarder (user {min(others)}): "
+                "the instances cannot listen there beside it. Changing to forwarder = "
+                "\"direct\" needs the port free: stop bluegreen and its forwarder units, then "
+                "start bluegreen again (a short outage)")
+        address = listen_address(config.ports.public_address, ipv6_available(),
+                                 served_addresses(public_port))
+        await direct.prepare(self.systemd, port, address, public_port)
+
     async def switch_to(self, ports: Iterable[int], config: Config) -> None:
         """Make the public port reach each of ``ports`` too; return once it does (see start)."""
+        if config.forwarder == Forwarder.DIRECT:
+            ports = list(ports)
+            for port in ports:
+                _link(self.run_dir, port, self.app)  # the drain unit reads the app's settings
+            direct.admit(self.run_dir, config.ports.public, add=ports)
+            await direct.steer(self.systemd, config.ports.public)
+            taking = direct.targets(self.run_dir, config.ports.public)
+            unknown = [port for port in ports if not taking.get(port)]
+            if unknown:  # its start hook did not record it: the program cannot name it
+                raise ForwarderError(
+                    f"the listener of the instance on port {unknown[0]} on port "
+                    f"{config.ports.public} is not in the port's steering record (see the "
+                    f"journal of {instances.unit(unknown[0])})")
+            return
         for port in ports:
             await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,
                         app=self.app)
@@ -358,11 +397,18 @@ class Forwarders:
     async def drain(self, port: int, config: Config) -> None:
         """Stop forwarding to ``port`` once the requests it carries are done, or at
         drain_timeout (see drain_stop)."""
+        if config.forwarder == Forwarder.DIRECT:
+            direct.admit(self.run_dir, config.ports.public, remove=[port])
+            await direct.steer(self.systemd, config.ports.public)
+            await direct.drain(self.systemd, port, config.drain_timeout)
         await drain_stop(self.systemd, self.run_dir, port, config.drain_timeout)
 
     async def switch_back(self, new_ports: Sequence[int], served: Sequence[int],
                           config: Config) -> None:
         """A switch to ``new_ports`` failed part way: forward to the ``served`` ports alone
         again (see undo_switch)."""
+        if config.forwarder == Forwarder.DIRECT:
+            direct.admit(self.run_dir, config.ports.public, only=served)
+            await direct.steer(self.systemd, config.ports.public)
         await undo_switch(self.systemd, self.run_dir, config.forwarder, new_ports, served,
                           config.drain_timeout)

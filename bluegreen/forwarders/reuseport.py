@@ -22,9 +22,16 @@ receive (equal weights: hash across them; unequal: a share each, as a canary nee
 program. After every change of membership, and when a listener starts closing, it is computed
 again and attached.
 
+A TCP forwarder joins the group once its instance is healthy, and receives at once. The
+instances' own listeners (forwarder = "direct", forwarders/direct.py) join when their instance
+starts, before it is proven healthy: their group ``admits`` only the instances the switch
+named, and its program then names their slots even when they are all the group has, so that
+a listener that joins later (the last slot) gets nothing until a switch admits it.
+
 Runs in the forwarder units, in their hooks (forwarders/hook.py: ``ExecStartPost=``,
-``ExecStop=``), never in the controller; kept free of heavy imports, as the hooks run at every
-start and stop.
+``ExecStop=``; forwarders/direct.py), never attaching a program from the controller, which
+only writes what the direct group admits; kept free of heavy imports, as the hooks run at
+every start and stop.
 """
 
 from __future__ import annotations
@@ -53,12 +60,13 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
-def program(slots: Sequence[int], weights: Mapping[int, int]) -> bytes:
+def program(slots: Sequence[int], weights: Mapping[int, int], *, closed: bool = False) -> bytes:
     """The cBPF program that gives new connections to the listeners of ``slots`` (slot order)
     with a positive weight, each in proportion to it.
 
     No such listener: the kernel's hash over the whole group (as with no program). All of them,
-    equal weights: the same. One: every connection to its slot. Several: the packet's flow hash
+    equal weights: the same, unless the group is ``closed`` to listeners that join after it
+    (they would share the kernel's hash). One: every connection to its slot. Several: the packet's flow hash
     (skb->hash; a connection's SYNs share it) modulo the total weight picks one: with a weight
     in percent, a listener takes that share. A packet without a hash (0: a NIC that computes
     none, no RPS) goes to the first of them, still one that should receive.
@@ -67,7 +75,8 @@ def program(slots: Sequence[int], weights: Mapping[int, int]) -> bytes:
                  if weights.get(member, 0) > 0]
     if len(receiving) > MAX_RECEIVERS:
         raise ValueError(f"{len(receiving)} listeners are more than one program can pick from")
-    if not receiving or (len(receiving) == len(slots) and len({w for _, w in receiving}) == 1):
+    everybody = len(receiving) == len(slots) and len({w for _, w in receiving}) == 1
+    if not receiving or (everybody and not closed):
         return _insn(_RET_K, _BY_KERNEL_HASH)
     if len(receiving) == 1:
         return _insn(_RET_K, receiving[0][0])
@@ -91,13 +100,15 @@ class Group:
 
     ``targets``: the instance port each forwarder carries to (known from its start hook);
     ``owners``: the process that holds each listener; ``closing``: listeners on their way out.
-    ``exact`` is False once the slots can no longer be known (see reconcile)."""
+    ``exact`` is False once the slots can no longer be known (see reconcile). ``admitted``:
+    the instances whose listeners may receive (the direct group's), None for every one."""
 
     slots: list[int] = field(default_factory=list)
     targets: dict[int, int] = field(default_factory=dict)
     owners: dict[int, int] = field(default_factory=dict)
     closing: set[int] = field(default_factory=set)
     exact: bool = True
+    admitted: set[int] | None = None
 
     def join(self, inode: int) -> None:
         if inode not in self.slots:
@@ -126,7 +137,7 @@ class Group:
         if not present:
             self.slots, self.targets, self.owners = [], {}, {}
             self.closing, self.exact = set(), True
-            return
+            return  # what it admits stays: the instances the switch named still serve
         gone = [inode for inode in self.slots if inode not in present]
         new = [inode for inode in present if inode not in self.slots]
         if len(gone) > 1 or len(new) > 1:
@@ -138,20 +149,25 @@ class Group:
 
     def weights(self, retired: Collection[int] = ()) -> dict[int, int]:
         """Who should receive: not a closing listener, nor one to a ``retired`` instance (one
-        whose release is draining); if that leaves nobody, any listener not closing."""
+        whose release is draining), nor one the group does not admit; if that leaves nobody,
+        any listener not closing (not so in a group that admits: nobody)."""
         open_ = [inode for inode in self.slots if inode not in self.closing]
+        if self.admitted is not None:
+            return dict.fromkeys((inode for inode in open_
+                                  if self.targets.get(inode) in self.admitted), 1)
         wanted = [inode for inode in open_ if self.targets.get(inode) not in retired]
         return dict.fromkeys(wanted or open_, 1)
 
     def program(self, retired: Collection[int] = ()) -> bytes:
         if not self.exact:
             return _insn(_RET_K, _BY_KERNEL_HASH)
-        return program(self.slots, self.weights(retired))
+        return program(self.slots, self.weights(retired), closed=self.admitted is not None)
 
     def to_json(self) -> dict[str, object]:
         return {"slots": self.slots, "targets": {str(k): v for k, v in self.targets.items()},
                 "owners": {str(k): v for k, v in self.owners.items()},
-                "closing": sorted(self.closing), "exact": self.exact}
+                "closing": sorted(self.closing), "exact": self.exact,
+                **({} if self.admitted is None else {"admitted": sorted(self.admitted)})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Group:
@@ -162,9 +178,12 @@ class Group:
 
         slots = data.get("slots") or []
         closing = data.get("closing") or []
+        admitted = data.get("admitted")
         assert isinstance(slots, list) and isinstance(closing, list)
+        assert admitted is None or isinstance(admitted, list)
         return cls([int(i) for i in slots], table("targets"), table("owners"),
-                   {int(i) for i in closing}, bool(data.get("exact", True)))
+                   {int(i) for i in closing}, bool(data.get("exact", True)),
+                   None if admitted is None else {int(i) for i in admitted})
 
 
 class Records:

@@ -154,6 +154,8 @@ def forwarder_unit(box: Sandbox, port: int) -> str:
     text = box.path("/etc/bluegreen/bluegreen.toml").read_text()
     if 'forwarder = "haproxy"' in text:
         return "bluegreen-haproxy.service"
+    if 'forwarder = "direct"' in text:  # no forwarder: the instance's listener on the public port
+        return f"bluegreen-app-public@{port}.socket"
     kind = "proxy" if 'forwarder = "proxy"' in text else "forward"
     return f"bluegreen-{kind}@{port}.service"
 

@@ -136,10 +136,11 @@ def test_upgrade_under_load_keeps_the_serving_instance(box: Sandbox, app: App, n
 
 FORWARDER_UNIT = {"socat": "bluegreen-forward@{port}.service",
                   "proxy": "bluegreen-proxy@{port}.service",
-                  "haproxy": "bluegreen-haproxy.service"}
+                  "haproxy": "bluegreen-haproxy.service",
+                  "direct": "bluegreen-app-public@{port}.socket"}
 
 
-@pytest.mark.parametrize("forwarder", ["socat", "proxy", "haproxy"])
+@pytest.mark.parametrize("forwarder", ["socat", "proxy", "haproxy", "direct"])
 def test_remove_stops_everything_and_purge_leaves_nothing(box: Sandbox, app: App, deb: Path,
                                                           forwarder: str) -> None:
     if forwarder != "socat":  # installed again after the previous run's purge, with a worker

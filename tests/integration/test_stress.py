@@ -30,7 +30,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import clone_instance, serving_app, settings, wait_serving
+from tests.integration.helpers import (
+    call,
+    clone_instance,
+    configure,
+    serving_app,
+    settings,
+    wait_serving,
+)
 from tests.sandbox import ROOT, Sandbox
 
 pytestmark = pytest.mark.integration
@@ -61,7 +68,7 @@ SWITCHER = """\
 import asyncio, json, subprocess, sys, time
 from pathlib import Path
 from bluegreen import sockdiag
-from bluegreen.forwarders import haproxy
+from bluegreen.forwarders import direct, haproxy
 
 kind = sys.argv[1]
 # A set of ports on each side, comma-separated: one forwarder per instance (app.instances).
@@ -82,6 +89,16 @@ for number in range(count):
         asyncio.run(haproxy.retire(api, old[0], time.monotonic() + 30))
         stopped = time.time()
         show = {"servers": sorted(asyncio.run(api.servers()))}
+    elif kind == "direct":  # what Forwarders.switch_to and drain do: admit, steer, drain
+        direct.admit(Path("/run/bluegreen"), public, only=new)
+        systemctl("start", direct.steer_unit(public))
+        listening = time.time()
+        for port in old:
+            systemctl("start", direct.drain_unit(port))
+        stopped = time.time()
+        show = {"stops": [dict(line.split("=", 1) for line in systemctl(
+            "show", "-p", "ActiveState,Result,ExecMainStatus,NRestarts", direct.drain_unit(port)).split())
+            for port in old]}
     else:  # what a deploy does: every new forwarder listens, then the old ones drain in turn
         for port in new:
             before = {s.inode for s in sockdiag.listeners(public)}
@@ -192,11 +209,18 @@ def switch(box: Sandbox, kind: str, old: list[int], new: list[int], count: int) 
 def unit(kind: str, port: int) -> str:
     if kind == "haproxy":
         return "bluegreen-haproxy.service"
+    if kind == "direct":  # no forwarder: the drain of the instance's connections
+        return f"bluegreen-direct-drain@{port}.service"
     return f"bluegreen-{'forward' if kind == 'socat' else 'proxy'}@{port}.service"
 
 
 def serve_with(box: Sandbox, kind: str, ports: list[int]) -> None:
     """Make ``kind`` forwarders to ``ports`` the only ones on the public port."""
+    if kind == "direct":  # the instances on ``ports`` alone admitted
+        box.run("/usr/bin/python3", "-c", "from pathlib import Path; from bluegreen.forwarders "
+                f"import direct; direct.admit(Path('/run/bluegreen'), {PUBLIC_PORT}, only={ports})")
+        box.run("systemctl", "start", f"bluegreen-direct-steer@{PUBLIC_PORT}.service")
+        return
     wanted = [unit(kind, port) for port in ports]
     if kind == "haproxy":  # its listener settings were written by the controller
         box.run("/usr/bin/python3", "-c", "from pathlib import Path; from bluegreen import haproxy; "
@@ -270,6 +294,35 @@ def test_switches_of_two_instances_each_lose_nothing(box: Sandbox, instances: tu
     more_instances(box, blue[0], green)
     report = stress(box, "socat", (blue, green), SWITCHES, wrk_script)
     lost_nothing(box, "socat", report, "socat, two instances")
+
+
+def direct_instances(box: Sandbox) -> list[int]:
+    """Two instances of the sample app with forwarder = "direct" (the controller's deploy of
+    app.instances = 2, on a public port the other forwarders have left); no controller."""
+    box.run("systemctl", "stop", "bluegreen.service", "bluegreen-forward@*.service",
+            "bluegreen-proxy@*.service", "bluegreen-haproxy.service")
+    extra = settings(0, forwarder="direct", workers=3, app={"instances": 2})
+    if box.exists("/srv/app.git"):
+        configure(box, extra)
+        box.run("systemctl", "start", "bluegreen.service")
+    else:
+        serving_app(box, extra)
+    release = wait_serving(box)["ActiveRelease"]
+    ports = sorted(port for port, state, serving in call(box, "ListInstances")
+                   if state == "active" and serving == release)
+    box.run("systemctl", "stop", "bluegreen.service")
+    assert len(ports) == 2, ports
+    return ports
+
+
+@pytest.mark.stress
+def test_switches_of_direct_instances_lose_nothing(box: Sandbox, wrk_script: Path) -> None:
+    """forwarder = "direct": no forwarder, each switch the steering program of the public port's
+    group (the instances' own listeners) sent to the other instance, then the old one drained
+    of its connections, as a deploy does; its listener stays, steered around."""
+    first, second = direct_instances(box)
+    report = stress(box, "direct", ([first], [second]), SWITCHES, wrk_script)
+    lost_nothing(box, "direct", report, "direct")
 
 
 def lost_nothing(box: Sandbox, kind: str, report: dict[str, Any], label: str) -> None:

@@ -229,3 +229,40 @@ def test_records_round_trip_under_a_lock(tmp_path: Path) -> None:
     (tmp_path / "5000.json").write_text("{not json")
     with records.port(5000) as groups:
         assert groups == {}
+
+
+def test_a_group_that_admits_names_its_receivers_even_when_they_are_all_it_has() -> None:
+    group = Group([1, 2], targets={1: 8001, 2: 8002}, admitted={8001, 8002})
+    assert group.weights() == {1: 1, 2: 1}
+    code = group.program()
+    assert code != reuseport.program([], {})  # not the kernel's hash: a newcomer would share it
+    assert reuseport.instructions(code) == 5
+    group.admitted = {8002}
+    assert group.program() == bytes.fromhex("0600000001000000")  # ret #1
+    group.admitted = set()
+    assert group.weights() == {}
+
+
+def test_listeners_that_join_a_group_that_admits_get_nothing_until_admitted(
+        forwarders: Callable[[int], Forwarder]) -> None:
+    old_a, old_b = forwarders(8001), forwarders(8002)
+    with hook.records().port(old_a.port) as groups:
+        (group,) = groups.values()
+        group.admitted = {8001, 8002}
+        hook.steer(group)
+    newcomer = forwarders(8003)  # joins, as an instance's listener does before its health check
+    got = spread(old_a.port, [old_a, old_b, newcomer])
+    assert got[2] == 0 and got[0] > 0 and got[1] > 0, got
+    with hook.records().port(old_a.port) as groups:
+        (group,) = groups.values()
+        group.admitted = {8003}
+        hook.steer(group)
+    assert spread(old_a.port, [old_a, old_b, newcomer]) == [0, 0, 60]
+
+
+def test_records_keep_what_a_group_admits(tmp_path: Path) -> None:
+    records = reuseport.Records(tmp_path)
+    with records.port(5000) as groups:
+        groups["::"] = Group([1], targets={1: 8001}, admitted={8001})
+    with records.port(5000) as groups:
+        assert groups["::"].admitted == {8001}

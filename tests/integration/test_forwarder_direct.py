@@ -1,0 +1,81 @@
+"""The zero-downtime and keep-alive tests (forwarder_suite.py) with forwarder = "direct": no
+forwarder at all, each instance listens on the public port, and the SO_REUSEPORT group's
+steering program is the switch. And the property that makes it "direct": nobody but the
+instances (and systemd, which holds their listeners) has the public port."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.integration.forwarder_suite import ForwarderSuite, serve
+from tests.integration.helpers import App, Load, call, public, settings, wait_serving
+from tests.integration.test_instances import AFTER_KILL, CLIENTS, failed_when_killed
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+
+def holders(box: Sandbox, states: str) -> dict[int, str]:
+    """The processes holding sockets of port 5000 in ``states`` (ss), each with its cgroup."""
+    out = box.run("ss", "-Htnp", "state", states, "sport = :5000").stdout
+    pids = {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+    return {pid: box.run("cat", f"/proc/{pid}/cgroup").stdout.strip().rsplit("/", 1)[-1]
+            for pid in pids}
+
+
+def instances_taking(box: Sandbox) -> set[str]:
+    """The instances a few seconds of load on the public port reach."""
+    with Load(box, "--fast", "4", "--slow", "0") as load:
+        time.sleep(3.0)
+    return {key.partition("@")[2] for key in load.report["instances"]}
+
+
+class TestDirect(ForwarderSuite):
+    FORWARDER = "direct"
+
+    def test_a_killed_instance_of_two_costs_only_the_requests_it_was_serving(
+            self, box: Sandbox, sample: App) -> None:
+        """One of two instances SIGKILLed under load: new connections go to the other one as
+        soon as systemd has seen the death (its ExecStopPost=), those already queued on the
+        dead one's listener wait there for the restarted gunicorn (systemd holds it)."""
+        serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4,
+                                    app={"instances": 2}), threads=False)
+        two = sorted(port for port, state, _release in call(box, "ListInstances") if state == "active")
+        assert len(two) == 2, two
+        assert instances_taking(box) == {str(port) for port in two}
+        report = failed_when_killed(box, two[1])
+        print(f"\nfailed requests when one of two direct instances is SIGKILLed under load "
+              f"({AFTER_KILL:g} s after the kill): {report['failed']} of {report['requests']} "
+              f"{report['failures_by_kind']}, longest gap between successes "
+              f"{report['longest_gap']:.2f} s")
+        assert report["failed"] <= CLIENTS, report["failures"]
+        deadline = time.monotonic() + 30  # back on the public port once healthy
+        while instances_taking(box) != {str(port) for port in two}:
+            assert time.monotonic() < deadline, "the restarted instance gets no connection"
+
+    def test_nobody_but_the_instances_holds_the_public_port(self, box: Sandbox, serving: App) -> None:
+        port = wait_serving(box)["ActivePort"]
+        assert public(box)["version"] == str(serving.version)
+        instance = f"bluegreen-app@{port}.service"
+        listening = holders(box, "listening")
+        print(f"\nlisteners of port 5000 held by {listening}")
+        assert 1 in listening  # systemd: the instance's socket unit keeps it across restarts
+        assert instance in listening.values()
+        assert all(pid == 1 or cgroup == instance for pid, cgroup in listening.items()), listening
+        # A connection to the public port ends in the instance itself (the client runs in the
+        # container's network only: its side of the connection has no process in there).
+        script = ("import socket, time\n"
+                  "s = socket.create_connection(('127.0.0.1', 5000))\n"
+                  "s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); s.recv(65536)\n"
+                  "print('open', flush=True); time.sleep(3)\n")
+        client = box.popen_net(["/usr/bin/python3", "-c", script])
+        try:
+            assert client.stdout is not None and client.stdout.readline().strip() == "open"
+            connected = holders(box, "established")
+            print(f"connections to port 5000 held by {connected}")
+            assert connected and all(cgroup == instance for cgroup in connected.values()), connected
+        finally:
+            client.wait(timeout=10)

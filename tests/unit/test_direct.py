@@ -1,0 +1,192 @@
+"""forwarder = "direct": the instances' own listeners on the public port, steered by the
+group's program (forwarders/direct.py, the controller's side; forwarders/directhook.py, the
+units' hooks). Real listeners in a real SO_REUSEPORT group, stand-ins for the instances."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.forwarders import control, direct, directhook, hook
+from tests.unit.test_reuseport import Forwarder as StandIn
+from tests.unit.test_reuseport import spread
+
+Instance = StandIn  # a process that holds a listener of the group and accepts nothing
+
+
+@pytest.fixture
+def instances(run_dir: Path) -> Iterator[Callable[[int], Instance]]:
+    """Start instances in turn on one public port; each is recorded by its ExecStartPost hook."""
+    started: list[Instance] = []
+
+    def start(target: int) -> Instance:
+        instance = Instance(started[0].port if started else 0)
+        started.append(instance)
+        assert "socket" in directhook.joined(instance.pid, instance.port, target)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(hook, "RUN_DIR", tmp_path, raising=False)
+    return tmp_path
+
+
+def switch(run_dir: Path, port: int, **change: list[int]) -> None:
+    """What the controller does: write what the group admits, then start the steering unit."""
+    direct.admit(run_dir, port, **change)
+    directhook.steer(port)
+
+
+def test_an_instance_gets_nothing_until_the_switch_admits_it(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    new = instances(8002)  # started, not yet proven healthy
+    assert spread(old.port, [old, new]) == [60, 0]
+    assert direct.targets(run_dir, old.port) == {8001: True, 8002: False}
+    switch(run_dir, old.port, add=[8002], remove=[8001])
+    assert spread(old.port, [old, new]) == [0, 60]
+    switch(run_dir, old.port, only=[8001])  # a switch back
+    assert spread(old.port, [old, new]) == [60, 0]
+
+
+def test_two_instances_share_and_a_third_waits_for_its_switch(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c, d = instances(8003), instances(8004)
+    got = spread(a.port, [a, b, c, d])
+    assert got[2:] == [0, 0] and min(got[:2]) > 0, got
+    switch(run_dir, a.port, only=[8003, 8004])
+    got = spread(a.port, [a, b, c, d])
+    assert got[:2] == [0, 0] and min(got[2:]) > 0, got
+    a.stop()  # the old instances stop: the last listener fills each hole, the program follows
+    directhook.left(a.port, 8001)
+    b.stop()
+    directhook.left(a.port, 8002)
+    got = spread(c.port, [c, d])
+    assert sum(got) == 60 and min(got) > 0, got
+
+
+def test_a_dead_instance_is_steered_around_until_it_is_back(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    # b's gunicorn died; systemd still holds its listener (the socket unit) and says so
+    # (ExecStopPost=): its share goes to a until the restarted gunicorn has joined again.
+    directhook.left(a.port, 8002)
+    assert direct.targets(run_dir, a.port) == {8001: True, 8002: False}
+    assert spread(a.port, [a, b]) == [60, 0]
+    directhook.joined(b.pid, b.port, 8002)
+    got = spread(a.port, [a, b])
+    assert min(got) > 0, got
+
+
+def test_the_drain_waits_for_the_queue_of_an_instance_no_longer_admitted(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    spread(old.port, [old])  # queued on it, never accepted: the stand-in accepts nothing
+    queued, _connected = directhook.drain(8001, old.port, timeout=0.2)
+    assert queued > 0  # still queued at the timeout: a drain never says done too early
+
+
+class DropIns:
+    """The part of bluegreen.systemd.Systemd that prepare uses: drop-ins, by unit."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, str] = {}
+
+    async def set_dropin(self, unit: str, name: str, text: str) -> None:
+        self.written[unit] = text
+
+    def remove_dropin(self, unit: str, name: str) -> None:
+        self.written.pop(unit, None)
+
+
+def test_an_instance_listens_on_the_public_address_of_both_stacks(tmp_path: Path) -> None:
+    systemd = DropIns()
+    forwarders = control.Forwarders(systemd, tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+    config = replace(Config(), forwarder=Forwarder.DIRECT,
+                     ports=PortsConfig(public=free_port(), public_address="::"))
+    asyncio.run(forwarders.prepare_instance(8001, config))
+    socket_text = systemd.written["bluegreen-app-public@8001.socket"]
+    assert f"ListenStream=[::]:{config.ports.public}\nBindIPv6Only=both" in socket_text
+    service_text = systemd.written["bluegreen-app@8001.service"]
+    assert "Sockets=bluegreen-app-public@%i.socket" in service_text
+    assert f"directhook joined $MAINPID {config.ports.public} %i" in service_text
+    asyncio.run(forwarders.prepare_instance(8001, replace(config, forwarder=Forwarder.SOCAT)))
+    assert systemd.written == {}  # another forwarder: its own port alone
+
+
+def test_an_instance_does_not_start_beside_another_users_listener(tmp_path: Path) -> None:
+    """A forwarder of another kind listens as its own user: the kernel would refuse the
+    instance's listener, so the deploy is refused first, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to listen as another user")
+    port = free_port()
+    script = ("import os, socket, sys; os.setuid(65534); s = socket.socket(); "
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); "
+              f"s.bind(('127.0.0.1', {port})); s.listen(); print(1, flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "1"
+        forwarders = control.Forwarders(DropIns(), tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+        config = replace(Config(), forwarder=Forwarder.DIRECT, ports=PortsConfig(public=port))
+        with pytest.raises(control.ForwarderError, match="another kind of forwarder"):
+            asyncio.run(forwarders.prepare_instance(8001, config))
+    finally:
+        other.kill()
+        other.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_switch_to_an_instance_the_record_does_not_have_fails(tmp_path: Path) -> None:
+    """Its start hook did not record its listener: the program cannot send it anything, so
+    the switch fails (and the deploy switches back) rather than report a switch that was not."""
+    started: list[str] = []
+
+    class Units(DropIns):
+        async def start_unit(self, unit: str, **_: object) -> None:
+            started.append(unit)
+
+    forwarders = control.Forwarders(Units(), tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+    config = replace(Config(), forwarder=Forwarder.DIRECT)
+    with pytest.raises(control.ForwarderError, match=r"port 8002 .* not in the port's steering record"):
+        asyncio.run(forwarders.switch_to([8002], config))
+    assert started == [f"bluegreen-direct-steer@{config.ports.public}.service"]
+
+
+def test_the_drain_timeout_runs_from_the_drain_flag(run_dir: Path,
+                                                    instances: Callable[[int], Instance]) -> None:
+    old = instances(8001)
+    switch(run_dir, old.port, add=[8001])
+    spread(old.port, [old])  # queued for good: the stand-in accepts nothing
+    flag = hook.drain_flag(8001)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+    os.utime(flag, (time.time() - 5, time.time() - 5))  # raised 5 s ago
+    started = time.monotonic()
+    directhook.drain(8001, old.port, timeout=6)
+    assert time.monotonic() - started < 3
