@@ -2,8 +2,9 @@
 has a module of its own (test_forwarder_socat.py, _proxy, _haproxy) with a subclass of
 ForwarderSuite, so that its tests share one container and the kinds run in parallel.
 
-Each test runs four deploys in the default suite and ten under the stress marker
-(scripts/test --stress), on the same container.
+Each test runs two deploys in the default suite and ten under the stress marker
+(scripts/test --stress), on the same container: four forwarders run the suite, and the default
+suite must stay short.
 
 No request is lost during a deploy (test_deploys_under_load_fail_no_request): load and slow
 requests through the deploys, a slow request in flight at every switch.
@@ -53,7 +54,7 @@ from tests.integration.helpers import (
 )
 from tests.sandbox import Sandbox
 
-QUICK_DEPLOYS = 4  # the default suite; the keep-alive test: two without long-lived responses, two with
+QUICK_DEPLOYS = 2  # the default suite; the keep-alive test: one without long-lived responses, one with
 STRESS_DEPLOYS = 10
 DEPLOYS = pytest.mark.parametrize("deploys", [
     pytest.param(QUICK_DEPLOYS, id=f"{QUICK_DEPLOYS}-deploys"),
