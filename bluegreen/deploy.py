@@ -382,7 +382,8 @@ class Deployer:
         return InstanceSpec(port=port, wsgi=release.wsgi, workers=app.workers,
                             worker_class=worker_class, app_environment=release.environment,
                             drain_file=drainflag.path(self.run_dir, port),
-                            forwarded_allow_ips=control.trusted_proxies(config))
+                            forwarded_allow_ips=control.trusted_proxies(config),
+                            web_dir=release.processes.web_dir)
 
 
 def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:

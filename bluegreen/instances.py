@@ -58,6 +58,7 @@ class InstanceSpec:
     app_environment: Mapping[str, str]  # appenv.environment(): the release's, for every process
     drain_file: Path | None = None  # the flag that makes it close kept-alive connections
     forwarded_allow_ips: str = ""  # whom gunicorn believes X-Forwarded-Proto from: nobody
+    web_dir: str = ""  # the directory of the release the app is imported from (procfile.py)
 
     @property
     def release(self) -> str:
@@ -72,13 +73,16 @@ class InstanceSpec:
             "BLUEGREEN_WORKER_CLASS": self.worker_class,
             "BLUEGREEN_PORT": str(self.port),
             "BLUEGREEN_FORWARDED_ALLOW_IPS": self.forwarded_allow_ips,
+            # The unit's --chdir is ${BLUEGREEN_RELEASE_DIR}${BLUEGREEN_WEB_DIR}: the release's
+            # directory for a settings file written before this key was.
+            "BLUEGREEN_WEB_DIR": f"/{self.web_dir}" if self.web_dir else "",
             **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
         }
 
 
 INSTANCE_KEYS = frozenset({"BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS",
                            "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE",
-                           "BLUEGREEN_FORWARDED_ALLOW_IPS"})
+                           "BLUEGREEN_FORWARDED_ALLOW_IPS", "BLUEGREEN_WEB_DIR"})
 
 
 def env_path(run_dir: Path, port: int) -> Path:
