@@ -182,7 +182,7 @@ class Deployer:
 
     async def wait_healthy(self, port: int, config: Config) -> health.Probe:
         return await health.wait_healthy(port, health.Check.of(config),
-                                         lambda: instances.failure(self.systemd, port))
+                                         lambda: instances.boot_failure(self.systemd, port))
 
     def tell_health_path(self, passed: health.Probe, config: Config, recorder: Recorder) -> None:
         """Say once, in the journal and the record, that the app is checked on another path

@@ -18,7 +18,7 @@ from bluegreen import drainflag, sockdiag
 from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.release import appenv
-from bluegreen.systemd import Systemd
+from bluegreen.systemd import Systemd, UnitStatus
 
 PATTERN = "bluegreen-app@*.service"
 SOCKET_PATTERN = "bluegreen-app@*.socket"
@@ -152,11 +152,27 @@ async def stop(systemd: Systemd, port: int) -> None:
 
 async def failure(systemd: Systemd, port: int) -> str | None:
     """Why the instance is not (or no longer) running, or None while it runs."""
+    return _failure(await systemd.status(unit(port)))
+
+
+async def boot_failure(systemd: Systemd, port: int) -> str | None:
+    """Why a new instance, not healthy yet, failed, or None while it boots. A death systemd
+    has made good (Restart=) counts: a release whose every worker fails to boot can make
+    gunicorn 20.1 exit 1 rather than 3 (a second worker's failure while it halts for the
+    first), and systemd restarts it again and again, running between two looks."""
     status = await systemd.status(unit(port))
+    if status.restarts:
+        times = "1 time" if status.restarts == 1 else f"{status.restarts} times"
+        return (f"{unit(port)} died while starting and was restarted by systemd ({times}); "
+                f"its journal says why: journalctl -u {unit(port)}")
+    return _failure(status)
+
+
+def _failure(status: UnitStatus) -> str | None:
     if status.active_state in ("active", "reloading") or (
             status.active_state == "activating" and status.sub_state == "start"):
         return None
-    return f"{unit(port)} {status.describe_failure()}"
+    return f"{status.name} {status.describe_failure()}"
 
 
 async def foreign_listener(systemd: Systemd, port: int) -> str | None:
