@@ -485,8 +485,8 @@ KEYS: tuple[Key, ...] = (
         "web line gives uvicorn (or gunicorn -k uvicorn...), if any."),
     Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path", empty_ok=True),
         "Path probed on each instance; only a 2xx answer is healthy. Unset: /health, and \"/\" "
-        "if the app answers 404 there, where a 2xx, a redirect (3xx), 401 or 403 is healthy "
-        "(the app is up and answering); never a 5xx."),
+        "if the app answers 404 there; any answer but a 5xx or a 400 is healthy then (the app "
+        "is up and answering: a redirect, 401, 403, 404)."),
     Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),
     Key("app", "instances", _integer(1, 16),
         "Instances of the serving release, each with its own port and forwarder on the public "

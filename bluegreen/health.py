@@ -39,7 +39,7 @@ class Check:
 
     ``strict``: app.health_path is set, and only a 2xx from it is healthy. Otherwise the app
     may have no /health (a published app rarely does): a 404 there sends the check to "/",
-    and a redirect or a request for credentials proves the app up too (``alive``).
+    and any answer but a server error proves the app up (``alive``).
     ``forwarded_proto``: the scheme the front tells the app of (X-Forwarded-Proto), so that
     an app that redirects plain http to https answers the check as it answers the front."""
 
@@ -64,11 +64,13 @@ class Check:
                    strict=bool(app.health_path), forwarded_proto="https" if app.domains else "")
 
     def alive(self, status: int) -> bool:
-        """Whether an answer with ``status`` is healthy. Never a 5xx, nor a 400 (a Host the
-        app refuses) or a 404: an app answering so serves its clients no better."""
+        """Whether an answer with ``status`` is healthy. Strict: a 2xx alone. Otherwise any
+        answer the app gives without failing: a redirect (to a login page, to https, Django's
+        APPEND_SLASH), a request for credentials, a 404 on "/" of an app that serves only
+        /api/...; never a 5xx, nor a 400 (a Host the app refuses: its clients' too)."""
         if self.strict:
             return 200 <= status < 300
-        return 200 <= status < 400 or status in (401, 403)
+        return 200 <= status < 500 and status != 400
 
 
 @dataclass(frozen=True)

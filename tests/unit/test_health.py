@@ -236,10 +236,11 @@ def with_app(**changes: Any) -> Config:
     return replace(config, app=replace(config.app, **changes))
 
 
-@pytest.mark.parametrize("status", [200, 204, 301, 302, 308, 401, 403])
+@pytest.mark.parametrize("status", [200, 204, 301, 302, 308, 401, 403, 404])
 def test_an_app_without_health_is_checked_on_its_root_unless_health_path_is_set(status: int) -> None:
     # A published app rarely has /health: unset, the check asks "/", where a redirect (to a
-    # login page, to https, APPEND_SLASH) or a request for credentials proves it up too.
+    # login page, to https, APPEND_SLASH), a request for credentials or a 404 (an API that
+    # serves /api/... alone) proves it up too.
     routes = Routes({"/": status})
     result = routes.probe(Config())
     assert result.ok and result.path == "/", result
@@ -247,12 +248,18 @@ def test_an_app_without_health_is_checked_on_its_root_unless_health_path_is_set(
     assert f"HTTP {status} from /" in result.reason and "/health" in result.reason
 
 
-@pytest.mark.parametrize("statuses", [{"/": 500}, {"/": 503}, {"/": 404}, {"/": 400}, {}])
+@pytest.mark.parametrize("statuses", [{"/": 500}, {"/": 503}, {"/": 502}, {"/": 400}])
 def test_an_error_on_the_root_is_never_healthy(statuses: dict[str, int]) -> None:
     result = Routes(statuses).probe(Config())
     assert not result.ok and result.path == "/", result
-    assert f"HTTP {statuses.get('/', 404)} from /" in result.reason, result.reason
+    assert f"HTTP {statuses['/']} from /" in result.reason, result.reason
     assert "app.health_path" in result.reason, result.reason
+
+
+def test_a_health_route_that_fails_is_not_passed_over() -> None:
+    for status in (500, 503, 400):
+        routes = Routes({"/health": status, "/": 200})
+        assert not routes.probe(Config()).ok and [path for path, _ in routes.asked] == ["/health"]
 
 
 def test_an_app_with_health_is_checked_there_alone() -> None:
