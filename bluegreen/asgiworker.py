@@ -7,7 +7,9 @@ It is uvicorn's own worker, from the release's environment: the ``uvicorn-worker
 (asgidrain.py), since gunicorn's pre_request hook never runs for this worker. uvicorn runs the
 app's lifespan startup before the worker accepts its first connection, so no request (the
 health checks included) reaches an app whose startup has not completed; a startup that fails
-ends the worker with gunicorn's "worker failed to boot", and the instance with it.
+ends the worker with gunicorn's "worker failed to boot", and the instance with it (with
+status 3, or 1 when a second worker fails while gunicorn halts for the first: systemd then
+restarts it, and the deploy counts that restart as the failure, instances.boot_failure).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ WSGI_MODULE = re.compile(r"[A-Za-z_][\w.]*")  # gunicorn's MODULE alone: MODULE:
 class AppConfig:
     wsgi: str = ""  # "": the Procfile's web line's, else DEFAULT_WSGI (deploy.py)
     asgi: str = ""  # an ASGI app instead (uvicorn's gunicorn worker); never with wsgi
-    health_path: str = "/health"
+    health_path: str = ""  # "": /health, else "/" for an app without it (health.py)
     workers: int = 2
     instances: int = 1
     worker_class: str = "sync"
@@ -484,8 +484,10 @@ KEYS: tuple[Key, ...] = (
         "ASGI application (FastAPI, Starlette, Django's asgi.py) gunicorn serves with uvicorn's "
         "worker, which the release must pin; instead of app.wsgi. Unset: the one the Procfile's "
         "web line gives uvicorn (or gunicorn -k uvicorn...), if any."),
-    Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path"),
-        "Path probed on each instance; any 2xx answer is healthy."),
+    Key("app", "health_path", _string(r"/[\w./?=&%-]*", "an absolute URL path", empty_ok=True),
+        "Path probed on each instance; only a 2xx answer is healthy. Unset: /health, and \"/\" "
+        "if the app answers 404 there; any answer but a 5xx or a 400 is healthy then (the app "
+        "is up and answering: a redirect, 401, 403, 404)."),
     Key("app", "workers", _integer(1, 64), "gunicorn worker processes per instance."),
     Key("app", "instances", _integer(1, 16),
         "Instances of the serving release, each with its own port and forwarder on the public "

@@ -103,7 +103,9 @@ class Deployer:
             async with recorder.step(Step.START, port=None):  # told once the first port is picked
                 new = await self.start_instances(release, config, recorder, started)
             async with recorder.step(Step.HEALTH, new.port):
-                await asyncio.gather(*(self.wait_healthy(port, config) for port in new.ports))
+                passed = await asyncio.gather(*(self.wait_healthy(port, config)
+                                                for port in new.ports))
+                self.tell_health_path(passed[0], config, recorder)
             async with recorder.step(Step.SWITCH, new.port):
                 await self.switch(new, config)
         except _STEP_ERRORS as exc:
@@ -178,9 +180,18 @@ class Deployer:
         recorder.update(port=new.port)
         return new
 
-    async def wait_healthy(self, port: int, config: Config) -> None:
-        await health.wait_healthy(port, health.Check.of(config),
-                                  lambda: instances.failure(self.systemd, port))
+    async def wait_healthy(self, port: int, config: Config) -> health.Probe:
+        return await health.wait_healthy(port, health.Check.of(config),
+                                         lambda: instances.boot_failure(self.systemd, port))
+
+    def tell_health_path(self, passed: health.Probe, config: Config, recorder: Recorder) -> None:
+        """Say once, in the journal and the record, that the app is checked on another path
+        than app.health_path's default."""
+        note = health.fallback_note(health.Check.of(config), passed)
+        if note:
+            log.info("%s", note, extra=fields(deployment_id=recorder.record.id,
+                                              release=recorder.record.commit))
+            recorder.note(note)
 
     async def start_instance(self, release: Prepared, config: Config, recorder: Recorder,
                              started: list[int]) -> int:
@@ -337,7 +348,7 @@ class Deployer:
         await workers.stop(self.systemd, self.run_dir, keep=port, app=app)
         if problems:
             text = "; ".join(f"worker {name}: {why}" for name, why in problems.items())
-            recorder.update(reason=self.redact(text))
+            recorder.note(self.redact(text))
 
     async def stop_old(self, old_ports: tuple[int, ...], recorder: Recorder) -> None:
         for old_port in old_ports:
@@ -347,7 +358,7 @@ class Deployer:
             except SystemdError as exc:
                 log.error("could not stop the old instance on port %d: %s", old_port, exc,
                           extra=fields(deployment_id=recorder.record.id, port=old_port))
-                recorder.update(reason=f"old instance on port {old_port} not stopped: {exc}")
+                recorder.note(f"old instance on port {old_port} not stopped: {exc}")
 
     async def abandon(self, new_ports: list[int], serving: Serving | None, config: Config,
                       failed: Step) -> None:
@@ -376,7 +387,8 @@ class Deployer:
         return InstanceSpec(port=port, wsgi=release.wsgi, workers=app.workers,
                             worker_class=worker_class, app_environment=release.environment,
                             drain_file=drainflag.path(self.run_dir, port),
-                            forwarded_allow_ips=control.trusted_proxies(config))
+                            forwarded_allow_ips=control.trusted_proxies(config),
+                            web_dir=release.processes.web_dir)
 
 
 def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:

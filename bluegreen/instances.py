@@ -19,7 +19,7 @@ from bluegreen.config import DEFAULT_APP
 from bluegreen.files import atomic_write, environment_file, read_environment_file
 from bluegreen.forwarders import direct
 from bluegreen.release import appenv
-from bluegreen.systemd import Systemd
+from bluegreen.systemd import Systemd, UnitStatus
 
 PATTERN = "bluegreen-app@*.service"
 SOCKET_PATTERN = "bluegreen-app@*.socket"
@@ -59,6 +59,7 @@ class InstanceSpec:
     app_environment: Mapping[str, str]  # appenv.environment(): the release's, for every process
     drain_file: Path | None = None  # the flag that makes it close kept-alive connections
     forwarded_allow_ips: str = ""  # whom gunicorn believes X-Forwarded-Proto from: nobody
+    web_dir: str = ""  # the directory of the release the app is imported from (procfile.py)
 
     @property
     def release(self) -> str:
@@ -73,13 +74,16 @@ class InstanceSpec:
             "BLUEGREEN_WORKER_CLASS": self.worker_class,
             "BLUEGREEN_PORT": str(self.port),
             "BLUEGREEN_FORWARDED_ALLOW_IPS": self.forwarded_allow_ips,
+            # The unit's --chdir is ${BLUEGREEN_RELEASE_DIR}${BLUEGREEN_WEB_DIR}: the release's
+            # directory for a settings file written before this key was.
+            "BLUEGREEN_WEB_DIR": f"/{self.web_dir}" if self.web_dir else "",
             **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
         }
 
 
 INSTANCE_KEYS = frozenset({"BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS",
                            "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE",
-                           "BLUEGREEN_FORWARDED_ALLOW_IPS"})
+                           "BLUEGREEN_FORWARDED_ALLOW_IPS", "BLUEGREEN_WEB_DIR"})
 
 
 def env_path(run_dir: Path, port: int) -> Path:
@@ -153,11 +157,27 @@ async def stop(systemd: Systemd, port: int) -> None:
 
 async def failure(systemd: Systemd, port: int) -> str | None:
     """Why the instance is not (or no longer) running, or None while it runs."""
+    return _failure(await systemd.status(unit(port)))
+
+
+async def boot_failure(systemd: Systemd, port: int) -> str | None:
+    """Why a new instance, not healthy yet, failed, or None while it boots. A death systemd
+    has made good (Restart=) counts: a release whose every worker fails to boot can make
+    gunicorn 20.1 exit 1 rather than 3 (a second worker's failure while it halts for the
+    first), and systemd restarts it again and again, running between two looks."""
     status = await systemd.status(unit(port))
+    if status.restarts:
+        times = "1 time" if status.restarts == 1 else f"{status.restarts} times"
+        return (f"{unit(port)} died while starting and was restarted by systemd ({times}); "
+                f"its journal says why: journalctl -u {unit(port)}")
+    return _failure(status)
+
+
+def _failure(status: UnitStatus) -> str | None:
     if status.active_state in ("active", "reloading") or (
             status.active_state == "activating" and status.sub_state == "start"):
         return None
-    return f"{unit(port)} {status.describe_failure()}"
+    return f"{status.name} {status.describe_failure()}"
 
 
 async def foreign_listener(systemd: Systemd, port: int) -> str | None:

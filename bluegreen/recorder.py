@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from bluegreen import instances
+from bluegreen import health, instances
 from bluegreen.config import Config
 from bluegreen.forwarders import control
 from bluegreen.history import (
@@ -116,6 +116,10 @@ class Recorder:
     def update(self, **changes: Any) -> None:
         self.record = replace(self.record, **changes)
 
+    def note(self, text: str) -> None:
+        """Add ``text`` to what the record of a deployment that succeeds says."""
+        self.update(reason="; ".join(part for part in (self.record.reason, text) if part))
+
     def failed(self, exc: DeployFailed) -> None:
         record = self.record
         log.error("deployment %d %s at %s: %s", record.id,
@@ -142,7 +146,7 @@ class Recorder:
         config = self.config
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,
-            health=config.app.health_path, public=config.ports.public)
+            health=config.app.health_path or health.HEALTH_PATH, public=config.ports.public)
         unit = control.unit(port, config.forwarder) if step in _FORWARDER_STEPS \
             else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,

@@ -60,17 +60,21 @@ call_command("collectstatic", interactive=False, verbosity=1)
 class Step:
     what: str  # for people, and the failure's reason
     argv: list[str]
+    directory: str = ""  # where it runs, relative to the release
 
 
-def steps(release: ReleaseConfig, directory: Path, web_build: str, python: str) -> list[Step]:
+def steps(release: ReleaseConfig, directory: Path, web_build: str, python: str,
+          web_dir: str = "") -> list[Step]:
     """The build of the release in ``directory``: ``web_build`` is what the Procfile's web line
-    maps to the build (empty when release.build_command is set), ``python`` the release's."""
+    maps to the build (empty when release.build_command is set), ``python`` the release's,
+    ``web_dir`` the directory the app is imported from, where its manage.py is."""
     found = []
     if release.build_command:
         found.append(Step("release.build_command", ["/bin/sh", "-c", release.build_command]))
     if web_build:
         found.append(Step("the Procfile web line's build steps", ["/bin/sh", "-c", web_build]))
     collected = any("collectstatic" in step.argv[-1] for step in found)
-    if release.collectstatic and not collected and (directory / "manage.py").is_file():
-        found.append(Step("collectstatic", [python, "-c", COLLECTSTATIC]))
+    project = web_dir if (directory / web_dir / "manage.py").is_file() else ""
+    if release.collectstatic and not collected and (directory / project / "manage.py").is_file():
+        found.append(Step("collectstatic", [python, "-c", COLLECTSTATIC], project))
     return found

@@ -79,7 +79,8 @@ class Preparer:
                 if staging is not None:
                     # Built and checked where it lies until it is published.
                     await verifier.verify(staging, {**env, "BLUEGREEN_RELEASE_DIR": str(staging)},
-                                          wsgi, processes.build, asgi=asgi)
+                                          wsgi, processes.build, asgi=asgi,
+                                          web_dir=processes.web_dir)
                     directory = self.releases.publish(staging, commit)
                     staging = None
         finally:

@@ -14,10 +14,15 @@ collectstatic --no-input && gunicorn mysite.wsgi``, as on Railway or Render). bl
 runs the line itself, since every instance's start would then migrate: each step is mapped to
 what does the same once per release (collectstatic to the build, a migration to the release
 phase) or ignored, and ``Processes.web_steps`` says which, for the journal and the record.
+
+A project in a subdirectory of the repository (``cd backend && gunicorn config.wsgi``,
+``gunicorn --chdir backend ...``, uvicorn's ``--app-dir``) is imported from there:
+``Processes.web_dir``, which the mapped steps run in too. It must lie in the release.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping
@@ -64,6 +69,8 @@ class Processes:
     build: str = ""  # the web line's build steps, when release.build_command is empty
     # Each step of a chained web line and what bluegreen made of it ("STEP -> build").
     web_steps: tuple[str, ...] = ()
+    # The directory of the release the web app is imported from ("": the release's own).
+    web_dir: str = ""
 
 
 def _command_words(command: str) -> list[str]:
@@ -162,8 +169,7 @@ def web_app(command: str) -> str:
 def web_asgi(command: str) -> str:
     """The ASGI app (MODULE:CALLABLE, or MODULE:FACTORY() for ``--factory``) a ``web``
     command's uvicorn serves (or its gunicorn with uvicorn's worker, FastAPI's ``fastapi run``,
-    daphne, hypercorn); "" if none. An app imported from another directory (``--app-dir``) is
-    not served as is: none."""
+    daphne, hypercorn); "" if none."""
     server, arguments = _server(command)
     if server == "gunicorn":
         return _gunicorn_app(arguments) if _worker_class(arguments).startswith(_UVICORN_WORKERS) else ""
@@ -172,12 +178,52 @@ def web_asgi(command: str) -> str:
     if server in _ASGI_VALUED:
         word = _positional(arguments, _ASGI_VALUED[server])
         return word if WSGI_APP.fullmatch(word) else ""
-    if server != "uvicorn" or any(word.startswith("--app-dir") for word in arguments):
+    if server != "uvicorn":
         return ""
     word = _positional(arguments, _UVICORN_VALUED)
     if not WSGI_APP.fullmatch(word):
         return ""
     return f"{word}()" if "--factory" in arguments and not word.endswith(")") else word
+
+
+# The options of a server that name the directory its app is imported from.
+_DIRECTORY_OPTIONS = {"gunicorn": ("--chdir", "--pythonpath"), "uvicorn": ("--app-dir",)}
+
+
+def app_directory(command: str) -> str:
+    """The directory a web command's server imports its app from, as given ("" if none)."""
+    server, arguments = _server(command)
+    names = _DIRECTORY_OPTIONS.get(server, ())
+    for number, word in enumerate(arguments):
+        if word in names and number + 1 < len(arguments):
+            return arguments[number + 1]
+        name, equals, value = word.partition("=")
+        if equals and name in names:
+            return value
+    return ""
+
+
+def _directory(release: Path, base: str, directory: str, step: str) -> str:
+    """``directory`` (relative to ``base``, a directory of the release) as a path relative to
+    the release ("" for the release itself); ProcfileError unless it is a directory in it."""
+    if not directory:
+        return base
+    joined = posixpath.normpath(posixpath.join(base, directory))
+    inside = not directory.startswith(("/", "~")) and "$" not in directory and (
+        joined != ".." and not joined.startswith("../"))
+    target = (release / joined).resolve() if inside else release
+    if not inside or not target.is_relative_to(release.resolve()) or not target.is_dir():
+        raise ProcfileError(f"{FILENAME}: web: {step!r}: {directory!r} is not a directory of the "
+                            "release (bluegreen serves the app from the release it deploys: "
+                            "name the directory relative to the repository's top)")
+    return "" if joined == "." else joined
+
+
+def _in(step: str, directory: str, current: str) -> str:
+    """``step`` run where a shell in ``current`` (relative to the release) finds ``directory``."""
+    if directory == current:
+        return step
+    return f"cd {shlex.quote(posixpath.relpath(directory or '.', current or '.'))} && {step}"
 
 
 def _fastapi_app(arguments: list[str]) -> str:
@@ -278,31 +324,44 @@ def processes(release: Path, migrate_command: str, overrides: Mapping[str, str],
     steps = chain(web_line)
     if len(steps) < 2:
         asgi = web_asgi(web_line)
+        web = asgi or web_app(web_line)
+        web_dir = _directory(release, "", app_directory(web_line), web_line) if web else ""
         return Processes(release=migrate_command or release_line, workers=workers,
-                         web=asgi or web_app(web_line), asgi=bool(asgi))
+                         web=web, asgi=bool(asgi), web_dir=web_dir)
     mapped: dict[str, list[str]] = {RELEASE_PHASE: [], BUILD: []}
     # The configuration wins over the Procfile, and its release: line over its web line.
     overridden = {RELEASE_PHASE: "release.migrate_command is the release phase" if migrate_command
                   else "the Procfile's release: line is the release phase" if release_line else "",
                   BUILD: "release.build_command is the build" if build_command else ""}
     described = []
-    web, is_asgi = "", False
+    web, is_asgi, web_dir = "", False, ""
+    here = ""  # where the steps run, relative to the release, as the line's cd steps lead
+    where = {RELEASE_PHASE: "", BUILD: ""}  # where the shell of each phase is
     for step in steps:
+        words = _command_words(step)
+        if words[:1] == ["cd"]:
+            if len(words) != 2:
+                raise ProcfileError(f"{FILENAME}: web: {step!r}: cd to which directory?")
+            here = _directory(release, here, words[1], step)
+            described.append(f"{step} -> the directory of the steps after it")
+            continue
         asgi = web_asgi(step)
         app = asgi or web_app(step)
         phase = step_phase(step)
         if app:
             if not web:
                 web, is_asgi = app, bool(asgi)
-            described.append(f"{step} -> serves {app}")
+                web_dir = _directory(release, here, app_directory(step), step)
+            described.append(f"{step} -> serves {app}" + (f" in {web_dir}" if web_dir else ""))
         elif phase and overridden[phase]:
             described.append(f"{step} -> ignored ({overridden[phase]})")
         elif phase:
-            mapped[phase].append(step)
+            mapped[phase].append(_in(step, here, where[phase]))
+            where[phase] = here
             described.append(f"{step} -> {phase}")
         else:
             described.append(f"{step} -> ignored")
     return Processes(
         release=migrate_command or release_line or " && ".join(mapped[RELEASE_PHASE]),
         workers=workers, web=web, asgi=is_asgi, build=" && ".join(mapped[BUILD]),
-        web_steps=tuple(described))
+        web_steps=tuple(described), web_dir=web_dir)

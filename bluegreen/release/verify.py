@@ -159,23 +159,23 @@ class Verifier:
         return directory
 
     async def verify(self, directory: Path, env: Mapping[str, str], wsgi: str,
-                     web_build: str = "", *, asgi: bool = False) -> None:
+                     web_build: str = "", *, asgi: bool = False, web_dir: str = "") -> None:
         """Build and check the release in ``directory``, which serves ``wsgi`` (an ASGI app if
-        ``asgi``); ``env`` is the app's environment, ``web_build`` the build steps of the
-        Procfile's web line."""
+        ``asgi``) imported from its subdirectory ``web_dir``; ``env`` is the app's environment,
+        ``web_build`` the build steps of the Procfile's web line."""
         release = self.config.release
         build_env = {**appenv.build_placeholders(self.config.app_name, release.build_secrets, env),
                      **env, "HOME": str(directory), "BLUEGREEN_WSGI": wsgi}
         credentials = appenv.build_credentials(self.config.app_name, release.build_secrets)
         with_secrets = [appenv.WITH_SECRETS] if credentials else []
-        steps = build.steps(release, directory, web_build, env["BLUEGREEN_PYTHON"])
+        steps = build.steps(release, directory, web_build, env["BLUEGREEN_PYTHON"], web_dir)
         if steps:
             give_tree(directory, *build_identity())
             try:
                 for step in steps:
                     await self._run_build(Command(
                         what=step.what, kind="build", argv=[*with_secrets, *step.argv],
-                        directory=directory, user=BUILD_USER, timeout=release.timeout,
+                        directory=directory / step.directory, user=BUILD_USER, timeout=release.timeout,
                         environment=build_env, writable=[directory], credentials=credentials,
                         network=Network.ANY, app=self.config.app_name))
             finally:
@@ -183,7 +183,7 @@ class Verifier:
         await self._run(appenv.command(
             self.config, f"importing {wsgi}", "check",
             [env["BLUEGREEN_PYTHON"], "-c", ASGI_CHECK if asgi else IMPORT_CHECK, wsgi],
-            directory, env))
+            directory / web_dir, env))
         if release.check_command:
             await self._run_build(Command(
                 what="release.check_command", kind="check",

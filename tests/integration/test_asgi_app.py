@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -46,8 +47,19 @@ SERVICE = ROOT / "examples/fastapi-service"
 DEPLOYS = 5
 DRAIN_TIMEOUT = 10.0
 STARTUP_SECONDS = 2.0  # the service's lifespan startup
+HEALTH_ROUTE = ('@app.get("/health")\nasync def health(request: Request) -> dict[str, object]:\n'
+                '    return {"ok": True, **identity(request)}\n')
+INDEX_ROUTE = ('@app.get("/")\nasync def index(request: Request) -> dict[str, object]:\n'
+               '    return identity(request)\n')
 MAX_LAG = 1.0  # keep-alive and websocket clients on the new release within it
 CLOSE_CODES = (1001, 1012)
+
+
+def config(**health: float) -> str:
+    """The module's bluegreen.toml: no app.health_path, as a new user's; more [health] keys."""
+    return (settings(1, workers=2, top={"drain_timeout": DRAIN_TIMEOUT}, app={"asgi": "main:app"},
+                     release={"timeout": 300}, health=health)
+            + f'[app.environment]\nSTARTUP_SECONDS = "{STARTUP_SECONDS:g}"\n')
 
 
 class Service(App):
@@ -71,9 +83,7 @@ def service(box: Sandbox) -> Service:
     box.use_wheelhouse(wheelhouse.build())
     repository = Service(box)
     repository.create()
-    configure(box, settings(1, workers=2, top={"drain_timeout": DRAIN_TIMEOUT},
-                            app={"asgi": "main:app"}, release={"timeout": 300})
-              + f'[app.environment]\nSTARTUP_SECONDS = "{STARTUP_SECONDS:g}"\n')
+    configure(box, config())
     box.run("systemctl", "start", "bluegreen.service", "bluegreen-api.socket")
     wait_serving(box, timeout=300)
     return repository
@@ -197,5 +207,57 @@ def test_a_release_whose_lifespan_startup_fails_never_serves(box: Sandbox, servi
         startup, startup + '    raise RuntimeError("no database")\n')})
     record = wait_deployment(box, call(box, "Deploy", "s", ""), timeout=300)
     assert (record["commit"], record["state"], record["failed_step"]) == (sha, "failed", "health"), record
+    # Failed as its instance died, not at health.deadline (60 s): gunicorn may exit 1 when
+    # every worker fails to boot, and systemd restarts it (again and again, never answering).
+    assert record["reason"].startswith("the instance stopped: "), record["reason"]
+    checked = float(record["finished_at"]) - step_time(record, "health")
+    assert checked < 40, (checked, record["reason"], box.journal(
+        "-u", f"bluegreen-app@{record['port']}.service", "-o", "short-precise")[-4000:])
+    assert properties(box)["ActiveRelease"] == serving
+    assert public(box)["release"] == serving
+
+
+def serving_source(box: Sandbox, service: Service) -> str:
+    """main.py of the serving release, its tree checked out in the work tree."""
+    git(service.work, "checkout", "-q", properties(box)["ActiveRelease"], "--", ".")
+    return (service.work / "main.py").read_text()
+
+
+def test_a_release_without_a_health_route_is_checked_on_its_root(box: Sandbox,
+                                                                 service: Service) -> None:
+    # As most published apps: no /health, and no app.health_path in bluegreen.toml.
+    source = serving_source(box, service)
+    assert HEALTH_ROUTE in source
+    sha = service.commit("No /health", {"main.py": source.replace(HEALTH_ROUTE, "")})
+    record = wait_deployment(box, call(box, "Deploy", "s", ""), timeout=300)
+    assert (record["commit"], record["state"]) == (sha, "succeeded"), record
+    assert "its health is checked on /" in record["reason"], record
+    told = box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
+    assert told.count("its health is checked on /") == 1, told[-3000:]
+    assert http(box, "GET", "/health", port=5000).status == 404
+    # The health monitor checks it the same way: ten checks on, no recovery, nothing unhealthy.
+    time.sleep(2.0)
+    assert properties(box)["ActiveRelease"] == sha
+    assert call(box, "ListDeployments", "u", "1")[0]["id"] == record["id"]
+    assert "unhealthy" not in box.journal("-u", "bluegreen.service", "--since", "-3s", "-o", "cat")
+
+
+def test_a_release_without_health_whose_root_fails_is_refused_at_health(box: Sandbox,
+                                                                      service: Service) -> None:
+    serving = properties(box)["ActiveRelease"]
+    source = serving_source(box, service)
+    assert INDEX_ROUTE in source and HEALTH_ROUTE not in source
+    failing = INDEX_ROUTE.replace("    return identity(request)\n",
+                                  '    raise RuntimeError("no database")\n')
+    configure(box, config(deadline=6))  # a 500 is answered at once: no need to wait a minute
+    box.run("systemctl", "reload", "bluegreen.service")
+    try:
+        sha = service.commit("/ fails", {"main.py": source.replace(INDEX_ROUTE, failing)})
+        record = wait_deployment(box, call(box, "Deploy", "s", ""), timeout=300)
+    finally:
+        configure(box, config())
+        box.run("systemctl", "reload", "bluegreen.service")
+    assert (record["commit"], record["state"], record["failed_step"]) == (sha, "failed", "health"), record
+    assert "HTTP 500 from /" in record["reason"] and "app.health_path" in record["reason"], record
     assert properties(box)["ActiveRelease"] == serving
     assert public(box)["release"] == serving

@@ -190,3 +190,36 @@ def test_the_secret_reaches_no_build_that_does_not_ask_for_it(box: Sandbox, site
     record = deploy(box)
     assert (record["state"], record["failed_step"], record["commit"]) == ("failed", "verify", sha), record
     assert public(box)["release"] == serving
+
+
+def test_a_project_in_a_subdirectory_without_a_health_route_deploys(box: Sandbox, site: Site) -> None:
+    # As a monorepo holds it: the project in backend/, requirements.txt at the top, the web line
+    # going there first; and no /health, as most projects (checked on / instead).
+    configure(box, CONFIG)  # the test before set a check command and build_secrets
+    box.run("systemctl", "reload", "bluegreen.service")
+    (site.work / "backend").mkdir()
+    git(site.work, "mv", "manage.py", "mysite", "guestbook", "backend/")
+    urls = (site.work / "backend/mysite/urls.py").read_text()
+    assert '    path("health", views.health),\n' in urls
+    sha = site.commit("The project moves to backend/", {
+        "Procfile": "web: cd backend && python manage.py migrate --no-input && "
+                    "gunicorn mysite.wsgi --log-file -\n",
+        "backend/mysite/urls.py": urls.replace('    path("health", views.health),\n', "")})
+    record = deploy(box)
+    assert (record["state"], record["commit"]) == ("succeeded", sha), record
+    assert record["web_steps"] == [
+        "cd backend -> the directory of the steps after it",
+        "python manage.py migrate --no-input -> release phase",
+        "gunicorn mysite.wsgi --log-file - -> serves mysite.wsgi:application in backend"]
+    assert "its health is checked on /" in record["reason"], record
+    told = box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
+    assert "No migrations to apply." in told, told[-3000:]  # the release phase, in backend/
+    assert "1 static file copied" in told, told[-3000:]  # collectstatic found backend/manage.py
+    port = properties(box)["ActivePort"]
+    assert 'BLUEGREEN_WEB_DIR="/backend"' in box.run(
+        "cat", f"/run/bluegreen/instances/{port}.env").stdout
+    index = public(box)
+    assert index["release"] == sha and index["schema"] == "0002_entry_signed_by", index
+    assert http(box, "GET", index["stylesheet"], port=5000).status == 200
+    assert box.exists(f"/var/lib/bluegreen/releases/{sha}/backend/staticfiles/staticfiles.json")
+    assert public(box, f"/entries/{site.entry_id}")["text"] == "written by release 1"

@@ -17,10 +17,12 @@ from tests.integration.helpers import (
     MANAGER,
     App,
     busctl,
+    call,
     configure,
     deploy_new_release,
     serving_app,
     unwrap,
+    wait_deployment,
 )
 from tests.sandbox import Sandbox
 
@@ -261,6 +263,40 @@ def test_after_a_deploy_the_app_sees_https_and_the_client_whatever_it_claims(
     direct = box.run("curl", "-sS", "--max-time", "5", *LIES, f"http://{CLIENT}:5000/request",
                      check=False)
     assert direct.returncode == 7, direct  # refused
+
+
+HTTPS_ONLY = """
+
+@app.before_request
+def https_only():
+    # As Flask-Talisman's force_https and Django's SECURE_SSL_REDIRECT: http is redirected.
+    if request.scheme != "https":
+        return redirect(request.url.replace("http://", "https://", 1), 301)
+"""
+
+
+def test_an_app_that_redirects_http_passes_checks_that_say_https(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    # A health path set: only a 2xx passes. The checks say X-Forwarded-Proto: https, as the
+    # front does, and the instance believes it from 127.0.0.1.
+    production = apps["production"]
+    source = (production.work / "app.py").read_text()
+    patched = source.replace("from flask import ", "from flask import redirect, ", 1) + HTTPS_ONLY
+    configure(box, f'post_switch_watch = 0\n[app]\ndomains = ["{BLOG}", "{WWW}"]\n'
+                   f'health_path = "/health"\n{FRONT}')
+    box.run("systemctl", "reload", "bluegreen.service")
+    try:
+        sha = production.commit("http goes to https", {"app.py": patched})
+        record = wait_deployment(box, call(box, "Deploy", "s", ""))
+        assert (record["state"], record["commit"]) == ("succeeded", sha), record
+        plain = box.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                        "http://127.0.0.1:5000/health", check=False).stdout
+        assert plain == "301", plain  # the app does redirect plain http
+        assert seen(box)["scheme"] == "https"
+    finally:
+        production.commit("http served again", {"app.py": source})
+        with_domains(box)
+        assert wait_deployment(box, call(box, "Deploy", "s", ""))["state"] == "succeeded"
 
 
 class HttpsLoad:

@@ -118,3 +118,28 @@ def test_a_build_that_fails_for_a_secret_it_was_not_given_says_how_to_give_it(
         assert str(failed.value) == reason + (
             " (a build gets a placeholder for the app's secret DJANGO_SECRET_KEY, the secret "
             "itself only if release.build_secrets names it)" if hint else "")
+
+
+
+def test_a_django_project_in_a_subdirectory_is_built_and_imported_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[Command] = []
+
+    async def run(systemd: Any, command: Command, deployment_id: int | None = None) -> None:
+        ran.append(command)
+
+    monkeypatch.setattr(transient, "run", run)
+    monkeypatch.setattr(verify, "build_identity", lambda: (os.getuid(), os.getgid()))
+    monkeypatch.setattr(verify, "give_tree", lambda *args: None)
+    release = tmp_path / "release"
+    (release / "backend").mkdir(parents=True)
+    (release / "backend/manage.py").write_text("")
+    config = settings()
+    env = appenv.environment(config, "abc", release, None, 7)
+    verifier = verify.Verifier(None, config, Venvs(tmp_path / "environments"), 7)  # type: ignore[arg-type]
+    asyncio.run(verifier.verify(release, env, "config.wsgi:application", web_dir="backend"))
+    collect, imported = ran
+    assert collect.what == "collectstatic" and collect.directory == release / "backend"
+    assert collect.writable == [release]
+    assert imported.what == "importing config.wsgi:application"
+    assert imported.directory == release / "backend"

@@ -22,7 +22,7 @@ def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
     assert loaded.repository.branch == "main"
     assert loaded.repository.poll_interval == 10
     assert loaded.app.wsgi == ""  # the Procfile's web line names it, else app:app (deploy.py)
-    assert loaded.app.health_path == "/health"
+    assert loaded.app.health_path == ""  # /health, else / (health.py)
     assert loaded.ports.public == 5000
     assert loaded.ports.range == PortRange(8000, 8999)
     assert (loaded.ports.public_address, loaded.ports.max_connections) == ("", 1024)

@@ -152,8 +152,8 @@ class World:
                          deployment_id))
 
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def wait_healthy(*_: Any) -> int:
-            return 1
+        async def wait_healthy(*_: Any) -> health.Probe:
+            return health.Probe(True, "HTTP 200", health.HEALTH_PATH)
 
         async def probe(*_: Any) -> health.Probe:
             return health.Probe(self.healthy, "HTTP 200" if self.healthy else "HTTP 500")

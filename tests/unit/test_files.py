@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -72,3 +73,24 @@ def test_give_tree_never_follows_a_link_and_leaves_the_tree_readable(tmp_path: P
     assert stat.S_IMODE((tree / "sub" / "private").stat().st_mode) == 0o644
     assert stat.S_IMODE((tree / "run.sh").stat().st_mode) == 0o755
     assert (tree / "link").is_symlink()
+
+
+def test_an_instance_imports_its_app_from_the_web_lines_directory(tmp_path: Path) -> None:
+    # The unit's gunicorn --chdir is ${BLUEGREEN_RELEASE_DIR}${BLUEGREEN_WEB_DIR}, as systemd
+    # expands it from the instance's settings; a file written before (no BLUEGREEN_WEB_DIR)
+    # still names the release's directory.
+    unit = (Path(__file__).resolve().parents[2] / "units/bluegreen-app@.service").read_text()
+    chdir = re.search(r"--chdir (\S+)", unit)
+    assert chdir is not None
+
+    def expanded(settings: dict[str, str]) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda name: settings.get(name[1], ""), chdir[1])
+
+    release = Path("/var/lib/bluegreen/releases/x")
+    env = appenv.environment(Config(), "a" * 40, release, None, 7)
+    for web_dir, where in (("backend/src", release / "backend/src"), ("", release)):
+        spec = InstanceSpec(port=8123, wsgi="config.wsgi:application", workers=2,
+                            worker_class="sync", app_environment=env, web_dir=web_dir)
+        instances.write_env(tmp_path, spec)
+        assert expanded(instances.read_env(tmp_path, 8123)) == str(where)
+    assert expanded(env) == str(release)

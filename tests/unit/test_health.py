@@ -6,11 +6,22 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from bluegreen.config import Config
-from bluegreen.health import Check, Failures, Monitor, NotHealthy, Probe, best, probe, wait_healthy
+from bluegreen.config import Config, behind_front
+from bluegreen.health import (
+    Check,
+    Failures,
+    Monitor,
+    NotHealthy,
+    Probe,
+    best,
+    fallback_note,
+    probe,
+    wait_healthy,
+)
 
 
 class Server:
@@ -82,7 +93,8 @@ def test_probe_times_out_on_a_silent_server() -> None:
 
 def test_healthy_needs_consecutive_passes(server: Server) -> None:
     server.statuses = [200, 200, 500, 200, 200, 200]
-    assert asyncio.run(wait_healthy(server.port, FAST, running)) == 6
+    assert asyncio.run(wait_healthy(server.port, FAST, running)).ok
+    assert server.served == 6
 
 
 def test_flapping_never_becomes_healthy(server: Server) -> None:
@@ -126,7 +138,8 @@ def test_a_release_is_healthy_while_one_instance_passes() -> None:
 
 
 def test_a_check_is_the_configuration_s() -> None:
-    assert Check.of(Config()) == Check()
+    assert Check.of(Config()) == Check(strict=False)
+    assert Check.of(replace(Config(), app=replace(Config().app, health_path="/health"))) == Check()
     config = Config()
     config = replace(config, app=replace(config.app, health_path="/up", health_host="blog.test"),
                      health=replace(config.health, timeout=0.5, unhealthy_threshold=5))
@@ -183,3 +196,135 @@ def test_a_400_names_the_host_header_and_allowed_hosts(body: bytes) -> None:
     assert "Host: localhost" in result.reason and "ALLOWED_HOSTS" in result.reason
     assert "app.health_host" in result.reason
     assert (b"DisallowedHost" in body) == result.reason.startswith("HTTP 400 from /health: DisallowedHost")
+
+
+class Routes:
+    """A real HTTP server on loopback answering each path with the status the test gives it
+    (404 for any other), and keeping the headers of every request."""
+
+    def __init__(self, statuses: dict[str, int]) -> None:
+        self.statuses = statuses
+        self.asked: list[tuple[str, dict[str, str]]] = []
+        routes = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                routes.asked.append((self.path, dict(self.headers)))
+                status = routes.statuses.get(self.path, 404)
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "https://shop.example.com" + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def probe(self, config: Config) -> Probe:
+        try:
+            return asyncio.run(probe(self.port, replace(Check.of(config), timeout=1)))
+        finally:
+            self.httpd.shutdown()
+
+
+def with_app(**changes: Any) -> Config:
+    config = Config()
+    return replace(config, app=replace(config.app, **changes))
+
+
+@pytest.mark.parametrize("status", [200, 204, 301, 302, 308, 401, 403, 404])
+def test_an_app_without_health_is_checked_on_its_root_unless_health_path_is_set(status: int) -> None:
+    # A published app rarely has /health: unset, the check asks "/", where a redirect (to a
+    # login page, to https, APPEND_SLASH), a request for credentials or a 404 (an API that
+    # serves /api/... alone) proves it up too.
+    routes = Routes({"/": status})
+    result = routes.probe(Config())
+    assert result.ok and result.path == "/", result
+    assert [path for path, _ in routes.asked] == ["/health", "/"]
+    assert f"HTTP {status} from /" in result.reason and "/health" in result.reason
+
+
+@pytest.mark.parametrize("statuses", [{"/": 500}, {"/": 503}, {"/": 502}, {"/": 400}])
+def test_an_error_on_the_root_is_never_healthy(statuses: dict[str, int]) -> None:
+    result = Routes(statuses).probe(Config())
+    assert not result.ok and result.path == "/", result
+    assert f"HTTP {statuses['/']} from /" in result.reason, result.reason
+    assert "app.health_path" in result.reason, result.reason
+
+
+def test_a_health_route_that_fails_is_not_passed_over() -> None:
+    for status in (500, 503, 400):
+        routes = Routes({"/health": status, "/": 200})
+        assert not routes.probe(Config()).ok and [path for path, _ in routes.asked] == ["/health"]
+
+
+def test_an_app_with_health_is_checked_there_alone() -> None:
+    routes = Routes({"/health": 200, "/": 500})
+    result = routes.probe(Config())
+    assert result.ok and result.path == "/health" and [p for p, _ in routes.asked] == ["/health"]
+    assert not Routes({"/health": 500, "/": 200}).probe(Config()).ok
+
+
+@pytest.mark.parametrize("statuses", [{"/": 200}, {"/health": 302, "/": 200}])
+def test_a_health_path_set_is_strict_about_2xx_and_has_no_fallback(statuses: dict[str, int]) -> None:
+    routes = Routes(statuses)
+    result = routes.probe(with_app(health_path="/health"))
+    assert not result.ok and result.path == "/health", result
+    assert [path for path, _ in routes.asked] == ["/health"]
+
+
+def test_the_monitor_follows_the_same_decision_as_the_deploy() -> None:
+    routes = Routes({"/": 302})
+    seen: list[Probe] = []
+    changes: list[tuple[bool, str]] = []
+
+    async def on_probe(port: int, result: Probe) -> None:
+        seen.append(result)
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append((healthy, reason))
+
+    async def watch() -> None:
+        check = replace(Check.of(Config()), interval=0.01, timeout=1, unhealthy_threshold=1)
+        monitor = Monitor(check, lambda: (routes.port,), on_change, on_probe)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(monitor.run(), 0.3)
+
+    try:
+        asyncio.run(watch())
+    finally:
+        routes.httpd.shutdown()
+    assert seen and all(result.ok and result.path == "/" for result in seen), seen
+    assert changes == []
+
+
+def test_ready_says_once_which_path_it_checked() -> None:
+    routes = Routes({"/": 200})
+    check = replace(Check.of(Config()), interval=0.01, timeout=1, healthy_threshold=2)
+    try:
+        passed = asyncio.run(wait_healthy(routes.port, check, running))
+    finally:
+        routes.httpd.shutdown()
+    note = fallback_note(check, passed)
+    assert note is not None and "/health" in note and "app.health_path" in note, note
+    assert "checked on /" in note
+    assert fallback_note(check, Probe(True, "HTTP 200", "/health")) is None
+
+
+def test_checks_behind_the_front_say_https_as_the_front_does() -> None:
+    # Django's SECURE_SSL_REDIRECT, Flask-Talisman: plain http gets a redirect; the front's
+    # requests say X-Forwarded-Proto: https, which the instance believes from 127.0.0.1.
+    fronted = with_app(domains=("shop.example.com",), health_path="/health")
+    assert fronted.app.forwarded_allow_ips == "" and "127.0.0.1" in behind_front(
+        fronted).app.forwarded_allow_ips
+    routes = Routes({"/health": 200})
+    assert routes.probe(fronted).ok
+    headers = routes.asked[0][1]
+    assert headers.get("X-Forwarded-Proto") == "https" and headers["Host"] == "shop.example.com"
+    plain = Routes({"/health": 200})
+    assert plain.probe(with_app(health_path="/health")).ok
+    assert "X-Forwarded-Proto" not in plain.asked[0][1]

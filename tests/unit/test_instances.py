@@ -55,3 +55,35 @@ def test_socket_units_are_told_from_instances() -> None:
     assert instances.socket_port_of("bluegreen-app@8123.socket") == 8123
     assert instances.socket_port_of("bluegreen-app@8123.service") is None
     assert instances.port_of("bluegreen-app@8123.socket") is None
+
+
+class Restarting:
+    """An instance's unit as systemd shows it after ``restarts`` automatic restarts."""
+
+    def __init__(self, state: str, sub_state: str, restarts: int, result: str = "") -> None:
+        self.unit_status = UnitStatus(instances.unit(PORT), state, sub_state, result=result,
+                                      exec_main_status=1, restarts=restarts)
+
+    async def status(self, unit: str) -> UnitStatus:
+        return self.unit_status
+
+
+@pytest.mark.parametrize(("state", "sub_state", "restarts", "failed"), [
+    ("activating", "start", 0, None),  # booting
+    ("active", "running", 0, None),
+    ("activating", "start", 1, "restarted by systemd (1 time)"),  # booting again after a death
+    ("active", "running", 2, "restarted by systemd (2 times)"),
+    ("activating", "auto-restart", 1, "restarted by systemd (1 time)"),
+    ("failed", "failed", 0, "exited with status 1"),
+])
+def test_a_new_instance_that_died_while_starting_has_failed(
+        state: str, sub_state: str, restarts: int, failed: str | None) -> None:
+    # gunicorn 20.1 exits 1, not 3, when a second worker fails to boot while it halts for the
+    # first (an ASGI app's lifespan startup that fails in every worker): systemd restarts it,
+    # and a check that looks only between two restarts sees it running.
+    systemd = Restarting(state, sub_state, restarts, "exit-code" if state == "failed" else "")
+    found = asyncio.run(instances.boot_failure(systemd, PORT))  # type: ignore[arg-type]
+    if failed is None:
+        assert found is None
+    else:
+        assert found is not None and failed in found, found

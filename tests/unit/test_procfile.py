@@ -67,7 +67,7 @@ def test_the_web_lines_gunicorn_names_the_app(command: str, app: str) -> None:
     ("gunicorn -k uvicorn.workers.UvicornWorker main:app", "main:app"),
     ("gunicorn main:app --worker-class uvicorn_worker.UvicornWorker -w 4", "main:app"),
     ("gunicorn --worker-class=uvicorn.workers.UvicornH11Worker -b :8000 main:app", "main:app"),
-    ("exec uvicorn --app-dir src main:app", ""),  # another import root: not served as is
+    ("exec uvicorn --app-dir src main:app", "main:app"),  # imported from src: web_dir
     ("gunicorn -k gthread main:app", ""),  # WSGI
     # FastAPI's own command: a file, its app found by name (app unless --app says otherwise).
     ("fastapi run main.py --port $PORT", "main:app"),
@@ -167,3 +167,51 @@ def test_a_chained_web_line_that_ends_in_uvicorn_serves_asgi(tmp_path: Path) -> 
     assert found.release == "python manage.py migrate"
     assert found.web_steps[-1] == ("uvicorn mysite.asgi:application --port $PORT -> serves "
                                    "mysite.asgi:application")
+
+
+@pytest.mark.parametrize("web, app, directory, release", [
+    ("cd backend && gunicorn config.wsgi", "config.wsgi:application", "backend", ""),
+    ("gunicorn --chdir backend config.wsgi:application", "config.wsgi:application", "backend", ""),
+    ("gunicorn --chdir=./backend/ config.wsgi --log-file -", "config.wsgi:application", "backend", ""),
+    ("gunicorn --pythonpath backend config.wsgi", "config.wsgi:application", "backend", ""),
+    ("cd backend && python manage.py migrate --no-input && gunicorn config.wsgi",
+     "config.wsgi:application", "backend", "cd backend && python manage.py migrate --no-input"),
+    ("cd backend; gunicorn --chdir src config.wsgi", "config.wsgi:application", "backend/src", ""),
+    ("uvicorn --app-dir backend main:app --port $PORT", "main:app", "backend", ""),
+    ("gunicorn config.wsgi", "config.wsgi:application", "", ""),
+])
+def test_a_project_in_a_subdirectory_is_imported_from_it(tmp_path: Path, web: str, app: str,
+                                                         directory: str, release: str) -> None:
+    (tmp_path / "backend/src").mkdir(parents=True)
+    (tmp_path / "Procfile").write_text(f"web: {web}\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert (found.web, found.web_dir, found.release) == (app, directory, release)
+
+
+def test_the_web_lines_build_steps_run_in_its_directory(tmp_path: Path) -> None:
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "Procfile").write_text(
+        "web: cd backend && python manage.py collectstatic --no-input && gunicorn config.wsgi\n"
+        "release: cd backend && python manage.py migrate\n")
+    found = procfile.processes(tmp_path, "", {})
+    assert found.build == "cd backend && python manage.py collectstatic --no-input"
+    assert found.release == "cd backend && python manage.py migrate"
+    assert found.web_dir == "backend"
+    assert found.web_steps[0] == "cd backend -> the directory of the steps after it"
+    assert found.web_steps[-1] == "gunicorn config.wsgi -> serves config.wsgi:application in backend"
+
+
+@pytest.mark.parametrize("web", [
+    "cd ../elsewhere && gunicorn config.wsgi",
+    "cd /srv/app && gunicorn config.wsgi",
+    "gunicorn --chdir missing config.wsgi",
+    "gunicorn --chdir outside config.wsgi",
+    "cd $APP_DIR && gunicorn config.wsgi",
+])
+def test_the_web_apps_directory_lies_in_the_release(tmp_path: Path, web: str) -> None:
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "outside").symlink_to(tmp_path)
+    (release / "Procfile").write_text(f"web: {web}\n")
+    with pytest.raises(ProcfileError, match="web: "):
+        procfile.processes(release, "", {})
