@@ -243,7 +243,7 @@ def test_a_build_that_calls_the_deploy_endpoint_is_refused(box: Sandbox, app: Ap
         before = wait_serving(box)
         app.commit("A build that tries to deploy")
         record = wait_deployment(box, call(box, "Deploy", "s", ""))
-        assert record["state"] == "succeeded", record
+        assert record["state"] == "succeeded", (record["failed_step"], record["reason"])
         journal = box.journal(f"DEPLOYMENT_ID={record['id']}", "-o", "cat")
         assert all(line in journal for line in REFUSED), journal
         newer = [d for d in call(box, "ListDeployments", "u", "10")
