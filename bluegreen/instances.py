@@ -25,7 +25,9 @@ PATTERN = "bluegreen-app@*.service"
 SOCKET_PATTERN = "bluegreen-app@*.socket"
 _NAME = re.compile(r"bluegreen-app@(\d{1,5})\.service")
 _SOCKET_NAME = re.compile(r"bluegreen-app@(\d{1,5})\.socket")
-# The owner the kernel gives a listener systemd created (a socket unit's): root.
+# The owner the kernel gives a listener systemd created (a socket unit's): root. A
+# SO_REUSEPORT group takes only listeners of one owner, so beside the public listeners of
+# forwarder = "direct" no other kind of forwarder can listen.
 SYSTEMD_UID = 0
 # gunicorn's worker class for ASGI apps: uvicorn's from the release's environment, the drain
 # flag around the app (asgiworker.py).

@@ -363,7 +363,7 @@ class Forwarders:
             direct.forget(self.systemd, port)
             return
         public_port = config.ports.public
-        others = {sock.uid for sock in sockdiag.listeners(public_port)} - {direct.LISTENER_UID}
+        others = {sock.uid for sock in sockdiag.listeners(public_port)} - {instances.SYSTEMD_UID}
         if others:  # SO_REUSEPORT shares a port between sockets of one user only
             raise ForwarderError(
                 f"port {public_port} is held by another kind of forwarder (user {min(others)}): "

@@ -26,9 +26,6 @@ from bluegreen.forwarders import reuseport
 from bluegreen.systemd import Systemd
 
 DROPIN = "50-bluegreen-public.conf"
-# The owner the kernel gives the listeners systemd creates: root. A SO_REUSEPORT group takes
-# only listeners of one owner, so no other kind of forwarder can listen beside them.
-LISTENER_UID = 0
 HOOK = "/usr/bin/python3 -I -B -m bluegreen.forwarders.directhook"
 
 
