@@ -19,9 +19,10 @@ from bluegreen.release.venvs import Venvs
 
 
 def run_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Config,
-               build: str = "", files: tuple[str, ...] = ()) -> list[Command]:
+               build: str = "", files: tuple[str, ...] = (),
+               wsgi: str = "myproject.wsgi:application", web_dir: str = "") -> list[Command]:
     """The commands verify runs for a release holding ``files``, ``build`` being the steps the
-    Procfile's web line maps to the build."""
+    Procfile's web line maps to the build, ``web_dir`` the directory it serves from."""
     ran: list[Command] = []
 
     async def run(systemd: Any, command: Command, deployment_id: int | None = None) -> None:
@@ -38,10 +39,11 @@ def run_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Config,
     release = tmp_path / "release"
     release.mkdir()
     for name in files:
+        (release / name).parent.mkdir(parents=True, exist_ok=True)
         (release / name).write_text("")
     env = appenv.environment(config, "abc", release, None, 7)
     verifier = verify.Verifier(None, config, Venvs(tmp_path / "environments"), 7)  # type: ignore[arg-type]
-    asyncio.run(verifier.verify(release, env, "myproject.wsgi:application", build))
+    asyncio.run(verifier.verify(release, env, wsgi, build, web_dir=web_dir))
     return ran
 
 
@@ -123,21 +125,9 @@ def test_a_build_that_fails_for_a_secret_it_was_not_given_says_how_to_give_it(
 
 def test_a_django_project_in_a_subdirectory_is_built_and_imported_there(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ran: list[Command] = []
-
-    async def run(systemd: Any, command: Command, deployment_id: int | None = None) -> None:
-        ran.append(command)
-
-    monkeypatch.setattr(transient, "run", run)
-    monkeypatch.setattr(verify, "build_identity", lambda: (os.getuid(), os.getgid()))
-    monkeypatch.setattr(verify, "give_tree", lambda *args: None)
+    ran = run_verify(tmp_path, monkeypatch, settings(), files=("backend/manage.py",),
+                     wsgi="config.wsgi:application", web_dir="backend")
     release = tmp_path / "release"
-    (release / "backend").mkdir(parents=True)
-    (release / "backend/manage.py").write_text("")
-    config = settings()
-    env = appenv.environment(config, "abc", release, None, 7)
-    verifier = verify.Verifier(None, config, Venvs(tmp_path / "environments"), 7)  # type: ignore[arg-type]
-    asyncio.run(verifier.verify(release, env, "config.wsgi:application", web_dir="backend"))
     collect, imported = ran
     assert collect.what == "collectstatic" and collect.directory == release / "backend"
     assert collect.writable == [release]
