@@ -57,5 +57,6 @@ def test_each_instances_answers_carry_its_release_and_port() -> None:
             'le="+Inf"} 10') in lines
     assert f'bluegreen_app_response_duration_seconds_sum{{release="{"a" * 40}",port="8123"}} 1.5' in lines
     # The old instance first (by port), each family declared once.
-    assert text.index('port="8123"') < text.index('port="8200"')
+    responses = [line for line in lines if line.startswith("bluegreen_app_responses_total{")]
+    assert 'port="8123"' in responses[0] and 'port="8200"' in responses[-1]
     assert text.count("# TYPE bluegreen_app_responses_total counter") == 1
