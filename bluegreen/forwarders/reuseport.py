@@ -40,17 +40,27 @@ import contextlib
 import fcntl
 import json
 import struct
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Classic BPF opcodes (linux/filter.h) and the ancillary load of the packet's flow hash.
+# Classic BPF opcodes (linux/filter.h), the ancillary load of the packet's flow hash and the
+# base of loads relative to its network header.
 _LD_W_ABS = 0x20
+_LD_H_ABS = 0x28
+_LD_B_ABS = 0x30
+_ALU_AND_K = 0x54
+_ALU_MUL_K = 0x24
+_ALU_RSH_K = 0x74
 _ALU_MOD_K = 0x94
+_JMP_JA = 0x05
+_JMP_JEQ_K = 0x15
 _JMP_JGE_K = 0x35
 _RET_K = 0x06
 _RET_A = 0x16
 _SKF_AD_RXHASH = -0x1000 + 32
+_SKF_NET_OFF = -0x100000
+_GOLDEN = 0x9E3779B1  # Knuth's multiplicative hash: the high bits mix every bit of the key
 _BY_KERNEL_HASH = 0xFFFFFFFF  # an index no group has
 # A classic BPF program has at most BPF_MAXINSNS (4096) instructions: two per listener here.
 MAX_RECEIVERS = 2000
@@ -60,16 +70,40 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
-def program(slots: Sequence[int], weights: Mapping[int, int], *, closed: bool = False) -> bytes:
+def _connection_hash(flow_hash: bool = True) -> list[bytes]:
+    """Load a number that is the same for a connection's SYNs and spread over connections: the
+    packet's flow hash (skb->hash), or, when it has none (0: a NIC that computes none and no
+    RPS, as virtio-net without hash reports), the client's TCP port; then mixed, so that
+    the ports a client takes in steps of two still spread over any total. Without
+    ``flow_hash``, the port alone (to test that path on a host whose packets have a hash).
+
+    The port is read after an IPv4 header without options (a SYN carries none in practice)
+    or after the IPv6 header; a load that fails ends the program with 0, the first slot."""
+    load_port = [
+        _insn(_LD_B_ABS, _SKF_NET_OFF),  # the IP version, in the high four bits
+        _insn(_ALU_AND_K, 0xF0),
+        _insn(_JMP_JEQ_K, 0x60, jt=2),
+        _insn(_LD_H_ABS, _SKF_NET_OFF + 20),
+        _insn(_JMP_JA, 1),
+        _insn(_LD_H_ABS, _SKF_NET_OFF + 40),
+    ]
+    mix = [_insn(_ALU_MUL_K, _GOLDEN), _insn(_ALU_RSH_K, 16)]
+    if not flow_hash:
+        return load_port + mix
+    return [_insn(_LD_W_ABS, _SKF_AD_RXHASH),
+            _insn(_JMP_JEQ_K, 0, jf=len(load_port)), *load_port, *mix]
+
+
+def program(slots: Sequence[int], weights: Mapping[int, int], *, closed: bool = False,
+            flow_hash: bool = True) -> bytes:
     """The cBPF program that gives new connections to the listeners of ``slots`` (slot order)
     with a positive weight, each in proportion to it.
 
     No such listener: the kernel's hash over the whole group (as with no program). All of them,
     equal weights: the same, unless the group is ``closed`` to listeners that join after it
-    (they would share the kernel's hash). One: every connection to its slot. Several: the packet's flow hash
-    (skb->hash; a connection's SYNs share it) modulo the total weight picks one: with a weight
-    in percent, a listener takes that share. A packet without a hash (0: a NIC that computes
-    none, no RPS) goes to the first of them, still one that should receive.
+    (they would share the kernel's hash). One: every connection to its slot. Several: a hash of
+    the connection (see _connection_hash) modulo the total weight picks one: with weights
+    that add up to 1000, a listener takes its weight in thousandths.
     """
     receiving = [(slot, weights[member]) for slot, member in enumerate(slots)
                  if weights.get(member, 0) > 0]
@@ -81,7 +115,7 @@ def program(slots: Sequence[int], weights: Mapping[int, int], *, closed: bool = 
     if len(receiving) == 1:
         return _insn(_RET_K, receiving[0][0])
     total = sum(weight for _, weight in receiving)
-    code = [_insn(_LD_W_ABS, _SKF_AD_RXHASH), _insn(_ALU_MOD_K, total)]
+    code = [*_connection_hash(flow_hash), _insn(_ALU_MOD_K, total)]
     bound = 0
     for slot, weight in receiving[:-1]:
         bound += weight
@@ -101,7 +135,9 @@ class Group:
     ``targets``: the instance port each forwarder carries to (known from its start hook);
     ``owners``: the process that holds each listener; ``closing``: listeners on their way out.
     ``exact`` is False once the slots can no longer be known (see reconcile). ``admitted``:
-    the instances whose listeners may receive (the direct group's), None for every one."""
+    the instances whose listeners may receive (the direct group's), None for every one.
+    ``shares``: during a canary, each receiving instance's weight (canary.py's split of the
+    new connections between the two releases); empty: equal weights."""
 
     slots: list[int] = field(default_factory=list)
     targets: dict[int, int] = field(default_factory=dict)
@@ -109,6 +145,7 @@ class Group:
     closing: set[int] = field(default_factory=set)
     exact: bool = True
     admitted: set[int] | None = None
+    shares: dict[int, int] = field(default_factory=dict)
 
     def join(self, inode: int) -> None:
         if inode not in self.slots:
@@ -153,10 +190,17 @@ class Group:
         any listener not closing (not so in a group that admits: nobody)."""
         open_ = [inode for inode in self.slots if inode not in self.closing]
         if self.admitted is not None:
-            return dict.fromkeys((inode for inode in open_
-                                  if self.targets.get(inode) in self.admitted), 1)
+            return self._weighted(inode for inode in open_
+                                  if self.targets.get(inode) in self.admitted)
         wanted = [inode for inode in open_ if self.targets.get(inode) not in retired]
-        return dict.fromkeys(wanted or open_, 1)
+        return self._weighted(wanted) or self._weighted(open_) or dict.fromkeys(open_, 1)
+
+    def _weighted(self, inodes: Iterable[int]) -> dict[int, int]:
+        """``inodes`` with their instance's share (1 each without shares), those at 0 left out."""
+        if not self.shares:
+            return dict.fromkeys(inodes, 1)
+        weighted = {inode: self.shares.get(self.targets.get(inode, -1), 1) for inode in inodes}
+        return {inode: weight for inode, weight in weighted.items() if weight > 0}
 
     def program(self, retired: Collection[int] = ()) -> bytes:
         if not self.exact:
@@ -167,7 +211,8 @@ class Group:
         return {"slots": self.slots, "targets": {str(k): v for k, v in self.targets.items()},
                 "owners": {str(k): v for k, v in self.owners.items()},
                 "closing": sorted(self.closing), "exact": self.exact,
-                **({} if self.admitted is None else {"admitted": sorted(self.admitted)})}
+                **({} if self.admitted is None else {"admitted": sorted(self.admitted)}),
+                **({"shares": {str(k): v for k, v in self.shares.items()}} if self.shares else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Group:
@@ -183,7 +228,7 @@ class Group:
         assert admitted is None or isinstance(admitted, list)
         return cls([int(i) for i in slots], table("targets"), table("owners"),
                    {int(i) for i in closing}, bool(data.get("exact", True)),
-                   None if admitted is None else {int(i) for i in admitted})
+                   None if admitted is None else {int(i) for i in admitted}, table("shares"))
 
 
 class Records:

@@ -154,6 +154,54 @@ def test_a_canary_gets_its_share(forwarders: Callable[[int], Forwarder]) -> None
     assert sum(got) == 200 and 20 <= got[1] <= 80, got
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_without_a_flow_hash_the_clients_port_spreads_a_canary(host: str) -> None:
+    """Packets from a NIC that computes no hash (skb->hash 0) are spread by the client's port:
+    the program's other path, taken here for every packet."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listeners = []
+    for _ in range(2):
+        sock = socket.socket(family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, listeners[0].getsockname()[1] if listeners else 0))
+        sock.listen(1024)
+        listeners.append(sock)
+    port = listeners[0].getsockname()[1]
+    try:
+        code = reuseport.program([1, 2], {1: 750, 2: 250}, flow_hash=False)
+        sockdiag.attach_reuseport_program(listeners[0], code)
+        clients = [socket.create_connection((host, port)) for _ in range(400)]
+        got = []
+        for sock in listeners:
+            sock.setblocking(False)
+            accepted = 0
+            while True:
+                try:
+                    sock.accept()[0].close()
+                except BlockingIOError:
+                    break
+                accepted += 1
+            got.append(accepted)
+        for client in clients:
+            client.close()
+    finally:
+        for sock in listeners:
+            sock.close()
+    assert sum(got) == 400 and 60 <= got[1] <= 140, got  # 25 % of 400: 100
+
+
+def test_a_canary_group_weighs_each_instance_by_its_share() -> None:
+    group = Group([1, 2, 3], targets={1: 8001, 2: 8002, 3: 8003}, shares={8001: 750, 8002: 250})
+    assert group.weights() == {1: 750, 2: 250, 3: 1}
+    assert group.weights(retired={8002}) == {1: 750, 3: 1}
+    group.shares = {8001: 0, 8002: 1000}  # an aborted canary's, or a promoted one's
+    assert group.weights() == {2: 1000, 3: 1}
+    direct = Group([1, 2], targets={1: 8001, 2: 8002}, admitted={8001, 8002},
+                   shares={8001: 750, 8002: 250})
+    assert direct.weights() == {1: 750, 2: 250}
+    assert Group.from_json(direct.to_json()) == direct
+
+
 def _listener(forwarder: Forwarder) -> tuple[sockdiag.TcpSocket, int]:
     fds = sockdiag.socket_fds(forwarder.pid)
     (sock,) = sockdiag.held_by(sockdiag.listeners(forwarder.port), [forwarder.inode])
@@ -214,7 +262,9 @@ def test_the_program_for_each_shape() -> None:
     assert reuseport.program([7, 8], {7: 1, 8: 1}) == by_hash  # everybody, evenly
     assert reuseport.program([7, 8, 9], {9: 1, 8: 0}) == bytes.fromhex("0600000002000000")  # ret #2
     several = reuseport.program([7, 8, 9], {7: 1, 9: 1})
-    assert reuseport.instructions(several) == 5  # ld rxhash; mod #2; jge #1; ret #0; ret #2
+    # The connection's hash (10: the flow hash, else the client's port, mixed); mod #2;
+    # jge #1; ret #0; ret #2
+    assert reuseport.instructions(several) == 14
     with pytest.raises(ValueError):
         reuseport.program(list(range(3000)), dict.fromkeys(range(1, 3000), 1))
 
@@ -236,7 +286,7 @@ def test_a_group_that_admits_names_its_receivers_even_when_they_are_all_it_has()
     assert group.weights() == {1: 1, 2: 1}
     code = group.program()
     assert code != reuseport.program([], {})  # not the kernel's hash: a newcomer would share it
-    assert reuseport.instructions(code) == 5
+    assert reuseport.instructions(code) == 14
     group.admitted = {8002}
     assert group.program() == bytes.fromhex("0600000001000000")  # ret #1
     group.admitted = set()
