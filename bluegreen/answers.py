@@ -8,8 +8,9 @@ call. gunicornconf.py's hooks count for WSGI apps, asgidrain.py for ASGI ones; a
 ends in an exception counts as a 5xx, the 500 gunicorn or uvicorn answers it with.
 
 The controller sums the files of an instance (``read``): for /metrics, with each instance's
-release, and to compare a canary's answers with the old release's. Counting never fails a
-request: without a writable directory nothing is counted.
+release, and to compare a canary's answers with the old release's. bluegreen's own health
+checks are not counted. Counting never fails a request: without a writable directory nothing
+is counted.
 
 Kept free of bluegreen's other modules: it is imported by every worker of every instance.
 """
@@ -23,6 +24,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The User-Agent of bluegreen's own health checks (health.py), whose answers are not counted:
+# they would dilute a canary's error rate with requests no client made.
+HEALTH_AGENT = "bluegreen-health"
 ROOT = Path("/run/bluegreen-app")  # RuntimeDirectory=bluegreen-app/%i of the instance unit
 PREFIX = "answers."
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")

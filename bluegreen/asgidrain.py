@@ -30,6 +30,8 @@ from typing import Any
 
 from bluegreen import answers
 
+_HEALTH_AGENT = answers.HEALTH_AGENT.encode()
+
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -80,7 +82,11 @@ class Drain:
             await self._websocket(scope, receive, send)
 
     async def _http(self, scope: Message, receive: Receive, send: Send) -> None:
-        """The app's answer, counted once it is sent (or the app failed)."""
+        """The app's answer, counted once it is sent (or the app failed); not so for
+        bluegreen's own health checks."""
+        if (b"user-agent", _HEALTH_AGENT) in scope.get("headers", ()):
+            await self.app(scope, receive, send)
+            return
         started = time.monotonic()
         status: list[int] = []
 

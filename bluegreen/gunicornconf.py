@@ -66,7 +66,10 @@ def _keepalive_off(cfg: Any, off: bool) -> None:
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """Count the answer: its status (none: the app failed, and gunicorn answers 500) and how
-    long it took. gunicorn calls it whether the app returned or raised."""
+    long it took. gunicorn calls it whether the app returned or raised. bluegreen's own
+    health checks are not counted."""
+    if ("USER-AGENT", answers.HEALTH_AGENT) in getattr(req, "headers", ()):
+        return
     started = getattr(req, "bluegreen_started", None)
     elapsed = time.monotonic() - started if started is not None else 0.0
     status = getattr(resp, "status_code", None) if resp is not None else None

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from bluegreen import answers
 from bluegreen.config import Config
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ async def _ask(port: int, check: Check, path: str) -> tuple[Probe, int | None]:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{forwarded}"
-                         "User-Agent: bluegreen-health\r\nConnection: close\r\n\r\n".encode())
+                         f"User-Agent: {answers.HEALTH_AGENT}\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
             line = await reader.readline()
         answer = await _rest(reader, timeout) if line.split(None, 2)[1:2] == [b"400"] else b""

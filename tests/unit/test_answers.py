@@ -60,6 +60,7 @@ def test_an_instance_that_is_gone_or_cannot_count_has_no_answers(
 
 class Request:
     method, path = "GET", "/"
+    headers: list[tuple[str, str]] = [("HOST", "localhost")]
 
 
 class Response:
@@ -84,6 +85,24 @@ def test_the_gunicorn_hooks_count_each_answer_a_failed_one_as_5xx(instance: Path
         gunicornconf.post_request(Worker(), request, {}, Response(status))
     total = answers.read(8123, instance.parent)
     assert total.classes["2xx"] == 1 and total.classes["5xx"] == 1
+
+
+def test_bluegreens_own_health_checks_are_not_counted(instance: Path) -> None:
+    probe = Request()
+    probe.headers = [("HOST", "localhost"), ("USER-AGENT", answers.HEALTH_AGENT)]
+    gunicornconf.pre_request(Worker(), probe)
+    gunicornconf.post_request(Worker(), probe, {}, Response(200))
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def ignore(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "path": "/health",
+             "headers": [(b"user-agent", answers.HEALTH_AGENT.encode())]}
+    asyncio.run(asgidrain.Drain(app, None)(scope, ignore, ignore))
+    assert answers.read(8123, instance.parent).count == 0
 
 
 def test_the_asgi_wrapper_counts_each_answer_a_failed_one_as_5xx(instance: Path) -> None:
