@@ -113,14 +113,22 @@ class Client:
         """Every app's status (its Manager object's properties), by name, the default app first."""
         return {name: await Client(self.bus, name).status() for name in await self.apps()}
 
-    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
+    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False,
+                     canary: float | None = None) -> str:
         options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
+        if canary is not None:
+            options["canary"] = Variant("d", canary)
         (deployment_id,) = await self._call("DeployWithOptions", "sa{sv}", [ref, options])
         return str(deployment_id)
 
     async def rollback(self, target: str = "", trigger: str = "dbus", wait: bool = False) -> str:
         options = {"trigger": Variant("s", trigger), "wait": Variant("b", wait)}
         (deployment_id,) = await self._call("RollbackWithOptions", "sa{sv}", [target, options])
+        return str(deployment_id)
+
+    async def promote(self) -> str:
+        """End the canary under way with a promotion; its deployment's id."""
+        (deployment_id,) = await self._call("Promote")
         return str(deployment_id)
 
     async def reload(self) -> list[dict[str, str]]:

@@ -163,6 +163,18 @@ class FrontConfig:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    """A deploy's canary (canary.py): the new release gets ``share`` of new connections for
+    ``duration`` seconds, then is promoted, or aborted when its error rate exceeds the old
+    release's by more than ``max_error_rate``. A share of 0: no canary."""
+
+    share: float = 0.0
+    duration: float = 60.0
+    max_error_rate: float = 0.05
+    min_requests: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     repository: RepositoryConfig = RepositoryConfig()
     app: AppConfig = AppConfig()
@@ -171,6 +183,7 @@ class Config:
     health: HealthConfig = HealthConfig()
     release: ReleaseConfig = ReleaseConfig()
     front: FrontConfig = FrontConfig()
+    canary: CanaryConfig = CanaryConfig()
     forwarder: Forwarder = Forwarder.SOCAT
     drain_timeout: float = 30.0
     post_switch_watch: float = 10.0
@@ -200,6 +213,29 @@ def _number(minimum: float, maximum: float) -> Callable[[Any], float]:
         return float(value)
 
     return parse
+
+
+def parse_share(value: Any) -> float:
+    """A share of traffic: a number from 0 to 1, or a percentage ("25%", also on the command
+    line)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage") from None
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a share (0.25 or \"25%\")") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError("must be a share from 0 to 1, or a percentage (\"25%\")")
+    if not 0 <= number < 1 or number != number:
+        raise ValueError(f"{value!r}: a canary's share is from 0 (none) to below 1 (100 % is "
+                         "a plain deploy)")
+    return number
 
 
 def _integer(minimum: int, maximum: int) -> Callable[[Any], int]:
@@ -569,6 +605,20 @@ KEYS: tuple[Key, ...] = (
     Key("front", "acme_ca_root", _absolute_path,
         "A PEM file of the root certificates the ACME server's own TLS chains to, for a "
         "private CA. Empty: the system's."),
+    Key("canary", "share", parse_share,
+        "Share of new connections the new release gets first, from 0 to 1 or as \"25%\" "
+        "(0: no canary). Above 0 every deploy that replaces a serving release is a canary; "
+        "`bluegreenctl deploy --canary` sets it for one deploy."),
+    Key("canary", "duration", _number(1, 86400),
+        "Seconds the canary runs before it is promoted (earlier when its errors already "
+        "decide, or `bluegreenctl promote`)."),
+    Key("canary", "max_error_rate", _number(0, 1),
+        "How far the new release's share of 5xx answers may exceed the old release's over the "
+        "canary (0.05: five percentage points) before it is aborted."),
+    Key("canary", "min_requests", _integer(0, 100000000),
+        "Answers of the new release below which its error rate decides nothing: the decision "
+        "waits for them, up to canary.duration; then the canary is promoted on its health "
+        "checks alone, and the record says so."),
     Key(None, "forwarder", _choice(Forwarder),
         "What carries the public port to the instance: \"socat\" (a process per connection), "
         "\"proxy\" (bluegreen's own, one asyncio process; faster with short connections) or "
@@ -594,6 +644,7 @@ _APPLIES: dict[str, Applies] = {
     # The front's routes; the public port's address and the trust follow at the next deploy.
     "app.domains": Applies.NOW,
     "front": Applies.NOW,
+    "canary": Applies.NOW,
     "ports.public": Applies.NEXT_DEPLOY,
     "ports.public_address": Applies.NEXT_DEPLOY,
     "ports.max_connections": Applies.NEXT_DEPLOY,
@@ -682,6 +733,7 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
         health=section(HealthConfig, "health"),
         release=section(ReleaseConfig, "release"),
         front=section(FrontConfig, "front"),
+        canary=section(CanaryConfig, "canary"),
         source=source,
         **{key: value for (sec, key), value in parsed.items() if sec is None},
     )
@@ -693,6 +745,9 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     if config.app.domains and config.forwarder == Forwarder.HAPROXY:
         raise error("app", "domains", "the front needs forwarder = \"socat\" or \"proxy\" "
                     "(haproxy replaces the X-Forwarded-* headers the front sets)")
+    if config.canary.share and config.forwarder == Forwarder.HAPROXY:
+        raise error("canary", "share", "a canary needs forwarder = \"socat\", \"proxy\" or "
+                    "\"direct\", whose steering gives each release its share")
     if config.app.asgi and config.app.wsgi:
         raise error("app", "asgi", "app.wsgi names the app already: set one of the two")
     if config.health.timeout > config.health.deadline:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from bluegreen import answers, instances, pool, reconcile, refresher
+from bluegreen import canary as canary_module
 from bluegreen import log as logsetup
 from bluegreen import recorder as recorder_module
 from bluegreen.config import Config
@@ -26,7 +27,7 @@ from bluegreen.metrics import Metrics
 from bluegreen.parts import Parts, Paths
 from bluegreen.recorder import Recorder
 from bluegreen.recovery import Recovery
-from bluegreen.refusals import Busy, NotConfigured
+from bluegreen.refusals import Busy, NoCanary, NotConfigured
 from bluegreen.release.repository import RepositoryError, validate_ref
 from bluegreen.serving import Serving
 from bluegreen.settings import Settings
@@ -154,8 +155,10 @@ class Controller:
 
     # --- deploying -------------------------------------------------------------------------
 
-    async def request_deploy(self, ref: str, trigger: Trigger, wait: bool = False) -> Deployment:
-        """Resolve ``ref`` and start deploying it; return the new record at once.
+    async def request_deploy(self, ref: str, trigger: Trigger, wait: bool = False,
+                             canary: float | None = None) -> Deployment:
+        """Resolve ``ref`` and start deploying it; return the new record at once. ``canary``:
+        the share of new connections the new release takes first (None: canary.share).
 
         Raises InvalidRef/UnknownRef/RepositoryError (nothing recorded, nothing changed),
         Busy while another deployment runs (unless ``wait``: then it waits for that one to
@@ -171,6 +174,7 @@ class Controller:
             recorder = self.recorder = recorder_module.begin(
                 self.history, ref or self.settings.in_effect.repository.branch, trigger, commit,
                 self.serving, started, self.settings.in_file, self._on_step)
+            recorder.canary_share = canary
             self._changed()
         finally:
             self._preparing = None
@@ -188,7 +192,8 @@ class Controller:
         logsetup.APP.set(self.app)
         current = self.current
         if current is not None and _is_switch_back(current, target):
-            reason = "switched back by the operator" + (f" ({who})" if who else "")
+            done = "aborted" if current.steps[-1].step == Step.CANARY else "switched back"
+            reason = f"{done} by the operator" + (f" ({who})" if who else "")
             if self.deployer.ask_switch_back(reason):
                 log.warning("deployment %d: %s", current.id, reason,
                             extra=fields(deployment_id=current.id, release=current.commit))
@@ -199,6 +204,22 @@ class Controller:
             self._claim(target)  # raises Busy, naming the running deployment
         sha = self.catalog.rollback_commit(target, self.serving.release if self.serving else "")
         return await self.request_deploy(sha, Trigger.ROLLBACK, wait)
+
+    def request_promote(self, who: str = "") -> Deployment:
+        """End the canary under way early with a promotion; return its deployment's record.
+
+        Raises NoCanary when none runs."""
+        current = self.current
+        reason = "promoted by the operator" + (f" ({who})" if who else "")
+        if current is None or not self.deployer.analysis.promote(reason):
+            raise NoCanary("no canary is under way: nothing to promote")
+        log.warning("deployment %d: canary %s", current.id, reason,
+                    extra=fields(deployment_id=current.id, release=current.commit))
+        return current
+
+    def canary(self) -> canary_module.Reading | None:
+        """Where the canary under way stands (None: none runs)."""
+        return self.deployer.analysis.reading
 
     async def _claim_when_idle(self, what: str, wait: bool) -> None:
         # Right after a (re)start, the clean-up of what was left over is usually done in a few
@@ -441,7 +462,9 @@ class Controller:
 
 
 def _is_switch_back(current: Deployment, target: str) -> bool:
-    """Whether a rollback to ``target`` asks for the release ``current`` is watched against."""
-    if not current.previous_release or not current.steps or current.steps[-1].step != Step.WATCH:
+    """Whether a rollback to ``target`` asks for the release ``current`` is watched (or its
+    canary runs) against."""
+    if not current.previous_release or not current.steps or \
+            current.steps[-1].step not in (Step.CANARY, Step.WATCH):
         return False
     return target == "" or (len(target) >= 7 and current.previous_release.startswith(target))

@@ -2,12 +2,14 @@
 
     materialize the release -> verify it (its Python environment, build, import, check) ->
     migrate: the release phase -> start bluegreen-app@PORT on a free port (app.instances of
-    them) -> health-check each -> switch: start the forwarder to each PORT -> drain: stop the
-    old forwarders, wait for the old instances' connections to end -> watch the new release
-    (the old instances still run) -> workers: start the new release's, stop the old one's ->
-    stop the old instances
+    them) -> health-check each -> canary (if asked): the new release takes a share of new
+    connections until its answers promote or abort it (canary.py) -> switch: start the
+    forwarder to each PORT -> drain: stop the old forwarders, wait for the old instances'
+    connections to end -> watch the new release (the old instances still run) -> workers:
+    start the new release's, stop the old one's -> stop the old instances
 
-Until the switch, a failure stops the new instances and the old release never stops serving.
+Until the switch, a failure stops the new instances and the old release never stops serving;
+an aborted canary's requests in flight finish first.
 If the new release turns unhealthy while watched, traffic goes back to the old instances,
 which are still warm. Trouble stopping the old instance is logged and left to the
 controller's reconciliation; any other failure past the switch raises Unsettled, and the
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bluegreen import drainflag, health, instances, ports, sockdiag, switchback, workers
+from bluegreen import canary, drainflag, health, instances, ports, sockdiag, switchback, workers
 from bluegreen.config import Config, Forwarder
 from bluegreen.forwarders import control
 from bluegreen.forwarders.control import ForwarderError
@@ -84,6 +86,8 @@ class Deployer:
     switch_back_asked: asyncio.Event = field(default_factory=asyncio.Event)
     switch_back_reason: str = ""
     watching: bool = False
+    # The canary under way, if any: where it stands, and an operator's promotion.
+    analysis: canary.Analysis = field(default_factory=canary.Analysis)
 
     async def deploy(self, serving: Serving | None, config: Config, recorder: Recorder,
                      skip_release_phase: str | None = None) -> Serving:
@@ -106,8 +110,12 @@ class Deployer:
                 passed = await asyncio.gather(*(self.wait_healthy(port, config)
                                                 for port in new.ports))
                 self.tell_health_path(passed[0], config, recorder)
+            share = self.canary_share(serving, config, recorder)
+            if serving is not None and share:
+                async with recorder.step(Step.CANARY, new.port):
+                    await self.canary(new, serving, share, config, recorder)
             async with recorder.step(Step.SWITCH, new.port):
-                await self.switch(new, config)
+                await self.switch(new, config, after_canary=bool(share))
         except _STEP_ERRORS as exc:
             await self.abandon(started, serving, config, recorder.current)
             raise DeployFailed(recorder.current, self.redact(_reason(exc))) from None
@@ -232,8 +240,73 @@ class Deployer:
             avoid.add(port)
         raise AssertionError("unreachable")
 
-    async def switch(self, new: Serving, config: Config) -> None:
-        """Start the forwarders from the public port to each new instance."""
+    def canary_share(self, serving: Serving | None, config: Config, recorder: Recorder) -> float:
+        """The share of new connections the new release takes first: the deployment's own, else
+        canary.share; none for a deploy that replaces nothing, nor for a rollback, a recovery
+        or the start-up's (they put back a release that served)."""
+        asked = recorder.canary_share
+        share = config.canary.share if asked is None else asked
+        if not share:
+            return 0.0
+        why_not = ("nothing serves to compare it with" if serving is None else
+                   "a rollback, a recovery or a start-up deploy runs none"
+                   if recorder.record.trigger in (Trigger.ROLLBACK, Trigger.RECOVERY,
+                                                  Trigger.STARTUP) else "")
+        if why_not:
+            if asked:
+                recorder.note(f"no canary: {why_not}")
+            return 0.0
+        recorder.canary_share = share
+        return share
+
+    async def canary(self, new: Serving, old: Serving, share: float, config: Config,
+                     recorder: Recorder) -> None:
+        """Give the new release ``share`` of new connections until its answers (or the
+        operator) promote it, then return; abort it otherwise: new connections go back to the
+        old release, the canary's requests in flight finish, it stops, and DeployFailed says
+        why with both releases' error rates."""
+        await self.check_switch(new, config)
+        # A controller that dies during the canary keeps the old release (reconcile.py).
+        switchback.record(self.run_dir, config.app_name, recorder.record.id)
+        before = canary.answered(new.ports), canary.answered(old.ports)
+        await self.forwarders.start_canary(new.ports, canary.weights(new.ports, old.ports, share),
+                                           config)
+        log.info("canary: port %d gives %.0f%% of new connections to %s on %s for up to %g s",
+                 config.ports.public, share * 100, new.release[:12], new.describe(),
+                 config.canary.duration, extra=fields(deployment_id=recorder.record.id,
+                                                      release=new.release, port=new.port))
+        check = health.Check.of(config)
+        failures = {port: health.Failures() for port in new.ports}
+        self.watching = True  # an operator's rollback aborts it
+        try:
+            decision = await self.analysis.run(
+                new.ports, old.ports, before, share, config.canary, check.interval,
+                lambda: self.trouble(new.ports, failures, check),
+                self.switch_back_asked, lambda: self.switch_back_reason)
+        finally:
+            self.watching = False
+        if decision.verdict == canary.Verdict.PROMOTE:
+            log.info("deployment %d: %s", recorder.record.id, decision.reason,
+                     extra=fields(deployment_id=recorder.record.id, release=new.release))
+            recorder.note(decision.reason)
+            switchback.clear(self.run_dir, config.app_name)
+            return
+        log.warning("deployment %d: canary aborted: %s", recorder.record.id, decision.reason,
+                    extra=fields(deployment_id=recorder.record.id, release=new.release))
+        for port in new.ports:  # keep-alive clients of the canary leave at their next request
+            drainflag.put(self.run_dir, port)
+        try:
+            await self.forwarders.end_canary(old.ports, config)
+            for port in new.ports:
+                await self.forwarders.drain(port, config)
+        finally:
+            await self.stop_instances(list(new.ports))
+        switchback.clear(self.run_dir, config.app_name)
+        raise DeployFailed(Step.CANARY, f"canary aborted: {decision.reason}")
+
+    async def check_switch(self, new: Serving, config: Config) -> None:
+        """Refuse to give the public port's traffic to ``new`` if it is not ours to give; write
+        the forwarders' settings the switch is to use."""
         for port in new.ports:
             stranger = await instances.foreign_listener(self.systemd, port)
             if stranger:  # never route traffic to a process bluegreen did not start
@@ -250,6 +323,14 @@ class Deployer:
             log.info("port %d stays on 0.0.0.0, where it is served now; set "
                      "ports.public_address = \"::\" to add IPv6 (the switch that moves it "
                      "resets the connections queued then)", public)
+
+    async def switch(self, new: Serving, config: Config, after_canary: bool = False) -> None:
+        """Give every new connection of the public port to the new instances: start their
+        forwarders, or, after a canary, which already has them, weigh them alone."""
+        if after_canary:
+            await self.forwarders.end_canary(new.ports, config)
+            return
+        await self.check_switch(new, config)
         await self.forwarders.switch_to(new.ports, config)
 
     async def drain(self, old_ports: tuple[int, ...], config: Config, deployment_id: int) -> None:
@@ -291,23 +372,31 @@ class Deployer:
                 return self.switch_back_reason
             if all([await instances.failure(self.systemd, port) for port in old_ports]):
                 return None  # nothing to go back to: keep the new release
-            for new_port in new_ports:
-                failure = await instances.failure(self.systemd, new_port)
-                if failure:
-                    return failure
-                # A death systemd has already made good (Restart=) between two checks: the
-                # instance may answer again, but the release died once under traffic.
-                restarts = (await self.systemd.status(instances.unit(new_port))).restarts
-                if restarts:
-                    return (f"{instances.unit(new_port)} died and was restarted by systemd "
-                            f"({restarts} times) since the deploy started it")
-                unhealthy = failures[new_port].count(await health.probe(new_port, check),
-                                                     check.unhealthy_threshold)
-                if unhealthy:
-                    return unhealthy
+            trouble = await self.trouble(new_ports, failures, check)
+            if trouble:
+                return trouble
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.switch_back_asked.wait(), check.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
+
+    async def trouble(self, new_ports: tuple[int, ...], failures: dict[int, health.Failures],
+                      check: health.Check) -> str | None:
+        """Why the new instances, serving, fail the release now (None: they do not)."""
+        for new_port in new_ports:
+            failure = await instances.failure(self.systemd, new_port)
+            if failure:
+                return failure
+            # A death systemd has already made good (Restart=) between two checks: the
+            # instance may answer again, but the release died once under traffic.
+            restarts = (await self.systemd.status(instances.unit(new_port))).restarts
+            if restarts:
+                return (f"{instances.unit(new_port)} died and was restarted by systemd "
+                        f"({restarts} times) since the deploy started it")
+            unhealthy = failures[new_port].count(await health.probe(new_port, check),
+                                                 check.unhealthy_threshold)
+            if unhealthy:
+                return unhealthy
+        return None
 
     def ask_switch_back(self, reason: str) -> bool:
         """An operator's rollback during the watch: end it now and switch back to the old
@@ -364,13 +453,15 @@ class Deployer:
                       failed: Step) -> None:
         """A deploy that did not get past its switch: what forwards is what serves, the old
         release alone, and the new instances stop."""
-        if failed == Step.SWITCH:
+        if failed in (Step.CANARY, Step.SWITCH):
             try:
                 await self.forwarders.switch_back(new_ports, serving.ports if serving else (),
                                                   config)
             except (SystemdError, ForwarderError) as exc:
                 log.error("the forwarders of the failed switch are not all undone: %s", exc)
         await self.stop_instances(new_ports)
+        if failed == Step.CANARY:
+            switchback.clear(self.run_dir, config.app_name)
 
     async def stop_instances(self, ports: list[int]) -> None:
         """Stop instances that are not to serve."""

@@ -50,6 +50,7 @@ class Step(StrEnum):
     MIGRATE = "migrate"
     START = "start"
     HEALTH = "health"
+    CANARY = "canary"  # the new release takes a share of the traffic first (canary.py)
     SWITCH = "switch"
     DRAIN = "drain"
     WATCH = "watch"

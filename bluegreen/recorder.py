@@ -47,6 +47,7 @@ _STEP_TEXT = {
     Step.MIGRATE: "running the release phase of {commit}",
     Step.START: "starting {instance}",
     Step.HEALTH: "checking {health} on port {port}",
+    Step.CANARY: "canary: port {public} gives {share} of new connections to port {port}",
     Step.SWITCH: "switching port {public} to port {port}",
     Step.DRAIN: "draining the old forwarder and instance on port {port}",
     Step.WATCH: "watching the new release on port {port}",
@@ -54,7 +55,7 @@ _STEP_TEXT = {
     Step.WORKERS: "starting the workers of {commit}, stopping the old ones",
     Step.STOP_OLD: "stopping the old instance {instance}",
 }
-_FORWARDER_STEPS = (Step.SWITCH, Step.DRAIN, Step.SWITCH_BACK)
+_FORWARDER_STEPS = (Step.CANARY, Step.SWITCH, Step.DRAIN, Step.SWITCH_BACK)
 
 
 def save(history: History, record: Deployment) -> None:
@@ -94,6 +95,8 @@ class Recorder:
         self.observe = observe
         self.current = Step.RESOLVE
         self._unreported: Step | None = None
+        # The canary's share asked for this deployment; None: canary.share of its settings.
+        self.canary_share: float | None = None
 
     @contextlib.asynccontextmanager
     async def step(self, step: Step, port: int | None = 0) -> AsyncIterator[None]:
@@ -146,7 +149,8 @@ class Recorder:
         config = self.config
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,
-            health=config.app.health_path or health.HEALTH_PATH, public=config.ports.public)
+            health=config.app.health_path or health.HEALTH_PATH, public=config.ports.public,
+            share=f"{self.canary_share or 0:.0%}")
         unit = control.unit(port, config.forwarder) if step in _FORWARDER_STEPS \
             else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,

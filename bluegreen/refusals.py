@@ -13,6 +13,10 @@ class NotConfigured(Exception):
     pass
 
 
+class NoCanary(Exception):
+    """A promotion asked while no canary runs."""
+
+
 class NoRollbackTarget(Exception):
     """The rollback target names no deployment or release on disk."""
 

@@ -22,11 +22,11 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from bluegreen import certificates, front, instances, maintenance, workers
 from bluegreen.api.names import APPS_INTERFACE, INTERFACE, Error, object_path
-from bluegreen.config import ConfigError
+from bluegreen.config import ConfigError, parse_share
 from bluegreen.controller import Controller
 from bluegreen.history import Deployment, HistoryError, Step, Trigger
 from bluegreen.log import fields
-from bluegreen.refusals import BadSignature, Busy, NoRollbackTarget, NotConfigured
+from bluegreen.refusals import BadSignature, Busy, NoCanary, NoRollbackTarget, NotConfigured
 from bluegreen.release.repository import InvalidRef, RepositoryError, UnknownRef
 from bluegreen.systemd import ActiveState, SystemdError
 
@@ -71,17 +71,25 @@ def remember_sender(message: Message) -> bool:
     return False
 
 
-def _options(options: dict[str, Variant]) -> tuple[Trigger, bool]:
-    """``trigger`` (s: dbus, http or cli) and ``wait`` (b) of a *WithOptions call."""
-    trigger, wait = Trigger.DBUS, False
+def _options(options: dict[str, Variant], canary_ok: bool = False
+             ) -> tuple[Trigger, bool, float | None]:
+    """``trigger`` (s: dbus, http or cli), ``wait`` (b) and, for a deploy, ``canary`` (d: the
+    share of new connections the new release takes first, from 0 to below 1) of a
+    *WithOptions call."""
+    trigger, wait, canary = Trigger.DBUS, False, None
     for key, value in options.items():
         if key == "trigger" and value.signature == "s" and value.value in _CLIENT_TRIGGERS:
             trigger = Trigger(value.value)
         elif key == "wait" and value.signature == "b":
             wait = bool(value.value)
+        elif key == "canary" and canary_ok and value.signature == "d":
+            try:
+                canary = parse_share(value.value)
+            except ValueError as exc:
+                raise failure(Error.INVALID_ARGUMENT, f"canary: {exc}") from None
         else:
             raise failure(Error.INVALID_ARGS, f"unknown or invalid option {key!r}")
-    return trigger, wait
+    return trigger, wait, canary
 
 
 def deployment_to_variant(d: Deployment) -> dict[str, Variant]:
@@ -160,13 +168,13 @@ class ManagerInterface(ServiceInterface):
         return f"user {name} (uid {uid}) over {trigger}"
 
     async def _deploy(self, ref: str, trigger: Trigger, rollback: bool = False,
-                      wait: bool = False) -> str:
+                      wait: bool = False, canary: float | None = None) -> str:
         try:
             if rollback:
                 deployment = await self.controller.request_rollback(
                     ref, await self._caller(trigger), wait)
             else:
-                deployment = await self.controller.request_deploy(ref, trigger, wait)
+                deployment = await self.controller.request_deploy(ref, trigger, wait, canary)
         except tuple(_REFUSALS) as exc:
             raise failure(_refusal(exc), str(exc)) from None
         return str(deployment.id)
@@ -179,9 +187,11 @@ class ManagerInterface(ServiceInterface):
     @method()
     async def DeployWithOptions(self, ref: "s", options: "a{sv}") -> "s":
         """Deploy with options: ``trigger`` (s) is one of dbus, http, cli; ``wait`` (b): while
-        another deployment runs, wait for it to end, then go (instead of Busy)."""
-        trigger, wait = _options(options)
-        return await self._deploy(ref, trigger, wait=wait)
+        another deployment runs, wait for it to end, then go (instead of Busy); ``canary`` (d):
+        the share of new connections the new release takes first, from 0 (no canary) to below
+        1, instead of canary.share."""
+        trigger, wait, canary = _options(options, canary_ok=True)
+        return await self._deploy(ref, trigger, wait=wait, canary=canary)
 
     @method()
     async def Rollback(self, target: "s") -> "s":
@@ -194,8 +204,18 @@ class ManagerInterface(ServiceInterface):
         """Rollback with the options of DeployWithOptions. Asked while a deployment watches its
         new release, it ends that deployment with a switch-back to the old instance, still
         warm, and returns that deployment's id."""
-        trigger, wait = _options(options)
+        trigger, wait, _ = _options(options)
         return await self._deploy(target, trigger, rollback=True, wait=wait)
+
+    @method()
+    async def Promote(self) -> "s":
+        """End the canary under way early with a promotion (the switch, drain and watch
+        follow); return its deployment's id. NoCanary when none runs."""
+        try:
+            deployment = self.controller.request_promote(await self._caller(Trigger.DBUS))
+        except NoCanary as exc:
+            raise failure(Error.NO_CANARY, str(exc)) from None
+        return str(deployment.id)
 
     @method()
     def Refresh(self):
@@ -391,6 +411,18 @@ class ManagerInterface(ServiceInterface):
     def MaintenanceMessage(self) -> "s":
         state = maintenance.current(self.controller.app)
         return state.message if state else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Canary(self) -> "a{sv}":
+        """The canary under way (empty when none runs): ``share`` asked and ``measured_share``
+        of the answers (d), each release's ``canary_requests``, ``canary_errors``,
+        ``stable_requests``, ``stable_errors`` (t: answers since it began, and their 5xx),
+        ``elapsed`` and ``duration`` (d, seconds)."""
+        reading = self.controller.canary()
+        if reading is None:
+            return {}
+        return {name: Variant("d" if isinstance(value, float) else "t", value)
+                for name, value in reading.to_dict().items()}
 
     # --- signals ---------------------------------------------------------------------------
 

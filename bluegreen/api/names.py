@@ -44,6 +44,7 @@ class Error(Enum):
     NOT_CONFIGURED = ("org.bluegreen1.Error.NotConfigured", 409, EXIT_FAILED)
     NO_SUCH_DEPLOYMENT = ("org.bluegreen1.Error.NoSuchDeployment", 404, EXIT_NO_SUCH)
     NO_ROLLBACK_TARGET = ("org.bluegreen1.Error.NoRollbackTarget", 404, EXIT_USAGE)
+    NO_CANARY = ("org.bluegreen1.Error.NoCanary", 409, EXIT_FAILED)
     BAD_SIGNATURE = ("org.bluegreen1.Error.BadSignature", 401, EXIT_FAILED)
     BAD_CONFIGURATION = ("org.bluegreen1.Error.BadConfiguration", 500, EXIT_BAD_CONFIGURATION)
     RECORDS = ("org.bluegreen1.Error.Records", 507, EXIT_FAILED)

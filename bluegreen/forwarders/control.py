@@ -374,8 +374,12 @@ class Forwarders:
                                  served_addresses(public_port))
         await direct.prepare(self.systemd, port, address, public_port)
 
-    async def switch_to(self, ports: Iterable[int], config: Config) -> None:
-        """Make the public port reach each of ``ports`` too; return once it does (see start)."""
+    async def switch_to(self, ports: Iterable[int], config: Config,
+                        shares: dict[int, int] | None = None) -> None:
+        """Make the public port reach each of ``ports`` too; return once it does (see start).
+        Its instances are weighed by ``shares`` (a canary's), else equally."""
+        # First: a forwarder's start hook sets the program with them.
+        direct.records(self.run_dir).share(config.ports.public, shares or {})
         if config.forwarder == Forwarder.DIRECT:
             ports = list(ports)
             for port in ports:
@@ -394,6 +398,25 @@ class Forwarders:
             await start(self.systemd, self.run_dir, port, config.ports.public, config.forwarder,
                         app=self.app)
 
+    async def start_canary(self, new_ports: Sequence[int], shares: dict[int, int],
+                           config: Config) -> None:
+        """Make the public port reach ``new_ports`` too, each instance (old and new) weighed
+        by ``shares``: the new release takes its canary's share of new connections."""
+        if config.forwarder == Forwarder.HAPROXY:
+            raise ForwarderError("a canary needs forwarder = \"socat\", \"proxy\" or "
+                                 "\"direct\": haproxy's servers take no weights here")
+        await self.switch_to(new_ports, config, shares)
+
+    async def end_canary(self, keep: Sequence[int], config: Config) -> None:
+        """A canary is over: new connections go to the ``keep`` instances (the new release's
+        after a promotion, the old one's after an abort, whose instances have their drain
+        flag up), weighed equally again."""
+        public_port = config.ports.public
+        direct.records(self.run_dir).share(public_port, {})
+        if config.forwarder == Forwarder.DIRECT:
+            direct.admit(self.run_dir, public_port, only=keep)
+        await direct.steer(self.systemd, public_port)
+
     async def drain(self, port: int, config: Config) -> None:
         """Stop forwarding to ``port`` once the requests it carries are done, or at
         drain_timeout (see drain_stop)."""
@@ -407,6 +430,7 @@ class Forwarders:
                           config: Config) -> None:
         """A switch to ``new_ports`` failed part way: forward to the ``served`` ports alone
         again (see undo_switch)."""
+        direct.records(self.run_dir).share(config.ports.public, {})  # a canary's weights
         if config.forwarder == Forwarder.DIRECT:
             direct.admit(self.run_dir, config.ports.public, only=served)
             await direct.steer(self.systemd, config.ports.public)

@@ -257,3 +257,10 @@ class Records:
             handle.truncate()
             handle.write(json.dumps({address: group.to_json()
                                      for address, group in groups.items() if group.slots}))
+
+    def share(self, port: int, shares: Mapping[int, int]) -> None:
+        """Weigh the instances of ``port``'s groups by ``shares`` (a canary's), or equally
+        (empty); the program follows at the next steer."""
+        with self.port(port) as groups:
+            for group in groups.values():
+                group.shares = dict(shares)

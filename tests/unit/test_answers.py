@@ -96,12 +96,15 @@ def test_bluegreens_own_health_checks_are_not_counted(instance: Path) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
     async def ignore(message: dict[str, Any]) -> None:
         pass
 
     scope = {"type": "http", "path": "/health",
              "headers": [(b"user-agent", answers.HEALTH_AGENT.encode())]}
-    asyncio.run(asgidrain.Drain(app, None)(scope, ignore, ignore))
+    asyncio.run(asgidrain.Drain(app, None)(scope, receive, ignore))
     assert answers.read(8123, instance.parent).count == 0
 
 

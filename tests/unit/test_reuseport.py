@@ -159,7 +159,7 @@ def test_without_a_flow_hash_the_clients_port_spreads_a_canary(host: str) -> Non
     """Packets from a NIC that computes no hash (skb->hash 0) are spread by the client's port:
     the program's other path, taken here for every packet."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listeners = []
+    listeners: list[socket.socket] = []
     for _ in range(2):
         sock = socket.socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
