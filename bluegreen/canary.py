@@ -78,7 +78,7 @@ class Reading:
     def describe(self) -> str:
         return (f"new release: {self.canary.describe()}; old release: {self.stable.describe()}; "
                 f"the new release gave {self.measured_share:.1%} of the answers "
-                f"({self.share:.0%} asked) in {self.elapsed:.0f} s")
+                f"({self.share:.0%} asked) in {self.elapsed:.1f} s")
 
     def to_dict(self) -> dict[str, float | int]:
         return {"share": self.share, "measured_share": self.measured_share,
@@ -152,11 +152,12 @@ class Analysis:
     async def run(self, new_ports: Sequence[int], old_ports: Sequence[int],
                   before: tuple[Answers, Answers], share: float, settings: CanaryConfig,
                   interval: float, trouble: Trouble, rollback: asyncio.Event,
-                  rollback_reason: Callable[[], str]) -> Decision:
+                  rollback_reason: Callable[[], str], started: float | None = None) -> Decision:
         """Read both releases' answers since ``before`` and the new one's ``trouble`` (its
         health) every ``interval`` seconds (at most 0.5) until they decide, or an operator
-        does: a promotion, or a ``rollback`` (an abort)."""
-        started = time.monotonic()
+        does: a promotion, or a ``rollback`` (an abort). The canary's time runs from
+        ``started`` (time.monotonic(); None: now), when new connections began to reach it."""
+        started = time.monotonic() if started is None else started
         self.promote_asked.clear()
         try:
             while True:

@@ -269,6 +269,7 @@ class Deployer:
         # A controller that dies during the canary keeps the old release (reconcile.py).
         switchback.record(self.run_dir, config.app_name, recorder.record.id)
         before = canary.answered(new.ports), canary.answered(old.ports)
+        began = time.monotonic()  # new connections reach it once its forwarders listen
         await self.forwarders.start_canary(new.ports, canary.weights(new.ports, old.ports, share),
                                            config)
         log.info("canary: port %d gives %.0f%% of new connections to %s on %s for up to %g s",
@@ -282,7 +283,7 @@ class Deployer:
             decision = await self.analysis.run(
                 new.ports, old.ports, before, share, config.canary, check.interval,
                 lambda: self.trouble(new.ports, failures, check),
-                self.switch_back_asked, lambda: self.switch_back_reason)
+                self.switch_back_asked, lambda: self.switch_back_reason, began)
         finally:
             self.watching = False
         if decision.verdict == canary.Verdict.PROMOTE:

@@ -62,7 +62,7 @@ class Recorder:
                  instance: str = "") -> None:
         with self.lock:
             self.fast.append((start, end, outcome, version))
-            if instance:
+            if instance and outcome == "ok":
                 self.instances[f"{version}@{instance}"] += 1
 
     def add_slow(self, start: float, end: float, outcome: str) -> None:
@@ -75,11 +75,11 @@ def fast_worker(args: argparse.Namespace, recorder: Recorder) -> None:
         start = time.time()
         ok, outcome, body = request(args.host, args.port, "/", args.timeout)
         version = instance = ""
-        if ok:
-            try:
-                answer = json.loads(body)
-                version, instance = str(answer.get("version", "")), str(answer.get("instance", ""))
-            except ValueError:
+        try:  # an error page may say which release answered too
+            answer = json.loads(body) if body else {}
+            version, instance = str(answer.get("version", "")), str(answer.get("instance", ""))
+        except (ValueError, AttributeError):
+            if ok:
                 outcome = "bad-body"
         recorder.add_fast(start, time.time(), outcome, version, instance)
         if not ok:
@@ -101,7 +101,8 @@ def report(recorder: Recorder, started: float) -> dict[str, Any]:
     outcomes = Counter(outcome for _s, _e, outcome, _v in fast)
     successes = sorted(end for _s, end, outcome, _v in fast if outcome == "ok")
     gaps = [b - a for a, b in itertools.pairwise(successes)]
-    failures = [{"start": s, "end": e, "outcome": o} for s, e, o, _v in fast if o != "ok"]
+    failures = [{"start": s, "end": e, "outcome": o, "version": v}
+                for s, e, o, v in fast if o != "ok"]
     versions = Counter(v for _s, _e, o, v in fast if o == "ok")
     duration = time.time() - started
     return {
@@ -114,6 +115,8 @@ def report(recorder: Recorder, started: float) -> dict[str, Any]:
         "requests_per_second": len(fast) / duration if duration else 0,
         "longest_gap": max(gaps, default=0.0),
         "versions": dict(versions),
+        # Failed requests by the VERSION their answer named (an error page that names it).
+        "failed_versions": dict(Counter(v for _s, _e, o, v in fast if o != "ok" and v)),
         # Successes by VERSION@INSTANCE, for apps that name the instance (its port) that answered.
         "instances": dict(recorder.instances),
         "slow": [{"start": s, "end": e, "outcome": o} for s, e, o in sorted(recorder.slow)],
@@ -129,8 +132,8 @@ def main() -> int:
     parser.add_argument("--slow", type=int, default=2, help="threads sending slow requests")
     parser.add_argument("--slow-seconds", type=float, default=3.0)
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout")
-    parser.add_argument("--raw", help="also write every fast request (start, end, outcome) to this "
-                        "JSON file")
+    parser.add_argument("--raw", help="also write every fast request (start, end, outcome, "
+                        "version) to this JSON file")
     args = parser.parse_args()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +153,7 @@ def main() -> int:
     print(json.dumps(report(recorder, started)))
     if args.raw:
         with open(args.raw, "w") as raw:
-            json.dump([[s, e, o] for s, e, o, _v in sorted(recorder.fast)], raw)
+            json.dump([[s, e, o, v] for s, e, o, v in sorted(recorder.fast)], raw)
     return 0
 
 
