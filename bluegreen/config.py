@@ -745,9 +745,6 @@ def load_mapping(data: Mapping[str, Any], source: str, text: str = "") -> Config
     if config.app.domains and config.forwarder == Forwarder.HAPROXY:
         raise error("app", "domains", "the front needs forwarder = \"socat\" or \"proxy\" "
                     "(haproxy replaces the X-Forwarded-* headers the front sets)")
-    if config.canary.share and config.forwarder == Forwarder.HAPROXY:
-        raise error("canary", "share", "a canary needs forwarder = \"socat\", \"proxy\" or "
-                    "\"direct\", whose steering gives each release its share")
     if config.app.asgi and config.app.wsgi:
         raise error("app", "asgi", "app.wsgi names the app already: set one of the two")
     if config.health.timeout > config.health.deadline:

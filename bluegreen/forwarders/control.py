@@ -403,15 +403,42 @@ class Forwarders:
         """Make the public port reach ``new_ports`` too, each instance (old and new) weighed
         by ``shares``: the new release takes its canary's share of new connections."""
         if config.forwarder == Forwarder.HAPROXY:
-            raise ForwarderError("a canary needs forwarder = \"socat\", \"proxy\" or "
-                                 "\"direct\": haproxy's servers take no weights here")
+            await self._haproxy_canary(new_ports, shares, config)
+            return
         await self.switch_to(new_ports, config, shares)
+
+    async def _haproxy_canary(self, new_ports: Sequence[int], shares: dict[int, int],
+                              config: Config) -> None:
+        """haproxy's servers weighed by ``shares``, the new one ready. A haproxy whose settings
+        are no longer the ones written reloads first, serving what it serves now."""
+        if not (await self.systemd.status(haproxy.UNIT)).is_running:
+            raise ForwarderError(f"{haproxy.UNIT} is not running: no release to compare with")
+        api = haproxy.RuntimeApi(self.run_dir)
+        try:
+            info = await api.info()
+            wanted = haproxy.written_description(self.run_dir)
+            if info.get("description") != wanted:
+                log.info("reloading %s for its new settings", haproxy.UNIT)
+                await self.systemd.reload_unit(haproxy.UNIT)
+                await haproxy.reloaded(api, info.get("Pid", ""), wanted,
+                                       time.monotonic() + config.drain_timeout + 10)
+            for port in new_ports:
+                await haproxy.canary(api, port, shares)
+        except (haproxy.HaproxyError, SystemdError) as exc:
+            raise ForwarderError(str(exc)) from None
 
     async def end_canary(self, keep: Sequence[int], config: Config) -> None:
         """A canary is over: new connections go to the ``keep`` instances (the new release's
         after a promotion, the old one's after an abort, whose instances have their drain
         flag up), weighed equally again."""
         public_port = config.ports.public
+        if config.forwarder == Forwarder.HAPROXY:  # the others drain, then go (drain_stop)
+            haproxy.write_serving(self.run_dir, keep[0])
+            try:
+                await haproxy.switch(haproxy.RuntimeApi(self.run_dir), keep[0])
+            except haproxy.HaproxyError as exc:
+                raise ForwarderError(str(exc)) from None
+            return
         direct.records(self.run_dir).share(public_port, {})
         if config.forwarder == Forwarder.DIRECT:
             direct.admit(self.run_dir, public_port, only=keep)

@@ -11,8 +11,10 @@ written with the other forwarders' settings) and ``haproxy-serving.cfg`` (the ba
 the instance the public port reaches, so that a restarted haproxy serves it at once).
 Switches go through its runtime API, with no reload: ``add server`` for the new instance,
 ``set server ... state ready``, the others to ``drain``; once a drained server carries no
-request, ``maint`` and ``del server``. The API's socket is bluegreen-haproxy.socket's,
-root's alone; haproxy gets it as descriptor 3.
+request, ``maint`` and ``del server``. A canary makes the new server ready beside the old one,
+each with a weight (``set server ... weight``): the backend balances round-robin by weight,
+request by request, so a keep-alive client's requests are split too. The API's socket is
+bluegreen-haproxy.socket's, root's alone; haproxy gets it as descriptor 3.
 
 Settings haproxy.cfg holds (the public port and address, maxconn, the drain timeout) change
 with a reload, at the next switch: the new worker serves the new instance alone, the old
@@ -117,9 +119,9 @@ def serving_config(port: int) -> str:
     return f"""\
 # Written by bluegreen: the instance the public port reaches when haproxy starts.
 backend {BACKEND}
-    # Every request to the ready server of the lowest id, never two at once: a switch (new one
-    # ready, then the old one draining) moves each client once, never back and forth.
-    balance first
+    # Requests go round-robin to the ready servers by weight: after a switch (the new one ready,
+    # then the old one draining) to the new one alone; during a canary, by its share.
+    balance roundrobin
     server {server_name(port)} 127.0.0.1:{port}
 """
 
@@ -252,10 +254,29 @@ async def switch(api: RuntimeApi, port: int) -> None:
     name = server_name(port)
     if name not in servers:
         await api.add(port)  # added in maintenance
+    # One line, run by haproxy in one go: no request between the two goes round-robin to both.
+    changes = [f"set server {BACKEND}/{name} state ready"]
+    changes += [f"set server {BACKEND}/{other.name} state drain" for other in servers.values()
+                if other.name != name and other.ready]
+    await api.expect("; ".join(changes))
+
+
+def weight(share: int, scale: int = 1000) -> int:
+    """haproxy's weight (1 to 256) for a share of ``scale``."""
+    return max(1, min(256, round(share * 256 / scale)))
+
+
+async def canary(api: RuntimeApi, port: int, shares: dict[int, int]) -> None:
+    """Make the instance on ``port`` ready beside the serving one, each server weighed by its
+    share in ``shares`` (of canary.SCALE)."""
+    servers = await api.servers()
+    name = server_name(port)
+    if name not in servers:
+        await api.add(port)  # added in maintenance
+    for target, share in shares.items():
+        if server_name(target) in servers or target == port:
+            await api.expect(f"set server {BACKEND}/{server_name(target)} weight {weight(share)}")
     await api.set_state(name, "ready")
-    for other in servers.values():
-        if other.name != name and other.ready:
-            await api.set_state(other.name, "drain")
 
 
 async def reloaded(api: RuntimeApi, old_worker: str, description: str, deadline: float) -> None:

@@ -190,18 +190,29 @@ def _wait_for_canary(box: Sandbox, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_a_canary_with_forwarder_direct(box: Sandbox, sample: App, tmp_path: Path) -> None:
-    """The instances hold the public port themselves: the steering program's weights split it.
-    A change of forwarder to "direct" needs the port free: bluegreen and its forwarders stop."""
+def change_forwarder(box: Sandbox, forwarder: str) -> App:
+    """bluegreen on another kind of forwarder: one user's sockets alone share a port, so
+    bluegreen, its forwarders and instances stop first; the start-up deploy serves again."""
     box.run("systemctl", "stop", "bluegreen.service")
-    box.run("systemctl", "stop", "bluegreen-forward@*.service", "bluegreen-app@*.service")
-    start(box, forwarder="direct")
-    sample.commit("A good release behind direct")
+    box.run("systemctl", "stop", "bluegreen-forward@*.service", "bluegreen-proxy@*.service",
+            "bluegreen-haproxy.service", "bluegreen-app@*.service", "bluegreen-app@*.socket",
+            "bluegreen-app-public@*.socket")
+    return start(box, forwarder=forwarder)
+
+
+@pytest.mark.parametrize("forwarder", ["direct", "haproxy"])
+def test_a_canary_with_another_forwarder(box: Sandbox, sample: App, tmp_path: Path,
+                                         forwarder: str) -> None:
+    """direct: the instances hold the public port themselves, and the steering program's
+    weights split its new connections; haproxy: its two servers' weights split requests."""
+    change_forwarder(box, forwarder)
+    sample.commit(f"A good release behind {forwarder}")
     old, new = str(public(box)["version"]), str(sample.version)
     record, report, requests, _ = deploy_under_load(box, tmp_path / "requests.json")
     assert record["state"] == "succeeded", record
     share, answers = share_during(requests, new, old, until=step(record, "canary")[1])
-    print(f"\ncanary with forwarder = \"direct\" (asked 25 %): {share:.1%} of {answers} answers; "
-          f"{report['requests']} requests, {report['failed']} failed")
+    print(f"\ncanary with forwarder = \"{forwarder}\" (asked 25 %): {share:.1%} of {answers} "
+          f"answers; {report['requests']} requests, {report['failed']} failed")
     assert report["failed"] == 0, report["failures"]
     assert answers >= 100 and 0.15 <= share <= 0.35, (share, answers)
+    assert str(public(box)["version"]) == new

@@ -110,8 +110,3 @@ def test_a_share_outside_0_to_1_is_refused(raw: object) -> None:
         parse_share(raw)
     with pytest.raises(ConfigError, match=r"canary\.share"):
         load_mapping({"canary": {"share": raw}}, "bluegreen.toml")
-
-
-def test_haproxy_takes_no_canary() -> None:
-    with pytest.raises(ConfigError, match="canary needs forwarder"):
-        load_mapping({"canary": {"share": 0.1}, "forwarder": "haproxy"}, "bluegreen.toml")

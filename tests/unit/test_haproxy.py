@@ -50,8 +50,9 @@ def test_the_client_cannot_choose_its_forwarded_headers() -> None:
 def test_the_serving_file_names_the_instance() -> None:
     text = haproxy.serving_config(8123)
     assert "backend app" in text and "server p8123 127.0.0.1:8123" in text
-    # Not round robin: with two servers ready during a switch, a client would go back and forth.
-    assert "balance first" in text
+    # By weight: a canary's share (a switch readies the new server and drains the old one in
+    # one line of the runtime API, so that no client goes back and forth meanwhile).
+    assert "balance roundrobin" in text
 
 
 def test_forwarder_env_writes_haproxys_listener_too(tmp_path: Path) -> None:
@@ -91,8 +92,11 @@ class FakeHaproxy:
         self.busy = dict(busy or {})  # port -> `show stat` polls with a session left
         self.commands: list[str] = []
         self.infos: list[dict[str, str]] = []  # what each `show info` answers (the last one stays)
+        self.weights: dict[int, int] = {}
 
     def answer(self, line: str) -> str:
+        if ";" in line:  # several commands in one line: run in order, answers joined
+            return "".join(self.answer(part.strip()) for part in line.split(";"))
         self.commands.append(line)
         if line == "show info":
             info = self.infos.pop(0) if len(self.infos) > 1 else self.infos[0]
@@ -112,6 +116,9 @@ class FakeHaproxy:
         if words[:2] == ["add", "server"]:
             self.servers[port] = 1
             return "New server registered."
+        if words[:2] == ["set", "server"] and port in self.servers and words[3] == "weight":
+            self.weights[port] = int(words[4])
+            return ""
         if words[:2] == ["set", "server"] and port in self.servers:
             self.servers[port] = {"ready": 0, "drain": 8, "maint": 1}[words[4]]
             return ""
@@ -148,6 +155,17 @@ def test_a_switch_adds_the_new_server_and_drains_the_old(tmp_path: Path) -> None
     assert fake.commands[1:] == ["add server app/p8002 127.0.0.1:8002",
                                  "set server app/p8002 state ready",
                                  "set server app/p8001 state drain"]
+
+
+def test_a_canary_readies_the_new_server_beside_the_old_each_weighed_by_its_share(
+        tmp_path: Path) -> None:
+    fake = FakeHaproxy({8001: 0})
+    run_with(fake, tmp_path, lambda api: haproxy.canary(api, 8002, {8001: 750, 8002: 250}))
+    assert fake.servers == {8001: 0, 8002: 0}  # both ready
+    assert fake.weights == {8001: 192, 8002: 64}  # of haproxy's 256
+    assert fake.commands[-1] == "set server app/p8002 state ready"  # once weighed
+    run_with(fake, tmp_path, lambda api: haproxy.switch(api, 8002))  # promoted
+    assert fake.servers == {8001: 8, 8002: 0}
 
 
 def test_a_switch_back_makes_the_draining_server_ready_again(tmp_path: Path) -> None:
