@@ -19,6 +19,8 @@ from tests.integration.helpers import (
     Load,
     call,
     configure,
+    deployment,
+    kill_controller,
     properties,
     public,
     settings,
@@ -181,6 +183,38 @@ def test_promote_ends_a_canary_early_and_a_rollback_aborts_one(box: Sandbox, sam
     assert record["state"] == "failed" and record["failed_step"] == "canary", record
     assert "aborted by the operator" in record["reason"], record["reason"]
     assert public(box)["release"] == promoted["release"]
+
+
+def test_a_controller_that_dies_during_a_canary_keeps_the_old_release(
+        box: Sandbox, sample: App, tmp_path: Path) -> None:
+    """Killed with the traffic split, the controller is restarted by systemd and finds two
+    releases reached from the public port: the old one stays (the canary's switch-back record),
+    the canary's instances stop, and no request fails meanwhile."""
+    configure(box, settings(1, workers=4, canary={**CANARY, "duration": 120}))
+    box.run("systemctl", "reload", "bluegreen.service")
+    old = public(box)
+    sample.commit("A release whose controller dies during its canary")
+    with Load(box, "--fast", "4", "--slow", "1") as load:
+        deployment_id = call(box, "Deploy", "s", "")
+        _wait_for_canary(box)
+        time.sleep(1.0)
+        kill_controller(box)
+        wait_serving(box)
+        record = deployment(box, deployment_id)
+        time.sleep(1.0)
+    assert record["state"] == "interrupted", record
+    assert report_ok(load.report)
+    assert public(box)["release"] == old["release"]
+    active = {release for _port, state, release in call(box, "ListInstances") if state == "active"}
+    assert active == {old["release"]}, active
+    assert not properties(box).get("Canary")
+    sample.revert_to(old["release"], "Back to the release that serves")
+
+
+def report_ok(report: dict[str, Any]) -> bool:
+    assert report["failed"] == 0, report["failures"]
+    assert all(slow["outcome"] == "ok" for slow in report["slow"]), report["slow"]
+    return True
 
 
 def _wait_for_canary(box: Sandbox, timeout: float = 120) -> None:
