@@ -252,8 +252,11 @@ class Deployer:
                    "a rollback, a recovery or a start-up deploy runs none"
                    if recorder.record.trigger in (Trigger.ROLLBACK, Trigger.RECOVERY,
                                                   Trigger.STARTUP) else "")
+        why_not = why_not or self.forwarders.canary_blocker(config) or ""
         if why_not:
-            if asked:
+            if asked or serving is not None:
+                log.info("deployment %d runs no canary: %s", recorder.record.id, why_not,
+                         extra=fields(deployment_id=recorder.record.id))
                 recorder.note(f"no canary: {why_not}")
             return 0.0
         recorder.canary_share = share

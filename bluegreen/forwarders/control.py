@@ -336,11 +336,28 @@ class Forwarders:
         self.run_dir = run_dir
         self.app = app
 
+    @staticmethod
+    def address(config: Config) -> str:
+        """The address the forwarders of ``config`` listen on (see listen_address)."""
+        return listen_address(config.ports.public_address, ipv6_available(),
+                              served_addresses(config.ports.public))
+
+    def canary_blocker(self, config: Config) -> str | None:
+        """Why the next switch cannot split the public port between two releases: its
+        listeners would not all be in one group (another port or address). None: it can."""
+        served = tuple(address for address in served_addresses(config.ports.public))
+        wanted = self.address(config)
+        if served and set(served) <= {wanted}:
+            return None
+        return (f"the public port moves to {wanted}:{config.ports.public} (served on "
+                f"{', '.join(served) or 'no address'} of that port now), where the old "
+                "release's listeners are not")
+
     def write_env(self, config: Config) -> str:
         """Write what the app's forwarder units read, from ``config``; return the address they
         will listen on."""
         ports, public_port = config.ports, config.ports.public
-        address = listen_address(ports.public_address, ipv6_available(), served_addresses(public_port))
+        address = self.address(config)
         path = env_path(self.run_dir, self.app)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, environment_file({

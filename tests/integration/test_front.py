@@ -354,6 +354,57 @@ def test_deploys_under_https_load_fail_no_request_on_either_app(
     assert box.run("cat", "/run/bluegreen/front.json").stdout == before  # never reloaded
 
 
+# Inside the container: COUNT requests for / of HOST over HTTPS, each on a new connection, then
+# COUNT on one keep-alive connection; the versions that answered each way.
+SAMPLER = """
+import collections, http.client, json, ssl, sys
+host, ca, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+context = ssl.create_default_context(cafile=ca)
+def get(connection):
+    connection.request("GET", "/", headers={"Host": host})
+    response = connection.getresponse()
+    return json.loads(response.read())["version"] if response.status == 200 else response.status
+fresh = collections.Counter()
+for _ in range(count):
+    connection = http.client.HTTPSConnection(host, 443, context=context, timeout=10)
+    fresh[get(connection)] += 1
+    connection.close()
+kept = http.client.HTTPSConnection(host, 443, context=context, timeout=10)
+print(json.dumps({"per_request": fresh, "keep_alive": collections.Counter(get(kept) for _ in range(count))}))
+"""
+
+
+def test_a_canary_behind_the_front_gets_its_share_of_https_requests(
+        box: Sandbox, apps: dict[str, App]) -> None:
+    """The front holds keep-alive connections to the public port, but the app's sync workers
+    close each after its answer: each request the front passes on is a new connection there,
+    which the steering program gives to the canary by its share."""
+    configure(box, f'post_switch_watch = 0\n[app]\ndomains = ["{BLOG}", "{WWW}"]\n{FRONT}'
+                   '[canary]\nshare = 0.25\nduration = 30\nmin_requests = 20\n')
+    box.run("systemctl", "reload", "bluegreen.service")
+    try:
+        old = json.loads(curl(box, f"https://{BLOG}/").stdout)["version"]
+        sha = apps["production"].commit("A release behind the front, as a canary")
+        new = str(apps["production"].version)
+        deployment_id = call(box, "Deploy", "s", "")
+        deadline = time.monotonic() + 120
+        while not unwrap(json.loads(busctl(box, "get-property", *MANAGER, "Canary").stdout)):
+            assert time.monotonic() < deadline, "no canary began"
+            time.sleep(0.2)
+        box.write("/srv/sampler.py", SAMPLER)
+        seen = json.loads(box.run("/usr/bin/python3", "/srv/sampler.py", BLOG, ROOT, "200").stdout)
+        assert call(box, "Promote") == deployment_id
+        record = wait_deployment(box, deployment_id)
+    finally:
+        with_domains(box)
+    print(f"\na canary (25 % asked) behind the front: {seen}")
+    assert record["state"] == "succeeded", record
+    for way, versions in seen.items():
+        assert set(versions) == {old, new}, (way, versions)  # every answer a 200 of either
+        assert 0.12 <= versions[new] / 200 <= 0.40, (way, versions)
+    assert json.loads(curl(box, f"https://{BLOG}/").stdout)["release"] == sha
+
+
 def test_a_reload_that_adds_a_domain_under_load_fails_no_request(
         box: Sandbox, apps: dict[str, App]) -> None:
     """A domain is a file the front looks for: adding one reloads nothing, closes nothing."""

@@ -97,3 +97,22 @@ def test_the_forwarders_follow_the_settings_they_are_given(
     forwarders.write_env(Config())  # the settings in effect again, after a failed deployment
     assert read_environment_file(written)["BLUEGREEN_PUBLIC_PORT"] == "5000"
     assert read_environment_file(written)["BLUEGREEN_APP"] == "shop"
+
+
+def test_a_canary_needs_the_old_releases_listeners_where_the_new_ones_go(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    forwarders = control.Forwarders(None, tmp_path, DEFAULT_APP)  # type: ignore[arg-type]
+    try:
+        here = Config(ports=PortsConfig(public=port, public_address="127.0.0.1"))
+        assert forwarders.canary_blocker(here) is None
+        moved = replace(here, ports=replace(here.ports, public_address="::"))
+        assert f"moves to :::{port}" in (forwarders.canary_blocker(moved) or "")
+    finally:
+        listener.close()
+    assert "no address" in (forwarders.canary_blocker(here) or "")  # nothing serves there
