@@ -152,11 +152,14 @@ class Analysis:
     async def run(self, new_ports: Sequence[int], old_ports: Sequence[int],
                   before: tuple[Answers, Answers], share: float, settings: CanaryConfig,
                   interval: float, trouble: Trouble, rollback: asyncio.Event,
-                  rollback_reason: Callable[[], str], started: float | None = None) -> Decision:
+                  rollback_reason: Callable[[], str], started: float | None = None,
+                  stable_trouble: Trouble | None = None) -> Decision:
         """Read both releases' answers since ``before`` and the new one's ``trouble`` (its
         health) every ``interval`` seconds (at most 0.5) until they decide, or an operator
         does: a promotion, or a ``rollback`` (an abort). The canary's time runs from
-        ``started`` (time.monotonic(); None: now), when new connections began to reach it."""
+        ``started`` (time.monotonic(); None: now), when new connections began to reach it.
+        Should the old release fail (``stable_trouble``), the new one, healthy, is promoted:
+        there is nothing to go back to."""
         started = time.monotonic() if started is None else started
         self.promote_asked.clear()
         try:
@@ -173,6 +176,10 @@ class Analysis:
                 if unhealthy:
                     return Decision(Verdict.ABORT, f"unhealthy during the canary ({unhealthy}); "
                                                    f"{reading.describe()}")
+                gone = await stable_trouble() if stable_trouble is not None else None
+                if gone:
+                    return Decision(Verdict.PROMOTE, f"canary promoted early: the old release "
+                                                     f"failed ({gone}); {reading.describe()}")
                 decision = decide(reading, settings)
                 if decision is not None:
                     return decision

@@ -286,7 +286,8 @@ class Deployer:
             decision = await self.analysis.run(
                 new.ports, old.ports, before, share, config.canary, check.interval,
                 lambda: self.trouble(new.ports, failures, check),
-                self.switch_back_asked, lambda: self.switch_back_reason, began)
+                self.switch_back_asked, lambda: self.switch_back_reason, began,
+                lambda: self.all_failed(old.ports))
         finally:
             self.watching = False
         if decision.verdict == canary.Verdict.PROMOTE:
@@ -374,7 +375,7 @@ class Deployer:
         while time.monotonic() < deadline:
             if self.switch_back_asked.is_set():
                 return self.switch_back_reason
-            if all([await instances.failure(self.systemd, port) for port in old_ports]):
+            if await self.all_failed(old_ports):
                 return None  # nothing to go back to: keep the new release
             trouble = await self.trouble(new_ports, failures, check)
             if trouble:
@@ -382,6 +383,11 @@ class Deployer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.switch_back_asked.wait(), check.interval)
         return self.switch_back_reason if self.switch_back_asked.is_set() else None
+
+    async def all_failed(self, ports: tuple[int, ...]) -> str | None:
+        """Why every instance of ``ports`` has failed (None: one at least has not)."""
+        failures = [await instances.failure(self.systemd, port) for port in ports]
+        return "; ".join(f for f in failures if f) if all(failures) else None
 
     async def trouble(self, new_ports: tuple[int, ...], failures: dict[int, health.Failures],
                       check: health.Check) -> str | None:

@@ -110,3 +110,19 @@ def test_a_share_outside_0_to_1_is_refused(raw: object) -> None:
         parse_share(raw)
     with pytest.raises(ConfigError, match=r"canary\.share"):
         load_mapping({"canary": {"share": raw}}, "bluegreen.toml")
+
+
+def test_a_canary_whose_old_release_fails_is_promoted() -> None:
+    async def run() -> Decision:
+        async def healthy() -> str | None:
+            return None
+
+        async def failed() -> str | None:
+            return "bluegreen-app@8001.service failed"
+
+        return await asyncio.wait_for(canary.Analysis().run(
+            [2], [1], (Answers(), Answers()), 0.25, SETTINGS, 0.05, healthy, asyncio.Event(),
+            lambda: "", None, failed), 2)
+
+    decision = asyncio.run(run())
+    assert decision.verdict == Verdict.PROMOTE and "old release failed" in decision.reason
