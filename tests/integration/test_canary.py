@@ -234,11 +234,12 @@ def change_forwarder(box: Sandbox, forwarder: str) -> App:
     return start(box, forwarder=forwarder)
 
 
-@pytest.mark.parametrize("forwarder", ["direct", "haproxy"])
+@pytest.mark.parametrize("forwarder", ["direct", "haproxy", "proxy"])
 def test_a_canary_with_another_forwarder(box: Sandbox, sample: App, tmp_path: Path,
                                          forwarder: str) -> None:
     """direct: the instances hold the public port themselves, and the steering program's
-    weights split its new connections; haproxy: its two servers' weights split requests."""
+    weights split its new connections, as with the built-in proxy's listeners; haproxy: its
+    two servers' weights split requests."""
     change_forwarder(box, forwarder)
     sample.commit(f"A good release behind {forwarder}")
     old, new = str(public(box)["version"]), str(sample.version)
