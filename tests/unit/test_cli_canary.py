@@ -176,3 +176,19 @@ def test_the_client_reads_the_canary_property_of_its_apps_object() -> None:
     assert [(m.path, m.interface, m.member, m.body) for m in asked] == [
         ("/org/bluegreen1/app/staging", "org.freedesktop.DBus.Properties", "Get",
          ["org.bluegreen1.Manager", "Canary"])]
+
+
+def test_promote_says_what_it_did(daemon: StubClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["promote"]) == 0
+    assert daemon.promoted == 1
+    assert capsys.readouterr().out.startswith("Deployment 7: canary promoted; the switch")
+    assert cli.main(["promote", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"id": "7", "promoted": True}
+    assert daemon.promoted == 2
+
+
+def test_promote_without_a_canary_fails_with_the_daemons_message(
+        daemon: StubClient, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon.no_canary = True
+    assert cli.main(["promote"]) == 1
+    assert capsys.readouterr().err == "bluegreenctl: no canary is under way: nothing to promote\n"
