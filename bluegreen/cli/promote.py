@@ -8,8 +8,7 @@ from bluegreen.cli.common import print_json
 from bluegreen.client import Client
 
 NAME = "promote"
-HELP = ("promote the canary under way now: the new release takes every new connection (the "
-        "switch, drain and watch follow)")
+HELP = "promote the canary under way now (the switch, drain and watch follow)"
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
