@@ -154,6 +154,17 @@ def test_a_canary_is_shown_at_most_every_few_seconds(
     assert lines == ["  canary: 25.0% of answers (25% asked); new 0/1 5xx (0.0%), old 0/3 (0.0%); 0/60 s"]
 
 
+def test_a_quiet_canary_is_shown_again_as_time_goes_by(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "CANARY_EVERY", 3600.0)
+    progress = common.CanaryProgress()
+    first, later = reading(Side(0, 0), Side(0, 0), 1.0), reading(Side(0, 0), Side(0, 0), 31.0)
+    assert progress.line(first) is not None
+    assert progress.line(later) is None
+    monkeypatch.setattr(common, "CANARY_QUIET", 0.0)
+    assert progress.line(later) == ("canary: 0.0% of answers (25% asked); new 0/0 5xx (0.0%), "
+                                    "old 0/0 (0.0%); 31/60 s")
+
+
 def test_following_as_json_prints_the_record_alone(daemon: StubClient,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     daemon.readings = [reading(Side(4, 0), Side(12, 0), 2.0)]
