@@ -154,6 +154,12 @@ class Client:
                                     interface="org.freedesktop.DBus.Properties")
         return dict(plain(props))
 
+    async def canary(self) -> dict[str, Any]:
+        """The canary under way, as the Canary property says ({} when none runs)."""
+        (value,) = await self._call("Get", "ss", [INTERFACE, "Canary"],
+                                    interface="org.freedesktop.DBus.Properties")
+        return dict(plain(value))
+
     async def deployment(self, deployment_id: str) -> dict[str, Any]:
         (raw,) = await self._call("GetDeployment", "s", [deployment_id])
         return deployment(raw)

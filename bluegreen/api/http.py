@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from bluegreen import apiauth, apps, client, credentials
 from bluegreen.api.names import DEFAULT_APP, Error
 from bluegreen.client import ApiError, Client
+from bluegreen.config import parse_share
 
 MAX_BODY = 64 * 1024
 MAX_HOOK_BODY = 5 * 1024 * 1024  # push payloads list the commits pushed
@@ -124,8 +125,8 @@ def index() -> Response:
     summary["service"] = "bluegreen"
     summary["app"] = status["App"]
     summary["endpoints"] = ["GET /apps", "GET /health", "GET /status", "GET /metrics", "POST /deploy",
-                            "POST /rollback", "POST /hooks/push", "GET /history",
-                            "GET /deployments/ID"]
+                            "POST /promote", "POST /rollback", "POST /maintenance",
+                            "POST /hooks/push", "GET /history", "GET /deployments/ID"]
     return reply(summary)
 
 
@@ -149,6 +150,7 @@ def status() -> Response:
         result["workers"] = await c.workers()
         result["pending_settings"] = await c.pending_settings()
         result["domains"] = await c.domains()
+        result["canary"] = status.get("Canary") or None  # the property is {} when none runs
         current, last = status["CurrentDeployment"], status["LastDeployment"]
         result["current_deployment"] = await c.deployment(current) if current else None
         result["last_deployment"] = await c.deployment(last) if last else None
@@ -189,11 +191,24 @@ def _field(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     return value
 
 
-def _json_request(field: str) -> tuple[str, bool]:
-    """The string field a POST body may hold ("" when there is no body), and its ``wait``: while
-    another deployment runs, wait for it to end (instead of 409)."""
-    data = _json_object((field, "wait"))
-    return _field(data, field, str, ""), _field(data, "wait", bool, False)
+def _json_request(field: str, *others: str) -> tuple[str, bool, dict[str, Any]]:
+    """The string field a POST body may hold ("" when there is no body), its ``wait``: while
+    another deployment runs, wait for it to end (instead of 409), and the body itself, which
+    may hold ``others`` too."""
+    data = _json_object((field, "wait", *others))
+    return _field(data, field, str, ""), _field(data, "wait", bool, False), data
+
+
+def _canary(data: dict[str, Any]) -> float | None:
+    """The canary's share a deploy asks for (0.25 or "25%"; None: canary.share), refused as the
+    D-Bus API refuses a share out of range."""
+    value = data.get("canary")
+    if value is None:
+        return None
+    try:
+        return parse_share(value)
+    except ValueError as exc:
+        raise ApiError.of(Error.INVALID_ARGUMENT, f"canary: {exc}") from None
 
 
 def _accepted(deployment_id: str) -> Response:
@@ -204,14 +219,22 @@ def _accepted(deployment_id: str) -> Response:
 
 @routes.post("/deploy")
 def deploy() -> Response:
-    ref, wait = _json_request("ref")
-    return _accepted(_call(lambda c: c.deploy(ref, trigger="http", wait=wait)))
+    """Deploy {"ref": ...} (default: the branch's head), with {"canary": SHARE} first."""
+    ref, wait, data = _json_request("ref", "canary")
+    canary = _canary(data)
+    return _accepted(_call(lambda c: c.deploy(ref, trigger="http", wait=wait, canary=canary)))
+
+
+@routes.post("/promote")
+def promote() -> Response:
+    """End the canary under way with a promotion: its deployment goes on to the switch."""
+    return _accepted(_call(lambda c: c.promote()))
 
 
 @routes.post("/rollback")
 def rollback() -> Response:
     """Roll back to the previous good release, or to {"target": DEPLOYMENT_ID or COMMIT}."""
-    target, wait = _json_request("target")
+    target, wait, _ = _json_request("target")
     return _accepted(_call(lambda c: c.rollback(target, trigger="http", wait=wait)))
 
 

@@ -14,12 +14,12 @@ import sys
 
 from bluegreen import apps as appnames
 from bluegreen.api.names import EXIT_NOT_RUNNING
-from bluegreen.cli import apps, deploy, history, logs, maintenance, reload, rollback, show, status
+from bluegreen.cli import apps, deploy, history, logs, maintenance, promote, reload, rollback, show, status
 from bluegreen.cli.common import exit_status_for
 from bluegreen.client import ApiError, Client
 from bluegreen.config import DEFAULT_APP
 
-VERBS = (status, deploy, rollback, history, show, logs, reload, maintenance, apps)
+VERBS = (status, deploy, promote, rollback, history, show, logs, reload, maintenance, apps)
 
 EPILOG = """\
 exit status:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -9,6 +10,15 @@ from typing import Any
 
 from bluegreen.api.names import EXIT_FAILED
 from bluegreen.client import ApiError, Client
+
+# While a followed deployment is at its canary step (as DeploymentStep names it), the Canary
+# property is read every CANARY_POLL seconds; a line shows it when its answers changed, at
+# most every CANARY_EVERY seconds, and after CANARY_QUIET seconds without one (the time goes by).
+CANARY_STEP = "canary"
+CANARY_POLL = 1.0
+CANARY_EVERY = 5.0
+CANARY_QUIET = 30.0
+_ANSWERS = ("canary_requests", "canary_errors", "stable_requests", "stable_errors")
 
 
 def exit_status_for(error: ApiError) -> int:
@@ -34,9 +44,48 @@ def describe_end(record: dict[str, Any]) -> str:
             f"after {took}: {record['reason']}")
 
 
+def percent(share: float) -> str:
+    """A share as people write it: 25% for 0.25, 12.5% for 0.125."""
+    return f"{share * 100:.4g}%"
+
+
+def error_rate(errors: int, requests: int) -> str:
+    return f"{errors / requests if requests else 0.0:.1%}"
+
+
+def canary_progress(reading: dict[str, Any]) -> str:
+    """One line for a reading of the Canary property."""
+    return (f"canary: {reading['measured_share']:.1%} of answers ({percent(reading['share'])} "
+            f"asked); new {reading['canary_errors']}/{reading['canary_requests']} 5xx "
+            f"({error_rate(reading['canary_errors'], reading['canary_requests'])}), "
+            f"old {reading['stable_errors']}/{reading['stable_requests']} "
+            f"({error_rate(reading['stable_errors'], reading['stable_requests'])}); "
+            f"{reading['elapsed']:.0f}/{reading['duration']:.0f} s")
+
+
+class CanaryProgress:
+    """Which readings of a canary are worth a line while a deployment is followed: the first,
+    then one whose answers changed (CANARY_EVERY apart at most), or any after CANARY_QUIET."""
+
+    def __init__(self) -> None:
+        self.shown: tuple[int, ...] | None = None
+        self.at = 0.0
+
+    def line(self, reading: dict[str, Any]) -> str | None:
+        if not reading:  # none runs (yet, or any more)
+            return None
+        answers, now = tuple(reading[name] for name in _ANSWERS), time.monotonic()
+        if self.shown is None or now - self.at >= CANARY_QUIET or \
+                (answers != self.shown and now - self.at >= CANARY_EVERY):
+            self.shown, self.at = answers, now
+            return canary_progress(reading)
+        return None
+
+
 async def follow(client: Client, start: Callable[[], Awaitable[str]], as_json: bool) -> int:
     """Start a deployment, show each step as it happens, and return the exit status."""
     started = time.monotonic()
+    at = ""  # the step the deployment is at
 
     async def begin() -> str:
         deployment_id = await start()
@@ -47,11 +96,31 @@ async def follow(client: Client, start: Callable[[], Awaitable[str]], as_json: b
         return deployment_id
 
     def on_step(step: str, release: str, port: int) -> None:
+        nonlocal at
+        at = step
         if not as_json:
             where = f" (port {port})" if port else ""
             print(f"  {time.monotonic() - started:6.2f}s  {step}{where}", flush=True)
 
-    record = await client.follow(begin, on_step)
+    async def show_canary() -> None:
+        progress = CanaryProgress()
+        while True:
+            await asyncio.sleep(CANARY_POLL)
+            if at != CANARY_STEP:
+                continue
+            try:
+                line = progress.line(await client.canary())
+            except ApiError:
+                return  # a daemon without the Canary property: its steps will do
+            if line:
+                print(f"  {line}", flush=True)
+
+    shown = None if as_json else asyncio.ensure_future(show_canary())
+    try:
+        record = await client.follow(begin, on_step)
+    finally:
+        if shown is not None:
+            shown.cancel()
     if as_json:
         print_json(record)
     else:

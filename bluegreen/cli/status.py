@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bluegreen.cli.common import print_json, timestamp
+from bluegreen.cli.common import error_rate, percent, print_json, timestamp
 from bluegreen.client import Client
 
 NAME = "status"
@@ -42,6 +42,15 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         print(f"Remote:      {status['RemoteError']}")
     if status["CurrentDeployment"]:
         print(f"Deploying:   deployment {status['CurrentDeployment']}")
+    canary = status.get("Canary")  # {} when none runs
+    if canary:
+        print(f"Canary:      {percent(canary['share'])} of new connections asked, "
+              f"{canary['measured_share']:.1%} of the answers measured; "
+              f"{canary['elapsed']:.0f} s of {canary['duration']:.0f} s")
+        for name, side in (("new", "canary"), ("old", "stable")):
+            requests, errors = canary[f"{side}_requests"], canary[f"{side}_errors"]
+            print(f"             {name} release: {requests} answers, {errors} 5xx "
+                  f"({error_rate(errors, requests)})")
     if status["LastDeployment"]:
         last = await client.deployment(status["LastDeployment"])
         print(f"Last:        deployment {last['id']} {last['state']} at {timestamp(last['finished_at'])}"

@@ -13,6 +13,7 @@ import pytest
 
 from bluegreen import client
 from bluegreen.api import dbus
+from bluegreen.canary import Reading, Side
 from bluegreen.cli import status
 from bluegreen.history import Deployment, State, Trigger
 from bluegreen.metrics import Metrics
@@ -22,6 +23,10 @@ class Controller:
     def __init__(self) -> None:
         self.observers: list[Any] = []
         self.metrics = Metrics()
+        self.reading: Reading | None = None  # the canary under way
+
+    def canary(self) -> Reading | None:
+        return self.reading
 
 
 def finished(state: State) -> Deployment:
@@ -41,7 +46,8 @@ class Client:
                 "Healthy": True, "HealthReason": "fine", "Watching": False, "Branch": "main",
                 "State": "serving", "Repository": "", "RemoteError": "", "CurrentDeployment": "",
                 "LastDeployment": "", "DeploymentsFinished": self.interface.DeploymentsFinished,
-                "Maintenance": bool(self.maintenance), "MaintenanceMessage": self.maintenance}
+                "Maintenance": bool(self.maintenance), "MaintenanceMessage": self.maintenance,
+                "Canary": client.plain(self.interface.Canary)}
 
     async def pending_settings(self) -> list[Any]:
         return []
@@ -58,11 +64,11 @@ class Client:
                 {"domain": "b.example", "issuer": "", "expires": None, "reason": "not issued yet"}]
 
 
-def interface() -> dbus.ManagerInterface:
+def interface(controller: Controller | None = None) -> dbus.ManagerInterface:
     async def reload() -> list[tuple[str, str]]:
         return []
 
-    return dbus.ManagerInterface(Controller(), reload)  # type: ignore[arg-type]
+    return dbus.ManagerInterface(controller or Controller(), reload)  # type: ignore[arg-type]
 
 
 def test_status_shows_each_domain_with_its_certificate_or_why_it_has_none(
@@ -119,3 +125,26 @@ def test_status_says_what_became_of_the_web_lines_steps(capsys: pytest.CaptureFi
     lines = capsys.readouterr().out.splitlines()
     assert "Web line:    python manage.py migrate -> release phase" in lines
     assert "Web line:    echo hi -> ignored" in lines
+
+
+def test_status_shows_the_canary_under_way_with_both_releases_answers(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    controller = Controller()
+    controller.reading = Reading(0.25, Side(412, 3), Side(1250, 2), 12.2, 60.0)
+    assert asyncio.run(status.run(Client(interface(controller)), argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Canary:      25% of new connections asked, 24.8% of the answers measured; "
+                        "12 s of 60 s")
+    assert lines[start + 1:start + 3] == ["             new release: 412 answers, 3 5xx (0.7%)",
+                                          "             old release: 1250 answers, 2 5xx (0.2%)"]
+    assert asyncio.run(status.run(Client(interface(controller)), argparse.Namespace(json=True))) == 0  # type: ignore[arg-type]
+    assert json.loads(capsys.readouterr().out)["Canary"] == {
+        "share": 0.25, "measured_share": 412 / 1662, "canary_requests": 412, "canary_errors": 3,
+        "stable_requests": 1250, "stable_errors": 2, "elapsed": 12.2, "duration": 60.0}
+
+
+def test_status_without_a_canary_shows_none(capsys: pytest.CaptureFixture[str]) -> None:
+    assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=False))) == 0  # type: ignore[arg-type]
+    assert "Canary" not in capsys.readouterr().out
+    assert asyncio.run(status.run(Client(interface()), argparse.Namespace(json=True))) == 0  # type: ignore[arg-type]
+    assert json.loads(capsys.readouterr().out)["Canary"] == {}

@@ -18,6 +18,7 @@ from werkzeug.test import TestResponse
 
 from bluegreen import apiauth, client
 from bluegreen.api import http as httpapi
+from bluegreen.api.names import Error
 from bluegreen.client import ApiError
 
 
@@ -27,11 +28,22 @@ class StubClient:
         self.error: ApiError | None = None
         self.apps: list[str] = []  # the app of each call
         self.maintenance: tuple[bool, str] = (False, "")
+        self.canaries: list[float | None] = []  # the canary option of each deploy
+        self.canary: dict[str, Any] = {}  # the Canary property
+        self.promoted = 0
 
-    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False) -> str:
+    async def deploy(self, ref: str = "", trigger: str = "dbus", wait: bool = False,
+                     canary: float | None = None) -> str:
         if self.error:
             raise self.error
         self.deployed.append((ref, trigger + (" wait" if wait else "")))
+        self.canaries.append(canary)
+        return "12"
+
+    async def promote(self) -> str:
+        if not self.canary:
+            raise ApiError.of(Error.NO_CANARY, "no canary is under way: nothing to promote")
+        self.promoted += 1
         return "12"
 
     async def rollback(self, target: str = "", trigger: str = "dbus", wait: bool = False) -> str:
@@ -44,7 +56,8 @@ class StubClient:
                 "Healthy": False, "HealthReason": "the serving release is unhealthy: HTTP 500",
                 "Repository": "https://example.com/app.git", "Branch": "main",
                 "CurrentDeployment": "", "LastDeployment": "",
-                "Maintenance": self.maintenance[0], "MaintenanceMessage": self.maintenance[1]}
+                "Maintenance": self.maintenance[0], "MaintenanceMessage": self.maintenance[1],
+                "Canary": self.canary}
 
     async def set_maintenance(self, on: bool, message: str = "") -> None:
         self.maintenance = (on, message if on else "")
@@ -121,6 +134,67 @@ def test_deploy_with_and_without_a_body(stub: StubClient, web: FlaskClient) -> N
     assert web.post("/deploy", json={"ref": "v3", "wait": True}).status_code == 202
     assert web.post("/rollback", json={"wait": True}).status_code == 202
     assert stub.deployed[2:] == [("v3", "http wait"), ("", "rollback wait")]
+
+
+def test_deploy_asks_for_a_canary_given_as_a_share_or_a_percentage(
+        stub: StubClient, web: FlaskClient) -> None:
+    for body in ({"canary": 0.25}, {"canary": "25%"}, {"ref": "v2", "canary": "0.125"},
+                 {"canary": 0}, {"canary": None}, {}):
+        assert web.post("/deploy", json=body).status_code == 202, body
+    assert stub.canaries == [0.25, 0.25, 0.125, 0.0, None, None]
+    assert stub.deployed[2] == ("v2", "http")
+
+
+@pytest.mark.parametrize("canary", ["lots", "100%", 1, 1.5, -0.1, True, [0.25], "nan"])
+def test_a_bad_canary_is_an_invalid_argument_and_deploys_nothing(
+        stub: StubClient, web: FlaskClient, canary: object) -> None:
+    response = web.post("/deploy", json={"canary": canary})
+    assert response.status_code == 400
+    assert response.json is not None and response.json["error"] == "InvalidArgument"
+    assert message(response).startswith("canary: ")
+    assert stub.deployed == []
+
+
+def test_promote_ends_the_canary_or_says_there_is_none(stub: StubClient, web: FlaskClient) -> None:
+    refused = web.post("/promote")
+    assert refused.status_code == 409
+    assert refused.json == {"error": "NoCanary", "message": "no canary is under way: nothing to promote"}
+    stub.canary = {"share": 0.25}
+    response = web.post("/promote")
+    assert response.status_code == 202
+    assert response.json == {"id": "12", "status": "/deployments/12"}
+    assert response.headers["Location"] == "/deployments/12"
+    assert stub.promoted == 1
+
+
+def test_promote_over_tcp_needs_the_token(stub: StubClient, tcp_connection: socket.socket,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("BLUEGREEN_API_TOKEN", "s3cret-token")
+    stub.canary = {"share": 0.25}
+    with httpapi.app.test_client() as web:
+        arrive_on(web, tcp_connection)
+        assert web.post("/promote").status_code == 401
+        assert stub.promoted == 0
+        assert web.post("/promote", headers={"Authorization": "Bearer s3cret-token"}).status_code == 202
+    assert stub.promoted == 1
+
+
+def test_status_has_the_canary_under_way_or_null(stub: StubClient, web: FlaskClient) -> None:
+    assert web.get("/status").json["canary"] is None  # type: ignore[index]
+    stub.canary = {"share": 0.25, "measured_share": 0.248, "canary_requests": 412,
+                   "canary_errors": 3, "stable_requests": 1250, "stable_errors": 2,
+                   "elapsed": 12.2, "duration": 60.0}
+    assert web.get("/status").json["canary"] == stub.canary  # type: ignore[index]
+
+
+def test_the_index_lists_every_route(stub: StubClient, web: FlaskClient) -> None:
+    listed = set(web.get("/").json["endpoints"])  # type: ignore[index]
+    routes = {f"{method} {rule.rule}" for rule in httpapi.app.url_map.iter_rules()
+              if not rule.rule.startswith(("/apps/", "/static")) and rule.rule != "/"
+              for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})}
+    routes = {route.replace("<deployment_id>", "ID") for route in routes}
+    assert listed == routes
 
 
 @pytest.mark.parametrize(("kwargs", "status", "text"), [
@@ -206,7 +280,8 @@ json_values = st.recursive(
 
 
 @settings(max_examples=150, deadline=None)
-@given(body=json_values | st.dictionaries(st.sampled_from(["ref", "target", "x"]), json_values, max_size=2))
+@given(body=json_values | st.dictionaries(st.sampled_from(["ref", "target", "canary", "x"]), json_values,
+                                          max_size=2))
 def test_any_json_body_gets_an_answer_never_a_crash(body: object) -> None:
     with stubbed() as web:
         for path in ("/deploy", "/rollback"):
@@ -214,7 +289,8 @@ def test_any_json_body_gets_an_answer_never_a_crash(body: object) -> None:
             assert response.status_code in (202, 400), (path, body, response.json)
             assert response.json is not None
             if response.status_code == 400:
-                assert response.json["error"] == "BadRequest" and response.json["message"]
+                assert response.json["error"] in ("BadRequest", "InvalidArgument")
+                assert response.json["message"]
 
 
 @settings(max_examples=100, deadline=None)
