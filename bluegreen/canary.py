@@ -35,6 +35,11 @@ from bluegreen.config import CanaryConfig
 SCALE = 1000
 
 
+def percent(share: float) -> str:
+    """A share as the operator wrote it: 0.25 -> "25%", 0.125 -> "12.5%"."""
+    return f"{round(share * 100, 3):g}%"
+
+
 @dataclass(frozen=True)
 class Side:
     """One release's answers since the canary began."""
@@ -78,7 +83,7 @@ class Reading:
     def describe(self) -> str:
         return (f"new release: {self.canary.describe()}; old release: {self.stable.describe()}; "
                 f"the new release gave {self.measured_share:.1%} of the answers "
-                f"({self.share:.0%} asked) in {self.elapsed:.1f} s")
+                f"({percent(self.share)} asked) in {self.elapsed:.1f} s")
 
     def to_dict(self) -> dict[str, float | int]:
         return {"share": self.share, "measured_share": self.measured_share,

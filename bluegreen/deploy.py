@@ -275,8 +275,8 @@ class Deployer:
         began = time.monotonic()  # new connections reach it once its forwarders listen
         await self.forwarders.start_canary(new.ports, canary.weights(new.ports, old.ports, share),
                                            config)
-        log.info("canary: port %d gives %.0f%% of new connections to %s on %s for up to %g s",
-                 config.ports.public, share * 100, new.release[:12], new.describe(),
+        log.info("canary: port %d gives %s of new connections to %s on %s for up to %g s",
+                 config.ports.public, canary.percent(share), new.release[:12], new.describe(),
                  config.canary.duration, extra=fields(deployment_id=recorder.record.id,
                                                       release=new.release, port=new.port))
         check = health.Check.of(config)

@@ -126,3 +126,7 @@ def test_a_canary_whose_old_release_fails_is_promoted() -> None:
 
     decision = asyncio.run(run())
     assert decision.verdict == Verdict.PROMOTE and "old release failed" in decision.reason
+
+
+def test_a_share_is_told_as_written() -> None:
+    assert [canary.percent(x) for x in (0.25, 0.125, 0.1, 0.001)] == ["25%", "12.5%", "10%", "0.1%"]
