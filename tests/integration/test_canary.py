@@ -168,7 +168,9 @@ def test_promote_ends_a_canary_early_and_a_rollback_aborts_one(box: Sandbox, sam
     sample.commit("A release promoted by hand")
     deployment_id = call(box, "Deploy", "s", "")
     _wait_for_canary(box)
-    assert call(box, "Promote") == deployment_id
+    assert "Canary:" in box.run("bluegreenctl", "status").stdout
+    promoted_by = box.run("bluegreenctl", "promote").stdout
+    assert f"Deployment {deployment_id}: canary promoted" in promoted_by, promoted_by
     record = wait_deployment(box, deployment_id)
     assert record["state"] == "succeeded" and "promoted by the operator" in record["reason"], record
     assert step(record, "canary")[1] - step(record, "canary")[0] < 30
@@ -178,11 +180,15 @@ def test_promote_ends_a_canary_early_and_a_rollback_aborts_one(box: Sandbox, sam
     sample.commit("A release rolled back by hand")
     deployment_id = call(box, "Deploy", "s", "")
     _wait_for_canary(box)
-    assert call(box, "Rollback", "s", "") == deployment_id  # the canary's own deployment
+    # It follows the canary's own deployment, which ends failed at step canary: exit 1.
+    aborted = box.run("bluegreenctl", "rollback", check=False)
+    assert aborted.returncode == 1 and "canary" in aborted.stdout + aborted.stderr, aborted
     record = wait_deployment(box, deployment_id)
     assert record["state"] == "failed" and record["failed_step"] == "canary", record
     assert "aborted by the operator" in record["reason"], record["reason"]
     assert public(box)["release"] == promoted["release"]
+    nothing = box.run("bluegreenctl", "promote", check=False)
+    assert nothing.returncode == 1 and "no canary" in nothing.stderr, nothing
 
 
 def test_a_controller_that_dies_during_a_canary_keeps_the_old_release(
