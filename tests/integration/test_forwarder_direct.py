@@ -11,16 +11,17 @@ import time
 import pytest
 
 from tests.integration.forwarder_suite import ForwarderSuite, serve
-from tests.integration.helpers import App, Load, call, public, settings, wait_serving
+from tests.integration.helpers import App, Load, call, deploy_new_release, public, settings, wait_serving
+from tests.integration.test_apps import STAGING_FILE, STAGING_PORT, deploy, instances_of, wait_state
 from tests.integration.test_instances import AFTER_KILL, CLIENTS, failed_when_killed
 from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
 
-def holders(box: Sandbox, states: str) -> dict[int, str]:
-    """The processes holding sockets of port 5000 in ``states`` (ss), each with its cgroup."""
-    out = box.run("ss", "-Htnp", "state", states, "sport = :5000").stdout
+def holders(box: Sandbox, states: str, port: int = 5000) -> dict[int, str]:
+    """The processes holding sockets of ``port`` in ``states`` (ss), each with its cgroup."""
+    out = box.run("ss", "-Htnp", "state", states, f"sport = :{port}").stdout
     pids = {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
     return {pid: box.run("cat", f"/proc/{pid}/cgroup").stdout.strip().rsplit("/", 1)[-1]
             for pid in pids}
@@ -79,3 +80,40 @@ class TestDirect(ForwarderSuite):
             assert connected and all(cgroup == instance for cgroup in connected.values()), connected
         finally:
             client.wait(timeout=10)
+
+    def test_two_apps_each_switch_their_own_public_port(self, box: Sandbox, sample: App) -> None:
+        """A second app, also direct, on its own public port: a deploy of each under load on
+        both ports fails no request, each port reaches its own app only, and its listeners are
+        its own instances' (and systemd's, for them) alone."""
+        serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4), threads=False)
+        staging = App(box)
+        staging.work, staging.bare = box.path("/srv/staging-work"), box.path("/srv/staging.git")
+        staging.create()
+        staging.commit("Staging", {"VERSION": "staging-1\n"})
+        box.write(STAGING_FILE, f'forwarder = "direct"\npost_switch_watch = 1\n[repository]\n'
+                  f'url = "/srv/staging.git"\nwatch = false\n[ports]\npublic = {STAGING_PORT}\n'
+                  '[app]\nworkers = 4\n[health]\ninterval = 0.2\n')
+        try:
+            box.run("systemctl", "reload", "bluegreen.service")
+            wait_state(box, "staging")
+            with Load(box, "--port", "5000", "--fast", "2", "--slow", "0") as default_load, \
+                    Load(box, "--port", str(STAGING_PORT), "--fast", "2", "--slow", "0") as staging_load:
+                deploy_new_release(box, sample, f"Release {sample.version + 1}")
+                staging.commit("Staging 2", {"VERSION": "staging-2\n"})
+                assert deploy(box, "staging")["state"] == "succeeded"
+            for app, port in (("default", 5000), ("staging", STAGING_PORT)):
+                listening = holders(box, "listening", port)
+                print(f"listeners of port {port} held by {listening}")
+                own = {f"bluegreen-app@{instance}.service" for instance in instances_of(box, app)}
+                assert own and own <= set(listening.values()), (own, listening)
+                assert all(pid == 1 or cgroup in own for pid, cgroup in listening.items()), listening
+        finally:
+            box.run("rm", "-f", STAGING_FILE)
+            box.run("systemctl", "reload", "bluegreen.service")
+        reports = {5000: default_load.report, STAGING_PORT: staging_load.report}
+        for port, report in reports.items():
+            print(f"\nport {port}: {report['requests']} requests, {report['failed']} failed, "
+                  f"releases seen {report['versions']}")
+            assert report["failed"] == 0, (port, report["failures_by_kind"], report["failures"][:10])
+        assert set(reports[5000]["versions"]) == {str(sample.version - 1), str(sample.version)}
+        assert set(reports[STAGING_PORT]["versions"]) == {"staging-1", "staging-2"}
