@@ -117,3 +117,27 @@ class TestDirect(ForwarderSuite):
             assert report["failed"] == 0, (port, report["failures_by_kind"], report["failures"][:10])
         assert set(reports[5000]["versions"]) == {str(sample.version - 1), str(sample.version)}
         assert set(reports[STAGING_PORT]["versions"]) == {"staging-1", "staging-2"}
+
+    def test_a_public_address_binds_the_instances_there_alone(self, box: Sandbox, sample: App) -> None:
+        """ports.public_address names one address, IPv4 or IPv6: every public listener is
+        bound there and nowhere else, and a deploy under load there fails no request."""
+        for address, other in (("127.0.0.1", "::1"), ("::1", "127.0.0.1")):
+            serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4,
+                                        ports={"public_address": address}), threads=False)
+            with Load(box, "--host", address, "--fast", "4", "--slow", "1",
+                      "--slow-seconds", "2") as load:
+                record = deploy_new_release(box, sample, f"Release {sample.version + 1}")
+            report = load.report
+            bound = sorted(set(box.run("ss", "-Hltn", "sport = :5000").stdout.split()[3::5]))
+            port = record["port"]
+            print(f"\n{address}: listeners of port 5000 on {bound}; {report['requests']} requests, "
+                  f"{report['failed']} failed, releases seen {report['versions']}")
+            assert bound == [f"[{address}]:5000" if ":" in address else f"{address}:5000"], bound
+            listening = holders(box, "listening")
+            assert all(pid == 1 or cgroup == f"bluegreen-app@{port}.service"
+                       for pid, cgroup in listening.items()), listening
+            assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+            assert set(report["versions"]) == {str(sample.version - 1), str(sample.version)}
+            refused = box.net("curl", "-sS", "-o", "/dev/null", "-g",
+                              f"http://{f'[{other}]' if ':' in other else other}:5000/", check=False)
+            assert refused.returncode == 7, refused  # nothing listens on the other address
