@@ -141,3 +141,11 @@ class TestDirect(ForwarderSuite):
             refused = box.net("curl", "-sS", "-o", "/dev/null", "-g",
                               f"http://{f'[{other}]' if ':' in other else other}:5000/", check=False)
             assert refused.returncode == 7, refused  # nothing listens on the other address
+
+    def test_gthread_instances_share_max_connections(self, box: Sandbox, serving: App) -> None:
+        """No forwarder counts connections: the instance's gunicorn is given its workers' share
+        of ports.max_connections (1024 over 2 gthread workers)."""
+        port = wait_serving(box)["ActivePort"]
+        pid = int(box.run("systemctl", "show", "-P", "MainPID", f"bluegreen-app@{port}.service").stdout)
+        environ = box.run("cat", f"/proc/{pid}/environ").stdout.split("\0")
+        assert "BLUEGREEN_WORKER_CONNECTIONS=512" in environ, [v for v in environ if "WORKER" in v]

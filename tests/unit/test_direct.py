@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, AppConfig, Config, Forwarder, PortsConfig
 from bluegreen.forwarders import control, direct, directhook, hook
+from bluegreen.instances import ASGI_WORKER_CLASS, INSTANCE_KEYS, InstanceSpec
 from tests.unit.test_reuseport import Forwarder as StandIn
 from tests.unit.test_reuseport import spread
 
@@ -190,3 +191,32 @@ def test_the_drain_timeout_runs_from_the_drain_flag(run_dir: Path,
     started = time.monotonic()
     directhook.drain(8001, old.port, timeout=6)
     assert time.monotonic() - started < 3
+
+
+def test_max_connections_is_shared_by_an_instances_threaded_workers() -> None:
+    """No forwarder counts the connections: each instance's gthread workers share
+    ports.max_connections (as each instance's own socat would allow), rounded up."""
+    def limit(forwarder: Forwarder, worker_class: str, max_connections: int = 1024,
+              workers: int = 4) -> int | None:
+        config = Config(forwarder=forwarder, ports=PortsConfig(max_connections=max_connections),
+                        app=AppConfig(workers=workers))
+        return direct.worker_connections(config, worker_class)
+
+    assert limit(Forwarder.DIRECT, "gthread") == 256
+    assert limit(Forwarder.DIRECT, "gthread", max_connections=10) == 3
+    assert limit(Forwarder.DIRECT, "gthread", max_connections=1, workers=4) == 1
+    # A sync worker serves one connection at a time whatever it is told; uvicorn's only limit
+    # answers 503 instead of leaving the connection queued: gunicorn's defaults stay.
+    assert limit(Forwarder.DIRECT, "sync") is None
+    assert limit(Forwarder.DIRECT, ASGI_WORKER_CLASS) is None
+    # A forwarder counts them itself.
+    assert limit(Forwarder.SOCAT, "gthread") is None
+
+
+def test_the_limit_reaches_the_instances_settings() -> None:
+    spec = InstanceSpec(port=8001, wsgi="app:app", workers=2, worker_class="gthread",
+                        app_environment={}, worker_connections=12)
+    assert spec.environment()["BLUEGREEN_WORKER_CONNECTIONS"] == "12"
+    assert "BLUEGREEN_WORKER_CONNECTIONS" in INSTANCE_KEYS  # not the workers' business
+    unlimited = replace(spec, worker_connections=None)
+    assert "BLUEGREEN_WORKER_CONNECTIONS" not in unlimited.environment()
