@@ -62,6 +62,7 @@ def service_dropin(public_port: int) -> str:
         "[Service]",
         "Sockets=bluegreen-app-public@%i.socket",
         f"ExecStartPost=+{HOOK} joined $MAINPID {public_port} %i",
+        f"ExecStop=+{HOOK} stopping {public_port} %i",
         f"ExecStopPost=+{HOOK} left {public_port} %i",
         ""])
 

@@ -8,6 +8,15 @@ connection. Runs in processes of their own, as root ("+"), never in the controll
     it in the group (it joined the last slot when the socket unit bound it) and set the program
     again. Until a switch admits TARGET it gets nothing (see reuseport.Group.admitted); a
     gunicorn that systemd restarted gets again what it had.
+``stopping PUBLIC_PORT TARGET``
+    Its ExecStop=, before systemd signals gunicorn: TARGET's listeners are closing. gunicorn
+    closes its copy when it stops (the last copy: the socket unit has stopped first), and the
+    kernel then moves the group's last listener into the slot it leaves, a moment before
+    ExecStopPost= can set the program again. Until then the program gives nothing to the
+    closing listeners nor to those a departure can move (reuseport.Group.
+    program_across_leaves), so that it names the same listeners before and after the move:
+    else new connections would go, for that moment, to the kernel's hash over every listener,
+    the other old instances' included.
 ``left PUBLIC_PORT TARGET``
     Its ExecStopPost=: a listener that closed has left its slot to the last one, and the
     program follows. A listener still there belongs to a gunicorn that died: systemd holds it
@@ -76,22 +85,27 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
                 admitted = target in group.admitted
                 done.append(f"{sock.local_address} (socket {sock.inode}, "
                             f"{'admitted' if admitted else 'not admitted yet'}): "
-                            f"{hook.steer(group, via=copy)}")
+                            f"{hook.steer(group, via=copy, across_leaves=True)}")
         finally:
             copy.close()
     return "; ".join(done)
 
 
 def left(port: int, target: int) -> str:
+    """``target``'s listeners close (``stopping``), or have closed, or are held by systemd
+    for a gunicorn that died (``left``): steer around them."""
     done = []
     with hook.records().port(port) as groups:
         for address, group in groups.items():
             group.reconcile(hook._present(port, address))
             held = [inode for inode in group.slots if group.targets.get(inode) == target]
-            group.closing.update(held)  # a dead gunicorn's, held by systemd until its restart
+            group.closing.update(held)
             if group.slots:
-                done.append(f"{address}: {hook.steer(group)}")
+                done.append(f"{address}: {hook.steer(group, across_leaves=True)}")
     return "; ".join(done) or "no listener left on the port"
+
+
+stopping = left  # the same steps, before the listeners close rather than after
 
 
 def steer(port: int) -> str:
@@ -100,7 +114,7 @@ def steer(port: int) -> str:
         for address, group in groups.items():
             group.reconcile(hook._present(port, address))
             if group.slots:
-                done.append(f"{address}: {hook.steer(group)}")
+                done.append(f"{address}: {hook.steer(group, across_leaves=True)}")
     return "; ".join(done) or "no listener on the port"
 
 
@@ -162,10 +176,11 @@ def log(message: str) -> None:
 
 def main(argv: list[str]) -> int:
     usage = ("usage: python3 -m bluegreen.forwarders.directhook joined MAINPID PUBLIC_PORT TARGET\n"
+             "       python3 -m bluegreen.forwarders.directhook stopping PUBLIC_PORT TARGET\n"
              "       python3 -m bluegreen.forwarders.directhook left PUBLIC_PORT TARGET\n"
              "       python3 -m bluegreen.forwarders.directhook steer PUBLIC_PORT\n"
              "       python3 -m bluegreen.forwarders.directhook drain TARGET PUBLIC_PORT TIMEOUT")
-    shapes = {"joined": (int, int, int), "left": (int, int), "steer": (int,),
+    shapes = {"joined": (int, int, int), "stopping": (int, int), "left": (int, int), "steer": (int,),
               "drain": (int, int, float)}
     try:
         verb, kinds = argv[0], shapes[argv[0]]
@@ -179,6 +194,9 @@ def main(argv: list[str]) -> int:
         if verb == "joined":
             pid, port, target = (int(a) for a in args)
             log(f"listening on port {port}: {joined(pid, port, target)}")
+        elif verb == "stopping":
+            port, target = (int(a) for a in args)
+            log(f"the instance on port {target} is leaving port {port}: {stopping(port, target)}")
         elif verb == "left":
             port, target = (int(a) for a in args)
             log(f"the instance on port {target} left port {port}: {left(port, target)}")

@@ -5,12 +5,14 @@ instances (and systemd, which holds their listeners) has the public port."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.integration.forwarder_suite import ForwarderSuite, serve
+from tests.integration.forwarder_suite import ForwarderSuite, serve, step_time
 from tests.integration.helpers import App, Load, call, deploy_new_release, public, settings, wait_serving
 from tests.integration.test_apps import STAGING_FILE, STAGING_PORT, deploy, instances_of, wait_state
 from tests.integration.test_instances import AFTER_KILL, CLIENTS, failed_when_killed
@@ -149,3 +151,30 @@ class TestDirect(ForwarderSuite):
         pid = int(box.run("systemctl", "show", "-P", "MainPID", f"bluegreen-app@{port}.service").stdout)
         environ = box.run("cat", f"/proc/{pid}/environ").stdout.split("\0")
         assert "BLUEGREEN_WORKER_CONNECTIONS=512" in environ, [v for v in environ if "WORKER" in v]
+
+    def test_no_new_connection_reaches_an_old_instance_while_the_old_ones_stop(
+            self, box: Sandbox, sample: App, tmp_path: Path) -> None:
+        """Two instances a release: once the drain is over, the old ones get no new connection,
+        also while they stop. When an old listener leaves the group the kernel moves the last
+        one into its slot; the program must stay right before and after that move."""
+        serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4,
+                                    app={"instances": 2}), threads=False)
+        answers = tmp_path / "answers.json"
+        records = []
+        with Load(box, "--fast", "4", "--slow", "0", "--answers", str(answers)) as load:
+            for _ in range(2):
+                records.append(deploy_new_release(box, sample, f"Release {sample.version + 1}"))
+        answered = json.loads(answers.read_text())
+        report = load.report
+        late = []
+        for number, record in enumerate(records):
+            old = str(sample.version - len(records) + number)
+            drained = next(end for step, _start, end in record["steps"] if step == "drain")
+            stopping = step_time(record, "stop-old")
+            late += [(old, round(start - stopping, 3)) for start, version in answered
+                     if version == old and start > drained]
+        print(f"\n{report['requests']} requests, {report['failed']} failed; new connections "
+              f"answered by an old release after its drain (release, seconds from stop-old): "
+              f"{len(late)} {late[:20]}")
+        assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
+        assert not late

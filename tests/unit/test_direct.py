@@ -84,6 +84,26 @@ def test_two_instances_share_and_a_third_waits_for_its_switch(
     assert sum(got) == 60 and min(got) > 0, got
 
 
+def test_old_instances_get_nothing_while_they_leave_the_group(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    """The old instances stop one after the other: the kernel moves the group's last listener
+    into the slot of each one that leaves, before its ExecStopPost= can steer again. The
+    program their ExecStop= set stays right across that move: no new connection reaches the
+    old instance still there, and none is left to the kernel's hash."""
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c, d = instances(8003), instances(8004)
+    switch(run_dir, a.port, only=[8003, 8004])
+    for old, target, rest in ((a, 8001, [b, c, d]), (b, 8002, [c, d])):
+        directhook.stopping(a.port, target)  # ExecStop=: before gunicorn closes its listener
+        old.stop()  # the last listener takes its slot
+        got = spread(c.port, rest)
+        assert sum(got) == 60 and got[:-2] == [0] * (len(rest) - 2), (target, got)
+        directhook.left(a.port, target)  # ExecStopPost=
+    got = spread(c.port, [c, d])
+    assert sum(got) == 60 and min(got) > 0, got
+
+
 def test_a_dead_instance_is_steered_around_until_it_is_back(
         run_dir: Path, instances: Callable[[int], Instance]) -> None:
     a, b = instances(8001), instances(8002)
