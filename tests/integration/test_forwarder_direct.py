@@ -15,6 +15,7 @@ import pytest
 from tests.integration.forwarder_suite import ForwarderSuite, serve, step_time
 from tests.integration.helpers import App, Load, call, deploy_new_release, public, settings, wait_serving
 from tests.integration.test_apps import STAGING_FILE, STAGING_PORT, deploy, instances_of, wait_state
+from tests.integration.test_front import ACME, BLOG, PEBBLE, HttpsLoad, curl, start_pebble, wait
 from tests.integration.test_instances import AFTER_KILL, CLIENTS, failed_when_killed
 from tests.sandbox import Sandbox
 
@@ -178,3 +179,22 @@ class TestDirect(ForwarderSuite):
               f"{len(late)} {late[:20]}")
         assert report["failed"] == 0, (report["failures_by_kind"], report["failures"][:10])
         assert not late
+
+    def test_the_https_front_reaches_direct_instances_through_a_deploy(
+            self, box: Sandbox, sample: App) -> None:
+        """The front (Caddy, certificates from pebble) passes a domain on to the public port,
+        which the instances hold themselves: a deploy under HTTPS load fails no request."""
+        start_pebble(box)
+        box.write("/etc/hosts", f"127.0.0.1 localhost {BLOG}\n::1 localhost\n")
+        serve(box, sample, settings(1, forwarder=self.FORWARDER, workers=4, app={"domains": [BLOG]},
+                                    front={"email": "ops@example.com", "acme_ca": ACME,
+                                           "acme_ca_root": f"{PEBBLE}/cert.pem"}), threads=False)
+        wait(lambda: curl(box, f"https://{BLOG}/", "-f", check=False).returncode == 0,
+             f"a certificate for {BLOG}", 60)
+        with HttpsLoad(box) as load:
+            deploy_new_release(box, sample, f"Release {sample.version + 1} behind the front")
+        print(f"\nHTTPS load on {BLOG} during a deploy of direct instances: {load.summary()}")
+        load.assert_busy_and_flawless()
+        assert json.loads(curl(box, f"https://{BLOG}/").stdout)["version"] == str(sample.version)
+        bound = sorted(set(box.run("ss", "-Hltn", "sport = :5000").stdout.split()[3::5]))
+        assert bound == ["127.0.0.1:5000"], bound  # where only the front reaches it
