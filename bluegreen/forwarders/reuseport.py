@@ -28,6 +28,11 @@ starts, before it is proven healthy: their group ``admits`` only the instances t
 named, and its program then names their slots even when they are all the group has, so that
 a listener that joins later (the last slot) gets nothing until a switch admits it.
 
+A forwarder's hook closes its listener itself, under the record's lock, and sets the program
+again at once. An instance's gunicorn closes its own when it stops, with no hook in between:
+while a listener of a direct group is closing, its program is ``program_across_leaves``, which
+names no slot the kernel's move could change.
+
 Runs in the forwarder units, in their hooks (forwarders/hook.py: ``ExecStartPost=``,
 ``ExecStop=``; forwarders/direct.py), never attaching a program from the controller, which
 only writes what the direct group admits; kept free of heavy imports, as the hooks run at
