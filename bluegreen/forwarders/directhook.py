@@ -9,14 +9,17 @@ connection. Runs in processes of their own, as root ("+"), never in the controll
     again. Until a switch admits TARGET it gets nothing (see reuseport.Group.admitted); a
     gunicorn that systemd restarted gets again what it had.
 ``stopping PUBLIC_PORT TARGET``
-    Its ExecStop=, before systemd signals gunicorn: TARGET's listeners are closing. gunicorn
-    closes its copy when it stops (the last copy: the socket unit has stopped first), and the
-    kernel then moves the group's last listener into the slot it leaves, a moment before
-    ExecStopPost= can set the program again. Until then the program gives nothing to the
-    closing listeners nor to those a departure can move (reuseport.Group.
-    program_across_leaves), so that it names the same listeners before and after the move:
-    else new connections would go, for that moment, to the kernel's hash over every listener,
-    the other old instances' included.
+    Its ExecStop=: TARGET's listeners are closing. gunicorn closes its copy when it stops (the
+    last copy: the socket unit has stopped first), and the kernel then moves the group's last
+    listener into the slot it leaves, half a second before ExecStopPost= would set the program
+    again: new connections would go meanwhile to the kernel's hash over every listener, the
+    other old instances' included. So the program first gives nothing to the closing listeners
+    nor to those a departure can move (reuseport.Group.program_across_leaves), which names the
+    same listeners before and after the move; then the hook sends gunicorn ($MAINPID) the
+    SIGTERM systemd would send after it, waits for its listeners to leave and attaches at once
+    the program it made beforehand for the group as the move leaves it (a lone receiver in the
+    last slot, which no program names both before and after the move, is steered to within
+    about a millisecond of it).
 ``left PUBLIC_PORT TARGET``
     Its ExecStopPost=: a listener that closed has left its slot to the last one, and the
     program follows. A listener still there belongs to a gunicorn that died: systemd holds it
@@ -41,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -48,6 +53,8 @@ from bluegreen import sockdiag
 from bluegreen.forwarders import hook, reuseport
 
 POLL = 0.05
+LEAVE_POLL = 0.0005  # until the move is followed, some connections may go to the wrong slot
+STOP_WAIT = 35.0  # below the instance's TimeoutStopSec= (40 s), which bounds ExecStop=
 
 
 def _listeners_of(pid: int, port: int) -> tuple[list[sockdiag.TcpSocket], dict[int, int]]:
@@ -105,7 +112,72 @@ def left(port: int, target: int) -> str:
     return "; ".join(done) or "no listener left on the port"
 
 
-stopping = left  # the same steps, before the listeners close rather than after
+def stopping(port: int, target: int, pid: int | None = None, timeout: float = STOP_WAIT) -> str:
+    """Steer around ``target``'s listeners (as ``left``) before gunicorn, ``pid``, closes
+    them; then stop it (SIGTERM, what systemd sends after ExecStop=) and, as soon as they have
+    left, attach the program made beforehand for the group as the kernel has then moved it;
+    the record follows. Until its listeners leave, or it exits (systemd still holds them: a
+    restart), or ``timeout`` seconds. A program that names the group's last slot cannot be
+    right both before and after the kernel moves that listener (a lone receiver: app.instances
+    lowered to 1), and ExecStopPost= comes half a second after the move."""
+    said = left(port, target)
+    if pid is None:
+        return said
+    ready = _after_leaving(port, target)
+    try:
+        if not ready:
+            return said
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return said
+        deadline = time.monotonic() + timeout
+        while ready:
+            present = {sock.inode for sock in sockdiag.listeners(port)}
+            for address in [address for address, (inodes, _code, _copy) in ready.items()
+                            if not inodes & present]:
+                _inodes, code, copy = ready.pop(address)
+                with contextlib.closing(copy):
+                    sockdiag.attach_reuseport_program(copy, code)
+            if not ready:
+                break
+            if not _running(pid):
+                return f"{said}; gunicorn exited, its listener is held by systemd"
+            if time.monotonic() >= deadline:
+                return f"{said}; gunicorn still listens {timeout:g} s after SIGTERM"
+            time.sleep(LEAVE_POLL)
+    finally:
+        for _inodes, _code, copy in ready.values():
+            copy.close()
+    return f"{said}; its listeners left, then {steer(port)}"
+
+
+def _after_leaving(port: int, target: int) -> dict[str, tuple[set[int], bytes, socket.socket]]:
+    """For each group ``target`` has listeners in: those, the program for the group once they
+    have left (the kernel's moves made), and a copy of a listener that stays, to set it
+    through."""
+    ready = {}
+    with hook.records().port(port) as groups:
+        for address, group in groups.items():
+            inodes = {inode for inode in group.slots if group.targets.get(inode) == target}
+            if not inodes or not group.exact:
+                continue
+            after = reuseport.Group.from_json(group.to_json())
+            for inode in inodes:
+                after.leave(inode)
+            copy = hook._member_copy(after) if after.slots else None
+            if copy is not None:
+                ready[address] = (inodes, after.program_across_leaves(hook._retired(after)), copy)
+    return ready
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def steer(port: int) -> str:
@@ -196,7 +268,9 @@ def main(argv: list[str]) -> int:
             log(f"listening on port {port}: {joined(pid, port, target)}")
         elif verb == "stopping":
             port, target = (int(a) for a in args)
-            log(f"the instance on port {target} is leaving port {port}: {stopping(port, target)}")
+            main_pid = os.environ.get("MAINPID", "")  # systemd's, for ExecStop=; unset: none
+            log(f"the instance on port {target} is leaving port {port}: "
+                f"{stopping(port, target, int(main_pid) if main_pid.isdigit() else None)}")
         elif verb == "left":
             port, target = (int(a) for a in args)
             log(f"the instance on port {target} left port {port}: {left(port, target)}")

@@ -104,6 +104,24 @@ def test_old_instances_get_nothing_while_they_leave_the_group(
     assert sum(got) == 60 and min(got) > 0, got
 
 
+def test_a_lone_receiver_in_the_last_slot_is_followed_as_old_instances_leave(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    """app.instances lowered from 2 to 1: the one new listener is the group's last, which
+    moves into the slot of the first old one to leave, and no program names it in both
+    slots. ExecStop= then stops gunicorn itself and follows the move as soon as it is made."""
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c = instances(8003)
+    switch(run_dir, a.port, only=[8003])
+    for old, target, rest in ((a, 8001, [b, c]), (b, 8002, [c])):
+        said = directhook.stopping(a.port, target, pid=old.pid)  # ExecStop=
+        assert "left" in said, said
+        old.stop()  # systemd's SIGTERM after ExecStop=: gone already
+        assert spread(c.port, rest)[:-1] == [0] * (len(rest) - 1), target
+        directhook.left(a.port, target)  # ExecStopPost=
+    assert spread(c.port, [c]) == [60]
+
+
 def test_a_dead_instance_is_steered_around_until_it_is_back(
         run_dir: Path, instances: Callable[[int], Instance]) -> None:
     a, b = instances(8001), instances(8002)
