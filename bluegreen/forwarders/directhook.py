@@ -11,15 +11,15 @@ connection. Runs in processes of their own, as root ("+"), never in the controll
 ``stopping PUBLIC_PORT TARGET``
     Its ExecStop=: TARGET's listeners are closing. gunicorn closes its copy when it stops (the
     last copy: the socket unit has stopped first), and the kernel then moves the group's last
-    listener into the slot it leaves, half a second before ExecStopPost= would set the program
-    again: new connections would go meanwhile to the kernel's hash over every listener, the
-    other old instances' included. So the program first gives nothing to the closing listeners
-    nor to those a departure can move (reuseport.Group.program_across_leaves), which names the
-    same listeners before and after the move; then the hook sends gunicorn ($MAINPID) the
-    SIGTERM systemd would send after it, waits for its listeners to leave and attaches at once
-    the program it made beforehand for the group as the move leaves it (a lone receiver in the
-    last slot, which no program names both before and after the move, is steered to within
-    about a millisecond of it).
+    listener into the slot it leaves, hundreds of milliseconds before ExecStopPost= would set
+    the program again: new connections would go meanwhile to the kernel's hash over every
+    listener, the other old instances' included. So the program first gives nothing to the
+    closing listeners nor to those a departure can move (reuseport.Group.
+    program_across_leaves), which names the same listeners before and after the move; then
+    the hook sends gunicorn ($MAINPID) the SIGTERM systemd would send after it, waits for its
+    listeners to leave and attaches at once the program it made beforehand for the group as
+    the move leaves it (a lone receiver in the last slot, which no program names both before
+    and after the move, is steered to within about a millisecond of it).
 ``left PUBLIC_PORT TARGET``
     Its ExecStopPost=: a listener that closed has left its slot to the last one, and the
     program follows. A listener still there belongs to a gunicorn that died: systemd holds it
@@ -119,7 +119,7 @@ def stopping(port: int, target: int, pid: int | None = None, timeout: float = ST
     the record follows. Until its listeners leave, or it exits (systemd still holds them: a
     restart), or ``timeout`` seconds. A program that names the group's last slot cannot be
     right both before and after the kernel moves that listener (a lone receiver: app.instances
-    lowered to 1), and ExecStopPost= comes half a second after the move."""
+    lowered to 1), and ExecStopPost= comes hundreds of milliseconds after the move."""
     said = left(port, target)
     if pid is None:
         return said
