@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bluegreen import canary, drainflag, health, instances, ports, sockdiag, switchback, workers
 from bluegreen.config import Config, Forwarder
-from bluegreen.forwarders import control
+from bluegreen.forwarders import control, direct
 from bluegreen.forwarders.control import ForwarderError
 from bluegreen.history import State, Step, Trigger
 from bluegreen.instances import InstanceSpec
@@ -489,7 +489,8 @@ class Deployer:
                             worker_class=worker_class, app_environment=release.environment,
                             drain_file=drainflag.path(self.run_dir, port),
                             forwarded_allow_ips=control.trusted_proxies(config),
-                            web_dir=release.processes.web_dir)
+                            web_dir=release.processes.web_dir,
+                            worker_connections=direct.worker_connections(config, worker_class))
 
 
 def no_release_phase(trigger: Trigger, *, ran_before: bool, served_before: bool) -> str | None:

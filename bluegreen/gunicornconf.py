@@ -18,9 +18,13 @@ How the close is asked for, by gunicorn version (the gthread worker; sync never 
 
 uvicorn's worker (ASGI apps) never calls the hook: asgidrain.py does the same there.
 
+With forwarder = "direct", ``BLUEGREEN_WORKER_CONNECTIONS`` is the instance's share of
+ports.max_connections per worker (forwarders/direct.py), gunicorn's ``worker_connections``:
+there is no forwarder to count them.
+
 The check is one access(2) per request, about 1 us. Nothing else is set, so the command line
-and GUNICORN_CMD_ARGS decide every other setting; importing the module only reads the
-environment.
+and GUNICORN_CMD_ARGS decide every other setting (and override these); importing the module
+only reads the environment.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from typing import Any
 from bluegreen import answers
 
 _drain_file = os.environ.get("BLUEGREEN_DRAIN_FILE", "")
+_worker_connections = os.environ.get("BLUEGREEN_WORKER_CONNECTIONS", "")
+if _worker_connections.isdigit() and int(_worker_connections) > 0:
+    worker_connections = int(_worker_connections)
 # The keepalive setting the worker had before a drain turned it to 0 (the fallback only).
 _configured: dict[str, int] = {}
 

@@ -62,6 +62,7 @@ class InstanceSpec:
     drain_file: Path | None = None  # the flag that makes it close kept-alive connections
     forwarded_allow_ips: str = ""  # whom gunicorn believes X-Forwarded-Proto from: nobody
     web_dir: str = ""  # the directory of the release the app is imported from (procfile.py)
+    worker_connections: int | None = None  # gunicorn's own limit (direct.worker_connections)
 
     @property
     def release(self) -> str:
@@ -80,12 +81,15 @@ class InstanceSpec:
             # directory for a settings file written before this key was.
             "BLUEGREEN_WEB_DIR": f"/{self.web_dir}" if self.web_dir else "",
             **({"BLUEGREEN_DRAIN_FILE": str(self.drain_file)} if self.drain_file else {}),
+            **({"BLUEGREEN_WORKER_CONNECTIONS": str(self.worker_connections)}
+               if self.worker_connections else {}),
         }
 
 
 INSTANCE_KEYS = frozenset({"BLUEGREEN_WSGI", "BLUEGREEN_WORKERS", "BLUEGREEN_WORKER_CLASS",
                            "BLUEGREEN_PORT", "BLUEGREEN_DRAIN_FILE",
-                           "BLUEGREEN_FORWARDED_ALLOW_IPS", "BLUEGREEN_WEB_DIR"})
+                           "BLUEGREEN_FORWARDED_ALLOW_IPS", "BLUEGREEN_WEB_DIR",
+                           "BLUEGREEN_WORKER_CONNECTIONS"})
 
 
 def env_path(run_dir: Path, port: int) -> Path:

@@ -134,6 +134,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout")
     parser.add_argument("--raw", help="also write every fast request (start, end, outcome, "
                         "version) to this JSON file")
+    parser.add_argument("--answers", help="also write when each answered fast request started and "
+                        "the release that answered it ([start, version]) to this JSON file")
     args = parser.parse_args()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -154,6 +156,9 @@ def main() -> int:
     if args.raw:
         with open(args.raw, "w") as raw:
             json.dump([[s, e, o, v] for s, e, o, v in sorted(recorder.fast)], raw)
+    if args.answers:
+        with open(args.answers, "w") as answers:
+            json.dump([[s, v] for s, _e, o, v in sorted(recorder.fast) if o == "ok"], answers)
     return 0
 
 

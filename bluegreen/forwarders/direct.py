@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from bluegreen.config import Config, Forwarder
 from bluegreen.forwarders import reuseport
 from bluegreen.systemd import Systemd
 
@@ -61,6 +62,7 @@ def service_dropin(public_port: int) -> str:
         "[Service]",
         "Sockets=bluegreen-app-public@%i.socket",
         f"ExecStartPost=+{HOOK} joined $MAINPID {public_port} %i",
+        f"ExecStop=+{HOOK} stopping {public_port} %i",
         f"ExecStopPost=+{HOOK} left {public_port} %i",
         ""])
 
@@ -80,6 +82,20 @@ def forget(systemd: Systemd, port: int) -> None:
     """The instance on ``port`` listens on its own port only (another forwarder, or stopped)."""
     for name in instance_units(port):
         systemd.remove_dropin(name, DROPIN)
+
+
+def worker_connections(config: Config, worker_class: str) -> int | None:
+    """gunicorn's worker_connections for an instance of ``config`` (None: gunicorn's default).
+
+    With no forwarder, nothing else counts the connections: each instance's gthread workers
+    share ports.max_connections, as each instance's own socat would allow it, and the
+    connections past it wait in the listener's queue as they would in the forwarder's. A sync
+    worker serves one connection at a time whatever it is told (the instance: app.workers at
+    once); uvicorn's worker has no such limit but one that answers 503 at once (its
+    limit_concurrency), which a queue is not: both keep gunicorn's defaults."""
+    if config.forwarder != Forwarder.DIRECT or worker_class != "gthread":
+        return None
+    return -(-config.ports.max_connections // config.app.workers)
 
 
 def records(run_dir: Path) -> reuseport.Records:

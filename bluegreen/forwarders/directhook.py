@@ -8,6 +8,18 @@ connection. Runs in processes of their own, as root ("+"), never in the controll
     it in the group (it joined the last slot when the socket unit bound it) and set the program
     again. Until a switch admits TARGET it gets nothing (see reuseport.Group.admitted); a
     gunicorn that systemd restarted gets again what it had.
+``stopping PUBLIC_PORT TARGET``
+    Its ExecStop=: TARGET's listeners are closing. gunicorn closes its copy when it stops (the
+    last copy: the socket unit has stopped first), and the kernel then moves the group's last
+    listener into the slot it leaves, hundreds of milliseconds before ExecStopPost= would set
+    the program again: new connections would go meanwhile to the kernel's hash over every
+    listener, the other old instances' included. So the program first gives nothing to the
+    closing listeners nor to those a departure can move (reuseport.Group.
+    program_across_leaves), which names the same listeners before and after the move; then
+    the hook sends gunicorn ($MAINPID) the SIGTERM systemd would send after it, waits for its
+    listeners to leave and attaches at once the program it made beforehand for the group as
+    the move leaves it (a lone receiver in the last slot, which no program names both before
+    and after the move, is steered to within about a millisecond of it).
 ``left PUBLIC_PORT TARGET``
     Its ExecStopPost=: a listener that closed has left its slot to the last one, and the
     program follows. A listener still there belongs to a gunicorn that died: systemd holds it
@@ -32,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -39,6 +53,8 @@ from bluegreen import sockdiag
 from bluegreen.forwarders import hook, reuseport
 
 POLL = 0.05
+LEAVE_POLL = 0.0005  # until the move is followed, some connections may go to the wrong slot
+STOP_WAIT = 35.0  # below the instance's TimeoutStopSec= (40 s), which bounds ExecStop=
 
 
 def _listeners_of(pid: int, port: int) -> tuple[list[sockdiag.TcpSocket], dict[int, int]]:
@@ -76,22 +92,92 @@ def joined(pid: int, port: int, target: int, timeout: float = 10.0) -> str:
                 admitted = target in group.admitted
                 done.append(f"{sock.local_address} (socket {sock.inode}, "
                             f"{'admitted' if admitted else 'not admitted yet'}): "
-                            f"{hook.steer(group, via=copy)}")
+                            f"{hook.steer(group, via=copy, across_leaves=True)}")
         finally:
             copy.close()
     return "; ".join(done)
 
 
 def left(port: int, target: int) -> str:
+    """``target``'s listeners close (``stopping``), or have closed, or are held by systemd
+    for a gunicorn that died (``left``): steer around them."""
     done = []
     with hook.records().port(port) as groups:
         for address, group in groups.items():
             group.reconcile(hook._present(port, address))
             held = [inode for inode in group.slots if group.targets.get(inode) == target]
-            group.closing.update(held)  # a dead gunicorn's, held by systemd until its restart
+            group.closing.update(held)
             if group.slots:
-                done.append(f"{address}: {hook.steer(group)}")
+                done.append(f"{address}: {hook.steer(group, across_leaves=True)}")
     return "; ".join(done) or "no listener left on the port"
+
+
+def stopping(port: int, target: int, pid: int | None = None, timeout: float = STOP_WAIT) -> str:
+    """Steer around ``target``'s listeners (as ``left``) before gunicorn, ``pid``, closes
+    them; then stop it (SIGTERM, what systemd sends after ExecStop=) and, as soon as they have
+    left, attach the program made beforehand for the group as the kernel has then moved it;
+    the record follows. Until its listeners leave, or it exits (systemd still holds them: a
+    restart), or ``timeout`` seconds. A program that names the group's last slot cannot be
+    right both before and after the kernel moves that listener (a lone receiver: app.instances
+    lowered to 1), and ExecStopPost= comes hundreds of milliseconds after the move."""
+    said = left(port, target)
+    if pid is None:
+        return said
+    ready = _after_leaving(port, target)
+    try:
+        if not ready:
+            return said
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return said
+        deadline = time.monotonic() + timeout
+        while ready:
+            present = {sock.inode for sock in sockdiag.listeners(port)}
+            for address in [address for address, (inodes, _code, _copy) in ready.items()
+                            if not inodes & present]:
+                _inodes, code, copy = ready.pop(address)
+                with contextlib.closing(copy):
+                    sockdiag.attach_reuseport_program(copy, code)
+            if not ready:
+                break
+            if not _running(pid):
+                return f"{said}; gunicorn exited, its listener is held by systemd"
+            if time.monotonic() >= deadline:
+                return f"{said}; gunicorn still listens {timeout:g} s after SIGTERM"
+            time.sleep(LEAVE_POLL)
+    finally:
+        for _inodes, _code, copy in ready.values():
+            copy.close()
+    return f"{said}; its listeners left, then {steer(port)}"
+
+
+def _after_leaving(port: int, target: int) -> dict[str, tuple[set[int], bytes, socket.socket]]:
+    """For each group ``target`` has listeners in: those, the program for the group once they
+    have left (the kernel's moves made), and a copy of a listener that stays, to set it
+    through."""
+    ready = {}
+    with hook.records().port(port) as groups:
+        for address, group in groups.items():
+            inodes = {inode for inode in group.slots if group.targets.get(inode) == target}
+            if not inodes or not group.exact:
+                continue
+            after = reuseport.Group.from_json(group.to_json())
+            for inode in inodes:
+                after.leave(inode)
+            copy = hook._member_copy(after) if after.slots else None
+            if copy is not None:
+                ready[address] = (inodes, after.program_across_leaves(hook._retired(after)), copy)
+    return ready
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def steer(port: int) -> str:
@@ -100,7 +186,7 @@ def steer(port: int) -> str:
         for address, group in groups.items():
             group.reconcile(hook._present(port, address))
             if group.slots:
-                done.append(f"{address}: {hook.steer(group)}")
+                done.append(f"{address}: {hook.steer(group, across_leaves=True)}")
     return "; ".join(done) or "no listener on the port"
 
 
@@ -162,10 +248,11 @@ def log(message: str) -> None:
 
 def main(argv: list[str]) -> int:
     usage = ("usage: python3 -m bluegreen.forwarders.directhook joined MAINPID PUBLIC_PORT TARGET\n"
+             "       python3 -m bluegreen.forwarders.directhook stopping PUBLIC_PORT TARGET\n"
              "       python3 -m bluegreen.forwarders.directhook left PUBLIC_PORT TARGET\n"
              "       python3 -m bluegreen.forwarders.directhook steer PUBLIC_PORT\n"
              "       python3 -m bluegreen.forwarders.directhook drain TARGET PUBLIC_PORT TIMEOUT")
-    shapes = {"joined": (int, int, int), "left": (int, int), "steer": (int,),
+    shapes = {"joined": (int, int, int), "stopping": (int, int), "left": (int, int), "steer": (int,),
               "drain": (int, int, float)}
     try:
         verb, kinds = argv[0], shapes[argv[0]]
@@ -179,6 +266,11 @@ def main(argv: list[str]) -> int:
         if verb == "joined":
             pid, port, target = (int(a) for a in args)
             log(f"listening on port {port}: {joined(pid, port, target)}")
+        elif verb == "stopping":
+            port, target = (int(a) for a in args)
+            main_pid = os.environ.get("MAINPID", "")  # systemd's, for ExecStop=; unset: none
+            log(f"the instance on port {target} is leaving port {port}: "
+                f"{stopping(port, target, int(main_pid) if main_pid.isdigit() else None)}")
         elif verb == "left":
             port, target = (int(a) for a in args)
             log(f"the instance on port {target} left port {port}: {left(port, target)}")

@@ -130,11 +130,14 @@ def _member_copy(group: reuseport.Group) -> socket.socket | None:
     return None
 
 
-def steer(group: reuseport.Group, via: socket.socket | None = None) -> str:
+def steer(group: reuseport.Group, via: socket.socket | None = None, *,
+          across_leaves: bool = False) -> str:
     """Attach the program for ``group`` as it is now (through ``via``, a copy of one of its
-    listeners, or one found); return what it does (for the journal)."""
+    listeners, or one found); return what it does (for the journal). ``across_leaves``: one
+    that stays right while its closing listeners leave, which their owners close when they
+    please (reuseport.Group.program_across_leaves), not under the record's lock as here."""
     retired = _retired(group)
-    code = group.program(retired)
+    code = group.program_across_leaves(retired) if across_leaves else group.program(retired)
     copy = via or _member_copy(group)
     if copy is None:
         raise OSError(errno.ESRCH, "no listener of the group found to set its program through")
@@ -146,7 +149,8 @@ def steer(group: reuseport.Group, via: socket.socket | None = None) -> str:
     if not group.exact:
         return f"the kernel's hash picks among the {len(group.slots)} listeners " \
                "(which holds which slot is not known)"
-    receiving = len(group.weights(retired))
+    receiving = len(group.weights_across_leaves(retired) if across_leaves
+                    else group.weights(retired))
     return f"new connections go to {receiving} of the {len(group.slots)} listeners"
 
 

@@ -28,6 +28,11 @@ starts, before it is proven healthy: their group ``admits`` only the instances t
 named, and its program then names their slots even when they are all the group has, so that
 a listener that joins later (the last slot) gets nothing until a switch admits it.
 
+A forwarder's hook closes its listener itself, under the record's lock, and sets the program
+again at once. An instance's gunicorn closes its own when it stops, with no hook in between:
+while a listener of a direct group is closing, its program is ``program_across_leaves``, which
+names no slot the kernel's move could change.
+
 Runs in the forwarder units, in their hooks (forwarders/hook.py: ``ExecStartPost=``,
 ``ExecStop=``; forwarders/direct.py), never attaching a program from the controller, which
 only writes what the direct group admits; kept free of heavy imports, as the hooks run at
@@ -206,6 +211,28 @@ class Group:
         if not self.exact:
             return _insn(_RET_K, _BY_KERNEL_HASH)
         return program(self.slots, self.weights(retired), closed=self.admitted is not None)
+
+    def weights_across_leaves(self, retired: Collection[int] = ()) -> dict[int, int]:
+        """``weights``, less the listeners a departure could move: closing listeners may leave
+        at any moment (an instance's gunicorn closes its own when it stops), each time moving
+        the group's last listener into the slot it leaves, and a program that named that last
+        slot would then name a slot past the end (the kernel's hash over every listener, those
+        that should receive nothing included) or another listener. With c closing listeners
+        only the last c slots can move: their listeners get nothing until the next program,
+        unless nobody else would receive."""
+        weights = self.weights(retired)
+        leaving = sum(1 for inode in self.slots if inode in self.closing)
+        movable = set(self.slots[len(self.slots) - leaving:]) if leaving else set()
+        steady = {inode: weight for inode, weight in weights.items() if inode not in movable}
+        return steady or weights
+
+    def program_across_leaves(self, retired: Collection[int] = ()) -> bytes:
+        """``program``, right before and after the closing listeners leave (see
+        weights_across_leaves)."""
+        if not self.exact:
+            return _insn(_RET_K, _BY_KERNEL_HASH)
+        return program(self.slots, self.weights_across_leaves(retired),
+                       closed=self.admitted is not None)
 
     def to_json(self) -> dict[str, object]:
         return {"slots": self.slots, "targets": {str(k): v for k, v in self.targets.items()},

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bluegreen.config import DEFAULT_APP, Config, Forwarder, PortsConfig
+from bluegreen.config import DEFAULT_APP, AppConfig, Config, Forwarder, PortsConfig
 from bluegreen.forwarders import control, direct, directhook, hook
+from bluegreen.instances import ASGI_WORKER_CLASS, INSTANCE_KEYS, InstanceSpec
 from tests.unit.test_reuseport import Forwarder as StandIn
 from tests.unit.test_reuseport import spread
 
@@ -81,6 +82,44 @@ def test_two_instances_share_and_a_third_waits_for_its_switch(
     directhook.left(a.port, 8002)
     got = spread(c.port, [c, d])
     assert sum(got) == 60 and min(got) > 0, got
+
+
+def test_old_instances_get_nothing_while_they_leave_the_group(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    """The old instances stop one after the other: the kernel moves the group's last listener
+    into the slot of each one that leaves, before its ExecStopPost= can steer again. The
+    program their ExecStop= set stays right across that move: no new connection reaches the
+    old instance still there, and none is left to the kernel's hash."""
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c, d = instances(8003), instances(8004)
+    switch(run_dir, a.port, only=[8003, 8004])
+    for old, target, rest in ((a, 8001, [b, c, d]), (b, 8002, [c, d])):
+        directhook.stopping(a.port, target)  # ExecStop=: before gunicorn closes its listener
+        old.stop()  # the last listener takes its slot
+        got = spread(c.port, rest)
+        assert sum(got) == 60 and got[:-2] == [0] * (len(rest) - 2), (target, got)
+        directhook.left(a.port, target)  # ExecStopPost=
+    got = spread(c.port, [c, d])
+    assert sum(got) == 60 and min(got) > 0, got
+
+
+def test_a_lone_receiver_in_the_last_slot_is_followed_as_old_instances_leave(
+        run_dir: Path, instances: Callable[[int], Instance]) -> None:
+    """app.instances lowered from 2 to 1: the one new listener is the group's last, which
+    moves into the slot of the first old one to leave, and no program names it in both
+    slots. ExecStop= then stops gunicorn itself and follows the move as soon as it is made."""
+    a, b = instances(8001), instances(8002)
+    switch(run_dir, a.port, add=[8001, 8002])
+    c = instances(8003)
+    switch(run_dir, a.port, only=[8003])
+    for old, target, rest in ((a, 8001, [b, c]), (b, 8002, [c])):
+        said = directhook.stopping(a.port, target, pid=old.pid)  # ExecStop=
+        assert "left" in said, said
+        old.stop()  # systemd's SIGTERM after ExecStop=: gone already
+        assert spread(c.port, rest)[:-1] == [0] * (len(rest) - 1), target
+        directhook.left(a.port, target)  # ExecStopPost=
+    assert spread(c.port, [c]) == [60]
 
 
 def test_a_dead_instance_is_steered_around_until_it_is_back(
@@ -190,3 +229,32 @@ def test_the_drain_timeout_runs_from_the_drain_flag(run_dir: Path,
     started = time.monotonic()
     directhook.drain(8001, old.port, timeout=6)
     assert time.monotonic() - started < 3
+
+
+def test_max_connections_is_shared_by_an_instances_threaded_workers() -> None:
+    """No forwarder counts the connections: each instance's gthread workers share
+    ports.max_connections (as each instance's own socat would allow), rounded up."""
+    def limit(forwarder: Forwarder, worker_class: str, max_connections: int = 1024,
+              workers: int = 4) -> int | None:
+        config = Config(forwarder=forwarder, ports=PortsConfig(max_connections=max_connections),
+                        app=AppConfig(workers=workers))
+        return direct.worker_connections(config, worker_class)
+
+    assert limit(Forwarder.DIRECT, "gthread") == 256
+    assert limit(Forwarder.DIRECT, "gthread", max_connections=10) == 3
+    assert limit(Forwarder.DIRECT, "gthread", max_connections=1, workers=4) == 1
+    # A sync worker serves one connection at a time whatever it is told; uvicorn's only limit
+    # answers 503 instead of leaving the connection queued: gunicorn's defaults stay.
+    assert limit(Forwarder.DIRECT, "sync") is None
+    assert limit(Forwarder.DIRECT, ASGI_WORKER_CLASS) is None
+    # A forwarder counts them itself.
+    assert limit(Forwarder.SOCAT, "gthread") is None
+
+
+def test_the_limit_reaches_the_instances_settings() -> None:
+    spec = InstanceSpec(port=8001, wsgi="app:app", workers=2, worker_class="gthread",
+                        app_environment={}, worker_connections=12)
+    assert spec.environment()["BLUEGREEN_WORKER_CONNECTIONS"] == "12"
+    assert "BLUEGREEN_WORKER_CONNECTIONS" in INSTANCE_KEYS  # not the workers' business
+    unlimited = replace(spec, worker_connections=None)
+    assert "BLUEGREEN_WORKER_CONNECTIONS" not in unlimited.environment()

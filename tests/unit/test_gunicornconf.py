@@ -7,6 +7,8 @@ for example a venv with gunicorn 23 (req.force_close) and one with 21.2 (the fal
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -60,27 +62,22 @@ def gunicorn_version(python: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-@pytest.fixture(scope="module", params=PYTHONS)
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    python = request.param
+@contextlib.contextmanager
+def gunicorn(python: str, directory: Path, env: dict[str, str], *args: str) -> Iterator[int]:
+    """gunicorn with bluegreen.gunicornconf serving ``directory``'s wsgiapp:app on a port of
+    loopback (returned once it answers), with ``env`` and gunicorn's ``args``."""
     version = gunicorn_version(python)
-    if version is None:
-        pytest.skip(f"{python} cannot import gunicorn")
-    directory = tmp_path_factory.mktemp("gunicorn")
-    (directory / "wsgiapp.py").write_text(APP)
-    flag = directory / "8000.drain"
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     port = listener.getsockname()[1]
     log = directory / "gunicorn.log"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
-           "PYTHONDONTWRITEBYTECODE": "1", "BLUEGREEN_DRAIN_FILE": str(flag)}
+           "PYTHONDONTWRITEBYTECODE": "1", **env}
     with open(log, "w") as output:
         process = subprocess.Popen(
             [python, "-m", "gunicorn", "-c", "python:bluegreen.gunicornconf",
-             "--bind", f"fd://{listener.fileno()}", "--worker-class", "gthread", "--workers", "1",
-             "--threads", "4", "--keep-alive", str(KEEPALIVE), "--chdir", str(directory),
+             "--bind", f"fd://{listener.fileno()}", *args, "--chdir", str(directory),
              "wsgiapp:app"],
             pass_fds=[listener.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=output,
             stderr=subprocess.STDOUT)
@@ -97,10 +94,27 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"gunicorn {version} did not serve:\n{log.read_text()}")
                 time.sleep(0.1)
-        yield Server(port, flag, version)
+        yield port
     finally:
         process.terminate()
         process.wait(timeout=40)
+
+
+@pytest.fixture(scope="module", params=PYTHONS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    python = request.param
+    version = gunicorn_version(python)
+    if version is None:
+        pytest.skip(f"{python} cannot import gunicorn")
+    directory = tmp_path_factory.mktemp("gunicorn")
+    (directory / "wsgiapp.py").write_text(APP)
+    flag = directory / "8000.drain"
+    try:
+        with gunicorn(python, directory, {"BLUEGREEN_DRAIN_FILE": str(flag)},
+                      "--worker-class", "gthread", "--workers", "1", "--threads", "4",
+                      "--keep-alive", str(KEEPALIVE)) as port:
+            yield Server(port, flag, version)
+    finally:
         flag.unlink(missing_ok=True)
 
 
@@ -235,3 +249,40 @@ def test_fallback_leaves_keepalive_0_alone(tmp_path: Path, monkeypatch: pytest.M
 def test_no_drain_file_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gunicornconf, "_drain_file", "")
     assert not gunicornconf.draining()
+
+
+SLOW_APP = """import time
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(1)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+"""
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_workers_serve_as_many_connections_at_once_as_they_are_given(
+        python: str, tmp_path: Path) -> None:
+    """BLUEGREEN_WORKER_CONNECTIONS (forwarder = "direct": the instance's share of
+    ports.max_connections) is gunicorn's worker_connections: a gthread worker with threads to
+    spare accepts no more connections than that, and the next one waits in the queue."""
+    if gunicorn_version(python) is None:
+        pytest.skip(f"{python} cannot import gunicorn")
+    (tmp_path / "wsgiapp.py").write_text(SLOW_APP)
+    with gunicorn(python, tmp_path, {"BLUEGREEN_WORKER_CONNECTIONS": "2"}, "--worker-class",
+                  "gthread", "--workers", "1", "--threads", "4") as port:
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            took = sorted(pool.map(lambda _: slow_request(port, started), range(3)))
+    assert took[1] < 1.8 <= took[2], took  # two at once, the third after one of them
+
+
+def slow_request(port: int, started: float) -> float:
+    connection = Connection("127.0.0.1", port, timeout=10)
+    try:
+        assert connection.request("GET", "/slow").status == 200
+    finally:
+        connection.close()
+    return time.monotonic() - started

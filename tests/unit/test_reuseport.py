@@ -293,6 +293,21 @@ def test_a_group_that_admits_names_its_receivers_even_when_they_are_all_it_has()
     assert group.weights() == {}
 
 
+def test_receivers_a_departure_could_move_get_nothing_while_listeners_close() -> None:
+    targets = {1: 8001, 2: 8002, 3: 8003, 4: 8004}
+    group = Group([1, 2, 3, 4], targets=targets, admitted={8003, 8004}, closing={1})
+    assert group.weights_across_leaves() == {3: 1}  # 4, the last, would move into slot 0
+    after = Group([4, 2, 3], targets=targets, admitted={8003, 8004}, closing=set())
+    assert group.program_across_leaves() == bytes.fromhex("0600000002000000")  # ret #2: 3, both ways
+    assert after.slots[2] == 3
+    group.closing = {1, 2}  # two may leave, in either order: slots 2 and 3 may both move
+    group.admitted = {8002, 8003, 8004}
+    assert group.weights_across_leaves() == {3: 1, 4: 1}  # nobody steady: as before the move
+    group = Group([1, 2, 3], targets={1: 8001, 2: 8002, 3: 8003}, admitted={8002, 8003})
+    assert group.weights_across_leaves() == group.weights()  # nothing closing: nothing moves
+    assert group.program_across_leaves() == group.program()
+
+
 def test_listeners_that_join_a_group_that_admits_get_nothing_until_admitted(
         forwarders: Callable[[int], Forwarder]) -> None:
     old_a, old_b = forwarders(8001), forwarders(8002)
