@@ -16,7 +16,7 @@ from bluegreen.client import ApiError, Client
 # most every CANARY_EVERY seconds, and after CANARY_QUIET seconds without one (the time goes by).
 CANARY_STEP = "canary"
 CANARY_POLL = 1.0
-CANARY_EVERY = 5.0
+CANARY_EVERY = 2.0
 CANARY_QUIET = 30.0
 _ANSWERS = ("canary_requests", "canary_errors", "stable_requests", "stable_errors")
 
