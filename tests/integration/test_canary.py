@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     call,
     configure,
     deployment,
+    http,
     kill_controller,
     properties,
     public,
@@ -76,16 +77,18 @@ class Watcher(threading.Thread):
                 self.seen.append(live)
 
 
-def deploy_under_load(box: Sandbox, raw: Path, *option: str) -> tuple[dict[str, Any], dict[str, Any],
-                                                                      list[list[Any]], Watcher]:
-    """Deploy the branch's head (``option``: DeployWithOptions' canary share) under load; the
-    record, the load's report, every request (start, end, outcome, version) and the live
-    readings of the canary."""
+def deploy_under_load(box: Sandbox, raw: Path, share: str = "") -> tuple[
+        dict[str, Any], dict[str, Any], list[list[Any]], Watcher]:
+    """Deploy the branch's head (with ``share``: POST /deploy's canary, else canary.share)
+    under load; the record, the load's report, every request (start, end, outcome, version)
+    and the live readings of the canary."""
     watcher = Watcher(box)
     with Load(box, "--fast", "4", "--slow", "1", "--raw", str(raw)) as load:
         watcher.start()
-        if option:
-            deployment_id = call(box, "DeployWithOptions", "sa{sv}", "", "1", "canary", "d", *option)
+        if share:
+            answer = http(box, "POST", "/deploy", json.dumps({"canary": share}), unix=True)
+            assert answer.status == 202, answer
+            deployment_id = answer.body["id"]
         else:
             deployment_id = call(box, "Deploy", "s", "")
         record = wait_deployment(box, deployment_id, timeout=180)
@@ -137,7 +140,7 @@ def test_a_release_whose_pages_fail_is_aborted_by_its_canary(
         box: Sandbox, sample: App, tmp_path: Path) -> None:
     before = public(box)
     sample.commit("A release whose pages fail", {"VERSION": "bad\n", "app.py": FAILING})
-    record, report, requests, _ = deploy_under_load(box, tmp_path / "requests.json", "0.3")
+    record, report, requests, _ = deploy_under_load(box, tmp_path / "requests.json", "30%")
     assert record["state"] == "failed" and record["failed_step"] == "canary", record
     assert "canary aborted" in record["reason"] and "5xx" in record["reason"], record["reason"]
     # The only failed requests are the bad release's own 500s.
