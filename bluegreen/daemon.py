@@ -80,8 +80,8 @@ async def serve(configs: dict[str, configuration.Config], paths: Paths, apps_dir
     for app_config in configs.values():
         manager.add(app_config)
     bus.export(OBJECT_PATH, AppsInterface(lambda: list(manager.controllers)))
-    reply = await bus.request_name(BUS_NAME)
-    if reply != RequestNameReply.PRIMARY_OWNER:
+    reply = await own_name(bus)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         log.error("cannot own the bus name %s (%s): is another bluegreen running?", BUS_NAME,
                   reply.name)
         return 1
@@ -128,6 +128,21 @@ async def serve(configs: dict[str, configuration.Config], paths: Paths, apps_dir
     bus.disconnect()
     log.info("bluegreen stopped; the serving release keeps running")
     return 0
+
+
+NAME_WAIT = 10.0
+
+
+async def own_name(bus: MessageBus) -> RequestNameReply:
+    """Own BUS_NAME, waiting up to NAME_WAIT seconds in the bus's queue for it: at a restart
+    the bus may not yet have seen the previous controller's connection close when this one
+    asks (systemd starts it once that one has exited), and then queues the request."""
+    reply = await bus.request_name(BUS_NAME)
+    deadline = asyncio.get_running_loop().time() + NAME_WAIT
+    while reply == RequestNameReply.IN_QUEUE and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        reply = await bus.request_name(BUS_NAME)
+    return reply
 
 
 def main(argv: list[str] | None = None) -> int:
