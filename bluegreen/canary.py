@@ -29,15 +29,10 @@ from enum import StrEnum
 
 from bluegreen import answers
 from bluegreen.answers import Answers
-from bluegreen.config import CanaryConfig
+from bluegreen.config import CanaryConfig, share_text
 
 # The steering program's weights add up to this: a share is kept to a thousandth.
 SCALE = 1000
-
-
-def percent(share: float) -> str:
-    """A share as the operator wrote it: 0.25 -> "25%", 0.125 -> "12.5%"."""
-    return f"{round(share * 100, 3):g}%"
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,7 @@ class Reading:
     def describe(self) -> str:
         return (f"new release: {self.canary.describe()}; old release: {self.stable.describe()}; "
                 f"the new release gave {self.measured_share:.1%} of the answers "
-                f"({percent(self.share)} asked) in {self.elapsed:.1f} s")
+                f"({share_text(self.share)} asked) in {self.elapsed:.1f} s")
 
     def to_dict(self) -> dict[str, float | int]:
         return {"share": self.share, "measured_share": self.measured_share,

@@ -238,6 +238,12 @@ def parse_share(value: Any) -> float:
     return number
 
 
+def share_text(share: float) -> str:
+    """A share as the operator writes it (parse_share's inverse): 0.25 -> "25%", 0.125 ->
+    "12.5%"."""
+    return f"{round(share * 100, 3):g}%"
+
+
 def _integer(minimum: int, maximum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):

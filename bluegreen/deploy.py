@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bluegreen import canary, drainflag, health, instances, ports, sockdiag, switchback, workers
-from bluegreen.config import Config, Forwarder
+from bluegreen.config import Config, Forwarder, share_text
 from bluegreen.forwarders import control, direct
 from bluegreen.forwarders.control import ForwarderError
 from bluegreen.history import State, Step, Trigger
@@ -276,7 +276,7 @@ class Deployer:
         await self.forwarders.start_canary(new.ports, canary.weights(new.ports, old.ports, share),
                                            config)
         log.info("canary: port %d gives %s of new connections to %s on %s for up to %g s",
-                 config.ports.public, canary.percent(share), new.release[:12], new.describe(),
+                 config.ports.public, share_text(share), new.release[:12], new.describe(),
                  config.canary.duration, extra=fields(deployment_id=recorder.record.id,
                                                       release=new.release, port=new.port))
         check = health.Check.of(config)

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from bluegreen import canary, health, instances
-from bluegreen.config import Config
+from bluegreen import health, instances
+from bluegreen.config import Config, share_text
 from bluegreen.forwarders import control
 from bluegreen.history import (
     Deployment,
@@ -150,7 +150,7 @@ class Recorder:
         what = _STEP_TEXT.get(step, str(step)).format(
             commit=record.commit[:12], instance=instances.unit(port), port=port,
             health=config.app.health_path or health.HEALTH_PATH, public=config.ports.public,
-            share=canary.percent(self.canary_share or 0))
+            share=share_text(self.canary_share or 0))
         unit = control.unit(port, config.forwarder) if step in _FORWARDER_STEPS \
             else instances.unit(port)
         log.info("deployment %d: %s", record.id, what,

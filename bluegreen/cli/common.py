@@ -10,6 +10,7 @@ from typing import Any
 
 from bluegreen.api.names import EXIT_FAILED
 from bluegreen.client import ApiError, Client
+from bluegreen.config import share_text
 
 # While a followed deployment is at its canary step (as DeploymentStep names it), the Canary
 # property is read every CANARY_POLL seconds; a line shows it when its answers changed, at
@@ -44,18 +45,13 @@ def describe_end(record: dict[str, Any]) -> str:
             f"after {took}: {record['reason']}")
 
 
-def percent(share: float) -> str:
-    """A share as people write it: 25% for 0.25, 12.5% for 0.125."""
-    return f"{share * 100:.4g}%"
-
-
 def error_rate(errors: int, requests: int) -> str:
     return f"{errors / requests if requests else 0.0:.1%}"
 
 
 def canary_progress(reading: dict[str, Any]) -> str:
     """One line for a reading of the Canary property."""
-    return (f"canary: {reading['measured_share']:.1%} of answers ({percent(reading['share'])} "
+    return (f"canary: {reading['measured_share']:.1%} of answers ({share_text(reading['share'])} "
             f"asked); new {reading['canary_errors']}/{reading['canary_requests']} 5xx "
             f"({error_rate(reading['canary_errors'], reading['canary_requests'])}), "
             f"old {reading['stable_errors']}/{reading['stable_requests']} "

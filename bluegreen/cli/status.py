@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from bluegreen.cli.common import error_rate, percent, print_json, timestamp
+from bluegreen.cli.common import error_rate, print_json, timestamp
 from bluegreen.client import Client
+from bluegreen.config import share_text
 
 NAME = "status"
 HELP = "what serves, and how healthy it is"
@@ -44,7 +45,7 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         print(f"Deploying:   deployment {status['CurrentDeployment']}")
     canary = status.get("Canary")  # {} when none runs
     if canary:
-        print(f"Canary:      {percent(canary['share'])} of new connections asked, "
+        print(f"Canary:      {share_text(canary['share'])} of new connections asked, "
               f"{canary['measured_share']:.1%} of the answers measured; "
               f"{canary['elapsed']:.0f} s of {canary['duration']:.0f} s")
         for name, side in (("new", "canary"), ("old", "stable")):

@@ -10,7 +10,7 @@ import pytest
 from bluegreen import canary
 from bluegreen.answers import Answers
 from bluegreen.canary import Decision, Reading, Side, Verdict
-from bluegreen.config import CanaryConfig, ConfigError, load_mapping, parse_share
+from bluegreen.config import CanaryConfig, ConfigError, load_mapping, parse_share, share_text
 
 SETTINGS = CanaryConfig(share=0.25, duration=60, max_error_rate=0.05, min_requests=100)
 
@@ -129,4 +129,4 @@ def test_a_canary_whose_old_release_fails_is_promoted() -> None:
 
 
 def test_a_share_is_told_as_written() -> None:
-    assert [canary.percent(x) for x in (0.25, 0.125, 0.1, 0.001)] == ["25%", "12.5%", "10%", "0.1%"]
+    assert [share_text(x) for x in (0.25, 0.125, 0.1, 0.001)] == ["25%", "12.5%", "10%", "0.1%"]
