@@ -345,8 +345,8 @@ class Forwarders:
     def canary_blocker(self, config: Config) -> str | None:
         """Why the next switch cannot split the public port between two releases: its
         listeners would not all be in one group (another port or address). None: it can."""
-        served = tuple(address for address in served_addresses(config.ports.public))
-        wanted = self.address(config)
+        served = served_addresses(config.ports.public)  # one look, for both questions
+        wanted = listen_address(config.ports.public_address, ipv6_available(), served)
         if served and set(served) <= {wanted}:
             return None
         return (f"the public port moves to {wanted}:{config.ports.public} (served on "

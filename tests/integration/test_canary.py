@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     call,
     configure,
     deployment,
+    forwarder_unit,
     http,
     kill_controller,
     properties,
@@ -250,6 +251,8 @@ def test_a_canary_with_another_forwarder(box: Sandbox, sample: App, tmp_path: Pa
     weights split its new connections, as with the built-in proxy's listeners; haproxy: its
     two servers' weights split requests."""
     change_forwarder(box, forwarder)
+    port = wait_serving(box)["ActivePort"]  # really served by that kind of forwarder now
+    assert box.run("systemctl", "is-active", forwarder_unit(box, port)).stdout.strip() == "active"
     sample.commit(f"A good release behind {forwarder}")
     old, new = str(public(box)["version"]), str(sample.version)
     record, report, requests, _ = deploy_under_load(box, tmp_path / "requests.json")
